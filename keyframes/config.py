@@ -1,0 +1,179 @@
+"""Typed settings. Types live here, values live in conf/*.yaml (Hydra composes them).
+
+Every stage takes its own sub-config, never the whole tree. `validate` checks ranges and
+consistency that a type cannot express, so bad values fail before any model loads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from keyframes.errors import ConfigError
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+SEED_MODES = ("derived", "fixed")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # label used in tags, metadata and the A1111 "Model:" field
+    id: str | None = None  # Hugging Face hub repo id
+    path: str | None = None  # local diffusers folder or single .safetensors file; wins over id
+    config: str | None = None  # single files only: folder or hub id holding the pipeline configs
+    variant: str | None = None  # weight variant to prefer, e.g. fp16
+    dtype: str = "auto"  # auto: float16 on CUDA/MPS, float32 on CPU
+    tiny: bool = False  # build the tiny random-weight test model instead of loading weights
+
+
+@dataclass
+class StyleConfig:
+    name: str = MISSING
+    prompt: str = MISSING  # template; {prompt} is replaced by the scene prompt
+    negative_prompt: str = ""
+
+
+@dataclass
+class NegativeConfig:
+    name: str = MISSING
+    prompt: str = ""  # comma-separated terms added to every negative prompt
+
+
+@dataclass
+class SamplerConfig:
+    name: str = MISSING
+    label: str = MISSING  # the name AUTOMATIC1111-style metadata readers know
+    scheduler: str = MISSING  # diffusers scheduler class name
+    options: dict[str, Any] = field(default_factory=dict)  # passed to from_config
+
+
+@dataclass
+class QualityConfig:
+    name: str = MISSING
+    steps: int = MISSING
+    cfg_scale: float = MISSING
+    base_size: int = MISSING  # side of the square the resolution buckets are scaled to
+
+
+@dataclass
+class ScorerConfig:
+    name: str = MISSING
+    model: str | None = None  # open_clip architecture, "tiny", or null for no scoring
+    pretrained: str | None = None  # open_clip pretrained tag, e.g. openai
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = MISSING  # sqlite file (no server) or http(s) server
+    experiment_name: str | None = None  # null: derived from the shotlist title
+    artifact_root: str | None = None  # null: beside a local store, or the server's default
+
+
+@dataclass
+class Config:
+    shotlist: str = MISSING  # path to a shotlist JSON file, or "demo" for the bundled film
+    steps: int = MISSING
+    cfg_scale: float = MISSING
+    seed: int = MISSING
+    seed_mode: str = MISSING  # derived: per scene from seed + scene id; fixed: same seed for all
+    takes: int = MISSING  # images per scene (a scene's own "takes" wins)
+    batch_size: int = MISSING  # images per pipeline call, across scenes and takes
+    device: str = MISSING
+    aspect: str = MISSING  # W:H, mapped to an SDXL training resolution
+    width: int | None = None  # explicit size wins over aspect
+    height: int | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
+    negative: NegativeConfig = field(default_factory=NegativeConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# Resolutions SDXL was trained on (width, height), from the SDXL report's bucket table.
+SDXL_BUCKETS = (
+    (1024, 1024),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1536, 640),
+    (640, 1536),
+)
+
+
+def parse_aspect(aspect: str) -> float:
+    """'16:9' -> 1.777...; raises ConfigError for anything else."""
+    try:
+        w, h = (float(x) for x in aspect.split(":"))
+    except ValueError:
+        raise ConfigError(f"aspect={aspect!r}: expected W:H, e.g. 16:9") from None
+    if not (w > 0 and h > 0 and math.isfinite(w / h)):
+        raise ConfigError(f"aspect={aspect!r}: both sides must be positive")
+    return w / h
+
+
+def resolve_size(
+    aspect: str, base_size: int, width: int | None = None, height: int | None = None
+) -> tuple[int, int]:
+    """Explicit width/height win; a missing side follows the aspect; otherwise the SDXL
+    training bucket closest to the aspect, scaled so its long side fits base_size/1024."""
+    ratio = parse_aspect(aspect)
+    if width and height:
+        return width, height
+    if width:
+        return width, _multiple_of_8(width / ratio)
+    if height:
+        return _multiple_of_8(height * ratio), height
+    bw, bh = min(SDXL_BUCKETS, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(ratio)))
+    scale = base_size / 1024
+    return _multiple_of_8(bw * scale), _multiple_of_8(bh * scale)
+
+
+def _multiple_of_8(x: float) -> int:
+    return max(8, int(round(x / 8)) * 8)
+
+
+def validate(cfg: Config) -> tuple[int, int]:
+    """Check every value a type cannot; report all problems at once. Returns (width, height)."""
+    problems = []
+    if cfg.steps < 1:
+        problems.append(f"steps={cfg.steps}: must be at least 1")
+    if not (cfg.cfg_scale >= 0 and math.isfinite(cfg.cfg_scale)):
+        problems.append(f"cfg_scale={cfg.cfg_scale}: must be a number >= 0")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        problems.append(f"seed={cfg.seed}: must be between 0 and {MAX_SEED}")
+    if cfg.takes < 1:
+        problems.append(f"takes={cfg.takes}: must be at least 1")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size={cfg.batch_size}: must be at least 1")
+    for key, value, allowed in (
+        ("device", cfg.device, DEVICES),
+        ("seed_mode", cfg.seed_mode, SEED_MODES),
+        ("model.dtype", cfg.model.dtype, DTYPES),
+    ):
+        if value not in allowed:
+            problems.append(f"{key}={value}: must be one of {', '.join(allowed)}")
+    for key, value in (("width", cfg.width), ("height", cfg.height)):
+        if value is not None and (value < 64 or value % 8):
+            problems.append(f"{key}={value}: must be a multiple of 8 and at least 64")
+    if "{prompt}" not in cfg.style.prompt:
+        problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
+    if not (cfg.model.tiny or cfg.model.id or cfg.model.path):
+        problems.append("model: set model.id (hub repo) or model.path (local folder or file)")
+    size = None
+    try:
+        size = resolve_size(cfg.aspect, cfg.quality.base_size, cfg.width, cfg.height)
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("invalid settings:", problems)
+    return size

@@ -1,0 +1,27 @@
+"""The project's own error type: anything the user can fix gets one of these."""
+
+
+class KeyframesError(Exception):
+    """A problem with the user's input or environment, reported as one message and exit code 2."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = list(problems or [])
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        head = super().__str__()
+        if not self.problems:
+            return head
+        return head + "\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+class ShotlistError(KeyframesError):
+    """The shotlist file is missing, unreadable or does not follow the format."""
+
+
+class ConfigError(KeyframesError):
+    """A config value is out of range or inconsistent."""
+
+
+class ModelUnavailableError(KeyframesError):
+    """Weights could not be found locally or downloaded."""

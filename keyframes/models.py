@@ -1,0 +1,169 @@
+"""Build or load the SDXL pipeline: hub id, local diffusers folder, single .safetensors file,
+or the tiny random-weight model. Weights load from safetensors only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from keyframes.config import ModelConfig, SamplerConfig
+from keyframes.errors import ConfigError, ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+SAFE_SUFFIXES = (".safetensors",)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # cuda | mps | cpu
+    dtype: torch.dtype
+
+
+def resolve_placement(device: str, dtype: str) -> Placement:
+    """'auto' picks CUDA, then MPS, then CPU; half precision on accelerators, float32 on CPU."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if device == "auto":
+        device = "cuda" if cuda else "mps" if mps else "cpu"
+    elif device == "cuda" and not cuda:
+        raise ConfigError(
+            "device=cuda: no CUDA device is visible to torch "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
+            "Use device=auto or device=cpu."
+        )
+    elif device == "mps" and not mps:
+        raise ConfigError("device=mps: the Apple MPS backend is not available. Use device=auto.")
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "float16"
+    if device == "cpu" and dtype == "float16":
+        raise ConfigError("model.dtype=float16 is not supported on CPU; use float32 or bfloat16.")
+    return Placement(device=device, dtype=getattr(torch, dtype))
+
+
+def describe_source(model: ModelConfig) -> str:
+    if model.tiny:
+        return "tiny random-weight SDXL"
+    return model.path or model.id or "?"
+
+
+def check_source(model: ModelConfig) -> None:
+    """Cheap checks that need no weights: run before anything is written."""
+    if model.tiny or not model.path:
+        return
+    path = Path(model.path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model.path={model.path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() not in SAFE_SUFFIXES:
+        raise ConfigError(
+            f"model.path={model.path}: only .safetensors checkpoints are loaded "
+            f"(a {path.suffix or 'suffix-less'} file may run code when unpickled). "
+            "Convert it to safetensors first."
+        )
+
+
+def load_pipeline(model: ModelConfig, placement: Placement):
+    """Return a StableDiffusionXLPipeline on the chosen device, progress bars off."""
+    check_source(model)
+    if model.tiny:
+        from keyframes.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline()  # float32, as built
+        if placement.dtype != torch.float32:
+            pipe = pipe.to(dtype=placement.dtype)
+    else:
+        pipe = _load_weights(model, placement.dtype)
+    pipe = pipe.to(placement.device)
+    pipe.set_progress_bar_config(disable=True)  # the run has one overall bar
+    _quiet_truncation_warnings()
+    return pipe
+
+
+def prompt_tokens(pipe, text: str) -> int:
+    """CLIP tokens in text, start and end included; SDXL's text encoders read 77."""
+    return len(pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
+
+
+class _DropTruncationNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("truncated because CLIP" in message or "Token indices sequence length" in message)
+
+
+def _quiet_truncation_warnings() -> None:
+    """The run reports cut prompts once per scene (and in the manifest); the libraries would
+    repeat it for every image, through the progress bar."""
+    for name in (
+        "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+        "transformers.tokenization_utils_base",
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTruncationNotes) for f in logger.filters):
+            logger.addFilter(_DropTruncationNotes())
+
+
+def _load_weights(model: ModelConfig, dtype: torch.dtype):
+    from diffusers import StableDiffusionXLPipeline
+
+    source = model.path or model.id
+    try:
+        if model.path and Path(model.path).expanduser().is_file():
+            return StableDiffusionXLPipeline.from_single_file(
+                str(Path(model.path).expanduser()), torch_dtype=dtype, config=model.config
+            )
+        kwargs = dict(torch_dtype=dtype, use_safetensors=True)
+        if model.variant and _has_variant(source, model.variant):
+            kwargs["variant"] = model.variant
+        return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelUnavailableError(_unavailable_message(model, e)) from None
+
+
+def _has_variant(source: str, variant: str) -> bool:
+    """A local folder may lack the variant files; hub repos of the presets have them."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return True
+    return any(path.glob(f"*/*.{variant}.safetensors"))
+
+
+def _unavailable_message(model: ModelConfig, error: Exception) -> str:
+    from huggingface_hub import constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if model.path:
+        where = f"the local path {model.path}"
+        fix = "Check that it is a diffusers SDXL folder (model_index.json) or a .safetensors file."
+    else:
+        where = (
+            f"the Hugging Face cache {constants.HF_HUB_CACHE} (set by HF_HOME / HF_HUB_CACHE)"
+            + (", and HF_HUB_OFFLINE is set so the hub was not asked" if offline else
+               ", and the hub could not be reached")
+        )
+        patterns = f'--include "*.json" "*.txt" "*.{model.variant}.safetensors"' if model.variant else ""
+        fix = (
+            f"Download it on a machine with network: uv run hf download {model.id} {patterns}".rstrip()
+            + " (then copy the cache, or point model.path at a local folder or .safetensors file)."
+        )
+    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return (
+        f"model {model.name} ({model.path or model.id}) is not available.\n"
+        f"  Looked in {where}.\n"
+        f"  Loader said: {first_line}\n"
+        f"  {fix}\n"
+        "  To try keyframes without any weights: uv run python -m keyframes.run experiment=smoke "
+        "(offline, CPU, tiny random-weight model)."
+    )
+
+
+def apply_sampler(pipe, sampler: SamplerConfig) -> None:
+    """Swap the scheduler, keeping the model's own noise schedule (cheap: no weights)."""
+    import diffusers
+
+    cls = getattr(diffusers, sampler.scheduler, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ConfigError(f"sampler.scheduler={sampler.scheduler}: not a diffusers scheduler class")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **sampler.options)

@@ -1,0 +1,77 @@
+"""Turn a shotlist and settings into one job per image: prompts, seed, file name. Pure."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from keyframes.prompts import apply_style, combine_negatives, scene_prompt
+from keyframes.shotlist import Shotlist
+
+SEED_RANGE = 2**32
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    index: int  # position in the run, 0-based; the MLflow step
+    scene_index: int  # position of the scene in the shotlist, 1-based
+    scene_id: str
+    take: int  # 1-based
+    seed: int
+    description: str  # what the shotlist asked for (scored separately)
+    scene_prompt: str  # before the style
+    prompt: str  # final, styled
+    negative_prompt: str
+    file: str  # relative to the run directory
+
+
+def derive_seed(run_seed: int, scene_id: str) -> int:
+    """Stable per-scene seed: inserting or reordering scenes leaves other scenes' seeds alone."""
+    digest = hashlib.sha256(f"{run_seed}:{scene_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def scene_seed(run_seed: int, seed_mode: str, scene_id: str, own_seed: int | None) -> int:
+    if own_seed is not None:
+        return own_seed
+    return run_seed if seed_mode == "fixed" else derive_seed(run_seed, scene_id)
+
+
+def safe_name(text: str, max_len: int = 48) -> str:
+    """File-system-safe fragment: letters, digits, '-' and '_' only."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")[:max_len].strip("-_")
+    return name or "scene"
+
+
+def plan_jobs(
+    shotlist: Shotlist,
+    style_prompt: str,
+    style_negative: str,
+    negative_preset: str,
+    run_seed: int,
+    seed_mode: str,
+    takes: int,
+) -> list[ImageJob]:
+    jobs = []
+    for scene_index, scene in enumerate(shotlist.scenes, start=1):
+        base = scene_prompt(scene, shotlist.characters)
+        prompt = apply_style(style_prompt, base)
+        negative = combine_negatives(scene.negative_prompt, style_negative, negative_preset)
+        seed = scene_seed(run_seed, seed_mode, scene.id, scene.seed)
+        for take in range(1, (scene.takes or takes) + 1):
+            jobs.append(
+                ImageJob(
+                    index=len(jobs),
+                    scene_index=scene_index,
+                    scene_id=scene.id,
+                    take=take,
+                    seed=(seed + take - 1) % SEED_RANGE,
+                    description=scene.description,
+                    scene_prompt=base,
+                    prompt=prompt,
+                    negative_prompt=negative,
+                    file=f"keyframes/{scene_index:03d}_{safe_name(scene.id)}_t{take}.png",
+                )
+            )
+    return jobs

@@ -1,0 +1,107 @@
+"""What lands on disk: PNGs carrying their recipe, manifest.json, contact_sheet.png.
+
+Files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+MANIFEST_VERSION = 1
+
+
+def a1111_parameters(record: dict[str, Any]) -> str:
+    """The `parameters` text that AUTOMATIC1111-compatible image browsers parse."""
+    settings = [
+        f"Steps: {record['steps']}",
+        f"Sampler: {record['sampler_label']}",
+        f"CFG scale: {_number(record['cfg_scale'])}",
+        f"Seed: {record['seed']}",
+        f"Size: {record['width']}x{record['height']}",
+        f"Model: {record['model']}",
+        f"Style: {record['style']}",
+    ]
+    lines = [record["prompt"]]
+    if record["negative_prompt"]:
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
+
+
+def _number(x: float) -> str:
+    return f"{x:g}"
+
+
+def save_png(image: Image.Image, path: Path, record: dict[str, Any], provenance: dict[str, Any]):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(record))
+    info.add_text("keyframes", json.dumps(provenance, ensure_ascii=False, sort_keys=True))
+    _atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_png_metadata(path: Path) -> dict[str, str]:
+    with Image.open(path) as im:
+        return dict(im.text)
+
+
+def write_manifest(run_dir: Path, run: dict[str, Any], images: list[dict[str, Any]]) -> Path:
+    path = run_dir / "manifest.json"
+    doc = {"version": MANIFEST_VERSION, "run": run, "images": images}
+    text = json.dumps(doc, indent=2, ensure_ascii=False)
+    _atomic(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    return path
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def contact_sheet(
+    images: list[Image.Image], labels: list[str], title: str, thumb_width: int = 384
+) -> Image.Image:
+    """All keyframes in a labelled grid, in shotlist order, for a look at the whole film."""
+    columns = min(4, max(1, len(images)))
+    rows = math.ceil(len(images) / columns)
+    aspect = images[0].height / images[0].width
+    tw, th = thumb_width, max(1, round(thumb_width * aspect))
+    pad, label_h, title_h = 8, 22, 34
+    sheet = Image.new(
+        "RGB",
+        (columns * (tw + pad) + pad, title_h + rows * (th + label_h + pad) + pad),
+        (24, 24, 24),
+    )
+    draw = ImageDraw.Draw(sheet)
+    font = _font(14)
+    draw.text((pad, 8), title, fill=(240, 240, 240), font=_font(18))
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x = pad + (i % columns) * (tw + pad)
+        y = title_h + (i // columns) * (th + label_h + pad)
+        sheet.paste(image.convert("RGB").resize((tw, th), Image.Resampling.LANCZOS), (x, y))
+        draw.text((x + 2, y + th + 3), _fit(draw, label, font, tw - 4), fill=(220, 220, 220), font=font)
+    return sheet
+
+
+def save_contact_sheet(sheet: Image.Image, path: Path) -> None:
+    _atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow built without FreeType: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…"
+    return text

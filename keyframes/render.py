@@ -1,0 +1,255 @@
+"""Load the models once, then generate, score and save every image as its batch finishes.
+
+The manifest is rewritten after every batch, so a crash keeps everything already made.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from keyframes.config import Config
+from keyframes.generate import Generation, GenerationSettings, generate
+from keyframes.models import (
+    Placement,
+    apply_sampler,
+    describe_source,
+    load_pipeline,
+    prompt_tokens,
+)
+from keyframes.plan import ImageJob
+from keyframes.records import contact_sheet, save_contact_sheet, save_png, write_manifest
+from keyframes.scoring import ClipScorer, TextScore, load_scorer
+from keyframes.shotlist import Shotlist
+
+log = logging.getLogger("keyframes")
+
+THUMB_WIDTH = 384  # contact sheet cell width; thumbnails are all that is kept in memory
+CLIP_TOKENS = 77
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    shotlist: Shotlist
+    jobs: list[ImageJob]
+    placement: Placement
+    width: int
+    height: int
+    run_dir: Path
+    config_hash: str
+    versions: dict[str, str]
+    overrides: list[str]
+    started: float  # time.time() at the start of the job
+
+
+@dataclass
+class RenderResult:
+    run_dir: Path
+    manifest_run: dict[str, Any]
+    images: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+    def write_manifest(self) -> Path:
+        return write_manifest(self.run_dir, self.manifest_run, self.images)
+
+
+def render(ctx: RunContext) -> RenderResult:
+    cfg = ctx.cfg
+    start = time.perf_counter()
+    log.info("loading model %s (%s)", cfg.model.name, describe_source(cfg.model))
+    pipe = load_pipeline(cfg.model, ctx.placement)
+    apply_sampler(pipe, cfg.sampler)
+    model_load_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scorer = load_scorer(cfg.scorer, ctx.placement.device)
+    scorer_load_seconds = time.perf_counter() - start
+    log.info("model loaded in %.1f s, scorer in %.1f s", model_load_seconds, scorer_load_seconds)
+
+    result = RenderResult(ctx.run_dir, manifest_run=run_info(ctx, scorer))
+    result.manifest_run["timings"] = {
+        "model_load_seconds": round(model_load_seconds, 3),
+        "scorer_load_seconds": round(scorer_load_seconds, 3),
+    }
+    settings = GenerationSettings(
+        steps=cfg.steps,
+        cfg_scale=cfg.cfg_scale,
+        width=ctx.width,
+        height=ctx.height,
+        batch_size=cfg.batch_size,
+    )
+    tokens = count_tokens(pipe, ctx.jobs)
+    thumbs: list[Image.Image] = []
+    labels: list[str] = []
+    scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
+    with logging_redirect_tqdm(), tqdm(total=len(ctx.jobs), unit="image", desc="keyframes") as bar:
+        for batch in generate(pipe, ctx.jobs, settings):
+            for generation, scores in zip(batch, score_batch(scorer, batch)):
+                record = image_record(ctx, generation, scores, tokens)
+                provenance = {
+                    "record": record,
+                    "scene": asdict(scenes[generation.job.scene_id]),
+                    "run": result.manifest_run,
+                }
+                save_png(generation.image, ctx.run_dir / record["file"], record, provenance)
+                result.images.append(record)
+                thumbs.append(_thumbnail(generation.image))
+                labels.append(_label(record))
+            result.write_manifest()
+            bar.update(len(batch))
+
+    title = f"{ctx.shotlist.title} · {cfg.style.name} · {cfg.model.name}"
+    sheet = contact_sheet(thumbs, labels, title, thumb_width=thumbs[0].width)
+    save_contact_sheet(sheet, ctx.run_dir / "contact_sheet.png")
+    result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
+    result.manifest_run["finished_at"] = _iso(time.time())
+    result.manifest_run["summary"] = result.summary
+    result.write_manifest()
+    log.info(
+        "%d keyframes in %s (%.2f s/image)",
+        len(result.images),
+        ctx.run_dir,
+        result.summary["seconds_per_image_mean"],
+    )
+    return result
+
+
+def count_tokens(pipe, jobs: list[ImageJob]) -> dict[str, int]:
+    """Token count of every distinct prompt; one warning per prompt SDXL will cut."""
+    counts = {}
+    for job in jobs:
+        for kind, text in (("prompt", job.prompt), ("negative prompt", job.negative_prompt)):
+            if text in counts:
+                continue
+            counts[text] = prompt_tokens(pipe, text)
+            if counts[text] > CLIP_TOKENS:
+                log.warning(
+                    "scene %s: %s is %d CLIP tokens; SDXL reads the first %d, the rest is cut",
+                    job.scene_id, kind, counts[text], CLIP_TOKENS,
+                )  # fmt: skip
+    return counts
+
+
+def score_batch(scorer: ClipScorer | None, batch: list[Generation]):
+    """Per image: (score vs the scene description, score vs the full styled prompt)."""
+    if scorer is None:
+        return [(None, None)] * len(batch)
+    images = [g.image for g in batch]
+    asked = scorer.score(images, [g.job.description for g in batch])
+    styled = scorer.score(images, [g.job.prompt for g in batch])
+    return list(zip(asked, styled))
+
+
+def image_record(
+    ctx: RunContext,
+    g: Generation,
+    scores: tuple[TextScore | None, TextScore | None],
+    tokens: dict[str, int],
+) -> dict[str, Any]:
+    """One manifest entry. The key set is the contract with the next stage: keep it stable."""
+    cfg, job = ctx.cfg, g.job
+    asked, styled = scores
+    return {
+        "index": job.index,
+        "scene_id": job.scene_id,
+        "scene_index": job.scene_index,
+        "take": job.take,
+        "file": job.file,
+        "status": "ok",
+        "seed": job.seed,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "prompt_tokens": tokens[job.prompt],  # over 77: SDXL read only the first 77
+        "negative_prompt_tokens": tokens[job.negative_prompt],
+        "description": job.description,
+        "scene_prompt": job.scene_prompt,
+        "steps": cfg.steps,
+        "cfg_scale": cfg.cfg_scale,
+        "sampler": cfg.sampler.name,
+        "sampler_label": cfg.sampler.label,
+        "width": ctx.width,
+        "height": ctx.height,
+        "model": cfg.model.name,
+        "style": cfg.style.name,
+        "negative": cfg.negative.name,
+        "seconds": round(g.seconds, 4),
+        "vram_peak_gb": None if g.vram_peak_gb is None else round(g.vram_peak_gb, 3),
+        "rss_peak_gb": round(g.rss_peak_gb, 3),
+        "clip_score": None if asked is None else round(asked.score, 4),
+        "clip_score_prompt": None if styled is None else round(styled.score, 4),
+        "clip_truncated": None
+        if asked is None
+        else {"description": asked.truncated, "prompt": styled.truncated},
+    }
+
+
+def run_info(ctx: RunContext, scorer: ClipScorer | None) -> dict[str, Any]:
+    cfg = ctx.cfg
+    return {
+        "title": ctx.shotlist.title,
+        "shotlist": ctx.shotlist.path,
+        "shotlist_sha256": ctx.shotlist.sha256,
+        "shotlist_extra": ctx.shotlist.extra,
+        "characters": {c.name: c.description for c in ctx.shotlist.characters.values()},
+        "config_hash": ctx.config_hash,
+        "model": cfg.model.name,
+        "model_source": describe_source(cfg.model),
+        "style": cfg.style.name,
+        "style_template": cfg.style.prompt,
+        "negative": cfg.negative.name,
+        "sampler": cfg.sampler.name,
+        "quality": cfg.quality.name,
+        "scorer": scorer.name if scorer else None,
+        "device": ctx.placement.device,
+        "dtype": str(ctx.placement.dtype).removeprefix("torch."),
+        "versions": ctx.versions,
+        "overrides": ctx.overrides,
+        "command": "uv run python -m keyframes.run " + " ".join(map(shlex.quote, ctx.overrides)),
+        "started_at": _iso(ctx.started),
+    }
+
+
+def summarize(images: list[dict[str, Any]], model_load_seconds: float, total: float):
+    def mean(key):
+        values = [r[key] for r in images if r[key] is not None]
+        return sum(values) / len(values) if values else None
+
+    vram = [r["vram_peak_gb"] for r in images if r["vram_peak_gb"] is not None]
+    summary = {
+        "images": len(images),
+        "clip_score_mean": mean("clip_score"),
+        "clip_score_prompt_mean": mean("clip_score_prompt"),
+        "seconds_per_image_mean": mean("seconds"),
+        "vram_peak_gb_max": max(vram) if vram else None,  # absent on CPU, never 0
+        "rss_peak_gb": max(r["rss_peak_gb"] for r in images),
+        "model_load_seconds": model_load_seconds,
+        "total_seconds": total,
+    }
+    return {k: round(v, 4) for k, v in summary.items() if v is not None}
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    width = min(THUMB_WIDTH, image.width)
+    height = max(1, round(width * image.height / image.width))
+    return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+
+
+def _label(record: dict[str, Any]) -> str:
+    label = f"{record['scene_index']:02d} {record['scene_id']} t{record['take']} · seed {record['seed']}"
+    if record["clip_score"] is not None:
+        label += f" · CLIP {record['clip_score']:.1f}"
+    return label
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,114 @@
+"""CLIP prompt adherence with open_clip: score = 100 * max(cos(image, text), 0).
+
+The default, ViT-L-14 with OpenAI weights, is the model torchmetrics' CLIPScore uses, so
+numbers are comparable with published CLIP scores. Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from keyframes.config import ScorerConfig
+from keyframes.errors import ModelUnavailableError
+
+CONTEXT_LENGTH = 77
+SAFETENSORS_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+
+
+@dataclass(frozen=True)
+class TextScore:
+    score: float
+    truncated: bool  # the text was longer than CLIP's 77 tokens and was cut
+
+
+class ClipScorer:
+    def __init__(self, model, preprocess, tokenizer, device: str, name: str):
+        self.model = model.eval().to(device)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.name = name
+
+    def truncated(self, text: str) -> bool:
+        return len(self.tokenizer.encode(text)) + 2 > CONTEXT_LENGTH  # + start and end tokens
+
+    @torch.inference_mode()
+    def score(self, images, texts: list[str]) -> list[TextScore]:
+        """Score image i against text i."""
+        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
+        tokens = self.tokenizer(texts).to(self.device)
+        image_features = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        text_features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        cosines = (image_features * text_features).sum(-1).clamp(min=0) * 100
+        return [TextScore(float(c), self.truncated(t)) for c, t in zip(cosines, texts)]
+
+
+def load_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
+    """None where scoring is off (scorer=none)."""
+    import open_clip
+
+    if cfg.model is None:
+        return None
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT_LENGTH)
+    if cfg.model == "tiny":
+        model, preprocess = _tiny_clip()
+        return ClipScorer(model, preprocess, tokenizer, device, "tiny random-weight CLIP")
+    path = _weights_file(cfg)
+    quick_gelu = (open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}).get("quick_gelu")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        cfg.model, pretrained=path, force_quick_gelu=bool(quick_gelu)
+    )
+    return ClipScorer(model, preprocess, tokenizer, device, f"{cfg.model}/{cfg.pretrained}")
+
+
+def _weights_file(cfg: ScorerConfig) -> str:
+    """The safetensors file of an open_clip pretrained tag, from the Hugging Face cache or hub."""
+    import open_clip
+    from huggingface_hub import constants, hf_hub_download
+
+    if cfg.pretrained and os.path.isfile(cfg.pretrained):
+        if not cfg.pretrained.endswith(".safetensors"):
+            raise ModelUnavailableError(
+                f"scorer.pretrained={cfg.pretrained}: only .safetensors weights are loaded"
+            )
+        return cfg.pretrained
+    tag = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}
+    repo = (tag.get("hf_hub") or "").strip("/")
+    if not repo:
+        raise ModelUnavailableError(
+            f"scorer: open_clip knows no hub copy of {cfg.model}/{cfg.pretrained}; "
+            "set scorer.pretrained to a local .safetensors file, or scorer=none."
+        )
+    error = None
+    for name in SAFETENSORS_NAMES:
+        try:
+            return hf_hub_download(repo, name)
+        except Exception as e:  # noqa: BLE001 - hub errors vary by version; all mean "not here"
+            error = e
+    raise ModelUnavailableError(
+        f"CLIP scorer {cfg.model}/{cfg.pretrained} is not available.\n"
+        f"  Looked for {repo} ({' or '.join(SAFETENSORS_NAMES)}) in the Hugging Face cache "
+        f"{constants.HF_HUB_CACHE} and on the hub.\n"
+        f"  Loader said: {str(error).strip().splitlines()[0][:300] if error else '?'}\n"
+        f"  Download it on a machine with network: uv run hf download {repo} {SAFETENSORS_NAMES[0]}\n"
+        "  Or run without scoring: scorer=none (or scorer=tiny for a random-weight test scorer)."
+    )
+
+
+def _tiny_clip():
+    """A CLIP with the real tokenizer and random weights from a fixed seed: for offline runs."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.CLIP(
+            embed_dim=32,
+            vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=16, image_size=64),
+            text_cfg=CLIPTextCfg(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2),
+        )
+    preprocess = open_clip.image_transform(64, is_train=False)
+    return model, preprocess

@@ -1,0 +1,251 @@
+"""Load and validate a shotlist JSON file into frozen dataclasses.
+
+Every problem is collected with its path (e.g. `scenes[3].id: missing`) and raised together
+as one ShotlistError, so a user fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keyframes.errors import ShotlistError
+
+DEMO = Path(__file__).parent / "data" / "demo_shotlist.json"
+
+SCENE_TEXT_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "shot",
+    "camera",
+    "lighting",
+    "mood",
+)
+SCENE_FIELDS = {"id", "description", "characters", "seed", "takes", *SCENE_TEXT_FIELDS}
+TOP_FIELDS = {"title", "characters", "scenes"}
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Character:
+    name: str
+    description: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scene:
+    id: str
+    description: str
+    prompt: str | None = None  # full override of the assembled scene prompt
+    negative_prompt: str | None = None
+    shot: str | None = None
+    camera: str | None = None
+    lighting: str | None = None
+    mood: str | None = None
+    characters: tuple[str, ...] = ()
+    seed: int | None = None
+    takes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown fields, kept as metadata
+
+
+@dataclass(frozen=True)
+class Shotlist:
+    title: str
+    scenes: tuple[Scene, ...]
+    characters: dict[str, Character] = field(default_factory=dict)
+    path: str = ""
+    sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    unknown_fields: tuple[str, ...] = ()  # e.g. "scenes[*].music", for one warning
+
+
+def resolve_path(name: str) -> Path:
+    """'demo' is the bundled short film; anything else is a file path."""
+    return DEMO if name == "demo" else Path(name).expanduser()
+
+
+def load_shotlist(name: str) -> Shotlist:
+    path = resolve_path(name)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ShotlistError(f"shotlist not found: {path}") from None
+    except OSError as e:
+        raise ShotlistError(f"cannot read shotlist {path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ShotlistError(f"shotlist {path} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ShotlistError(
+            f"shotlist {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
+    return parse_shotlist(data, path=str(path), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def parse_shotlist(data: Any, path: str = "<data>", sha256: str = "") -> Shotlist:
+    """Validate decoded JSON. A bare list of scenes is accepted as well as the full object."""
+    problems: list[str] = []
+    unknown: list[str] = []
+    if isinstance(data, list):
+        data = {"scenes": data}
+    if not isinstance(data, dict):
+        raise ShotlistError(
+            f"shotlist {path} is invalid:",
+            [f"top level: expected an object with 'scenes' or a list of scenes, got {_kind(data)}"],
+        )
+
+    title = data.get("title", Path(path).stem if path != "<data>" else "untitled")
+    if not isinstance(title, str) or not title.strip():
+        problems.append("title: must be a non-empty string")
+        title = "untitled"
+    extra = {k: v for k, v in data.items() if k not in TOP_FIELDS}
+    unknown += sorted(extra)
+
+    characters = _parse_characters(data.get("characters", {}), problems)
+    scenes_raw = data.get("scenes")
+    scenes: list[Scene] = []
+    if scenes_raw is None:
+        problems.append("scenes: missing")
+    elif not isinstance(scenes_raw, list):
+        problems.append(f"scenes: expected a list, got {_kind(scenes_raw)}")
+    elif not scenes_raw:
+        problems.append("scenes: empty, a shotlist needs at least one scene")
+    else:
+        first_index: dict[str, int] = {}
+        for i, raw in enumerate(scenes_raw):
+            scene = _parse_scene(raw, f"scenes[{i}]", characters, problems, unknown)
+            if scene is None:
+                continue
+            if scene.id in first_index:
+                problems.append(
+                    f"scenes[{i}].id: duplicate id {scene.id!r} "
+                    f"(first used by scenes[{first_index[scene.id]}])"
+                )
+            else:
+                first_index[scene.id] = i
+            scenes.append(scene)
+
+    if problems:
+        raise ShotlistError(f"shotlist {path} is invalid:", problems)
+    return Shotlist(
+        title=title.strip(),
+        scenes=tuple(scenes),
+        characters=characters,
+        path=path,
+        sha256=sha256,
+        extra=extra,
+        unknown_fields=tuple(dict.fromkeys(unknown)),
+    )
+
+
+def _parse_characters(raw: Any, problems: list[str]) -> dict[str, Character]:
+    """`name -> description`, or `name -> {"description": ..., other fields kept}`."""
+    if not isinstance(raw, dict):
+        problems.append(f"characters: expected an object of name -> description, got {_kind(raw)}")
+        return {}
+    out = {}
+    for name, value in raw.items():
+        where = f"characters.{name}"
+        extra: dict[str, Any] = {}
+        if isinstance(value, dict):
+            extra = {k: v for k, v in value.items() if k != "description"}
+            value = value.get("description")
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{where}: expected a non-empty description string")
+            continue
+        out[name] = Character(name=name, description=value.strip(), extra=extra)
+    return out
+
+
+def _parse_scene(
+    raw: Any,
+    where: str,
+    characters: dict[str, Character],
+    problems: list[str],
+    unknown: list[str],
+) -> Scene | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected an object, got {_kind(raw)}")
+        return None
+    start = len(problems)
+
+    scene_id = raw.get("id")
+    if scene_id is None:
+        problems.append(f"{where}.id: missing")
+    elif isinstance(scene_id, bool) or not isinstance(scene_id, (str, int)):
+        problems.append(f"{where}.id: expected a string, got {_kind(scene_id)}")
+    elif not str(scene_id).strip():
+        problems.append(f"{where}.id: must not be empty")
+
+    description = raw.get("description")
+    if description is None:
+        problems.append(f"{where}.description: missing")
+    elif not isinstance(description, str) or not description.strip():
+        problems.append(f"{where}.description: expected a non-empty string")
+
+    texts = {}
+    for key in SCENE_TEXT_FIELDS:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{where}.{key}: expected a string, got {_kind(value)}")
+        texts[key] = (value.strip() or None) if isinstance(value, str) else None
+
+    names = raw.get("characters", [])
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list):
+        problems.append(f"{where}.characters: expected a list of names, got {_kind(names)}")
+        names = []
+    for j, name in enumerate(names):
+        if name not in characters:
+            known = ", ".join(characters) or "none defined"
+            problems.append(
+                f"{where}.characters[{j}]: unknown character {name!r} (the sheet has: {known})"
+            )
+
+    seed = _int_field(raw, "seed", where, problems, low=0, high=MAX_SEED)
+    takes = _int_field(raw, "takes", where, problems, low=1, high=None)
+
+    extra = {k: v for k, v in raw.items() if k not in SCENE_FIELDS}
+    unknown += [f"scenes[*].{k}" for k in extra]
+    if len(problems) > start:
+        return None
+    return Scene(
+        id=str(scene_id).strip(),
+        description=description.strip(),
+        characters=tuple(names),
+        seed=seed,
+        takes=takes,
+        extra=extra,
+        **texts,
+    )
+
+
+def _int_field(raw: dict, key: str, where: str, problems: list[str], low: int, high: int | None):
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(f"{where}.{key}: expected an integer, got {_kind(value)}")
+        return None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        problems.append(f"{where}.{key}: {value} is out of range, must be {bound}")
+        return None
+    return value
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"the number {value}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"the number {value}"
+    return names.get(type(value), type(value).__name__)

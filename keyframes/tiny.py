@@ -1,0 +1,123 @@
+"""The tiny random-weight SDXL used by `model=tiny` and the tests.
+
+Same pipeline class and the same wiring as SDXL base (UNet with text_time conditioning, two
+CLIP text encoders whose hidden states are concatenated, a VAE with 8x downsampling, the real
+CLIP BPE tokenizer), only a few thousand times smaller, with weights drawn from a fixed seed.
+Its images are noise-like: it tests the machinery, not the look.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+INIT_SEED = 0
+TEXT_WIDTH = 32  # hidden size of each text encoder; the UNet sees both, concatenated
+TIME_EMBED_DIM = 8
+
+
+def clip_tokenizer_files(folder: Path) -> Path:
+    """Write vocab.json + merges.txt of the real CLIP BPE (shipped inside open_clip)."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    # Same slice as CLIP's own tokenizer: skip the version line, keep 48 894 merges.
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    )
+    return folder
+
+
+def clip_tokenizers():
+    """The two SDXL tokenizers: identical BPE, padded with <|endoftext|> and "!" like SDXL's."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = clip_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!")
+    return tokenizer, tokenizer_2
+
+
+def build_tiny_pipeline():
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 1),
+            use_linear_projection=True,
+            cross_attention_dim=2 * TEXT_WIDTH,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            # pooled text embedding of encoder 2 + 6 size/crop conditioning numbers
+            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * TIME_EMBED_DIM,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16, 16, 16),  # four blocks: 8x downsampling, as in SDXL
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=128,
+            scaling_factor=0.13025,
+        )
+        text_config = dict(
+            vocab_size=49408,
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=TEXT_WIDTH,
+            hidden_act="gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    tokenizer, tokenizer_2 = clip_tokenizers()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=scheduler,
+    )
+    return pipe
