@@ -168,7 +168,9 @@ def validate(cfg: Config) -> tuple[int, int]:
     if "{prompt}" not in cfg.style.prompt:
         problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
     if not (cfg.model.tiny or cfg.model.id or cfg.model.path):
-        problems.append("model: set model.id (hub repo) or model.path (local folder or file)")
+        problems.append(
+            "model: set model.path=/path/to/folder-or-file.safetensors (or model.id=org/repo)"
+        )
     size = None
     try:
         size = resolve_size(cfg.aspect, cfg.quality.base_size, cfg.width, cfg.height)

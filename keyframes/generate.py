@@ -40,7 +40,9 @@ def batches(jobs: list[ImageJob], size: int) -> Iterator[list[ImageJob]]:
         yield jobs[start : start + size]
 
 
-def generate(pipe, jobs: list[ImageJob], settings: GenerationSettings) -> Iterator[list[Generation]]:
+def generate(
+    pipe, jobs: list[ImageJob], settings: GenerationSettings
+) -> Iterator[list[Generation]]:
     """Yield one list of Generations per batch, as soon as the batch is done.
 
     Each image gets its own CPU generator seeded with its job's seed, so an image does not
@@ -67,7 +69,10 @@ def generate(pipe, jobs: list[ImageJob], settings: GenerationSettings) -> Iterat
         seconds = (time.perf_counter() - start) / len(batch)
         vram = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
         rss = peak_rss_gb()
-        yield [Generation(job, image, seconds, vram, rss) for job, image in zip(batch, images)]
+        yield [
+            Generation(job, image, seconds, vram, rss)
+            for job, image in zip(batch, images, strict=True)
+        ]
 
 
 def peak_rss_gb() -> float:

@@ -90,7 +90,9 @@ def prompt_tokens(pipe, text: str) -> int:
 class _DropTruncationNotes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("truncated because CLIP" in message or "Token indices sequence length" in message)
+        return not (
+            "truncated because CLIP" in message or "Token indices sequence length" in message
+        )
 
 
 def _quiet_truncation_warnings() -> None:
@@ -112,9 +114,9 @@ def _load_weights(model: ModelConfig, dtype: torch.dtype):
     try:
         if model.path and Path(model.path).expanduser().is_file():
             return StableDiffusionXLPipeline.from_single_file(
-                str(Path(model.path).expanduser()), torch_dtype=dtype, config=model.config
+                str(Path(model.path).expanduser()), dtype=dtype, config=model.config
             )
-        kwargs = dict(torch_dtype=dtype, use_safetensors=True)
+        kwargs = dict(dtype=dtype, use_safetensors=True)
         if model.variant and _has_variant(source, model.variant):
             kwargs["variant"] = model.variant
         return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
@@ -140,15 +142,23 @@ def _unavailable_message(model: ModelConfig, error: Exception) -> str:
     else:
         where = (
             f"the Hugging Face cache {constants.HF_HUB_CACHE} (set by HF_HOME / HF_HUB_CACHE)"
-            + (", and HF_HUB_OFFLINE is set so the hub was not asked" if offline else
-               ", and the hub could not be reached")
+            + (
+                ", and HF_HUB_OFFLINE is set so the hub was not asked"
+                if offline
+                else ", and the hub could not be reached"
+            )
         )
-        patterns = f'--include "*.json" "*.txt" "*.{model.variant}.safetensors"' if model.variant else ""
+        patterns = (
+            f'--include "*.json" "*.txt" "*.{model.variant}.safetensors"' if model.variant else ""
+        )
         fix = (
-            f"Download it on a machine with network: uv run hf download {model.id} {patterns}".rstrip()
+            "Download it on a machine with network: "
+            f"uv run hf download {model.id} {patterns}".rstrip()
             + " (then copy the cache, or point model.path at a local folder or .safetensors file)."
         )
-    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    first_line = (
+        str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    )
     return (
         f"model {model.name} ({model.path or model.id}) is not available.\n"
         f"  Looked in {where}.\n"

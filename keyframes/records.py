@@ -82,11 +82,13 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     font = _font(14)
     draw.text((pad, 8), title, fill=(240, 240, 240), font=_font(18))
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         x = pad + (i % columns) * (tw + pad)
         y = title_h + (i // columns) * (th + label_h + pad)
         sheet.paste(image.convert("RGB").resize((tw, th), Image.Resampling.LANCZOS), (x, y))
-        draw.text((x + 2, y + th + 3), _fit(draw, label, font, tw - 4), fill=(220, 220, 220), font=font)
+        draw.text(
+            (x + 2, y + th + 3), _fit(draw, label, font, tw - 4), fill=(220, 220, 220), font=font
+        )
     return sheet
 
 

@@ -9,7 +9,7 @@ import logging
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def render(ctx: RunContext) -> RenderResult:
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
     with logging_redirect_tqdm(), tqdm(total=len(ctx.jobs), unit="image", desc="keyframes") as bar:
         for batch in generate(pipe, ctx.jobs, settings):
-            for generation, scores in zip(batch, score_batch(scorer, batch)):
+            for generation, scores in zip(batch, score_batch(scorer, batch), strict=True):
                 record = image_record(ctx, generation, scores, tokens)
                 provenance = {
                     "record": record,
@@ -147,7 +147,7 @@ def score_batch(scorer: ClipScorer | None, batch: list[Generation]):
     images = [g.image for g in batch]
     asked = scorer.score(images, [g.job.description for g in batch])
     styled = scorer.score(images, [g.job.prompt for g in batch])
-    return list(zip(asked, styled))
+    return list(zip(asked, styled, strict=True))
 
 
 def image_record(
@@ -245,11 +245,12 @@ def _thumbnail(image: Image.Image) -> Image.Image:
 
 
 def _label(record: dict[str, Any]) -> str:
-    label = f"{record['scene_index']:02d} {record['scene_id']} t{record['take']} · seed {record['seed']}"
+    label = f"{record['scene_index']:02d} {record['scene_id']} t{record['take']}"
+    label += f" · seed {record['seed']}"
     if record["clip_score"] is not None:
         label += f" · CLIP {record['clip_score']:.1f}"
     return label
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")

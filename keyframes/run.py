@@ -31,7 +31,15 @@ log = logging.getLogger("keyframes")
 
 ConfigStore.instance().store(name="config_schema", node=Config)
 
-PACKAGES = ("keyframes", "torch", "diffusers", "transformers", "open_clip_torch", "mlflow", "hydra-core")
+PACKAGES = (
+    "keyframes",
+    "torch",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "mlflow",
+    "hydra-core",
+)
 _task_started = False  # tells a config error (exit 2) from a crash inside the run (exit 1)
 
 
@@ -46,15 +54,13 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run(settings, run_dir, resolved, list(hydra_cfg.overrides.task))
     except KeyframesError as e:
-        _remove_if_untouched(run_dir, f"{hydra_cfg.job.name}.log")
+        _remove_if_untouched(run_dir, {".hydra", f"{hydra_cfg.job.name}.log", "config.yaml"})
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def run(cfg: Config, run_dir: Path, resolved: dict[str, Any], overrides: list[str]) -> float | None:
     """Everything a job does, given typed settings and its output directory."""
-    # Heavy imports wait until the input has been checked.
-    from keyframes.models import check_source, resolve_placement
     from keyframes.plan import plan_jobs
     from keyframes.shotlist import load_shotlist
 
@@ -76,6 +82,9 @@ def run(cfg: Config, run_dir: Path, resolved: dict[str, Any], overrides: list[st
         seed_mode=cfg.seed_mode,
         takes=cfg.takes,
     )
+    # torch and diffusers load only once the input has passed: bad input fails in a second.
+    from keyframes.models import check_source, resolve_placement
+
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_source(cfg.model)
     log.info(
@@ -129,9 +138,7 @@ def _track(ctx, result, resolved: dict[str, Any]) -> float | None:
         run_name=f"{cfg.style.name}-{cfg.sampler.name}-{cfg.steps}steps-cfg{cfg.cfg_scale:g}",
         params=flatten(resolved),
         tags=tags,
-        image_metrics=[
-            {k: r[k] for k in per_image if r[k] is not None} for r in result.images
-        ],
+        image_metrics=[{k: r[k] for k in per_image if r[k] is not None} for r in result.images],
         summary=result.summary,
         artifacts=[
             (ctx.run_dir / "keyframes", "keyframes"),
@@ -150,7 +157,9 @@ def _track(ctx, result, resolved: dict[str, Any]) -> float | None:
         "run_id": run_id,
     }
     result.write_manifest()
-    log.info("MLflow run %s in experiment %r (%s)", run_id, record.experiment, cfg.mlflow.tracking_uri)
+    log.info(
+        "MLflow run %s in experiment %r (%s)", run_id, record.experiment, cfg.mlflow.tracking_uri
+    )
     if cfg.mlflow.tracking_uri.startswith("sqlite:"):
         log.info("review: uv run mlflow ui --backend-store-uri %s", cfg.mlflow.tracking_uri)
     return result.summary.get("clip_score_mean")
@@ -201,10 +210,10 @@ def _write_resolved_config(run_dir: Path, resolved: dict[str, Any]) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
-def _remove_if_untouched(run_dir: Path, log_name: str) -> None:
-    """Bad input leaves nothing behind: drop the run directory if it holds only what Hydra
-    wrote before the job started (.hydra/ and the log file)."""
-    if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= {".hydra", log_name}:
+def _remove_if_untouched(run_dir: Path, bookkeeping: set[str]) -> None:
+    """Bad input leaves nothing behind: drop the run directory if it holds only bookkeeping
+    (Hydra's .hydra/ and log, the resolved config), i.e. no image was made."""
+    if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= bookkeeping:
         return
     shutil.rmtree(run_dir)
 

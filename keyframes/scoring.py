@@ -40,10 +40,14 @@ class ClipScorer:
         """Score image i against text i."""
         pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
         tokens = self.tokenizer(texts).to(self.device)
-        image_features = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        text_features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        image_features = torch.nn.functional.normalize(
+            self.model.encode_image(pixels).float(), dim=-1
+        )
+        text_features = torch.nn.functional.normalize(
+            self.model.encode_text(tokens).float(), dim=-1
+        )
         cosines = (image_features * text_features).sum(-1).clamp(min=0) * 100
-        return [TextScore(float(c), self.truncated(t)) for c, t in zip(cosines, texts)]
+        return [TextScore(float(c), self.truncated(t)) for c, t in zip(cosines, texts, strict=True)]
 
 
 def load_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
@@ -93,7 +97,8 @@ def _weights_file(cfg: ScorerConfig) -> str:
         f"  Looked for {repo} ({' or '.join(SAFETENSORS_NAMES)}) in the Hugging Face cache "
         f"{constants.HF_HUB_CACHE} and on the hub.\n"
         f"  Loader said: {str(error).strip().splitlines()[0][:300] if error else '?'}\n"
-        f"  Download it on a machine with network: uv run hf download {repo} {SAFETENSORS_NAMES[0]}\n"
+        "  Download it on a machine with network: "
+        f"uv run hf download {repo} {SAFETENSORS_NAMES[0]}\n"
         "  Or run without scoring: scorer=none (or scorer=tiny for a random-weight test scorer)."
     )
 
@@ -107,8 +112,12 @@ def _tiny_clip():
         torch.manual_seed(0)
         model = open_clip.CLIP(
             embed_dim=32,
-            vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=16, image_size=64),
-            text_cfg=CLIPTextCfg(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2),
+            vision_cfg=CLIPVisionCfg(
+                layers=2, width=64, head_width=32, patch_size=16, image_size=64
+            ),
+            text_cfg=CLIPTextCfg(
+                context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2
+            ),
         )
     preprocess = open_clip.image_transform(64, is_train=False)
     return model, preprocess

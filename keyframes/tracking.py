@@ -88,4 +88,3 @@ def log_run(cfg: TrackingConfig, record: RunRecord) -> str:
         raise
     client.set_terminated(run_id, status="FINISHED", end_time=record.end_ms or None)
     return run_id
-

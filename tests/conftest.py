@@ -1,0 +1,82 @@
+"""Shared fixtures: the tiny model is built once per session; CLI runs go to temp folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+    store: Path  # the SQLite file MLflow would use
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run `python -m keyframes.run` as a user would, writing only under tmp_path."""
+
+    def run(*overrides: str, run_dir: Path | None = None, env: dict | None = None) -> CliResult:
+        run_dir = run_dir or tmp_path / "run"
+        store = tmp_path / "store" / "mlflow.db"
+        args = [
+            sys.executable, "-m", "keyframes.run", *overrides,
+            f"hydra.run.dir={run_dir}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
+        ]  # fmt: skip
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        proc = subprocess.run(
+            args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir, store)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One real smoke run shared by the tests that only read its outputs."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    run_dir, store = tmp / "run", tmp / "store" / "mlflow.db"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "keyframes.run", "experiment=smoke",
+            f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{store}",
+        ],
+        cwd=tmp, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir, store)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from keyframes.config import SamplerConfig
+    from keyframes.models import apply_sampler, load_pipeline, resolve_placement
+    from tests.helpers import tiny_model_config
+
+    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
+    apply_sampler(
+        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
+    )
+    return pipe
+
+
+def read_manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())

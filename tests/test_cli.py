@@ -1,0 +1,231 @@
+"""End to end: the command a user types, in a subprocess, against a temp folder and store."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import read_manifest
+from tests.helpers import write_json
+
+MANIFEST_KEYS = {
+    "scene_id", "take", "file", "seed", "prompt", "negative_prompt", "steps", "cfg_scale",
+    "sampler", "width", "height", "model", "style", "seconds", "vram_peak_gb", "clip_score",
+}  # fmt: skip
+DEMO_FILES = [
+    "001_opening_t1.png", "002_lamp-room_t1.png", "003_the-boat_t1.png", "004_signal_t1.png",
+    "005_rescue_t1.png", "006_kitchen_t1.png", "007_morning-after_t1.png",
+]  # fmt: skip
+
+
+def mlflow_runs(store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiments = client.search_experiments()
+    return client, client.search_runs([e.experiment_id for e in experiments])
+
+
+def load_pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_smoke_run_writes_keyframes_manifest_and_contact_sheet(smoke_run):
+    run_dir = smoke_run.run_dir
+    assert sorted(p.name for p in (run_dir / "keyframes").iterdir()) == DEMO_FILES
+    manifest = read_manifest(run_dir)
+    assert len(manifest["images"]) == 7
+    for record in manifest["images"]:
+        assert MANIFEST_KEYS <= set(record)
+        assert (run_dir / record["file"]).is_file()
+        assert (record["width"], record["height"], record["steps"]) == (256, 144, 4)
+        assert record["vram_peak_gb"] is None and record["rss_peak_gb"] > 0  # CPU: no VRAM figure
+        assert 0 <= record["clip_score"] <= 100 and 0 <= record["clip_score_prompt"] <= 100
+        assert record["prompt"].startswith("cinematic film still, ")
+        assert Image.open(run_dir / record["file"]).size == (256, 144)
+    assert manifest["run"]["title"] == "Salt and Signal"
+    assert manifest["run"]["summary"]["images"] == 7
+    assert manifest["run"][
+        "command"
+    ] == "uv run python -m keyframes.run experiment=smoke " + " ".join(
+        manifest["run"]["overrides"][1:]
+    )
+    sheet = Image.open(run_dir / "contact_sheet.png")
+    assert sheet.width > 4 * 256 and sheet.height > 2 * 144  # 4 columns, 2 rows of keyframes
+    assert (run_dir / "config.yaml").is_file()
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_each_png_carries_its_recipe(smoke_run):
+    manifest = read_manifest(smoke_run.run_dir)
+    record = manifest["images"][2]
+    text = Image.open(smoke_run.run_dir / record["file"]).text
+    lines = text["parameters"].splitlines()
+    assert lines[0] == record["prompt"]
+    assert lines[1] == f"Negative prompt: {record['negative_prompt']}"
+    assert lines[2].startswith(
+        f"Steps: 4, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: {record['seed']}, Size: 256x144, Model: tiny"
+    )
+    provenance = json.loads(text["keyframes"])
+    assert provenance["record"]["seed"] == record["seed"]
+    assert (
+        provenance["scene"]["id"] == "the-boat"
+        and provenance["scene"]["negative_prompt"] == "calm water"
+    )
+    assert provenance["run"]["config_hash"] == manifest["run"]["config_hash"]
+    assert set(provenance["run"]["versions"]) >= {"torch", "diffusers", "transformers"}
+    assert provenance["run"]["device"] == "cpu" and provenance["run"]["dtype"] == "float32"
+    assert provenance["run"]["timings"]["model_load_seconds"] > 0
+
+
+def test_smoke_run_is_logged_to_mlflow(smoke_run):
+    client, runs = mlflow_runs(smoke_run.store)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "smoke"
+    assert read_manifest(smoke_run.run_dir)["run"]["mlflow"]["run_id"] == run.info.run_id
+    params = run.data.params
+    assert (
+        params["steps"] == "4"
+        and params["model.name"] == "tiny"
+        and params["style.name"] == "cinematic"
+    )
+    assert params["sampler.options.use_karras_sigmas"] == "true"
+    assert len(params) > 30
+    metrics = run.data.metrics
+    assert metrics["images"] == 7
+    for key in ("clip_score_mean", "seconds_per_image_mean", "model_load_seconds", "rss_peak_gb"):
+        assert key in metrics
+    assert "vram_peak_gb_max" not in metrics  # CPU: absent, not 0
+    history = client.get_metric_history(run.info.run_id, "clip_score")
+    assert sorted(m.step for m in history) == list(range(7))
+    tags = run.data.tags
+    assert tags["keyframes.model"] == "tiny" and tags["keyframes.style"] == "cinematic"
+    assert tags["keyframes.device"] == "cpu" and "version.torch" in tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"keyframes", "contact_sheet.png", "manifest.json", "config.yaml", "hydra"} <= artifacts
+    images = {a.path for a in client.list_artifacts(run.info.run_id, "keyframes")}
+    assert images == {f"keyframes/{name}" for name in DEMO_FILES}
+
+
+def test_running_smoke_twice_gives_identical_pixels(smoke_run, run_cli):
+    again = run_cli("experiment=smoke")
+    assert again.returncode == 0, again.stderr[-2000:]
+    for name in DEMO_FILES:
+        first = load_pixels(smoke_run.run_dir / "keyframes" / name)
+        second = load_pixels(again.run_dir / "keyframes" / name)
+        assert (first == second).all(), name
+
+
+def test_shotlist_takes_seed_and_cfg_overrides(run_cli, tmp_path):
+    shots = write_json(
+        tmp_path / "shots.json",
+        {"title": "Two Shots", "scenes": [
+            {"id": "door", "description": "a red door", "takes": 1, "director_note": "x"},
+            {"id": "sea", "description": "a calm sea", "seed": 99},
+        ]},
+    )  # fmt: skip
+    result = run_cli(
+        "experiment=smoke", f"shotlist={shots}", "cfg_scale=6", "seed=7", "takes=2", "batch_size=2"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "unknown fields kept as metadata: scenes[*].director_note" in result.output
+    images = read_manifest(result.run_dir)["images"]
+    assert [(r["scene_id"], r["take"], r["seed"]) for r in images][1:] == [
+        ("sea", 1, 99),
+        ("sea", 2, 100),
+    ]
+    assert [r["file"] for r in images] == [
+        "keyframes/001_door_t1.png", "keyframes/002_sea_t1.png", "keyframes/002_sea_t2.png"
+    ]  # fmt: skip
+    assert all(r["cfg_scale"] == 6 for r in images)
+    assert "CFG scale: 6," in Image.open(result.run_dir / images[0]["file"]).text["parameters"]
+    _, runs = mlflow_runs(result.store)
+    assert runs[0].data.metrics["images"] == 3
+
+
+def assert_nothing_written(result):
+    assert result.returncode == 2, result.output[-2000:]
+    assert "Traceback" not in result.output
+    assert not result.run_dir.exists()
+    assert not result.store.exists()
+
+
+def scene(i, **fields):
+    return {"id": f"s{i}", "description": f"scene {i}", **fields}
+
+
+BAD_SHOTLISTS = {
+    "invalid_json": ('{"scenes": [\n  {"id": "a"\n]}', "is not valid JSON: Expecting ',' delimiter at line 3, column 1"),
+    "schema": (json.dumps({"scenes": [scene(0), {"id": "x"}]}), "scenes[1].description: missing"),
+    "duplicate_ids": (json.dumps([scene(1), scene(1)]), "scenes[1].id: duplicate id 's1' (first used by scenes[0])"),
+    "no_scenes": (json.dumps({"title": "t", "scenes": []}), "scenes: empty, a shotlist needs at least one scene"),
+    "unknown_character": (json.dumps([scene(1, characters=["Zed"])]), "scenes[0].characters[0]: unknown character 'Zed'"),
+    "bad_seed": (json.dumps([scene(1, seed="x")]), "scenes[0].seed: expected an integer, got a string"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHOTLISTS))
+def test_bad_shotlist_fails_with_one_message_and_writes_nothing(run_cli, tmp_path, case):
+    text, message = BAD_SHOTLISTS[case]
+    path = tmp_path / "shots.json"
+    path.write_text(text)
+    result = run_cli("experiment=smoke", f"shotlist={path}")
+    assert_nothing_written(result)
+    assert result.stderr.startswith(f"error: shotlist {path}")
+    assert message in result.stderr
+
+
+def test_missing_shotlist_file(run_cli, tmp_path):
+    result = run_cli("experiment=smoke", f"shotlist={tmp_path}/nope.json")
+    assert_nothing_written(result)
+    assert result.stderr.strip() == f"error: shotlist not found: {tmp_path}/nope.json"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["steps=0"], "steps=0: must be at least 1"),
+        (["cfg_scale=-1"], "cfg_scale=-1.0: must be a number >= 0"),
+        (["width=100"], "width=100: must be a multiple of 8 and at least 64"),
+        (["height=250"], "height=250: must be a multiple of 8 and at least 64"),
+        (
+            ["takes=0", "batch_size=0"],
+            "takes=0: must be at least 1\n  batch_size=0: must be at least 1",
+        ),
+        (
+            ["model=local", "model.path=/no/such/model"],
+            "model.path=/no/such/model: no such file or folder",
+        ),
+    ],
+)
+def test_bad_numbers_fail_before_any_model_loads(run_cli, overrides, message):
+    result = run_cli("experiment=smoke", *overrides)
+    assert_nothing_written(result)
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("stepz=40", "Key 'stepz' not in 'Config'"), ("steps=many", "could not be converted to Integer"),
+     ("style=vaporwave", "Could not find 'style/vaporwave'")],
+)  # fmt: skip
+def test_config_errors_keep_hydras_message_and_exit_2(run_cli, override, message):
+    result = run_cli("experiment=smoke", override)
+    assert_nothing_written(result)
+    assert message in result.output
+
+
+def test_missing_sdxl_weights_stop_with_instructions(run_cli, tmp_path):
+    result = run_cli(env={"HF_HOME": str(tmp_path / "empty-hf-home"), "HF_HUB_OFFLINE": "1"})
+    assert_nothing_written(result)
+    err = result.stderr
+    assert (
+        "error: model sdxl_base (stabilityai/stable-diffusion-xl-base-1.0) is not available." in err
+    )
+    assert f"Looked in the Hugging Face cache {tmp_path}/empty-hf-home/hub" in err
+    assert "HF_HUB_OFFLINE is set" in err
+    assert "uv run hf download stabilityai/stable-diffusion-xl-base-1.0" in err
+    assert "experiment=smoke" in err

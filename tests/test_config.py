@@ -1,0 +1,135 @@
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+import keyframes.run  # noqa: F401  (registers the schema)
+from keyframes.config import Config, resolve_size, validate
+from keyframes.errors import ConfigError
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = {
+    "model": {"sdxl_base", "tiny", "local"},
+    "style": {"none", "cinematic", "dramatic", "noir", "documentary", "anime", "watercolor", "vintage_film"},
+    "negative": {"default", "strict", "none"},
+    "sampler": {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"},
+    "quality": {"draft", "standard", "high"},
+    "scorer": {"clip", "tiny", "none"},
+}  # fmt: skip
+
+
+def settings(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def test_defaults_are_sdxl_base_cinematic_16_9_at_1344x768():
+    cfg = settings()
+    assert cfg.model.id == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (cfg.style.name, cfg.quality.name, cfg.steps, cfg.cfg_scale) == (
+        "cinematic",
+        "standard",
+        30,
+        7.0,
+    )
+    assert validate(cfg) == (1344, 768)
+
+
+def test_every_group_has_the_promised_options():
+    for group, options in GROUPS.items():
+        assert {p.stem for p in (CONF / group).glob("*.yaml")} == options
+
+
+@pytest.mark.parametrize(
+    "group, option", [(g, o) for g, opts in GROUPS.items() for o in sorted(opts)]
+)
+def test_every_option_composes_and_validates(group, option):
+    extra = ["model.path=/some/folder"] if option == "local" else []
+    cfg = settings(f"{group}={option}", *extra)
+    assert getattr(cfg, group).name == option
+    validate(cfg)
+
+
+def test_command_line_steps_win_over_quality_preset_and_experiment():
+    assert settings("quality=high").steps == 50
+    assert settings("quality=high", "steps=40").steps == 40
+    assert settings("experiment=smoke").steps == 4
+    assert settings("experiment=smoke", "steps=40", "cfg_scale=6").steps == 40
+    assert settings("experiment=smoke", "cfg_scale=6").cfg_scale == 6.0
+
+
+def test_smoke_experiment_is_tiny_offline_cpu():
+    cfg = settings("experiment=smoke")
+    assert cfg.model.tiny and cfg.scorer.model == "tiny" and cfg.device == "cpu"
+    assert cfg.shotlist == "demo"
+    assert validate(cfg) == (256, 144)
+
+
+def test_wrong_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException) as info:
+        settings("model.wrong=1")
+    assert "Key 'wrong' not in 'ModelConfig'" in str(info.value.__cause__)
+
+
+def test_a_preset_file_with_a_misspelt_key_fails(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "style" / "mine.yaml").write_text('name: mine\nprompt: "{prompt}"\ncolour: red\n')
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as info:
+            compose("config", overrides=["style=mine"])
+    assert "Key 'colour' not in 'StyleConfig'" in str(info.value)
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises(ConfigCompositionException) as info:
+        settings("steps=many")
+    assert isinstance(info.value.__cause__, ValidationError)
+
+
+@pytest.mark.parametrize(
+    "aspect, base, size",
+    [("16:9", 1024, (1344, 768)), ("1:1", 1024, (1024, 1024)), ("9:16", 1024, (768, 1344)),
+     ("2.39:1", 1024, (1536, 640)), ("4:3", 1024, (1152, 896)), ("16:9", 768, (1008, 576))],
+)  # fmt: skip
+def test_aspect_maps_to_an_sdxl_training_resolution(aspect, base, size):
+    assert resolve_size(aspect, base) == size
+
+
+def test_explicit_width_and_height_win_over_aspect():
+    assert resolve_size("16:9", 1024, 512, 512) == (512, 512)
+    assert resolve_size("16:9", 1024, width=1024) == (1024, 576)
+    assert resolve_size("2:1", 1024, height=512) == (1024, 512)
+
+
+def test_all_bad_numbers_are_reported_together():
+    cfg = settings(
+        "steps=0",
+        "cfg_scale=-1",
+        "width=1001",
+        "takes=0",
+        "batch_size=0",
+        "device=tpu",
+        "aspect=wide",
+    )
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert info.value.problems == [
+        "steps=0: must be at least 1",
+        "cfg_scale=-1.0: must be a number >= 0",
+        "takes=0: must be at least 1",
+        "batch_size=0: must be at least 1",
+        "device=tpu: must be one of auto, cuda, mps, cpu",
+        "width=1001: must be a multiple of 8 and at least 64",
+        "aspect='wide': expected W:H, e.g. 16:9",
+    ]
+
+
+def test_style_without_prompt_placeholder_is_rejected():
+    with pytest.raises(ConfigError, match="lacks \\{prompt\\}"):
+        validate(settings("style.prompt=just words"))

@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+import torch
+
+from keyframes.config import ModelConfig, SamplerConfig
+from keyframes.errors import ConfigError
+from keyframes.generate import GenerationSettings, generate
+from keyframes.models import apply_sampler, check_source, load_pipeline, resolve_placement
+from keyframes.plan import plan_jobs
+from keyframes.shotlist import load_shotlist
+from keyframes.tiny import clip_tokenizers
+
+SAMPLERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+SMALL = GenerationSettings(steps=3, cfg_scale=5.0, width=128, height=72, batch_size=1)
+
+
+def demo_jobs(n=3, takes=1):
+    jobs = plan_jobs(load_shotlist("demo"), "{prompt}", "", "blurry", 1, "derived", takes)
+    return jobs[:n]
+
+
+def pixels(pipe, jobs, settings=SMALL):
+    images = [g.image for batch in generate(pipe, jobs, settings) for g in batch]
+    return [np.asarray(im, dtype=np.int16) for im in images]
+
+
+def test_tokenizer_is_the_real_clip_bpe():
+    for tokenizer in clip_tokenizers():
+        assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+        assert tokenizer.model_max_length == 77
+
+
+def test_tiny_model_has_the_sdxl_wiring(tiny_pipe):
+    from diffusers import StableDiffusionXLPipeline
+
+    assert type(tiny_pipe) is StableDiffusionXLPipeline
+    unet, vae = tiny_pipe.unet.config, tiny_pipe.vae.config
+    assert unet.addition_embed_type == "text_time"
+    assert tiny_pipe.vae_scale_factor == 8 == 2 ** (len(vae.block_out_channels) - 1)
+    width = tiny_pipe.text_encoder.config.hidden_size + tiny_pipe.text_encoder_2.config.hidden_size
+    assert unet.cross_attention_dim == width
+    assert tiny_pipe.tokenizer_2.pad_token == "!"
+
+
+def test_same_seed_gives_the_same_pixels(tiny_pipe):
+    first, second = pixels(tiny_pipe, demo_jobs(2)), pixels(tiny_pipe, demo_jobs(2))
+    assert all((a == b).all() for a, b in zip(first, second, strict=True))
+    assert not (first[0] == first[1]).all()  # different scenes, different seeds
+
+
+def test_batching_does_not_change_the_images(tiny_pipe):
+    jobs = demo_jobs(3, takes=1)
+    single = pixels(tiny_pipe, jobs)
+    batched = pixels(tiny_pipe, jobs, GenerationSettings(**{**SMALL.__dict__, "batch_size": 2}))
+    for a, b in zip(single, batched, strict=True):
+        assert np.abs(a - b).max() <= 2  # float reductions differ in order, not in content
+        assert np.abs(a - b).mean() < 0.05
+
+
+def test_generation_reports_timing_and_no_vram_on_cpu(tiny_pipe):
+    batch = next(
+        generate(tiny_pipe, demo_jobs(2), GenerationSettings(**{**SMALL.__dict__, "batch_size": 2}))
+    )
+    assert len(batch) == 2
+    assert all(g.seconds > 0 and g.vram_peak_gb is None and g.rss_peak_gb > 0.1 for g in batch)
+    assert batch[0].image.size == (128, 72)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_swaps_in_and_generates(tiny_pipe, name):
+    from keyframes.models import load_pipeline  # fresh pipe: the shared one keeps its sampler
+
+    cls, options = SAMPLERS[name]
+    pipe = load_pipeline(ModelConfig(name="tiny", tiny=True), resolve_placement("cpu", "auto"))
+    apply_sampler(pipe, SamplerConfig(name=name, label=name, scheduler=cls, options=options))
+    assert type(pipe.scheduler).__name__ == cls
+    for key, value in options.items():
+        assert pipe.scheduler.config[key] == value
+    # the model's own noise schedule survives the swap
+    assert pipe.scheduler.config.beta_end == 0.012
+    image = pixels(pipe, demo_jobs(1))[0]
+    assert image.shape == (72, 128, 3) and image.std() > 1
+
+
+def test_unknown_scheduler_class_is_refused(tiny_pipe):
+    with pytest.raises(ConfigError, match="not a diffusers scheduler"):
+        apply_sampler(
+            tiny_pipe, SamplerConfig(name="x", label="x", scheduler="StableDiffusionXLPipeline")
+        )
+
+
+def test_saved_tiny_model_loads_from_model_path_with_the_same_images(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "tiny-sdxl")
+    assert list((tmp_path / "tiny-sdxl" / "unet").glob("*.safetensors"))
+    loaded = load_pipeline(
+        ModelConfig(name="local", path=str(tmp_path / "tiny-sdxl"), variant="fp16"),
+        resolve_placement("cpu", "auto"),
+    )
+    apply_sampler(
+        loaded, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
+    )
+    for a, b in zip(pixels(tiny_pipe, demo_jobs(2)), pixels(loaded, demo_jobs(2)), strict=True):
+        assert (a == b).all()
+
+
+def test_pickle_checkpoints_are_refused_before_loading(tmp_path):
+    for suffix in (".ckpt", ".bin", ".pt"):
+        path = tmp_path / f"model{suffix}"
+        path.write_bytes(b"not loaded")
+        with pytest.raises(ConfigError, match="only .safetensors checkpoints are loaded"):
+            check_source(ModelConfig(name="local", path=str(path)))
+
+
+def test_missing_local_path_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        check_source(ModelConfig(name="local", path=str(tmp_path / "absent")))
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device=cuda: no CUDA device"):
+        resolve_placement("cuda", "auto")
+
+
+def test_auto_placement_uses_float32_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    placement = resolve_placement("auto", "auto")
+    assert (placement.device, placement.dtype) == ("cpu", torch.float32)

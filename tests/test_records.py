@@ -1,0 +1,97 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keyframes.config import ScorerConfig
+from keyframes.records import (
+    a1111_parameters,
+    contact_sheet,
+    read_png_metadata,
+    save_png,
+    write_manifest,
+)
+from keyframes.scoring import load_scorer
+
+RECORD = {
+    "prompt": "film still, a harbor",
+    "negative_prompt": "blurry, text",
+    "steps": 30,
+    "sampler_label": "DPM++ 2M Karras",
+    "cfg_scale": 7.0,
+    "seed": 123,
+    "width": 1344,
+    "height": 768,
+    "model": "sdxl_base",
+    "style": "cinematic",
+}
+
+
+def test_parameters_follow_the_automatic1111_layout():
+    assert a1111_parameters(RECORD) == (
+        "film still, a harbor\n"
+        "Negative prompt: blurry, text\n"
+        "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 123, Size: 1344x768, "
+        "Model: sdxl_base, Style: cinematic"
+    )
+    assert "Negative prompt" not in a1111_parameters({**RECORD, "negative_prompt": ""})
+    assert "CFG scale: 5.5," in a1111_parameters({**RECORD, "cfg_scale": 5.5})
+
+
+def test_png_carries_both_metadata_chunks_and_leaves_no_temp_file(tmp_path):
+    image = Image.fromarray(np.full((8, 16, 3), 200, np.uint8))
+    path = tmp_path / "keyframes" / "001_a_t1.png"
+    save_png(image, path, RECORD, {"record": RECORD, "scene": {"id": "a", "mood": "café"}})
+    text = read_png_metadata(path)
+    assert text["parameters"] == a1111_parameters(RECORD)
+    assert json.loads(text["keyframes"])["scene"]["mood"] == "café"
+    assert np.asarray(Image.open(path)).tolist() == np.asarray(image).tolist()
+    assert [p.name for p in path.parent.iterdir()] == ["001_a_t1.png"]
+
+
+def test_manifest_has_run_and_images(tmp_path):
+    path = write_manifest(tmp_path, {"title": "T"}, [{"scene_id": "a"}])
+    assert json.loads(path.read_text()) == {
+        "version": 1,
+        "run": {"title": "T"},
+        "images": [{"scene_id": "a"}],
+    }
+
+
+def test_contact_sheet_is_a_labelled_grid():
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+    images = [Image.new("RGB", (160, 90), c) for c in colours]
+    sheet = contact_sheet(images, [f"scene {i}" for i in range(5)], "Title", thumb_width=160)
+    pad, title_h, label_h = 8, 34, 22
+    assert sheet.width == 4 * (160 + pad) + pad  # four columns
+    assert sheet.height == title_h + 2 * (90 + label_h + pad) + pad  # two rows
+    assert sheet.getpixel((pad + 80, title_h + 45)) == (255, 0, 0)
+    assert sheet.getpixel((pad + 168 + 80, title_h + 45)) == (0, 255, 0)
+    assert sheet.getpixel((pad + 80, title_h + 90 + label_h + pad + 45)) == (0, 255, 255)
+    label_strip = np.asarray(sheet.crop((pad, title_h + 92, pad + 160, title_h + 90 + label_h)))
+    assert label_strip.max() > 150  # the label text is drawn
+
+
+def test_tiny_scorer_scores_in_range_and_flags_truncation():
+    scorer = load_scorer(ScorerConfig(name="tiny", model="tiny"), "cpu")
+    images = [Image.new("RGB", (64, 36), (i * 40, 90, 200)) for i in range(3)]
+    texts = ["a harbor", "a red door", "word " * 90]
+    scores = scorer.score(images, texts)
+    assert all(0 <= s.score <= 100 for s in scores)
+    assert [s.truncated for s in scores] == [False, False, True]
+    again = scorer.score(images, texts)
+    assert [s.score for s in scores] == [s.score for s in again]
+
+
+def test_scorer_none_turns_scoring_off():
+    assert load_scorer(ScorerConfig(name="none"), "cpu") is None
+
+
+def test_real_scorer_refuses_pickle_weights(tmp_path):
+    from keyframes.errors import ModelUnavailableError
+
+    weights = tmp_path / "clip.bin"
+    weights.write_bytes(b"x")
+    with pytest.raises(ModelUnavailableError, match="only .safetensors"):
+        load_scorer(ScorerConfig(name="clip", model="ViT-L-14", pretrained=str(weights)), "cpu")
