@@ -136,9 +136,16 @@ def _unavailable_message(model: ModelConfig, error: Exception) -> str:
     from huggingface_hub import constants
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if model.path:
-        where = f"the local path {model.path}"
-        fix = "Check that it is a diffusers SDXL folder (model_index.json) or a .safetensors file."
+    if model.path and Path(model.path).expanduser().is_file():
+        where = f"the checkpoint file {model.path} and the configs it needs"
+        fix = (
+            "A single-file SDXL checkpoint needs the pipeline's configs: set model.config to "
+            "a local diffusers SDXL folder or a cached hub id "
+            "(stabilityai/stable-diffusion-xl-base-1.0)."
+        )
+    elif model.path:
+        where = f"the local folder {model.path}"
+        fix = "Check that it is a diffusers SDXL pipeline folder (with model_index.json)."
     else:
         where = (
             f"the Hugging Face cache {constants.HF_HUB_CACHE} (set by HF_HOME / HF_HUB_CACHE)"

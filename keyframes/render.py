@@ -95,10 +95,11 @@ def render(ctx: RunContext) -> RenderResult:
     with logging_redirect_tqdm(), tqdm(total=len(ctx.jobs), unit="image", desc="keyframes") as bar:
         for batch in generate(pipe, ctx.jobs, settings):
             for generation, scores in zip(batch, score_batch(scorer, batch), strict=True):
-                record = image_record(ctx, generation, scores, tokens)
+                scene = scenes[generation.job.scene_id]
+                record = image_record(ctx, generation, scores, tokens, scene.extra)
                 provenance = {
                     "record": record,
-                    "scene": asdict(scenes[generation.job.scene_id]),
+                    "scene": asdict(scene),
                     "run": result.manifest_run,
                 }
                 save_png(generation.image, ctx.run_dir / record["file"], record, provenance)
@@ -155,6 +156,7 @@ def image_record(
     g: Generation,
     scores: tuple[TextScore | None, TextScore | None],
     tokens: dict[str, int],
+    scene_extra: dict[str, Any],
 ) -> dict[str, Any]:
     """One manifest entry. The key set is the contract with the next stage: keep it stable."""
     cfg, job = ctx.cfg, g.job
@@ -190,6 +192,7 @@ def image_record(
         "clip_truncated": None
         if asked is None
         else {"description": asked.truncated, "prompt": styled.truncated},
+        "scene_extra": scene_extra,  # fields the shotlist format does not know, passed through
     }
 
 

@@ -141,6 +141,7 @@ def test_shotlist_takes_seed_and_cfg_overrides(run_cli, tmp_path):
         "keyframes/001_door_t1.png", "keyframes/002_sea_t1.png", "keyframes/002_sea_t2.png"
     ]  # fmt: skip
     assert all(r["cfg_scale"] == 6 for r in images)
+    assert images[0]["scene_extra"] == {"director_note": "x"} and images[1]["scene_extra"] == {}
     assert "CFG scale: 6," in Image.open(result.run_dir / images[0]["file"]).text["parameters"]
     _, runs = mlflow_runs(result.store)
     assert runs[0].data.metrics["images"] == 3
@@ -216,6 +217,21 @@ def test_config_errors_keep_hydras_message_and_exit_2(run_cli, override, message
     result = run_cli("experiment=smoke", override)
     assert_nothing_written(result)
     assert message in result.output
+
+
+def test_single_file_checkpoint_without_configs_offline_says_what_to_set(run_cli, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "my-sdxl.safetensors"
+    save_file(
+        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, checkpoint
+    )
+    result = run_cli("model=local", f"model.path={checkpoint}", "scorer=none",
+                     env={"HF_HOME": str(tmp_path / "empty-hf-home")})  # fmt: skip
+    assert_nothing_written(result)
+    assert f"error: model local ({checkpoint}) is not available." in result.stderr
+    assert "set model.config to a local diffusers SDXL folder" in result.stderr
 
 
 def test_missing_sdxl_weights_stop_with_instructions(run_cli, tmp_path):
