@@ -17,7 +17,7 @@ from keyframes.errors import ConfigError
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SEED_MODES = ("derived", "fixed")
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 
 
 @dataclass

@@ -67,7 +67,7 @@ def check_source(model: ModelConfig) -> None:
 
 def load_pipeline(model: ModelConfig, placement: Placement):
     """Return a StableDiffusionXLPipeline on the chosen device, progress bars off."""
-    check_source(model)
+    check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
     if model.tiny:
         from keyframes.tiny import build_tiny_pipeline
 

@@ -6,10 +6,9 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from keyframes.config import MAX_SEED
 from keyframes.prompts import apply_style, combine_negatives, scene_prompt
 from keyframes.shotlist import Shotlist
-
-SEED_RANGE = 2**32
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def plan_jobs(
                     scene_index=scene_index,
                     scene_id=scene.id,
                     take=take,
-                    seed=(seed + take - 1) % SEED_RANGE,
+                    seed=(seed + take - 1) % (MAX_SEED + 1),
                     description=scene.description,
                     scene_prompt=base,
                     prompt=prompt,

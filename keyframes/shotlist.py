@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyframes.config import MAX_SEED
 from keyframes.errors import ShotlistError
 
 DEMO = Path(__file__).parent / "data" / "demo_shotlist.json"
@@ -26,7 +27,6 @@ SCENE_TEXT_FIELDS = (
 )
 SCENE_FIELDS = {"id", "description", "characters", "seed", "takes", *SCENE_TEXT_FIELDS}
 TOP_FIELDS = {"title", "characters", "scenes"}
-MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
