@@ -25,3 +25,7 @@ class ConfigError(KeyframesError):
 
 class ModelUnavailableError(KeyframesError):
     """Weights could not be found locally or downloaded."""
+
+
+class TrackingError(KeyframesError):
+    """The tracking store cannot be read or holds no such experiment or run."""

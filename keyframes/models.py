@@ -3,10 +3,12 @@ or the tiny random-weight model. Weights load from safetensors only."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -176,11 +178,47 @@ def _unavailable_message(model: ModelConfig, error: Exception) -> str:
     )
 
 
-def apply_sampler(pipe, sampler: SamplerConfig) -> None:
-    """Swap the scheduler, keeping the model's own noise schedule (cheap: no weights)."""
+def apply_sampler(pipe, sampler: SamplerConfig, base_config=None) -> None:
+    """Swap the scheduler, keeping the model's own noise schedule (cheap: no weights).
+
+    base_config is the model's original scheduler config. A reused pipeline must start from it:
+    built from the previous job's scheduler, `euler` after `dpmpp_2m_karras` would inherit
+    use_karras_sigmas=True and make different images than `euler` alone."""
     import diffusers
 
     cls = getattr(diffusers, sampler.scheduler, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise ConfigError(f"sampler.scheduler={sampler.scheduler}: not a diffusers scheduler class")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **sampler.options)
+    pipe.scheduler = cls.from_config(base_config or pipe.scheduler.config, **sampler.options)
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: Any
+    scheduler_config: Any  # the model's own scheduler config, before any sampler swap
+    key: tuple
+
+
+# One pipeline per process, reused by every job (of a sweep) with the same model settings.
+# Only one: two SDXL pipelines do not fit a 24 GB card.
+_loaded: LoadedPipeline | None = None
+
+
+def cached_pipeline(model: ModelConfig, placement: Placement) -> tuple[LoadedPipeline, bool]:
+    """(pipeline, cache hit?). A different model or placement replaces the cached one."""
+    global _loaded
+    key = (tuple(sorted(asdict(model).items())), placement)
+    if _loaded is not None and _loaded.key == key:
+        return _loaded, True
+    release_pipeline()
+    pipe = load_pipeline(model, placement)
+    _loaded = LoadedPipeline(pipe, pipe.scheduler.config, key)
+    return _loaded, False
+
+
+def release_pipeline() -> None:
+    global _loaded
+    _loaded = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ def save_png(image: Image.Image, path: Path, record: dict[str, Any], provenance:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(record))
     info.add_text("keyframes", json.dumps(provenance, ensure_ascii=False, sort_keys=True))
-    _atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_metadata(path: Path) -> dict[str, str]:
@@ -54,11 +54,11 @@ def write_manifest(run_dir: Path, run: dict[str, Any], images: list[dict[str, An
     path = run_dir / "manifest.json"
     doc = {"version": MANIFEST_VERSION, "run": run, "images": images}
     text = json.dumps(doc, indent=2, ensure_ascii=False)
-    _atomic(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
     return path
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -80,30 +80,33 @@ def contact_sheet(
         (24, 24, 24),
     )
     draw = ImageDraw.Draw(sheet)
-    font = _font(14)
-    draw.text((pad, 8), title, fill=(240, 240, 240), font=_font(18))
+    font = load_font(14)
+    draw.text((pad, 8), title, fill=(240, 240, 240), font=load_font(18))
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         x = pad + (i % columns) * (tw + pad)
         y = title_h + (i // columns) * (th + label_h + pad)
         sheet.paste(image.convert("RGB").resize((tw, th), Image.Resampling.LANCZOS), (x, y))
         draw.text(
-            (x + 2, y + th + 3), _fit(draw, label, font, tw - 4), fill=(220, 220, 220), font=font
+            (x + 2, y + th + 3),
+            fit_text(draw, label, font, tw - 4),
+            fill=(220, 220, 220),
+            font=font,
         )
     return sheet
 
 
 def save_contact_sheet(sheet: Image.Image, path: Path) -> None:
-    _atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
-def _font(size: int):
+def load_font(size: int):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow built without FreeType: fixed-size bitmap font
         return ImageFont.load_default()
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     while text and draw.textlength(text, font=font) > width:
         text = text[:-2] + "…"
     return text

@@ -22,13 +22,13 @@ from keyframes.generate import Generation, GenerationSettings, generate
 from keyframes.models import (
     Placement,
     apply_sampler,
+    cached_pipeline,
     describe_source,
-    load_pipeline,
     prompt_tokens,
 )
 from keyframes.plan import ImageJob
 from keyframes.records import contact_sheet, save_contact_sheet, save_png, write_manifest
-from keyframes.scoring import ClipScorer, TextScore, load_scorer
+from keyframes.scoring import ClipScorer, TextScore, cached_scorer
 from keyframes.shotlist import Shotlist
 
 log = logging.getLogger("keyframes")
@@ -66,17 +66,22 @@ class RenderResult:
 def render(ctx: RunContext) -> RenderResult:
     cfg = ctx.cfg
     start = time.perf_counter()
-    log.info("loading model %s (%s)", cfg.model.name, describe_source(cfg.model))
-    pipe = load_pipeline(cfg.model, ctx.placement)
-    apply_sampler(pipe, cfg.sampler)
+    loaded, hit = cached_pipeline(cfg.model, ctx.placement)
+    pipe = loaded.pipe
+    apply_sampler(pipe, cfg.sampler, loaded.scheduler_config)
     model_load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    scorer = load_scorer(cfg.scorer, ctx.placement.device)
+    scorer = cached_scorer(cfg.scorer, ctx.placement.device)
     scorer_load_seconds = time.perf_counter() - start
-    log.info("model loaded in %.1f s, scorer in %.1f s", model_load_seconds, scorer_load_seconds)
+    log.info(
+        "model %s (%s) %s in %.1f s, scorer in %.1f s",
+        cfg.model.name, describe_source(cfg.model), "reused" if hit else "loaded",
+        model_load_seconds, scorer_load_seconds,
+    )  # fmt: skip
 
     result = RenderResult(ctx.run_dir, manifest_run=run_info(ctx, scorer))
+    result.manifest_run["pipeline_cache"] = "hit" if hit else "miss"
     result.manifest_run["timings"] = {
         "model_load_seconds": round(model_load_seconds, 3),
         "scorer_load_seconds": round(scorer_load_seconds, 3),

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from keyframes.config import Config, validate
@@ -41,6 +44,15 @@ PACKAGES = (
     "hydra-core",
 )
 _task_started = False  # tells a config error (exit 2) from a crash inside the run (exit 1)
+SWEEP_FILE = "sweep.json"  # in a sweep's directory: the parent run its jobs nest under
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    parent_run_id: str
+    experiment: str
+    sweep_dir: str
+    job_num: int
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -51,15 +63,27 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     settings: Config = OmegaConf.to_object(cfg)
+    sweep = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        info = json.loads((Path(hydra_cfg.sweep.dir) / SWEEP_FILE).read_text())
+        sweep = SweepJob(
+            info["parent_run_id"], info["experiment"], hydra_cfg.sweep.dir, hydra_cfg.job.num
+        )
     try:
-        return run(settings, run_dir, resolved, list(hydra_cfg.overrides.task))
+        return run(settings, run_dir, resolved, list(hydra_cfg.overrides.task), sweep)
     except KeyframesError as e:
         _remove_if_untouched(run_dir, {".hydra", f"{hydra_cfg.job.name}.log", "config.yaml"})
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def run(cfg: Config, run_dir: Path, resolved: dict[str, Any], overrides: list[str]) -> float | None:
+def run(
+    cfg: Config,
+    run_dir: Path,
+    resolved: dict[str, Any],
+    overrides: list[str],
+    sweep: SweepJob | None = None,
+) -> float | None:
     """Everything a job does, given typed settings and its output directory."""
     from keyframes.plan import plan_jobs
     from keyframes.shotlist import load_shotlist
@@ -109,10 +133,10 @@ def run(cfg: Config, run_dir: Path, resolved: dict[str, Any], overrides: list[st
     )
     _write_resolved_config(run_dir, resolved)
     result = render(context)
-    return _track(context, result, resolved)
+    return _track(context, result, resolved, sweep)
 
 
-def _track(ctx, result, resolved: dict[str, Any]) -> float | None:
+def _track(ctx, result, resolved: dict[str, Any], sweep: SweepJob | None) -> float | None:
     """Mirror the finished run directory into MLflow, then note the run id in the manifest."""
     from keyframes.tracking import RunRecord, log_run
 
@@ -128,14 +152,22 @@ def _track(ctx, result, resolved: dict[str, Any]) -> float | None:
         "keyframes.shotlist": ctx.shotlist.path,
         "keyframes.run_dir": str(ctx.run_dir.resolve()),
         "keyframes.config_hash": ctx.config_hash,
+        "keyframes.overrides": json.dumps(ctx.overrides),
+        "pipeline_cache": result.manifest_run["pipeline_cache"],
         **{f"version.{name}": v for name, v in ctx.versions.items()},
     }
+    run_name = f"{cfg.style.name}-{cfg.sampler.name}-{cfg.steps}steps-cfg{cfg.cfg_scale:g}"
+    if sweep:
+        tags["keyframes.sweep_dir"] = str(Path(sweep.sweep_dir).resolve())
+        tags["keyframes.job_num"] = str(sweep.job_num)
+        run_name = f"#{sweep.job_num} {run_name}"
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
     per_image = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_peak_gb")
     record = RunRecord(
-        experiment=cfg.mlflow.experiment_name or ctx.shotlist.title,
-        run_name=f"{cfg.style.name}-{cfg.sampler.name}-{cfg.steps}steps-cfg{cfg.cfg_scale:g}",
+        # a sweep's jobs join their parent's experiment, so the UI can nest them
+        experiment=sweep.experiment if sweep else cfg.mlflow.experiment_name or ctx.shotlist.title,
+        run_name=run_name,
         params=flatten(resolved),
         tags=tags,
         image_metrics=[{k: r[k] for k in per_image if r[k] is not None} for r in result.images],
@@ -149,6 +181,7 @@ def _track(ctx, result, resolved: dict[str, Any]) -> float | None:
         ],
         start_ms=int(ctx.started * 1000),
         end_ms=int(time.time() * 1000),
+        parent_run_id=sweep.parent_run_id if sweep else None,
     )
     run_id = log_run(cfg.mlflow, record)
     result.manifest_run["mlflow"] = {
@@ -218,8 +251,108 @@ def _remove_if_untouched(run_dir: Path, bookkeeping: set[str]) -> None:
     shutil.rmtree(run_dir)
 
 
+class SweepCallback(Callback):
+    """Around a multirun (`-m`): a parent MLflow run before the first job; the X/Y grids, the
+    summary table, plots and best-job tags on it after the last. Named in conf/config.yaml."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            begin_sweep(config)
+        except KeyframesError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        end_sweep(config)
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+
+
+def begin_sweep(config: DictConfig) -> None:
+    from keyframes.shotlist import load_shotlist
+    from keyframes.tracking import start_parent_run
+
+    tracking = OmegaConf.to_object(config.mlflow)
+    experiment = tracking.experiment_name or load_shotlist(config.shotlist).title
+    sweep_dir = Path(config.hydra.sweep.dir)
+    keys = swept_keys(list(config.hydra.overrides.task))
+    parent = start_parent_run(
+        tracking,
+        experiment,
+        run_name=f"sweep {sweep_dir.name}: {' x '.join(keys) or 'one job'}",
+        tags={
+            "keyframes.sweep_dir": str(sweep_dir.resolve()),
+            "keyframes.swept_keys": ",".join(keys),
+            "keyframes.overrides": json.dumps(list(config.hydra.overrides.task)),
+        },
+    )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    info = {"parent_run_id": parent, "experiment": experiment, "swept_keys": keys}
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("sweep over %s: MLflow parent run %s in %r", keys, parent, experiment)
+
+
+def end_sweep(config: DictConfig) -> None:
+    from keyframes.report import build_report
+    from keyframes.sweep import describe, job_from_manifest
+    from keyframes.tracking import finish_parent_run
+
+    sweep_dir = Path(config.hydra.sweep.dir)
+    info = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    manifests = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
+    jobs = [job_from_manifest(path) for path in manifests]
+    summary_dir = sweep_dir / "summary"
+    report = build_report(jobs, summary_dir)
+    log.info("sweep summary (%s):\n%s", summary_dir, report.text)
+    tags = {}
+    if report.best:
+        tags |= {"best_job": describe(report.best, report.keys), "best_run_id": report.best.run_id}
+        log.info("best by CLIP score: %s", tags["best_job"])
+    if report.fastest:
+        tags |= {
+            "fastest_good_job": describe(report.fastest, report.keys),
+            "fastest_good_run_id": report.fastest.run_id,
+        }
+        log.info("fastest within 1 CLIP point of the best: %s", tags["fastest_good_job"])
+    columns = {
+        name: [_number_or_text(row[i]) for row in report.rows]
+        for i, name in enumerate(report.header)
+    }
+    finish_parent_run(
+        OmegaConf.to_object(config.mlflow),
+        info["parent_run_id"],
+        tags={k: v for k, v in tags.items() if v},
+        metrics={"jobs": len(jobs)},
+        table=columns,
+        artifacts=[
+            (summary_dir / "summary.csv", None),
+            (summary_dir / "grids", "grids"),
+            (summary_dir / "plots", "plots"),
+        ],
+    )
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (1 << 30, name)
+
+
+def _number_or_text(cell: str) -> float | str:
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
 def cli() -> None:
     """Hydra exits 1 on a config it cannot compose; that is bad input, so exit 2 instead."""
+    # Hydra's parser wants flags before the overrides; let `experiment=smoke -m steps=2,3` work.
+    flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
+    sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in flags]
     try:
         main()
     except SystemExit as e:

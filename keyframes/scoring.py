@@ -50,6 +50,19 @@ class ClipScorer:
         return [TextScore(float(c), self.truncated(t)) for c, t in zip(cosines, texts, strict=True)]
 
 
+_cached: tuple[tuple, ClipScorer | None] | None = None
+
+
+def cached_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
+    """Load once per process; jobs of a sweep with the same scorer settings share it."""
+    global _cached
+    key = (cfg.name, cfg.model, cfg.pretrained, device)
+    if _cached is None or _cached[0] != key:
+        _cached = None  # drop the old one before loading the next
+        _cached = (key, load_scorer(cfg, device))
+    return _cached[1]
+
+
 def load_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
     """None where scoring is off (scorer=none)."""
     import open_clip

@@ -4,16 +4,20 @@ anything back into generation."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyframes.config import TrackingConfig
+from keyframes.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch call
+PARENT_TAG = "mlflow.parentRunId"  # what nests a run under another in the MLflow UI
+SWEEP_TAG = "keyframes.sweep"  # marks a sweep's parent run
 
 
 @dataclass
@@ -29,14 +33,7 @@ class RunRecord:
     artifacts: list[tuple[Path, str | None]] = field(default_factory=list)  # (local, artifact dir)
     start_ms: int = 0
     end_ms: int = 0
-
-
-def tracking_uri(cfg: TrackingConfig) -> str:
-    """Make a local SQLite store's folder exist; leave server URIs alone."""
-    uri = cfg.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    parent_run_id: str | None = None  # set for the jobs of a sweep
 
 
 def _artifact_location(cfg: TrackingConfig) -> str | None:
@@ -51,18 +48,16 @@ def _artifact_location(cfg: TrackingConfig) -> str | None:
 def log_run(cfg: TrackingConfig, record: RunRecord) -> str:
     """Create one finished MLflow run from the record; returns its run id."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # store migrations are not news
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(record.experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(record.experiment, artifact_location=_artifact_location(cfg))
-    )
+    client = _client(cfg.tracking_uri)
+    tags = dict(record.tags)
+    if record.parent_run_id:
+        tags[PARENT_TAG] = record.parent_run_id
     run = client.create_run(
-        experiment_id, start_time=record.start_ms, tags=record.tags, run_name=record.run_name
+        _experiment_id(client, cfg, record.experiment),
+        start_time=record.start_ms,
+        tags=tags,
+        run_name=record.run_name,
     )
     run_id = run.info.run_id
     try:
@@ -78,13 +73,130 @@ def log_run(cfg: TrackingConfig, record: RunRecord) -> str:
         metrics += [Metric(key, float(value), now, 0) for key, value in record.summary.items()]
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i : i + 1000])
-        for local, artifact_dir in record.artifacts:
-            if local.is_dir():
-                client.log_artifacts(run_id, str(local), artifact_dir)
-            elif local.exists():
-                client.log_artifact(run_id, str(local), artifact_dir)
+        _log_artifacts(client, run_id, record.artifacts)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED", end_time=record.end_ms or None)
     return run_id
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # store migrations are not news
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, cfg: TrackingConfig, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_location(cfg))
+
+
+def _log_artifacts(client, run_id: str, artifacts: list[tuple[Path, str | None]]) -> None:
+    for local, artifact_dir in artifacts:
+        if local.is_dir():
+            client.log_artifacts(run_id, str(local), artifact_dir)
+        elif local.exists():
+            client.log_artifact(run_id, str(local), artifact_dir)
+
+
+def start_parent_run(
+    cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str]
+) -> str:
+    """The run a sweep's jobs nest under; it stays RUNNING until finish_parent_run."""
+    client = _client(cfg.tracking_uri)
+    run = client.create_run(
+        _experiment_id(client, cfg, experiment), tags={SWEEP_TAG: "true", **tags}, run_name=run_name
+    )
+    return run.info.run_id
+
+
+def finish_parent_run(
+    cfg: TrackingConfig,
+    run_id: str,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    table: dict[str, list] | None,
+    artifacts: list[tuple[Path, str | None]],
+    status: str = "FINISHED",
+) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(cfg.tracking_uri)
+    now = int(time.time() * 1000)
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), BATCH):
+        client.log_batch(run_id, tags=items[i : i + BATCH])
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    if table:
+        client.log_table(run_id, data=table, artifact_file="summary_table.json")
+    _log_artifacts(client, run_id, artifacts)
+    client.set_terminated(run_id, status=status)
+
+
+@dataclass
+class StoredRun:
+    run_id: str
+    name: str
+    experiment: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def find_runs(uri: str, experiment: str | None = None, parent: str | None = None):
+    """(what was selected, runs). parent: that sweep's jobs; experiment alone: every job run in
+    it (sweep parents left out); neither: the jobs of the newest sweep in the store."""
+    client = _client(uri)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    if experiment is not None:
+        ids = [i for i, name in experiments.items() if name == experiment]
+        if not ids:
+            known = ", ".join(sorted(experiments.values())) or "none"
+            raise TrackingError(f"no experiment named {experiment!r} in {uri} (there are: {known})")
+    else:
+        ids = list(experiments)
+    if parent is None and experiment is None:
+        sweeps = client.search_runs(
+            ids, f"tags.`{SWEEP_TAG}` = 'true'", order_by=["start_time DESC"], max_results=1
+        )
+        if not sweeps:
+            raise TrackingError(f"no sweep in {uri}; name one with --parent or --experiment")
+        parent = sweeps[0].info.run_id
+    if parent is not None:
+        try:
+            parent_run = client.get_run(parent)
+        except Exception as e:  # noqa: BLE001 - MlflowException for unknown ids, by store
+            raise TrackingError(f"no run {parent} in {uri}") from e
+        runs = client.search_runs(
+            [parent_run.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}'", max_results=50000
+        )
+        label = f"sweep {parent} ({parent_run.info.run_name})"
+    else:
+        runs = client.search_runs(ids, max_results=50000)
+        runs = [r for r in runs if r.data.tags.get(SWEEP_TAG) != "true"]
+        label = f"experiment {experiment!r}"
+    return label, [
+        StoredRun(
+            run_id=r.info.run_id,
+            name=r.info.run_name or r.info.run_id[:8],
+            experiment=experiments.get(r.info.experiment_id, r.info.experiment_id),
+            params=r.data.params,
+            metrics=r.data.metrics,
+            tags=r.data.tags,
+        )
+        for r in sorted(runs, key=lambda r: r.info.start_time or 0)
+    ]
+
+
+def download_artifacts(uri: str, run_id: str, path: str, dst: Path) -> Path:
+    from mlflow.artifacts import download_artifacts as download
+
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(download(run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=uri))

@@ -80,3 +80,32 @@ def tiny_pipe():
 
 def read_manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "manifest.json").read_text())
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    store: Path
+    output: str
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.store}"
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """The 2x2 smoke sweep of the README, run once for every test that reads it."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    sweep_dir, store = tmp / "sweep", tmp / "store" / "mlflow.db"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "keyframes.run", "experiment=smoke", "-m",
+            "steps=2,3", "cfg_scale=1.5,3",
+            f"hydra.sweep.dir={sweep_dir}", f"mlflow.tracking_uri=sqlite:///{store}",
+        ],
+        cwd=tmp, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SweepResult(sweep_dir, store, proc.stdout + proc.stderr)

@@ -135,3 +135,38 @@ def test_auto_placement_uses_float32_on_cpu():
         pytest.skip("this machine has CUDA")
     placement = resolve_placement("auto", "auto")
     assert (placement.device, placement.dtype) == ("cpu", torch.float32)
+
+
+def test_cached_pipeline_is_reused_until_the_model_changes():
+    from keyframes.models import cached_pipeline, release_pipeline
+
+    placement = resolve_placement("cpu", "auto")
+    first, hit = cached_pipeline(ModelConfig(name="tiny", tiny=True), placement)
+    again, hit_again = cached_pipeline(ModelConfig(name="tiny", tiny=True), placement)
+    assert (hit, hit_again) == (False, True) and again.pipe is first.pipe
+    other, hit_other = cached_pipeline(ModelConfig(name="tiny2", tiny=True), placement)
+    assert hit_other is False and other.pipe is not first.pipe
+    release_pipeline()
+
+
+def test_sampler_swaps_on_a_reused_pipeline_do_not_leak_options():
+    """euler after dpmpp_2m_karras must be plain euler, as in a fresh process."""
+    from keyframes.models import cached_pipeline, release_pipeline
+
+    euler = SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
+    karras = SamplerConfig(
+        name="k",
+        label="k",
+        scheduler="DPMSolverMultistepScheduler",
+        options={"use_karras_sigmas": True},
+    )
+    placement = resolve_placement("cpu", "auto")
+    release_pipeline()
+    loaded, _ = cached_pipeline(ModelConfig(name="tiny", tiny=True), placement)
+    apply_sampler(loaded.pipe, euler, loaded.scheduler_config)
+    fresh = pixels(loaded.pipe, demo_jobs(1))[0]
+    apply_sampler(loaded.pipe, karras, loaded.scheduler_config)
+    apply_sampler(loaded.pipe, euler, loaded.scheduler_config)
+    assert loaded.pipe.scheduler.config.use_karras_sigmas is False
+    assert (pixels(loaded.pipe, demo_jobs(1))[0] == fresh).all()
+    release_pipeline()

@@ -1,0 +1,162 @@
+"""Compare jobs: which settings varied, the summary table, the best and the fastest good job.
+
+Pure functions over JobResults, which come either from a sweep directory on disk or from the
+tracking store (keyframes.compare); nothing here knows where.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TABLE_METRICS = ("clip_score_mean", "seconds_per_image_mean", "vram_peak_gb_max")
+HIGHER_IS_BETTER = ("clip_score",)  # metric name prefixes to sort descending
+GOOD_ENOUGH_POINTS = 1.0  # "fastest good job": within this many CLIP points of the best
+
+
+@dataclass
+class JobResult:
+    name: str  # job number in a sweep, or the run name
+    overrides: dict[str, str]  # key -> value from the job's command line
+    metrics: dict[str, float]
+    run_id: str | None = None
+    scenes: list[str] = field(default_factory=list)  # scene ids in shotlist order
+    keyframes: dict[str, Path] = field(default_factory=dict)  # scene id -> first take's PNG
+    scores: dict[str, float] = field(default_factory=dict)  # scene id -> that PNG's CLIP score
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """['steps=20', '+foo=1', 'hydra.x=y'] -> {'steps': '20', 'foo': '1'}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if sep and not key.startswith("hydra."):
+            out[key] = value
+    return out
+
+
+def job_from_manifest(manifest_path: Path, name: str | None = None) -> JobResult:
+    """A job as its run directory records it (name: the directory's, e.g. the job number)."""
+    manifest = json.loads(manifest_path.read_text())
+    run, images = manifest["run"], manifest["images"]
+    job = JobResult(
+        name=name or manifest_path.parent.name,
+        overrides=parse_overrides(run.get("overrides", [])),
+        metrics=run.get("summary", {}),
+        run_id=(run.get("mlflow") or {}).get("run_id"),
+    )
+    for record in images:
+        scene = record["scene_id"]
+        if scene not in job.keyframes:  # the first take stands for the scene
+            job.scenes.append(scene)
+            job.keyframes[scene] = manifest_path.parent / record["file"]
+            if record.get("clip_score") is not None:
+                job.scores[scene] = record["clip_score"]
+    return job
+
+
+def varying_keys(jobs: list[JobResult]) -> list[str]:
+    """Override keys whose value is not the same in every job, in first-seen order."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+    return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
+
+
+def sort_values(values) -> list[str]:
+    """Numbers in numeric order, then everything else alphabetically."""
+
+    def key(v: str):
+        number = as_number(v)
+        return (0, number, "") if number is not None else (1, 0.0, str(v))
+
+    return sorted(set(values), key=key)
+
+
+def as_number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def grid_axes(jobs: list[JobResult], keys: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(column key, row key, folded keys): the two keys with the most values span the grid,
+    each combination of the others gets grids of its own."""
+    ranked = sorted(keys, key=lambda k: -len({job.overrides.get(k) for job in jobs}))
+    columns = ranked[0] if ranked else None
+    rows = ranked[1] if len(ranked) > 1 else None
+    return columns, rows, ranked[2:]
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric.startswith(HIGHER_IS_BETTER)
+
+
+def ranked(jobs: list[JobResult], metric: str) -> list[JobResult]:
+    """Best first by metric; jobs without the metric last."""
+    sign = -1 if higher_is_better(metric) else 1
+    with_metric = [j for j in jobs if j.metrics.get(metric) is not None]
+    without = [j for j in jobs if j.metrics.get(metric) is None]
+    return sorted(with_metric, key=lambda j: sign * j.metrics[metric]) + without
+
+
+def best_and_fastest(
+    jobs: list[JobResult],
+    metric: str = "clip_score_mean",
+    speed: str = "seconds_per_image_mean",
+) -> tuple[JobResult | None, JobResult | None]:
+    """The best job by metric, and the fastest job within GOOD_ENOUGH_POINTS of it."""
+    scored = [j for j in jobs if j.metrics.get(metric) is not None]
+    if not scored:
+        return None, None
+    best = ranked(scored, metric)[0]
+    good = [
+        j for j in scored if abs(j.metrics[metric] - best.metrics[metric]) <= GOOD_ENOUGH_POINTS
+    ]
+    good = [j for j in good if j.metrics.get(speed) is not None] or [best]
+    fastest = min(good, key=lambda j: j.metrics.get(speed, float("inf")))
+    return best, fastest
+
+
+def describe(job: JobResult, keys: list[str]) -> str:
+    return " ".join(f"{k}={job.overrides.get(k, '-')}" for k in keys) or job.name
+
+
+def table(jobs: list[JobResult], metric: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) sorted best first: job, the varying keys, the comparison metrics."""
+    keys = varying_keys(jobs)
+    metrics = list(TABLE_METRICS) + ([metric] if metric not in TABLE_METRICS else [])
+    header = ["job", *keys, *metrics, "run_id"]
+    rows = [
+        [
+            job.name,
+            *(job.overrides.get(k, "") for k in keys),
+            *(_cell(job.metrics.get(m)) for m in metrics),
+            job.run_id or "",
+        ]
+        for job in ranked(jobs, metric)
+    ]
+    return header, rows
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned columns: all-number columns to the right, the rest to the left."""
+    columns = list(zip(header, *rows, strict=True))
+    widths = [max(len(str(x)) for x in column) for column in columns]
+    numeric = [all(c == "" or as_number(c) is not None for c in column[1:]) for column in columns]
+
+    def line(cells, align=True):
+        out = [
+            str(c).rjust(w) if align and right else str(c).ljust(w)
+            for c, w, right in zip(cells, widths, numeric, strict=True)
+        ]
+        return "  ".join(out).rstrip()
+
+    rule = ["-" * w for w in widths]
+    return "\n".join([line(header, False), line(rule, False), *map(line, rows)])

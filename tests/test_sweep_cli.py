@@ -1,0 +1,135 @@
+"""The README's 2x2 smoke sweep, end to end: MLflow parent/child runs, one model load, the
+grids, table and plots on the parent, and keyframes.compare over the same store."""
+
+import csv
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from keyframes.report import CELL_WIDTH
+
+
+def runs_of(sweep):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=sweep.uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids)
+    parents = [r for r in runs if r.data.tags.get("keyframes.sweep") == "true"]
+    children = sorted(
+        (r for r in runs if "mlflow.parentRunId" in r.data.tags),
+        key=lambda r: int(r.data.tags["keyframes.job_num"]),
+    )
+    return client, parents, children
+
+
+def compare(sweep, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "keyframes.compare", "--tracking-uri", sweep.uri, *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_sweep_logs_one_parent_with_four_nested_children(smoke_sweep):
+    _, parents, children = runs_of(smoke_sweep)
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.experiment_id == parent.info.experiment_id for c in children)
+    assert parent.data.tags["keyframes.swept_keys"] == "steps,cfg_scale"
+    assert parent.data.tags["keyframes.sweep_dir"] == str(smoke_sweep.sweep_dir.resolve())
+    combos = {(c.data.params["steps"], c.data.params["cfg_scale"]) for c in children}
+    assert combos == {("2", "1.5"), ("2", "3.0"), ("3", "1.5"), ("3", "3.0")}
+    assert parent.data.metrics["jobs"] == 4
+
+
+def test_sweep_loads_the_model_once(smoke_sweep):
+    _, _, children = runs_of(smoke_sweep)
+    assert [c.data.tags["pipeline_cache"] for c in children] == ["miss", "hit", "hit", "hit"]
+    loads = [c.data.metrics["model_load_seconds"] for c in children]
+    assert loads[0] > 1.0  # building the tiny model
+    assert all(seconds < 0.5 for seconds in loads[1:])  # reused: only the scheduler swap
+
+
+def test_sweep_parent_holds_grids_table_plots_and_best_job(smoke_sweep):
+    client, [parent], children = runs_of(smoke_sweep)
+    run_id = parent.info.run_id
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"grids", "plots", "summary.csv", "summary_table.json"} <= top
+    grids = {a.path for a in client.list_artifacts(run_id, "grids")}
+    assert len(grids) == 7 and "grids/opening.png" in grids
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
+        "plots/steps.png",
+        "plots/cfg_scale.png",
+    }
+    child_ids = {c.info.run_id for c in children}
+    tags = parent.data.tags
+    assert tags["best_run_id"] in child_ids and tags["fastest_good_run_id"] in child_ids
+    best = next(c for c in children if c.info.run_id == tags["best_run_id"])
+    assert best.data.metrics["clip_score_mean"] == max(
+        c.data.metrics["clip_score_mean"] for c in children
+    )
+    best_overrides = json.loads(best.data.tags["keyframes.overrides"])
+    assert tags["best_job"] == " ".join(
+        o for o in best_overrides if o.startswith(("steps=", "cfg_scale="))
+    )
+
+
+def test_sweep_summary_files_on_disk(smoke_sweep):
+    summary = smoke_sweep.sweep_dir / "summary"
+    rows = list(csv.reader(open(summary / "summary.csv")))
+    assert rows[0][:3] == ["job", "steps", "cfg_scale"] and len(rows) == 5
+    clip = [float(r[3]) for r in rows[1:]]
+    assert clip == sorted(clip, reverse=True)
+    grid = Image.open(summary / "grids" / "opening.png")
+    cell_height = round(CELL_WIDTH * 144 / 256)
+    assert grid.size == (150 + 2 * (CELL_WIDTH + 6) + 6, 28 + 20 + 2 * (cell_height + 20 + 6) + 6)
+    table = json.loads((smoke_sweep.sweep_dir / "sweep.json").read_text())
+    assert table["swept_keys"] == ["steps", "cfg_scale"]
+
+
+def test_compare_prints_the_newest_sweep_sorted_by_clip_score(smoke_sweep):
+    result = compare(smoke_sweep)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("sweep ") and "4 runs, best first by clip_score_mean" in lines[0]
+    header = lines[2].split()
+    assert header[:4] == ["job", "steps", "cfg_scale", "clip_score_mean"]
+    rows = [line.split() for line in lines[4:8]]
+    clip = [float(r[3]) for r in rows]
+    assert clip == sorted(clip, reverse=True)
+    assert {(r[1], r[2]) for r in rows} == {("2", "1.5"), ("2", "3"), ("3", "1.5"), ("3", "3")}
+    assert any(line.startswith("best by clip_score_mean: steps=") for line in lines)
+    assert any(line.startswith("fastest within 1 point of the best: ") for line in lines)
+
+
+def test_compare_by_parent_and_metric_and_rewrites_the_pictures(smoke_sweep, tmp_path):
+    _, [parent], _ = runs_of(smoke_sweep)
+    out = tmp_path / "again"
+    result = compare(
+        smoke_sweep,
+        "--parent",
+        parent.info.run_id,
+        "--metric",
+        "seconds_per_image_mean",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    seconds = [float(line.split()[4]) for line in lines[4:8]]
+    assert seconds == sorted(seconds)
+    assert len(list((out / "grids").glob("*.png"))) == 7
+    assert (out / "plots" / "steps.png").is_file() and (out / "summary.csv").is_file()
+
+
+def test_compare_unknown_experiment_is_a_clear_error(smoke_sweep):
+    result = compare(smoke_sweep, "--experiment", "nope")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: no experiment named 'nope' in {smoke_sweep.uri} (there are: Default, smoke)"
+    )
