@@ -17,6 +17,7 @@ from keyframes.errors import ConfigError
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SEED_MODES = ("derived", "fixed")
+OBJECTIVES = ("clip_score_mean", "clip_score_per_second")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 
 
@@ -83,6 +84,7 @@ class Config:
     seed_mode: str = MISSING  # derived: per scene from seed + scene id; fixed: same seed for all
     takes: int = MISSING  # images per scene (a scene's own "takes" wins)
     batch_size: int = MISSING  # images per pipeline call, across scenes and takes
+    objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
     device: str = MISSING
     aspect: str = MISSING  # W:H, mapped to an SDXL training resolution
     width: int | None = None  # explicit size wins over aspect
@@ -158,6 +160,7 @@ def validate(cfg: Config) -> tuple[int, int]:
     for key, value, allowed in (
         ("device", cfg.device, DEVICES),
         ("seed_mode", cfg.seed_mode, SEED_MODES),
+        ("objective", cfg.objective, OBJECTIVES),
         ("model.dtype", cfg.model.dtype, DTYPES),
     ):
         if value not in allowed:

@@ -233,11 +233,14 @@ def summarize(images: list[dict[str, Any]], model_load_seconds: float, total: fl
         return sum(values) / len(values) if values else None
 
     vram = [r["vram_peak_gb"] for r in images if r["vram_peak_gb"] is not None]
+    clip, seconds = mean("clip_score"), mean("seconds")
     summary = {
         "images": len(images),
-        "clip_score_mean": mean("clip_score"),
+        "clip_score_mean": clip,
+        # what a sweep trades off: prompt adherence per second of generation
+        "clip_score_per_second": clip / seconds if clip is not None and seconds else None,
         "clip_score_prompt_mean": mean("clip_score_prompt"),
-        "seconds_per_image_mean": mean("seconds"),
+        "seconds_per_image_mean": seconds,
         "vram_peak_gb_max": max(vram) if vram else None,  # absent on CPU, never 0
         "rss_peak_gb": max(r["rss_peak_gb"] for r in images),
         "model_load_seconds": model_load_seconds,

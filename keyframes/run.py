@@ -193,9 +193,9 @@ def _track(ctx, result, resolved: dict[str, Any], sweep: SweepJob | None) -> flo
     log.info(
         "MLflow run %s in experiment %r (%s)", run_id, record.experiment, cfg.mlflow.tracking_uri
     )
-    if cfg.mlflow.tracking_uri.startswith("sqlite:"):
+    if cfg.mlflow.tracking_uri.startswith("sqlite:") and not sweep:
         log.info("review: uv run mlflow ui --backend-store-uri %s", cfg.mlflow.tracking_uri)
-    return result.summary.get("clip_score_mean")
+    return result.summary.get(cfg.objective)
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
@@ -281,6 +281,7 @@ def begin_sweep(config: DictConfig) -> None:
     experiment = tracking.experiment_name or load_shotlist(config.shotlist).title
     sweep_dir = Path(config.hydra.sweep.dir)
     keys = swept_keys(list(config.hydra.overrides.task))
+    keys += [k for k in config.hydra.sweeper.get("params") or {} if k not in keys]  # Optuna
     parent = start_parent_run(
         tracking,
         experiment,
@@ -319,6 +320,7 @@ def end_sweep(config: DictConfig) -> None:
             "fastest_good_run_id": report.fastest.run_id,
         }
         log.info("fastest within 1 CLIP point of the best: %s", tags["fastest_good_job"])
+    log.info("compare again: uv run python -m keyframes.compare --parent %s", info["parent_run_id"])
     columns = {
         name: [_number_or_text(row[i]) for row in report.rows]
         for i, name in enumerate(report.header)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from keyframes.report import CELL_WIDTH
@@ -133,3 +134,32 @@ def test_compare_unknown_experiment_is_a_clear_error(smoke_sweep):
         result.stderr.strip()
         == f"error: no experiment named 'nope' in {smoke_sweep.uri} (there are: Default, smoke)"
     )
+
+
+def test_optuna_search_maximises_clip_score_per_second(tmp_path):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "mlflow.db"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "keyframes.run", "experiment=smoke", "search=optuna", "-m",
+            "hydra.sweeper.n_trials=3", "hydra.sweeper.params.steps='range(2,4)'",
+            "hydra.sweeper.params.cfg_scale='interval(1.0,5.0)'",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"mlflow.tracking_uri=sqlite:///{store}",
+        ],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3
+    assert [r.data.tags["keyframes.swept_keys"] for r in runs if r not in children] == [
+        "steps,cfg_scale"
+    ]
+    assert all(2 <= int(r.data.params["steps"]) <= 4 for r in children)
+    assert all(1.0 <= float(r.data.params["cfg_scale"]) <= 5.0 for r in children)
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    per_second = [r.data.metrics["clip_score_per_second"] for r in children]
+    assert best["best_value"] == pytest.approx(max(per_second), rel=1e-3)
