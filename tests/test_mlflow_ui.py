@@ -121,3 +121,17 @@ def test_parent_run_page_renders_in_chromium(server, tmp_path):
     )  # fmt: skip
     pixels = np.asarray(Image.open(screenshot).convert("L"))
     assert pixels.shape == (1000, 1400) and pixels.std() > 10  # a rendered page, not a blank one
+
+
+def test_compare_reads_the_same_sweep_from_a_tracking_server(server, smoke_sweep, tmp_path):
+    def compare(uri, *extra):
+        return subprocess.run(
+            [sys.executable, "-m", "keyframes.compare", "--tracking-uri", uri, *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    local, remote = compare(smoke_sweep.uri), compare(server, "--out", str(tmp_path / "out"))
+    assert remote.returncode == 0, remote.stderr
+    table = remote.stdout.split("\n\nwrote")[0]
+    assert table == local.stdout.rstrip("\n")
+    assert len(list((tmp_path / "out" / "grids").glob("*.png"))) == 7
