@@ -5,6 +5,7 @@ The manifest is rewritten after every batch, so a crash keeps everything already
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shlex
 import time
@@ -50,6 +51,9 @@ class RunContext:
     versions: dict[str, str]
     overrides: list[str]
     started: float  # time.time() at the start of the job
+    experiment: str  # MLflow experiment name
+    sweep: dict[str, Any] | None = None  # parent_run_id, sweep_dir, job_num in a sweep
+    git_commit: str | None = None
 
 
 @dataclass
@@ -119,6 +123,7 @@ def render(ctx: RunContext) -> RenderResult:
     save_contact_sheet(sheet, ctx.run_dir / "contact_sheet.png")
     result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
     result.manifest_run["finished_at"] = _iso(time.time())
+    result.manifest_run["status"] = "finished"
     result.manifest_run["summary"] = result.summary
     result.write_manifest()
     log.info(
@@ -224,7 +229,18 @@ def run_info(ctx: RunContext, scorer: ClipScorer | None) -> dict[str, Any]:
         "overrides": ctx.overrides,
         "command": "uv run python -m keyframes.run " + " ".join(map(shlex.quote, ctx.overrides)),
         "started_at": _iso(ctx.started),
+        "experiment": ctx.experiment,
+        "sweep": ctx.sweep,
+        "git_commit": ctx.git_commit,
+        "run_key": run_key(ctx),
+        "status": "running",
     }
+
+
+def run_key(ctx: RunContext) -> str:
+    """Names this run in MLflow, so logging the same run directory twice changes nothing."""
+    text = f"{ctx.config_hash}:{ctx.shotlist.sha256}:{ctx.started}:{ctx.run_dir.resolve()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def summarize(images: list[dict[str, Any]], model_load_seconds: float, total: float):

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -130,89 +130,41 @@ def run(
         versions=package_versions(),
         overrides=overrides,
         started=started,
+        # a sweep's jobs join their parent's experiment, so the UI can nest them
+        experiment=sweep.experiment if sweep else cfg.mlflow.experiment_name or shotlist.title,
+        sweep=asdict(sweep) if sweep else None,
+        git_commit=_git_commit(),
     )
     _write_resolved_config(run_dir, resolved)
     result = render(context)
-    return _track(context, result, resolved, sweep)
+    return _track(context, result, sweep)
 
 
-def _track(ctx, result, resolved: dict[str, Any], sweep: SweepJob | None) -> float | None:
-    """Mirror the finished run directory into MLflow, then note the run id in the manifest."""
-    from keyframes.tracking import RunRecord, log_run
+def _track(ctx, result, sweep: SweepJob | None) -> float | None:
+    """Mirror the run directory into MLflow. A store that cannot be reached costs a warning,
+    not the run: the images and manifest are on disk, and keyframes.sync logs them later."""
+    from keyframes.sync import sync_run_dir
 
-    cfg = ctx.cfg
-    tags = {
-        "keyframes.model": cfg.model.name,
-        "keyframes.model_source": result.manifest_run["model_source"],
-        "keyframes.style": cfg.style.name,
-        "keyframes.sampler": cfg.sampler.name,
-        "keyframes.quality": cfg.quality.name,
-        "keyframes.device": ctx.placement.device,
-        "keyframes.dtype": result.manifest_run["dtype"],
-        "keyframes.shotlist": ctx.shotlist.path,
-        "keyframes.run_dir": str(ctx.run_dir.resolve()),
-        "keyframes.config_hash": ctx.config_hash,
-        "keyframes.overrides": json.dumps(ctx.overrides),
-        "pipeline_cache": result.manifest_run["pipeline_cache"],
-        **{f"version.{name}": v for name, v in ctx.versions.items()},
-    }
-    run_name = f"{cfg.style.name}-{cfg.sampler.name}-{cfg.steps}steps-cfg{cfg.cfg_scale:g}"
-    if sweep:
-        tags["keyframes.sweep_dir"] = str(Path(sweep.sweep_dir).resolve())
-        tags["keyframes.job_num"] = str(sweep.job_num)
-        run_name = f"#{sweep.job_num} {run_name}"
-    if commit := _git_commit():
-        tags["mlflow.source.git.commit"] = commit
-    per_image = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_peak_gb")
-    record = RunRecord(
-        # a sweep's jobs join their parent's experiment, so the UI can nest them
-        experiment=sweep.experiment if sweep else cfg.mlflow.experiment_name or ctx.shotlist.title,
-        run_name=run_name,
-        params=flatten(resolved),
-        tags=tags,
-        image_metrics=[{k: r[k] for k in per_image if r[k] is not None} for r in result.images],
-        summary=result.summary,
-        artifacts=[
-            (ctx.run_dir / "keyframes", "keyframes"),
-            (ctx.run_dir / "contact_sheet.png", None),
-            (ctx.run_dir / "manifest.json", None),
-            (ctx.run_dir / "config.yaml", None),
-            (ctx.run_dir / ".hydra", "hydra"),
-        ],
-        start_ms=int(ctx.started * 1000),
-        end_ms=int(time.time() * 1000),
-        parent_run_id=sweep.parent_run_id if sweep else None,
-    )
-    run_id = log_run(cfg.mlflow, record)
-    result.manifest_run["mlflow"] = {
-        "tracking_uri": cfg.mlflow.tracking_uri,
-        "experiment": record.experiment,
-        "run_id": run_id,
-    }
-    result.write_manifest()
-    log.info(
-        "MLflow run %s in experiment %r (%s)", run_id, record.experiment, cfg.mlflow.tracking_uri
-    )
-    if cfg.mlflow.tracking_uri.startswith("sqlite:") and not sweep:
-        log.info("review: uv run mlflow ui --backend-store-uri %s", cfg.mlflow.tracking_uri)
-    return result.summary.get(cfg.objective)
+    tracking = ctx.cfg.mlflow
+    try:
+        run_id, _ = sync_run_dir(ctx.run_dir, tracking)
+    except Exception as e:  # noqa: BLE001 - any store failure; the run's files are safe
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        log.warning(
+            "MLflow store %s could not be written (%s). The keyframes and manifest are safe in "
+            "%s; log them later with: uv run python -m keyframes.sync %s",
+            tracking.tracking_uri, reason, ctx.run_dir, ctx.run_dir,
+        )  # fmt: skip
+        return result.summary.get(ctx.cfg.objective)
+    log.info("MLflow run %s in experiment %r (%s)", run_id, ctx.experiment, tracking.tracking_uri)
+    if tracking.tracking_uri.startswith("sqlite:") and not sweep:
+        log.info("review: uv run mlflow ui --backend-store-uri %s", tracking.tracking_uri)
+    return result.summary.get(ctx.cfg.objective)
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
     text = json.dumps(resolved, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{'model': {'id': 'x'}} -> {'model.id': 'x'}; lists and None as JSON."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value)
-    return out
 
 
 def package_versions() -> dict[str, str]:

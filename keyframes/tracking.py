@@ -18,6 +18,7 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch call
 PARENT_TAG = "mlflow.parentRunId"  # what nests a run under another in the MLflow UI
 SWEEP_TAG = "keyframes.sweep"  # marks a sweep's parent run
+KEY_TAG = "keyframes.run_key"  # one MLflow run per run directory
 
 
 @dataclass
@@ -28,12 +29,14 @@ class RunRecord:
     run_name: str
     params: dict[str, str]
     tags: dict[str, str]
-    image_metrics: list[dict[str, float]]  # one dict per image; list index = MLflow step
+    image_metrics: dict[int, dict[str, float]]  # MLflow step (image index) -> metrics
     summary: dict[str, float]
     artifacts: list[tuple[Path, str | None]] = field(default_factory=list)  # (local, artifact dir)
     start_ms: int = 0
     end_ms: int = 0
     parent_run_id: str | None = None  # set for the jobs of a sweep
+    status: str = "FINISHED"  # FINISHED | FAILED (some images failed) | KILLED (interrupted)
+    key: str = ""  # identifies the run directory's run: logging it again changes nothing
 
 
 def _artifact_location(cfg: TrackingConfig) -> str | None:
@@ -45,44 +48,67 @@ def _artifact_location(cfg: TrackingConfig) -> str | None:
     return None  # a tracking server decides
 
 
-def log_run(cfg: TrackingConfig, record: RunRecord) -> str:
-    """Create one finished MLflow run from the record; returns its run id."""
+def log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
+    """(run id, created?). A run with the same key and status is left alone; one with the same
+    key and another status (an interrupted run that has been resumed, a logging attempt that
+    broke off) is replaced. SQLite's "database is locked" is retried a few times."""
+    return _retry_when_locked(lambda: _log_run(cfg, record))
+
+
+def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     from mlflow.entities import Metric, Param
 
     client = _client(cfg.tracking_uri)
-    tags = dict(record.tags)
+    experiment_id = _experiment_id(client, cfg, record.experiment)
+    if record.key:
+        for old in client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{record.key}'"):
+            if old.info.status == record.status:
+                return old.info.run_id, False
+            client.delete_run(old.info.run_id)
+    tags = {**record.tags, KEY_TAG: record.key} if record.key else dict(record.tags)
     if record.parent_run_id:
         tags[PARENT_TAG] = record.parent_run_id
     run = client.create_run(
-        _experiment_id(client, cfg, record.experiment),
-        start_time=record.start_ms,
-        tags=tags,
-        run_name=record.run_name,
+        experiment_id, start_time=record.start_ms, tags=tags, run_name=record.run_name
     )
     run_id = run.info.run_id
-    try:
-        params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(record.params.items())]
-        for i in range(0, len(params), BATCH):
-            client.log_batch(run_id, params=params[i : i + BATCH])
-        now = record.end_ms or int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), now, step)
-            for step, values in enumerate(record.image_metrics)
-            for key, value in values.items()
-        ]
-        metrics += [Metric(key, float(value), now, 0) for key, value in record.summary.items()]
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i : i + 1000])
-        _log_artifacts(client, run_id, record.artifacts)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED", end_time=record.end_ms or None)
-    return run_id
+    params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(record.params.items())]
+    for i in range(0, len(params), BATCH):
+        client.log_batch(run_id, params=params[i : i + BATCH])
+    now = record.end_ms or int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, step)
+        for step, values in sorted(record.image_metrics.items())
+        for key, value in values.items()
+    ]
+    metrics += [Metric(key, float(value), now, 0) for key, value in record.summary.items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    _log_artifacts(client, run_id, record.artifacts)
+    # Terminated last: a run that is not FINISHED/FAILED/KILLED was cut off while logging.
+    client.set_terminated(run_id, status=record.status, end_time=record.end_ms or None)
+    return run_id, True
+
+
+def _retry_when_locked(call, tries: int = 6, first_wait: float = 0.5):
+    for attempt in range(tries):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy/MLflow wrap the SQLite error differently
+            if "database is locked" not in str(e) or attempt == tries - 1:
+                raise
+            log.warning("tracking store is locked; retrying in %.1f s", first_wait * 2**attempt)
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # An unreachable server should cost seconds, not MLflow's default of minutes of retries:
+    # the run directory keeps everything, and keyframes.sync logs it later.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # store migrations are not news

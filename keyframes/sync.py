@@ -1,0 +1,157 @@
+"""Log a run directory to MLflow. Every run ends with this; on its own it logs a run whose
+tracking store was unreachable at the time:
+
+    uv run python -m keyframes.sync outputs/runs/2026-11-25_10-31-07 [--tracking-uri URI]
+
+The run directory is the source of truth: the MLflow run is rebuilt from manifest.json and
+config.yaml alone. Syncing twice does not create a second run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from keyframes.config import TrackingConfig
+from keyframes.errors import KeyframesError
+from keyframes.records import write_manifest
+from keyframes.tracking import RunRecord
+
+PER_IMAGE = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_peak_gb")
+STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'model': {'id': 'x'}} -> {'model.id': 'x'}; lists and None as JSON."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def read_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, resolved config) of a run directory."""
+    manifest_path, config_path = run_dir / "manifest.json", run_dir / "config.yaml"
+    for path in (manifest_path, config_path):
+        if not path.is_file():
+            raise KeyframesError(
+                f"{run_dir} is not a keyframes run directory: {path.name} is missing"
+            )
+    manifest = json.loads(manifest_path.read_text())
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    return manifest, config
+
+
+def record_from_run_dir(run_dir: Path) -> RunRecord:
+    manifest, config = read_run_dir(run_dir)
+    run, images = manifest["run"], manifest["images"]
+    tags = {
+        "keyframes.model": run["model"],
+        "keyframes.model_source": run["model_source"],
+        "keyframes.style": run["style"],
+        "keyframes.sampler": run["sampler"],
+        "keyframes.quality": run["quality"],
+        "keyframes.device": run["device"],
+        "keyframes.dtype": run["dtype"],
+        "keyframes.shotlist": run["shotlist"],
+        "keyframes.run_dir": str(run_dir.resolve()),
+        "keyframes.config_hash": run["config_hash"],
+        "keyframes.overrides": json.dumps(run["overrides"]),
+        "pipeline_cache": run["pipeline_cache"],
+        **{f"version.{name}": v for name, v in run["versions"].items()},
+    }
+    if run.get("git_commit"):
+        tags["mlflow.source.git.commit"] = run["git_commit"]
+    failed = [r for r in images if r["status"] != "ok"]
+    if failed:
+        tags["failed_images"] = ", ".join(r["file"] for r in failed)[:5000]
+    if run.get("fallbacks"):
+        tags["fallbacks"] = json.dumps(run["fallbacks"])[:5000]
+    sweep = run.get("sweep") or {}
+    name = f"{run['style']}-{run['sampler']}-{config['steps']}steps-cfg{config['cfg_scale']:g}"
+    if sweep:
+        tags["keyframes.sweep_dir"] = sweep["sweep_dir"]
+        tags["keyframes.job_num"] = str(sweep["job_num"])
+        name = f"#{sweep['job_num']} {name}"
+    ok = [r for r in images if r["status"] == "ok"]
+    return RunRecord(
+        experiment=run["experiment"],
+        run_name=name,
+        params=flatten(config),
+        tags=tags,
+        image_metrics={
+            r["index"]: {k: r[k] for k in PER_IMAGE if r.get(k) is not None} for r in ok
+        },
+        summary=run.get("summary", {}),
+        artifacts=[
+            (run_dir / "keyframes", "keyframes"),
+            (run_dir / "contact_sheet.png", None),
+            (run_dir / "manifest.json", None),
+            (run_dir / "config.yaml", None),
+            (run_dir / ".hydra", "hydra"),
+        ],
+        start_ms=_ms(run["started_at"]),
+        end_ms=_ms(run.get("finished_at") or run["started_at"]),
+        parent_run_id=sweep.get("parent_run_id"),
+        status=STATUS.get(run.get("status", "finished"), "FINISHED"),
+        key=run["run_key"],
+    )
+
+
+def _ms(iso: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def sync_run_dir(run_dir: Path, tracking: TrackingConfig) -> tuple[str, bool]:
+    """(MLflow run id, True if it was logged now / False if it was already there). Notes the
+    run id in the manifest."""
+    from keyframes.tracking import log_run
+
+    record = record_from_run_dir(run_dir)
+    run_id, created = log_run(tracking, record)
+    manifest, _ = read_run_dir(run_dir)
+    manifest["run"]["mlflow"] = {
+        "tracking_uri": tracking.tracking_uri,
+        "experiment": record.experiment,
+        "run_id": run_id,
+    }
+    write_manifest(run_dir, manifest["run"], manifest["images"])
+    return run_id, created
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m keyframes.sync", description="Log a finished run directory to MLflow."
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--tracking-uri", help="default: the one the run was configured with")
+    args = parser.parse_args(argv)
+    try:
+        _, config = read_run_dir(args.run_dir)
+        tracking = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(TrackingConfig), config["mlflow"])
+        )
+        if args.tracking_uri:
+            tracking.tracking_uri = args.tracking_uri
+        run_id, created = sync_run_dir(args.run_dir, tracking)
+    except KeyframesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    what = "logged" if created else "already logged, nothing to do:"
+    print(f"{what} MLflow run {run_id} ({tracking.tracking_uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
