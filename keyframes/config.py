@@ -85,6 +85,7 @@ class Config:
     takes: int = MISSING  # images per scene (a scene's own "takes" wins)
     batch_size: int = MISSING  # images per pipeline call, across scenes and takes
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
+    resume: bool = MISSING  # continue the newest unfinished run with the same settings
     device: str = MISSING
     aspect: str = MISSING  # W:H, mapped to an SDXL training resolution
     width: int | None = None  # explicit size wins over aspect

@@ -29,3 +29,11 @@ class ModelUnavailableError(KeyframesError):
 
 class TrackingError(KeyframesError):
     """The tracking store cannot be read or holds no such experiment or run."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run directory holds everything finished before it."""
+
+    def __init__(self, result):
+        super().__init__("interrupted")
+        self.result = result  # the RenderResult as far as it got

@@ -1,20 +1,33 @@
-"""Run image jobs through the pipeline in batches; time and measure each batch.
+"""Run image jobs through the pipeline in batches; time and measure each batch; survive the
+failures a long unattended run meets.
+
+- Each image gets its own CPU generator, so it does not depend on its batch or device.
+- The pipeline stops at latents and the VAE decode happens here, the same way the pipeline
+  does it, so that NaN/Inf (the fp16 SDXL VAE overflow behind black images) can be caught and
+  the batch decoded again in float32.
+- Out of memory: halve the batch, then VAE tiling, then model CPU offload, before giving up.
+- Any other error fails that batch's images only; the run goes on.
 
 Imports neither Hydra nor MLflow: this is the core a benchmark can run on a bare machine.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import resource
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from keyframes.plan import ImageJob
+
+log = logging.getLogger("keyframes")
 
 
 @dataclass(frozen=True)
@@ -29,10 +42,12 @@ class GenerationSettings:
 @dataclass
 class Generation:
     job: ImageJob
-    image: Image.Image
+    image: Image.Image | None  # None when the image failed
     seconds: float  # batch wall time / images in the batch
     vram_peak_gb: float | None  # None where there is no CUDA device, never 0
     rss_peak_gb: float  # peak resident memory of this process so far
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. "vae_fp32_redecode"
 
 
 def batches(jobs: list[ImageJob], size: int) -> Iterator[list[ImageJob]]:
@@ -40,42 +55,160 @@ def batches(jobs: list[ImageJob], size: int) -> Iterator[list[ImageJob]]:
         yield jobs[start : start + size]
 
 
-def generate(
-    pipe, jobs: list[ImageJob], settings: GenerationSettings
-) -> Iterator[list[Generation]]:
-    """Yield one list of Generations per batch, as soon as the batch is done.
+class KeyframeGenerator:
+    """Generates jobs batch by batch; `fallbacks` lists every out-of-memory step taken."""
 
-    Each image gets its own CPU generator seeded with its job's seed, so an image does not
-    depend on the batch it lands in or on the device the model runs on."""
-    cuda = pipe.device.type == "cuda"
-    for batch in batches(jobs, settings.batch_size):
+    def __init__(self, pipe, settings: GenerationSettings):
+        self.pipe = pipe
+        self.settings = settings
+        self.batch_size = settings.batch_size
+        self.fallbacks: list[dict] = []
+        self.cuda = pipe.device.type == "cuda"
+
+    def run(self, jobs: list[ImageJob]) -> Iterator[list[Generation]]:
+        """Yield one list of Generations per batch, as soon as the batch is done."""
+        queue = deque(batches(jobs, self.batch_size))
+        while queue:
+            batch = queue.popleft()
+            try:
+                yield self._generate(batch)
+            except torch.OutOfMemoryError as e:
+                _free_memory()
+                if len(batch) > 1:
+                    # Halve this batch and every later one: the size that failed will fail again.
+                    self.batch_size = len(batch) // 2
+                    rest = batch + [job for queued in queue for job in queued]
+                    queue = deque(batches(rest, self.batch_size))
+                    self._note(
+                        "halve_batch", batch, f"batch size {len(batch)} -> {self.batch_size}"
+                    )
+                elif self._next_memory_saver(batch):
+                    queue.appendleft(batch)
+                else:
+                    yield self._failed(
+                        batch, f"out of memory at batch size 1 with every saver on: {e}"
+                    )
+            except Exception as e:  # noqa: BLE001 - one bad batch must not end a long run
+                log.exception("batch of %s failed", ", ".join(j.file for j in batch))
+                yield self._failed(batch, f"{type(e).__name__}: {e}")
+
+    def _next_memory_saver(self, batch: list[ImageJob]) -> bool:
+        """Switch on the next memory saver; False when none is left."""
+        pipe = self.pipe
+        if not getattr(pipe.vae, "use_tiling", False):
+            pipe.enable_vae_tiling()
+            self._note("vae_tiling", batch, "VAE tiling on")
+            return True
+        if self.cuda and not any(f["action"] == "model_cpu_offload" for f in self.fallbacks):
+            pipe.enable_model_cpu_offload()
+            self._note("model_cpu_offload", batch, "model CPU offload on")
+            return True
+        return False
+
+    def _note(self, action: str, batch: list[ImageJob], detail: str) -> None:
+        log.warning("out of memory at %s: %s", batch[0].file, detail)
+        self.fallbacks.append({"action": action, "at_image": batch[0].index, "detail": detail})
+
+    def _failed(self, batch: list[ImageJob], error: str) -> list[Generation]:
+        return [Generation(job, None, 0.0, None, peak_rss_gb(), error=error) for job in batch]
+
+    def _generate(self, batch: list[ImageJob]) -> list[Generation]:
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
-        if cuda:
+        if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        images = pipe(
+        latents = self.pipe(
             prompt=[job.prompt for job in batch],
             negative_prompt=[job.negative_prompt for job in batch],
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.cfg_scale,
-            width=settings.width,
-            height=settings.height,
+            num_inference_steps=self.settings.steps,
+            guidance_scale=self.settings.cfg_scale,
+            width=self.settings.width,
+            height=self.settings.height,
             generator=generators,
-            output_type="pil",
+            output_type="latent",
         ).images
-        if cuda:
+        pixels = decode(self.pipe, latents)
+        bad = ~(_finite(latents) & _finite(pixels))
+        redecoded = bool(bad.any())
+        if redecoded:
+            log.warning(
+                "NaN/Inf in %d image(s); decoding the batch again in float32", int(bad.sum())
+            )
+            pixels = decode(self.pipe, latents, float32=True)
+            bad = ~(_finite(latents) & _finite(pixels))
+        images = to_pil(self.pipe, pixels)
+        if self.cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / len(batch)
-        vram = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+        vram = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
         rss = peak_rss_gb()
-        yield [
-            Generation(job, image, seconds, vram, rss)
-            for job, image in zip(batch, images, strict=True)
-        ]
+        out = []
+        for job, image, is_bad in zip(batch, images, bad.tolist(), strict=True):
+            notes = ["vae_fp32_redecode"] if redecoded else []
+            if is_bad:
+                error = "NaN/Inf in the latents or the decoded image, also after a float32 decode"
+                out.append(Generation(job, None, seconds, vram, rss, error=error, notes=notes))
+            else:
+                out.append(Generation(job, image, seconds, vram, rss, notes=notes))
+        return out
+
+
+def decode(pipe, latents: torch.Tensor, float32: bool = False) -> torch.Tensor:
+    """Latents -> images in [-1, 1], as StableDiffusionXLPipeline decodes them (float32 VAE
+    where the config asks for it, or where float32=True)."""
+    vae = pipe.vae
+    dtype = vae.dtype
+    upcast = float32 or (dtype == torch.float16 and vae.config.force_upcast)
+    if upcast and dtype != torch.float32:
+        vae.to(dtype=torch.float32)
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(latents.to(_execution_device(vae)), return_dict=False)[0]
+    if vae.dtype != dtype:
+        vae.to(dtype=dtype)
+    return image
+
+
+def to_pil(pipe, pixels: torch.Tensor) -> list[Image.Image]:
+    if getattr(pipe, "watermark", None) is not None:
+        pixels = pipe.watermark.apply_watermark(pixels)
+    return pipe.image_processor.postprocess(torch.nan_to_num(pixels), output_type="pil")
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(x).flatten(1).all(dim=1).cpu()
+
+
+def _execution_device(module: torch.nn.Module) -> torch.device:
+    """Where the module runs, also under CPU offload hooks (which keep weights on the CPU)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(module.parameters()).device
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def peak_rss_gb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
+def generate(
+    pipe, jobs: list[ImageJob], settings: GenerationSettings
+) -> Iterator[list[Generation]]:
+    """Shorthand for KeyframeGenerator(pipe, settings).run(jobs)."""
+    return KeyframeGenerator(pipe, settings).run(jobs)

@@ -6,6 +6,7 @@ The manifest is rewritten after every batch, so a crash keeps everything already
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shlex
 import time
@@ -14,12 +15,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from keyframes.config import Config
-from keyframes.generate import Generation, GenerationSettings, generate
+from keyframes.errors import Interrupted
+from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.models import (
     Placement,
     apply_sampler,
@@ -28,7 +30,13 @@ from keyframes.models import (
     prompt_tokens,
 )
 from keyframes.plan import ImageJob
-from keyframes.records import contact_sheet, save_contact_sheet, save_png, write_manifest
+from keyframes.records import (
+    contact_sheet,
+    load_font,
+    save_contact_sheet,
+    save_png,
+    write_manifest,
+)
 from keyframes.scoring import ClipScorer, TextScore, cached_scorer
 from keyframes.shotlist import Shotlist
 
@@ -67,6 +75,11 @@ class RenderResult:
         return write_manifest(self.run_dir, self.manifest_run, self.images)
 
 
+# What must match for an image on disk to count as done when a run is resumed.
+RECIPE_KEYS = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler", "width",
+               "height", "model")  # fmt: skip
+
+
 def render(ctx: RunContext) -> RenderResult:
     cfg = ctx.cfg
     start = time.perf_counter()
@@ -90,49 +103,124 @@ def render(ctx: RunContext) -> RenderResult:
         "model_load_seconds": round(model_load_seconds, 3),
         "scorer_load_seconds": round(scorer_load_seconds, 3),
     }
-    settings = GenerationSettings(
-        steps=cfg.steps,
-        cfg_scale=cfg.cfg_scale,
-        width=ctx.width,
-        height=ctx.height,
-        batch_size=cfg.batch_size,
+    done = previous_images(ctx, result)  # resume: job index -> record already on disk
+    todo = [job for job in ctx.jobs if job.index not in done]
+    if done:
+        log.info("resuming %s: %d of %d images already done", ctx.run_dir, len(done), len(ctx.jobs))
+    generator = KeyframeGenerator(
+        pipe,
+        GenerationSettings(
+            steps=cfg.steps,
+            cfg_scale=cfg.cfg_scale,
+            width=ctx.width,
+            height=ctx.height,
+            batch_size=cfg.batch_size,
+        ),
     )
-    tokens = count_tokens(pipe, ctx.jobs)
-    thumbs: list[Image.Image] = []
-    labels: list[str] = []
+    tokens = count_tokens(pipe, todo)
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
-    with logging_redirect_tqdm(), tqdm(total=len(ctx.jobs), unit="image", desc="keyframes") as bar:
-        for batch in generate(pipe, ctx.jobs, settings):
-            for generation, scores in zip(batch, score_batch(scorer, batch), strict=True):
-                scene = scenes[generation.job.scene_id]
-                record = image_record(ctx, generation, scores, tokens, scene.extra)
-                provenance = {
-                    "record": record,
-                    "scene": asdict(scene),
-                    "run": result.manifest_run,
-                }
-                save_png(generation.image, ctx.run_dir / record["file"], record, provenance)
-                result.images.append(record)
-                thumbs.append(_thumbnail(generation.image))
-                labels.append(_label(record))
-            result.write_manifest()
-            bar.update(len(batch))
+    records = dict(done)
 
-    title = f"{ctx.shotlist.title} · {cfg.style.name} · {cfg.model.name}"
-    sheet = contact_sheet(thumbs, labels, title, thumb_width=thumbs[0].width)
-    save_contact_sheet(sheet, ctx.run_dir / "contact_sheet.png")
-    result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
-    result.manifest_run["finished_at"] = _iso(time.time())
-    result.manifest_run["status"] = "finished"
-    result.manifest_run["summary"] = result.summary
-    result.write_manifest()
+    def write_manifest_now():
+        result.images = [records[i] for i in sorted(records)]
+        result.manifest_run["fallbacks"] = generator.fallbacks
+        result.write_manifest()
+
+    try:
+        with (
+            logging_redirect_tqdm(),
+            tqdm(total=len(ctx.jobs), initial=len(done), unit="image", desc="keyframes") as bar,
+        ):
+            for batch in generator.run(todo):
+                for generation, scores in zip(batch, score_batch(scorer, batch), strict=True):
+                    scene = scenes[generation.job.scene_id]
+                    record = image_record(ctx, generation, scores, tokens, scene.extra)
+                    if generation.image is not None:
+                        provenance = {
+                            "record": record,
+                            "scene": asdict(scene),
+                            "run": result.manifest_run,
+                        }
+                        save_png(generation.image, ctx.run_dir / record["file"], record, provenance)
+                    records[generation.job.index] = record
+                write_manifest_now()
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        result.manifest_run["status"] = "interrupted"
+        finish(ctx, result, model_load_seconds)
+        raise Interrupted(result) from None
+    write_manifest_now()
+    failed = [r for r in result.images if r["status"] != "ok"]
+    result.manifest_run["status"] = "failed" if failed else "finished"
+    finish(ctx, result, model_load_seconds)
     log.info(
-        "%d keyframes in %s (%.2f s/image)",
-        len(result.images),
+        "%d keyframes in %s (%.2f s/image)%s",
+        len(result.images) - len(failed),
         ctx.run_dir,
-        result.summary["seconds_per_image_mean"],
+        result.summary.get("seconds_per_image_mean") or 0.0,
+        f"; {len(failed)} failed" if failed else "",
     )
     return result
+
+
+def finish(ctx: RunContext, result: RenderResult, model_load_seconds: float) -> None:
+    """Contact sheet, summary and the final manifest, for whatever images exist."""
+    if result.images:
+        thumbs = [
+            _thumbnail(ctx.run_dir / r["file"], r, ctx.width, ctx.height) for r in result.images
+        ]
+        title = f"{ctx.shotlist.title} · {ctx.cfg.style.name} · {ctx.cfg.model.name}"
+        sheet = contact_sheet(thumbs, [_label(r) for r in result.images], title, thumbs[0].width)
+        save_contact_sheet(sheet, ctx.run_dir / "contact_sheet.png")
+    result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
+    result.manifest_run["finished_at"] = _iso(time.time())
+    result.manifest_run["summary"] = result.summary
+    result.write_manifest()
+
+
+def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str, Any]]:
+    """Records of a manifest already in the run directory whose file exists and whose recipe
+    matches the job: those images are not made again. The run keeps its first start time and
+    key, so its MLflow run is replaced rather than doubled."""
+    path = ctx.run_dir / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        old_run, old_images = old["run"], {r["file"]: r for r in old["images"]}
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s is unreadable; generating every image again", path)
+        return {}
+    done = {}
+    for job in ctx.jobs:
+        record = old_images.get(job.file)
+        if (
+            record
+            and record.get("status") == "ok"
+            and (ctx.run_dir / job.file).is_file()
+            and all(record.get(k) == v for k, v in _recipe(ctx, job).items())
+        ):
+            done[job.index] = {**record, "index": job.index}
+    if done:
+        for key in ("started_at", "run_key"):
+            result.manifest_run[key] = old_run.get(key, result.manifest_run[key])
+    return done
+
+
+def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
+    cfg = ctx.cfg
+    values = {
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": job.seed,
+        "steps": cfg.steps,
+        "cfg_scale": cfg.cfg_scale,
+        "sampler": cfg.sampler.name,
+        "width": ctx.width,
+        "height": ctx.height,
+        "model": cfg.model.name,
+    }
+    return {k: values[k] for k in RECIPE_KEYS}
 
 
 def count_tokens(pipe, jobs: list[ImageJob]) -> dict[str, int]:
@@ -153,12 +241,14 @@ def count_tokens(pipe, jobs: list[ImageJob]) -> dict[str, int]:
 
 def score_batch(scorer: ClipScorer | None, batch: list[Generation]):
     """Per image: (score vs the scene description, score vs the full styled prompt)."""
-    if scorer is None:
+    made = [g for g in batch if g.image is not None]
+    if scorer is None or not made:
         return [(None, None)] * len(batch)
-    images = [g.image for g in batch]
-    asked = scorer.score(images, [g.job.description for g in batch])
-    styled = scorer.score(images, [g.job.prompt for g in batch])
-    return list(zip(asked, styled, strict=True))
+    images = [g.image for g in made]
+    asked = scorer.score(images, [g.job.description for g in made])
+    styled = scorer.score(images, [g.job.prompt for g in made])
+    scores = dict(zip(map(id, made), zip(asked, styled, strict=True), strict=True))
+    return [scores.get(id(g), (None, None)) for g in batch]
 
 
 def image_record(
@@ -177,7 +267,9 @@ def image_record(
         "scene_index": job.scene_index,
         "take": job.take,
         "file": job.file,
-        "status": "ok",
+        "status": "ok" if g.image is not None else "failed",
+        "error": g.error,
+        "notes": g.notes,  # e.g. vae_fp32_redecode: NaN/Inf seen, batch decoded again in float32
         "seed": job.seed,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
@@ -244,31 +336,41 @@ def run_key(ctx: RunContext) -> str:
 
 
 def summarize(images: list[dict[str, Any]], model_load_seconds: float, total: float):
+    ok = [r for r in images if r["status"] == "ok"]
+
     def mean(key):
-        values = [r[key] for r in images if r[key] is not None]
+        values = [r[key] for r in ok if r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
-    vram = [r["vram_peak_gb"] for r in images if r["vram_peak_gb"] is not None]
+    vram = [r["vram_peak_gb"] for r in ok if r.get("vram_peak_gb") is not None]
     clip, seconds = mean("clip_score"), mean("seconds")
     summary = {
-        "images": len(images),
+        "images": len(ok),
+        "images_failed": len(images) - len(ok),
         "clip_score_mean": clip,
         # what a sweep trades off: prompt adherence per second of generation
         "clip_score_per_second": clip / seconds if clip is not None and seconds else None,
         "clip_score_prompt_mean": mean("clip_score_prompt"),
         "seconds_per_image_mean": seconds,
         "vram_peak_gb_max": max(vram) if vram else None,  # absent on CPU, never 0
-        "rss_peak_gb": max(r["rss_peak_gb"] for r in images),
+        "rss_peak_gb": max((r["rss_peak_gb"] for r in images), default=None),
+        "vae_fp32_redecodes": sum("vae_fp32_redecode" in r.get("notes", []) for r in images),
         "model_load_seconds": model_load_seconds,
         "total_seconds": total,
     }
     return {k: round(v, 4) for k, v in summary.items() if v is not None}
 
 
-def _thumbnail(image: Image.Image) -> Image.Image:
-    width = min(THUMB_WIDTH, image.width)
-    height = max(1, round(width * image.height / image.width))
-    return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+def _thumbnail(path: Path, record: dict[str, Any], width: int, height: int) -> Image.Image:
+    """The image scaled to the contact sheet's cell, or a dark cell saying why it is missing."""
+    w = min(THUMB_WIDTH, width)
+    h = max(1, round(w * height / width))
+    if record["status"] == "ok" and path.is_file():
+        with Image.open(path) as image:
+            return image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
+    cell = Image.new("RGB", (w, h), (60, 20, 20))
+    ImageDraw.Draw(cell).text((8, 8), "failed", fill=(255, 180, 180), font=load_font(14))
+    return cell
 
 
 def _label(record: dict[str, Any]) -> str:

@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -28,7 +29,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from keyframes.config import Config, validate
-from keyframes.errors import KeyframesError
+from keyframes.errors import ConfigError, Interrupted, KeyframesError
+
+if TYPE_CHECKING:
+    from keyframes.render import RenderResult
 
 log = logging.getLogger("keyframes")
 
@@ -44,6 +48,9 @@ PACKAGES = (
     "hydra-core",
 )
 _task_started = False  # tells a config error (exit 2) from a crash inside the run (exit 1)
+EXIT_BAD_INPUT = 2
+EXIT_IMAGES_FAILED = 3
+EXIT_INTERRUPTED = 130
 SWEEP_FILE = "sweep.json"  # in a sweep's directory: the parent run its jobs nest under
 
 
@@ -69,12 +76,30 @@ def main(cfg: DictConfig) -> float | None:
         sweep = SweepJob(
             info["parent_run_id"], info["experiment"], hydra_cfg.sweep.dir, hydra_cfg.job.num
         )
+    log_name = f"{hydra_cfg.job.name}.log"
     try:
-        return run(settings, run_dir, resolved, list(hydra_cfg.overrides.task), sweep)
+        if settings.resume and not sweep and not (run_dir / "manifest.json").exists():
+            run_dir = _switch_to_unfinished_run(run_dir, config_hash(resolved), log_name)
+        result = run(settings, run_dir, resolved, list(hydra_cfg.overrides.task), sweep)
     except KeyframesError as e:
-        _remove_if_untouched(run_dir, {".hydra", f"{hydra_cfg.job.name}.log", "config.yaml"})
+        _remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml"})
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except Interrupted as e:
+        done = e.result.summary.get("images", 0)
+        print(
+            f"interrupted: {done} finished keyframes kept in {run_dir}; continue with "
+            f"the same command plus hydra.run.dir={run_dir} (or resume=true)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    failed = [r for r in result.images if r["status"] != "ok"]
+    if failed:
+        lines = "\n".join(f"  {r['file']}: {r['error']}" for r in failed)
+        print(f"{len(failed)} of {len(result.images)} images failed:\n{lines}", file=sys.stderr)
+        if not sweep:  # in a sweep the other jobs go on; the parent run lists the failures
+            sys.exit(EXIT_IMAGES_FAILED)
+    return result.summary.get(settings.objective)
 
 
 def run(
@@ -83,7 +108,7 @@ def run(
     resolved: dict[str, Any],
     overrides: list[str],
     sweep: SweepJob | None = None,
-) -> float | None:
+) -> RenderResult:
     """Everything a job does, given typed settings and its output directory."""
     from keyframes.plan import plan_jobs
     from keyframes.shotlist import load_shotlist
@@ -136,11 +161,16 @@ def run(
         git_commit=_git_commit(),
     )
     _write_resolved_config(run_dir, resolved)
-    result = render(context)
-    return _track(context, result, sweep)
+    try:
+        result = render(context)
+    except Interrupted as e:
+        _track(context, sweep)  # the MLflow run shows what was finished, marked KILLED
+        raise e
+    _track(context, sweep)
+    return result
 
 
-def _track(ctx, result, sweep: SweepJob | None) -> float | None:
+def _track(ctx, sweep: SweepJob | None) -> None:
     """Mirror the run directory into MLflow. A store that cannot be reached costs a warning,
     not the run: the images and manifest are on disk, and keyframes.sync logs them later."""
     from keyframes.sync import sync_run_dir
@@ -155,15 +185,44 @@ def _track(ctx, result, sweep: SweepJob | None) -> float | None:
             "%s; log them later with: uv run python -m keyframes.sync %s",
             tracking.tracking_uri, reason, ctx.run_dir, ctx.run_dir,
         )  # fmt: skip
-        return result.summary.get(ctx.cfg.objective)
+        return
     log.info("MLflow run %s in experiment %r (%s)", run_id, ctx.experiment, tracking.tracking_uri)
     if tracking.tracking_uri.startswith("sqlite:") and not sweep:
         log.info("review: uv run mlflow ui --backend-store-uri %s", tracking.tracking_uri)
-    return result.summary.get(ctx.cfg.objective)
+
+
+def _switch_to_unfinished_run(fresh_dir: Path, wanted_hash: str, log_name: str) -> Path:
+    """resume=true: carry on in the newest unfinished run directory beside this one that was
+    made with the same settings, and drop the empty directory Hydra just made."""
+    candidates = []
+    for manifest in fresh_dir.parent.glob("*/manifest.json"):
+        try:
+            run = json.loads(manifest.read_text())["run"]
+        except (ValueError, KeyError):
+            continue
+        if run.get("status") != "finished" and run.get("config_hash") == wanted_hash:
+            candidates.append(manifest.parent)
+    if not candidates:
+        raise ConfigError(
+            f"resume=true: no unfinished run with these settings in {fresh_dir.parent}. "
+            "To continue a given run, pass its folder: hydra.run.dir=PATH"
+        )
+    target = max(candidates, key=lambda p: p.name)
+    _remove_if_untouched(fresh_dir, {".hydra", log_name})
+    handler = logging.FileHandler(target / log_name)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    log.info("resume=true: continuing %s", target)
+    return target
+
+
+# Settings that do not change any image: left out of the config hash that resume matches on.
+NOT_IN_HASH = ("resume", "batch_size", "device", "mlflow")
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
-    text = json.dumps(resolved, sort_keys=True, default=str)
+    recipe = {k: v for k, v in resolved.items() if k not in NOT_IN_HASH}
+    text = json.dumps(recipe, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -302,8 +361,13 @@ def _number_or_text(cell: str) -> float | str:
         return cell
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run the way Ctrl-C does: cleanly
+
+
 def cli() -> None:
     """Hydra exits 1 on a config it cannot compose; that is bad input, so exit 2 instead."""
+    signal.signal(signal.SIGTERM, _interrupt)
     # Hydra's parser wants flags before the overrides; let `experiment=smoke -m steps=2,3` work.
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in flags]
@@ -311,7 +375,7 @@ def cli() -> None:
         main()
     except SystemExit as e:
         if e.code == 1 and not _task_started:
-            sys.exit(2)
+            sys.exit(EXIT_BAD_INPUT)
         raise
 
 
