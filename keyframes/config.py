@@ -15,6 +15,9 @@ from omegaconf import MISSING
 from keyframes.errors import ConfigError
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
+MAX_PIXELS = 4096 * 4096  # far beyond SDXL's 1 MP training size; larger is a typo or an OOM
+MAX_SIDE = 8192
+MAX_TAKES = 1000
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SEED_MODES = ("derived", "fixed")
 OBJECTIVES = ("clip_score_mean", "clip_score_per_second")
@@ -30,6 +33,7 @@ class ModelConfig:
     variant: str | None = None  # weight variant to prefer, e.g. fp16
     dtype: str = "auto"  # auto: float16 on CUDA/MPS, float32 on CPU
     tiny: bool = False  # build the tiny random-weight test model instead of loading weights
+    allow_pickle: bool = False  # load .ckpt/.bin/.pt (pickle: can run code) - only if trusted
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Config:
     batch_size: int = MISSING  # images per pipeline call, across scenes and takes
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
     resume: bool = MISSING  # continue the newest unfinished run with the same settings
+    allow_external_paths: bool = MISSING  # shotlist image paths may point outside its folder
     device: str = MISSING
     aspect: str = MISSING  # W:H, mapped to an SDXL training resolution
     width: int | None = None  # explicit size wins over aspect
@@ -154,8 +159,8 @@ def validate(cfg: Config) -> tuple[int, int]:
         problems.append(f"cfg_scale={cfg.cfg_scale}: must be a number >= 0")
     if not 0 <= cfg.seed <= MAX_SEED:
         problems.append(f"seed={cfg.seed}: must be between 0 and {MAX_SEED}")
-    if cfg.takes < 1:
-        problems.append(f"takes={cfg.takes}: must be at least 1")
+    if not 1 <= cfg.takes <= MAX_TAKES:
+        problems.append(f"takes={cfg.takes}: must be between 1 and {MAX_TAKES}")
     if cfg.batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size}: must be at least 1")
     for key, value, allowed in (
@@ -180,6 +185,11 @@ def validate(cfg: Config) -> tuple[int, int]:
         size = resolve_size(cfg.aspect, cfg.quality.base_size, cfg.width, cfg.height)
     except ConfigError as e:
         problems.append(str(e))
+    if size and (max(size) > MAX_SIDE or size[0] * size[1] > MAX_PIXELS):
+        problems.append(
+            f"size {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} MP): at most {MAX_SIDE} "
+            f"per side and {MAX_PIXELS / 1e6:.1f} MP; SDXL is made for about 1 MP"
+        )
     if problems:
         raise ConfigError("invalid settings:", problems)
     return size

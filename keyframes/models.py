@@ -59,11 +59,11 @@ def check_source(model: ModelConfig) -> None:
     path = Path(model.path).expanduser()
     if not path.exists():
         raise ConfigError(f"model.path={model.path}: no such file or folder")
-    if path.is_file() and path.suffix.lower() not in SAFE_SUFFIXES:
+    if path.is_file() and path.suffix.lower() not in SAFE_SUFFIXES and not model.allow_pickle:
         raise ConfigError(
             f"model.path={model.path}: only .safetensors checkpoints are loaded "
-            f"(a {path.suffix or 'suffix-less'} file may run code when unpickled). "
-            "Convert it to safetensors first."
+            f"(a {path.suffix or 'suffix-less'} file is a pickle, which can run code when loaded). "
+            "Convert it to safetensors, or set model.allow_pickle=true if you trust its source."
         )
 
 
@@ -118,7 +118,8 @@ def _load_weights(model: ModelConfig, dtype: torch.dtype):
             return StableDiffusionXLPipeline.from_single_file(
                 str(Path(model.path).expanduser()), dtype=dtype, config=model.config
             )
-        kwargs = dict(dtype=dtype, use_safetensors=True)
+        # use_safetensors=True makes diffusers refuse .bin weights; None lets it fall back
+        kwargs = dict(dtype=dtype, use_safetensors=None if model.allow_pickle else True)
         if model.variant and _has_variant(source, model.variant):
             kwargs["variant"] = model.variant
         return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)

@@ -37,10 +37,32 @@ def scene_seed(run_seed: int, seed_mode: str, scene_id: str, own_seed: int | Non
     return run_seed if seed_mode == "fixed" else derive_seed(run_seed, scene_id)
 
 
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+                    *(f"lpt{i}" for i in range(10))}  # fmt: skip
+
+
 def safe_name(text: str, max_len: int = 48) -> str:
-    """File-system-safe fragment: letters, digits, '-' and '_' only."""
+    """File-system-safe fragment: letters, digits, '-' and '_' only; never a path, never '..',
+    never a name Windows reserves, never longer than max_len."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")[:max_len].strip("-_")
+    if name.lower() in WINDOWS_RESERVED:
+        name += "_"
     return name or "scene"
+
+
+def unique_safe_names(ids: list[str]) -> dict[str, str]:
+    """safe_name of each id; ids that clean up to the same name get -2, -3, ... suffixes."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for scene_id in ids:
+        base = name = safe_name(scene_id)
+        n = 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name.lower())
+        names[scene_id] = name
+    return names
 
 
 def plan_jobs(
@@ -53,6 +75,7 @@ def plan_jobs(
     takes: int,
 ) -> list[ImageJob]:
     jobs = []
+    names = unique_safe_names([scene.id for scene in shotlist.scenes])
     for scene_index, scene in enumerate(shotlist.scenes, start=1):
         base = scene_prompt(scene, shotlist.characters)
         prompt = apply_style(style_prompt, base)
@@ -70,7 +93,7 @@ def plan_jobs(
                     scene_prompt=base,
                     prompt=prompt,
                     negative_prompt=negative,
-                    file=f"keyframes/{scene_index:03d}_{safe_name(scene.id)}_t{take}.png",
+                    file=f"keyframes/{scene_index:03d}_{names[scene.id]}_t{take}.png",
                 )
             )
     return jobs

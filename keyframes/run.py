@@ -115,7 +115,7 @@ def run(
 
     started = time.time()
     width, height = validate(cfg)
-    shotlist = load_shotlist(cfg.shotlist)
+    shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
     if shotlist.unknown_fields:
         log.warning(
             "shotlist %s: unknown fields kept as metadata: %s",
@@ -289,7 +289,7 @@ def begin_sweep(config: DictConfig) -> None:
     from keyframes.tracking import start_parent_run
 
     tracking = OmegaConf.to_object(config.mlflow)
-    experiment = tracking.experiment_name or load_shotlist(config.shotlist).title
+    experiment = tracking.experiment_name or load_shotlist(config.shotlist, True).title
     sweep_dir = Path(config.hydra.sweep.dir)
     keys = swept_keys(list(config.hydra.overrides.task))
     keys += [k for k in config.hydra.sweeper.get("params") or {} if k not in keys]  # Optuna

@@ -25,14 +25,20 @@ SCENE_TEXT_FIELDS = (
     "lighting",
     "mood",
 )
-SCENE_FIELDS = {"id", "description", "characters", "seed", "takes", *SCENE_TEXT_FIELDS}
+SCENE_FIELDS = {"id", "description", "characters", "seed", "takes", "reference", "control",
+                *SCENE_TEXT_FIELDS}  # fmt: skip
 TOP_FIELDS = {"title", "characters", "scenes"}
+# Bounds that turn a runaway upstream stage into a clear error rather than a hang.
+MAX_FILE_BYTES = 20_000_000
+MAX_SCENES = 10_000
+MAX_TEXT = 4_000  # characters in any one text field; CLIP reads about 300 anyway
 
 
 @dataclass(frozen=True)
 class Character:
     name: str
     description: str
+    reference: str | None = None  # image path, resolved
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,6 +55,8 @@ class Scene:
     characters: tuple[str, ...] = ()
     seed: int | None = None
     takes: int | None = None
+    reference: str | None = None  # image path, resolved; for the consistency features
+    control: dict[str, Any] | None = None  # {"type": ..., "image": resolved path}
     extra: dict[str, Any] = field(default_factory=dict)  # unknown fields, kept as metadata
 
 
@@ -68,9 +76,14 @@ def resolve_path(name: str) -> Path:
     return DEMO if name == "demo" else Path(name).expanduser()
 
 
-def load_shotlist(name: str) -> Shotlist:
+def load_shotlist(name: str, allow_external_paths: bool = False) -> Shotlist:
     path = resolve_path(name)
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ShotlistError(
+                f"shotlist {path} is {path.stat().st_size / 1e6:.0f} MB; "
+                f"the limit is {MAX_FILE_BYTES / 1e6:.0f} MB"
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ShotlistError(f"shotlist not found: {path}") from None
@@ -84,11 +97,28 @@ def load_shotlist(name: str) -> Shotlist:
         raise ShotlistError(
             f"shotlist {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
         ) from None
-    return parse_shotlist(data, path=str(path), sha256=hashlib.sha256(raw).hexdigest())
+    except RecursionError:
+        raise ShotlistError(f"shotlist {path} is nested too deeply to be a shotlist") from None
+    return parse_shotlist(
+        data,
+        path=str(path),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        base_dir=path.parent,
+        allow_external_paths=allow_external_paths,
+    )
 
 
-def parse_shotlist(data: Any, path: str = "<data>", sha256: str = "") -> Shotlist:
-    """Validate decoded JSON. A bare list of scenes is accepted as well as the full object."""
+def parse_shotlist(
+    data: Any,
+    path: str = "<data>",
+    sha256: str = "",
+    base_dir: Path | None = None,
+    allow_external_paths: bool = False,
+) -> Shotlist:
+    """Validate decoded JSON. A bare list of scenes is accepted as well as the full object.
+    Image paths resolve against base_dir (the shotlist's folder) and may not leave it unless
+    allow_external_paths."""
+    paths = _PathRules(base_dir or Path.cwd(), allow_external_paths)
     problems: list[str] = []
     unknown: list[str] = []
     if isinstance(data, list):
@@ -103,10 +133,12 @@ def parse_shotlist(data: Any, path: str = "<data>", sha256: str = "") -> Shotlis
     if not isinstance(title, str) or not title.strip():
         problems.append("title: must be a non-empty string")
         title = "untitled"
+    elif len(title) > 200:
+        problems.append(f"title: {len(title)} characters, the limit is 200")
     extra = {k: v for k, v in data.items() if k not in TOP_FIELDS}
     unknown += sorted(extra)
 
-    characters = _parse_characters(data.get("characters", {}), problems)
+    characters = _parse_characters(data.get("characters", {}), problems, paths)
     scenes_raw = data.get("scenes")
     scenes: list[Scene] = []
     if scenes_raw is None:
@@ -115,10 +147,12 @@ def parse_shotlist(data: Any, path: str = "<data>", sha256: str = "") -> Shotlis
         problems.append(f"scenes: expected a list, got {_kind(scenes_raw)}")
     elif not scenes_raw:
         problems.append("scenes: empty, a shotlist needs at least one scene")
+    elif len(scenes_raw) > MAX_SCENES:
+        problems.append(f"scenes: {len(scenes_raw)} scenes, the limit is {MAX_SCENES}")
     else:
         first_index: dict[str, int] = {}
         for i, raw in enumerate(scenes_raw):
-            scene = _parse_scene(raw, f"scenes[{i}]", characters, problems, unknown)
+            scene = _parse_scene(raw, f"scenes[{i}]", characters, problems, unknown, paths)
             if scene is None:
                 continue
             if scene.id in first_index:
@@ -143,8 +177,8 @@ def parse_shotlist(data: Any, path: str = "<data>", sha256: str = "") -> Shotlis
     )
 
 
-def _parse_characters(raw: Any, problems: list[str]) -> dict[str, Character]:
-    """`name -> description`, or `name -> {"description": ..., other fields kept}`."""
+def _parse_characters(raw: Any, problems: list[str], paths: _PathRules) -> dict[str, Character]:
+    """`name -> description`, or `name -> {"description": ..., "reference": image, ...}`."""
     if not isinstance(raw, dict):
         problems.append(f"characters: expected an object of name -> description, got {_kind(raw)}")
         return {}
@@ -152,14 +186,47 @@ def _parse_characters(raw: Any, problems: list[str]) -> dict[str, Character]:
     for name, value in raw.items():
         where = f"characters.{name}"
         extra: dict[str, Any] = {}
+        reference = None
         if isinstance(value, dict):
-            extra = {k: v for k, v in value.items() if k != "description"}
+            extra = {k: v for k, v in value.items() if k not in ("description", "reference")}
+            reference = paths.image(value.get("reference"), f"{where}.reference", problems)
             value = value.get("description")
         if not isinstance(value, str) or not value.strip():
             problems.append(f"{where}: expected a non-empty description string")
             continue
-        out[name] = Character(name=name, description=value.strip(), extra=extra)
+        if len(value) > MAX_TEXT:
+            problems.append(f"{where}: {len(value)} characters, the limit is {MAX_TEXT}")
+            continue
+        out[name] = Character(
+            name=name, description=value.strip(), reference=reference, extra=extra
+        )
     return out
+
+
+class _PathRules:
+    """Resolve image paths written in a shotlist, relative to its folder, inside it."""
+
+    def __init__(self, base: Path, allow_external: bool):
+        self.base = base.resolve()
+        self.allow_external = allow_external
+
+    def image(self, value: Any, where: str, problems: list[str]) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            problems.append(f"{where}: expected an image path, got {_kind(value)}")
+            return None
+        path = (self.base / Path(value).expanduser()).resolve()
+        if not self.allow_external and not path.is_relative_to(self.base):
+            problems.append(
+                f"{where}: {value!r} is outside the shotlist's folder {self.base} "
+                "(set allow_external_paths=true to allow it)"
+            )
+            return None
+        if not path.is_file():
+            problems.append(f"{where}: image not found: {path}")
+            return None
+        return str(path)
 
 
 def _parse_scene(
@@ -168,6 +235,7 @@ def _parse_scene(
     characters: dict[str, Character],
     problems: list[str],
     unknown: list[str],
+    paths: _PathRules,
 ) -> Scene | None:
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected an object, got {_kind(raw)}")
@@ -187,12 +255,19 @@ def _parse_scene(
         problems.append(f"{where}.description: missing")
     elif not isinstance(description, str) or not description.strip():
         problems.append(f"{where}.description: expected a non-empty string")
+    elif len(description) > MAX_TEXT:
+        problems.append(
+            f"{where}.description: {len(description)} characters, the limit is {MAX_TEXT}"
+        )
 
     texts = {}
     for key in SCENE_TEXT_FIELDS:
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
             problems.append(f"{where}.{key}: expected a string, got {_kind(value)}")
+        elif isinstance(value, str) and len(value) > MAX_TEXT:
+            problems.append(f"{where}.{key}: {len(value)} characters, the limit is {MAX_TEXT}")
+            value = None
         texts[key] = (value.strip() or None) if isinstance(value, str) else None
 
     names = raw.get("characters", [])
@@ -208,6 +283,17 @@ def _parse_scene(
                 f"{where}.characters[{j}]: unknown character {name!r} (the sheet has: {known})"
             )
 
+    reference = paths.image(raw.get("reference"), f"{where}.reference", problems)
+    control = raw.get("control")
+    if control is not None:
+        if not isinstance(control, dict) or not isinstance(control.get("type"), str):
+            problems.append(f'{where}.control: expected {{"type": ..., "image": path}}')
+            control = None
+        else:
+            image = paths.image(control.get("image"), f"{where}.control.image", problems)
+            control = {**control, "image": image}
+    if isinstance(scene_id, str) and len(scene_id) > 200:
+        problems.append(f"{where}.id: {len(scene_id)} characters, the limit is 200")
     seed = _int_field(raw, "seed", where, problems, low=0, high=MAX_SEED)
     takes = _int_field(raw, "takes", where, problems, low=1, high=None)
 
@@ -221,6 +307,8 @@ def _parse_scene(
         characters=tuple(names),
         seed=seed,
         takes=takes,
+        reference=reference,
+        control=control,
         extra=extra,
         **texts,
     )

@@ -122,7 +122,7 @@ def test_all_bad_numbers_are_reported_together():
     assert info.value.problems == [
         "steps=0: must be at least 1",
         "cfg_scale=-1.0: must be a number >= 0",
-        "takes=0: must be at least 1",
+        "takes=0: must be between 1 and 1000",
         "batch_size=0: must be at least 1",
         "device=tpu: must be one of auto, cuda, mps, cpu",
         "width=1001: must be a multiple of 8 and at least 64",
