@@ -62,7 +62,11 @@ class SweepJob:
     job_num: int
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+# An absolute path: the same configs whether this runs as `-m keyframes.run` or is imported.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     global _task_started
     _task_started = True

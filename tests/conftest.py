@@ -34,11 +34,9 @@ def run_cli(tmp_path):
     def run(*overrides: str, run_dir: Path | None = None, env: dict | None = None) -> CliResult:
         run_dir = run_dir or tmp_path / "run"
         store = tmp_path / "store" / "mlflow.db"
-        args = [
-            sys.executable, "-m", "keyframes.run", *overrides,
-            f"hydra.run.dir={run_dir}",
-            f"mlflow.tracking_uri=sqlite:///{store}",
-        ]  # fmt: skip
+        args = [sys.executable, "-m", "keyframes.run", *overrides, f"hydra.run.dir={run_dir}"]
+        if not any(o.startswith("mlflow.tracking_uri=") for o in overrides):
+            args.append(f"mlflow.tracking_uri=sqlite:///{store}")
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         proc = subprocess.run(
             args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600

@@ -194,7 +194,7 @@ def test_missing_shotlist_file(run_cli, tmp_path):
         (["height=250"], "height=250: must be a multiple of 8 and at least 64"),
         (
             ["takes=0", "batch_size=0"],
-            "takes=0: must be at least 1\n  batch_size=0: must be at least 1",
+            "takes=0: must be between 1 and 1000\n  batch_size=0: must be at least 1",
         ),
         (
             ["model=local", "model.path=/no/such/model"],

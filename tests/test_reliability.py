@@ -1,0 +1,324 @@
+"""When things go wrong: real runs of the tiny model with injected faults (in process, through
+the real CLI entry point), killed and interrupted subprocesses, unreachable and locked stores."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from mlflow.tracking import MlflowClient
+
+import keyframes.run as entry
+from keyframes.config import ModelConfig
+from keyframes.models import cached_pipeline, release_pipeline, resolve_placement
+from tests.conftest import read_manifest
+
+ORIGINAL_CALL = StableDiffusionXLPipeline.__call__
+
+
+def store_runs(store: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.fixture
+def cli_in_process(tmp_path, monkeypatch, capsys):
+    """The real `python -m keyframes.run` entry point, in this process, so faults can be
+    injected into the tiny pipeline. Returns (exit code, stderr, run dir, store)."""
+    release_pipeline()
+
+    def run(*overrides: str):
+        run_dir, store = tmp_path / "run", tmp_path / "mlflow.db"
+        argv = ["keyframes.run", "experiment=smoke", *overrides, f"hydra.run.dir={run_dir}",
+                f"mlflow.tracking_uri=sqlite:///{store}"]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(entry, "_task_started", False)
+        code = 0
+        try:
+            entry.cli()
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err, run_dir, store
+
+    yield run
+    release_pipeline()  # faults (VAE tiling, wrapped methods) must not leak into other tests
+
+
+def tiny_pipe():
+    return cached_pipeline(ModelConfig(name="tiny", tiny=True), resolve_placement("cpu", "auto"))[
+        0
+    ].pipe
+
+
+def test_a_failing_batch_is_recorded_and_the_other_scenes_still_run(cli_in_process, monkeypatch):
+    def call(self, *args, **kwargs):
+        if any("fishing boat" in p for p in kwargs["prompt"]):
+            raise RuntimeError("injected failure")
+        return ORIGINAL_CALL(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
+    code, err, run_dir, store = cli_in_process()
+    assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
+    assert (
+        "1 of 7 images failed:\n  keyframes/003_the-boat_t1.png: RuntimeError: injected failure"
+        in err
+    )
+    manifest = read_manifest(run_dir)
+    statuses = {r["scene_id"]: r["status"] for r in manifest["images"]}
+    assert statuses.pop("the-boat") == "failed" and set(statuses.values()) == {"ok"}
+    assert not (run_dir / "keyframes" / "003_the-boat_t1.png").exists()
+    assert len(list((run_dir / "keyframes").glob("*.png"))) == 6
+    assert (
+        manifest["run"]["status"] == "failed" and manifest["run"]["summary"]["images_failed"] == 1
+    )
+    [run] = store_runs(store)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["images_failed"] == 1 and run.data.metrics["images"] == 6
+    assert run.data.tags["failed_images"] == "keyframes/003_the-boat_t1.png"
+
+
+def test_nan_in_the_decoded_image_is_decoded_again_in_float32(cli_in_process):
+    vae = tiny_pipe().vae
+    decode, calls = vae.decode, []
+
+    def first_call_overflows(latents, *args, **kwargs):
+        calls.append(latents.dtype)
+        out = decode(latents, *args, **kwargs)
+        if len(calls) == 1:  # as an fp16 VAE overflows: the first image comes out NaN
+            out[0].fill_(float("nan"))
+        return out
+
+    vae.decode = first_call_overflows
+    code, err, run_dir, store = cli_in_process()
+    assert code == 0, err
+    records = read_manifest(run_dir)["images"]
+    assert records[0]["notes"] == ["vae_fp32_redecode"] and records[0]["status"] == "ok"
+    assert all(r["notes"] == [] for r in records[1:])
+    assert calls[:2] == [torch.float32, torch.float32] and len(calls) == 8  # 7 images + 1 retry
+    [run] = store_runs(store)
+    assert run.data.metrics["vae_fp32_redecodes"] == 1
+
+
+def test_nan_latents_fail_that_image_only(cli_in_process, monkeypatch):
+    def call(self, *args, **kwargs):
+        out = ORIGINAL_CALL(self, *args, **kwargs)
+        if any("signal lamp" in p for p in kwargs["prompt"]):
+            out.images[0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
+    code, err, run_dir, _ = cli_in_process()
+    assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
+    [bad] = [r for r in read_manifest(run_dir)["images"] if r["status"] != "ok"]
+    assert bad["scene_id"] == "signal" and "NaN/Inf" in bad["error"]
+    assert bad["notes"] == ["vae_fp32_redecode"]  # it was tried again before giving up
+
+
+def test_out_of_memory_halves_the_batch_and_records_it(cli_in_process, monkeypatch):
+    sizes = []
+
+    def call(self, *args, **kwargs):
+        sizes.append(len(kwargs["prompt"]))
+        if len(kwargs["prompt"]) > 1:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return ORIGINAL_CALL(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
+    code, err, run_dir, store = cli_in_process("batch_size=4")
+    assert code == 0, err
+    assert sizes == [4, 2] + [1] * 7
+    manifest = read_manifest(run_dir)
+    assert [f["detail"] for f in manifest["run"]["fallbacks"]] == [
+        "batch size 4 -> 2", "batch size 2 -> 1"
+    ]  # fmt: skip
+    assert all(r["status"] == "ok" for r in manifest["images"]) and len(manifest["images"]) == 7
+    [run] = store_runs(store)
+    assert json.loads(run.data.tags["fallbacks"])[0]["action"] == "halve_batch"
+
+
+def test_out_of_memory_at_batch_one_tries_vae_tiling_then_gives_up(cli_in_process, monkeypatch):
+    def call(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
+    code, err, run_dir, _ = cli_in_process("batch_size=2")
+    assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
+    manifest = read_manifest(run_dir)
+    actions = [f["action"] for f in manifest["run"]["fallbacks"]]
+    assert actions == ["halve_batch", "vae_tiling"]  # CPU offload needs a GPU: not tried on CPU
+    assert {r["status"] for r in manifest["images"]} == {"failed"}
+    assert "out of memory at batch size 1" in manifest["images"][0]["error"]
+    assert "7 of 7 images failed" in err
+
+
+# --- kill, interrupt, resume: real subprocesses -------------------------------------------
+
+SLOW = ["experiment=smoke", "takes=6", "width=512", "height=288"]  # 42 images, several seconds
+
+
+def start(cwd: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "keyframes.run", *SLOW, *overrides,
+         f"mlflow.tracking_uri=sqlite:///{cwd / 'mlflow.db'}"],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_images(manifest: Path, proc: subprocess.Popen, at_least: int) -> int:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            count = len(json.loads(manifest.read_text())["images"])
+        except (OSError, ValueError):
+            count = 0
+        if count >= at_least:
+            return count
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    raise AssertionError("the run made no progress")
+
+
+def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
+    proc = start(tmp_path)
+    runs = tmp_path / "outputs" / "runs"
+    while not list(runs.glob("*/manifest.json")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    [manifest] = list(runs.glob("*/manifest.json"))
+    wait_for_images(manifest, proc, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_manifest(manifest.parent)
+    assert before["run"]["status"] == "running" and 3 <= len(before["images"]) < 42
+    kept = {r["file"]: (manifest.parent / r["file"]).stat().st_mtime_ns for r in before["images"]}
+    assert not (tmp_path / "mlflow.db").exists() or not store_runs(tmp_path / "mlflow.db")
+
+    time.sleep(1.1)  # a new Hydra run directory gets a new name
+    resumed = subprocess.run(
+        [sys.executable, "-m", "keyframes.run", *SLOW, "resume=true",
+         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (
+        f"resuming {manifest.parent}: {len(before['images'])} of 42 images already done"
+        in resumed.stdout + resumed.stderr
+    )
+    assert [p.parent for p in runs.glob("*/manifest.json")] == [
+        manifest.parent
+    ]  # no second run dir
+    after = read_manifest(manifest.parent)
+    files = [r["file"] for r in after["images"]]
+    assert (
+        len(files)
+        == 42
+        == len(set(files))
+        == len(list((manifest.parent / "keyframes").glob("*.png")))
+    )
+    assert after["run"]["status"] == "finished"
+    assert all((manifest.parent / f).stat().st_mtime_ns == t for f, t in kept.items())  # not redone
+    [run] = store_runs(tmp_path / "mlflow.db")
+    assert run.data.metrics["images"] == 42 and run.info.status == "FINISHED"
+
+
+def test_sigterm_keeps_finished_work_marks_killed_and_resume_replaces_it(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, f"hydra.run.dir={run_dir}")
+    wait_for_images(run_dir / "manifest.json", proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"finished keyframes kept in {run_dir}" in err
+    manifest = read_manifest(run_dir)
+    assert manifest["run"]["status"] == "interrupted"
+    assert all((run_dir / r["file"]).is_file() for r in manifest["images"])
+    [killed] = store_runs(tmp_path / "mlflow.db")
+    assert killed.info.status == "KILLED"
+    assert killed.data.metrics["images"] == len(manifest["images"])
+
+    again = subprocess.run(
+        [sys.executable, "-m", "keyframes.run", *SLOW, f"hydra.run.dir={run_dir}",
+         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    [run] = store_runs(tmp_path / "mlflow.db")  # the KILLED run was replaced, not joined
+    assert run.info.status == "FINISHED" and run.data.metrics["images"] == 42
+    assert len(read_manifest(run_dir)["images"]) == 42
+
+
+# --- tracking outages ----------------------------------------------------------------------
+
+
+def test_unreachable_store_keeps_the_run_and_sync_logs_it_once(run_cli, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    result = run_cli(
+        "experiment=smoke",
+        f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"MLflow store http://127.0.0.1:{port} could not be written" in result.output
+    assert f"uv run python -m keyframes.sync {result.run_dir}" in result.output
+    manifest = read_manifest(result.run_dir)
+    assert len(manifest["images"]) == 7 and "mlflow" not in manifest["run"]
+
+    store = tmp_path / "later.db"
+
+    def sync():
+        return subprocess.run(
+            [sys.executable, "-m", "keyframes.sync", str(result.run_dir), "--tracking-uri", f"sqlite:///{store}"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    first, second = sync(), sync()
+    assert first.returncode == 0 and first.stdout.startswith("logged MLflow run "), first.stderr
+    assert second.returncode == 0 and second.stdout.startswith("already logged"), second.stderr
+    [run] = store_runs(store)
+    assert run.data.metrics["images"] == 7
+    assert read_manifest(result.run_dir)["run"]["mlflow"]["run_id"] == run.info.run_id
+    assert len(MlflowClient(f"sqlite:///{store}").list_artifacts(run.info.run_id, "keyframes")) == 7
+
+
+def test_sync_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "keyframes.sync", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path} is not a keyframes run directory: manifest.json is missing"
+    )
+
+
+def test_locked_sqlite_store_is_retried(tmp_path, caplog):
+    from keyframes.config import TrackingConfig
+    from keyframes.tracking import RunRecord, log_run
+
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    record = RunRecord("locked", "r", {"a": "1"}, {}, {0: {"x": 1.0}}, {"images": 1.0}, key="k1")
+    log_run(cfg, RunRecord("locked", "warm-up", {}, {}, {}, {}, key="k0"))  # tables exist
+
+    lock = sqlite3.connect(tmp_path / "mlflow.db", check_same_thread=False)
+    lock.execute("BEGIN EXCLUSIVE")
+    # MLflow makes SQLite wait up to 20 s for a lock; hold it longer so that wait runs out
+    release = threading.Timer(22.0, lock.rollback)
+    release.start()
+    start = time.time()
+    run_id, created = log_run(cfg, record)
+    release.join()
+    assert created and time.time() - start > 20
+    assert "tracking store is locked; retrying" in caplog.text
+    run = MlflowClient(cfg.tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
