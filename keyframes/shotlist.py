@@ -277,7 +277,9 @@ def _parse_scene(
         problems.append(f"{where}.characters: expected a list of names, got {_kind(names)}")
         names = []
     for j, name in enumerate(names):
-        if name not in characters:
+        if not isinstance(name, str):
+            problems.append(f"{where}.characters[{j}]: expected a name, got {_kind(name)}")
+        elif name not in characters:
             known = ", ".join(characters) or "none defined"
             problems.append(
                 f"{where}.characters[{j}]: unknown character {name!r} (the sheet has: {known})"
