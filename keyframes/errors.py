@@ -1,6 +1,12 @@
 """The project's own error type: anything the user can fix gets one of these."""
 
 
+def first_line(error: BaseException | None) -> str:
+    """An exception as one short line, for messages that quote what a library said."""
+    text = str(error or "").strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 class KeyframesError(Exception):
     """A problem with the user's input or environment, reported as one message and exit code 2."""
 

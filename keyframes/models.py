@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from keyframes.config import ModelConfig, SamplerConfig
-from keyframes.errors import ConfigError, ModelUnavailableError
+from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,10 @@ def _unavailable_message(model: ModelConfig, error: Exception) -> str:
             f"uv run hf download {model.id} {patterns}".rstrip()
             + " (then copy the cache, or point model.path at a local folder or .safetensors file)."
         )
-    first_line = (
-        str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-    )
     return (
         f"model {model.name} ({model.path or model.id}) is not available.\n"
         f"  Looked in {where}.\n"
-        f"  Loader said: {first_line}\n"
+        f"  Loader said: {first_line(error)}\n"
         f"  {fix}\n"
         "  To try keyframes without any weights: uv run python -m keyframes.run experiment=smoke "
         "(offline, CPU, tiny random-weight model)."

@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from keyframes.config import Config, validate
-from keyframes.errors import ConfigError, Interrupted, KeyframesError
+from keyframes.errors import ConfigError, Interrupted, KeyframesError, first_line
 
 if TYPE_CHECKING:
     from keyframes.render import RenderResult
@@ -56,7 +56,7 @@ SWEEP_FILE = "sweep.json"  # in a sweep's directory: the parent run its jobs nes
 
 @dataclass(frozen=True)
 class SweepJob:
-    parent_run_id: str
+    parent_run_id: str | None  # None when the store was unreachable as the sweep began
     experiment: str
     sweep_dir: str
     job_num: int
@@ -75,8 +75,9 @@ def main(cfg: DictConfig) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     settings: Config = OmegaConf.to_object(cfg)
     sweep = None
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        info = json.loads((Path(hydra_cfg.sweep.dir) / SWEEP_FILE).read_text())
+    sweep_file = Path(hydra_cfg.sweep.dir) / SWEEP_FILE
+    if hydra_cfg.mode == RunMode.MULTIRUN and sweep_file.is_file():  # written by SweepCallback
+        info = json.loads(sweep_file.read_text())
         sweep = SweepJob(
             info["parent_run_id"], info["experiment"], hydra_cfg.sweep.dir, hydra_cfg.job.num
         )
@@ -183,11 +184,10 @@ def _track(ctx, sweep: SweepJob | None) -> None:
     try:
         run_id, _ = sync_run_dir(ctx.run_dir, tracking)
     except Exception as e:  # noqa: BLE001 - any store failure; the run's files are safe
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         log.warning(
             "MLflow store %s could not be written (%s). The keyframes and manifest are safe in "
             "%s; log them later with: uv run python -m keyframes.sync %s",
-            tracking.tracking_uri, reason, ctx.run_dir, ctx.run_dir,
+            tracking.tracking_uri, first_line(e), ctx.run_dir, ctx.run_dir,
         )  # fmt: skip
         return
     log.info("MLflow run %s in experiment %r (%s)", run_id, ctx.experiment, tracking.tracking_uri)
@@ -297,16 +297,21 @@ def begin_sweep(config: DictConfig) -> None:
     sweep_dir = Path(config.hydra.sweep.dir)
     keys = swept_keys(list(config.hydra.overrides.task))
     keys += [k for k in config.hydra.sweeper.get("params") or {} if k not in keys]  # Optuna
-    parent = start_parent_run(
-        tracking,
-        experiment,
-        run_name=f"sweep {sweep_dir.name}: {' x '.join(keys) or 'one job'}",
-        tags={
-            "keyframes.sweep_dir": str(sweep_dir.resolve()),
-            "keyframes.swept_keys": ",".join(keys),
-            "keyframes.overrides": json.dumps(list(config.hydra.overrides.task)),
-        },
-    )
+    try:
+        parent = start_parent_run(
+            tracking,
+            experiment,
+            run_name=f"sweep {sweep_dir.name}: {' x '.join(keys) or 'one job'}",
+            tags={
+                "keyframes.sweep_dir": str(sweep_dir.resolve()),
+                "keyframes.swept_keys": ",".join(keys),
+                "keyframes.overrides": json.dumps(list(config.hydra.overrides.task)),
+            },
+        )
+    except Exception as e:  # noqa: BLE001 - the sweep runs without its parent run
+        parent = None
+        log.warning("MLflow store %s unreachable (%s): sweep runs without a parent run",
+                    tracking.tracking_uri, first_line(e))  # fmt: skip
     sweep_dir.mkdir(parents=True, exist_ok=True)
     info = {"parent_run_id": parent, "experiment": experiment, "swept_keys": keys}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -335,23 +340,34 @@ def end_sweep(config: DictConfig) -> None:
             "fastest_good_run_id": report.fastest.run_id,
         }
         log.info("fastest within 1 CLIP point of the best: %s", tags["fastest_good_job"])
-    log.info("compare again: uv run python -m keyframes.compare --parent %s", info["parent_run_id"])
+    parent = info["parent_run_id"]
+    if parent is None:
+        log.warning("no MLflow parent run; the summary is in %s", summary_dir)
+        return
     columns = {
         name: [_number_or_text(row[i]) for row in report.rows]
         for i, name in enumerate(report.header)
     }
-    finish_parent_run(
-        OmegaConf.to_object(config.mlflow),
-        info["parent_run_id"],
-        tags={k: v for k, v in tags.items() if v},
-        metrics={"jobs": len(jobs)},
-        table=columns,
-        artifacts=[
-            (summary_dir / "summary.csv", None),
-            (summary_dir / "grids", "grids"),
-            (summary_dir / "plots", "plots"),
-        ],
-    )
+    statuses = {json.loads(p.read_text())["run"].get("status") for p in manifests}
+    try:
+        finish_parent_run(
+            OmegaConf.to_object(config.mlflow),
+            parent,
+            tags={k: v for k, v in tags.items() if v},
+            metrics={"jobs": len(jobs)},
+            table=columns,
+            artifacts=[
+                (summary_dir / "summary.csv", None),
+                (summary_dir / "grids", "grids"),
+                (summary_dir / "plots", "plots"),
+            ],
+            status="FINISHED" if statuses <= {"finished"} else "FAILED",
+        )
+    except Exception as e:  # noqa: BLE001 - the summary is on disk either way
+        log.warning("could not log the sweep summary to MLflow (%s); it is in %s",
+                    first_line(e), summary_dir)  # fmt: skip
+        return
+    log.info("compare again: uv run python -m keyframes.compare --parent %s", parent)
 
 
 def _job_order(name: str) -> tuple[int, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from keyframes.config import ScorerConfig
-from keyframes.errors import ModelUnavailableError
+from keyframes.errors import ModelUnavailableError, first_line
 
 CONTEXT_LENGTH = 77
 SAFETENSORS_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
@@ -109,7 +109,7 @@ def _weights_file(cfg: ScorerConfig) -> str:
         f"CLIP scorer {cfg.model}/{cfg.pretrained} is not available.\n"
         f"  Looked for {repo} ({' or '.join(SAFETENSORS_NAMES)}) in the Hugging Face cache "
         f"{constants.HF_HUB_CACHE} and on the hub.\n"
-        f"  Loader said: {str(error).strip().splitlines()[0][:300] if error else '?'}\n"
+        f"  Loader said: {first_line(error)}\n"
         "  Download it on a machine with network: "
         f"uv run hf download {repo} {SAFETENSORS_NAMES[0]}\n"
         "  Or run without scoring: scorer=none (or scorer=tiny for a random-weight test scorer)."

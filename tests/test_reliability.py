@@ -2,6 +2,7 @@
 the real CLI entry point), killed and interrupted subprocesses, unreachable and locked stores."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -322,3 +323,22 @@ def test_locked_sqlite_store_is_retried(tmp_path, caplog):
     assert "tracking store is locked; retrying" in caplog.text
     run = MlflowClient(cfg.tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
+
+
+def test_sweep_without_a_reachable_store_still_makes_every_job_and_the_summary(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "keyframes.run", "experiment=smoke", "-m", "steps=2,3",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}", f"mlflow.tracking_uri=http://127.0.0.1:{port}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "sweep runs without a parent run" in output
+    assert len(list((tmp_path / "sweep").glob("*/manifest.json"))) == 2
+    assert len(list((tmp_path / "sweep" / "summary" / "grids").glob("*.png"))) == 7
