@@ -85,7 +85,9 @@ def contact_sheet(
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         x = pad + (i % columns) * (tw + pad)
         y = title_h + (i // columns) * (th + label_h + pad)
-        sheet.paste(image.convert("RGB").resize((tw, th), Image.Resampling.LANCZOS), (x, y))
+        if image.size != (tw, th):
+            image = image.resize((tw, th), Image.Resampling.LANCZOS)
+        sheet.paste(image.convert("RGB"), (x, y))
         draw.text(
             (x + 2, y + th + 3),
             fit_text(draw, label, font, tw - 4),

@@ -42,7 +42,7 @@ from keyframes.shotlist import Shotlist
 
 log = logging.getLogger("keyframes")
 
-THUMB_WIDTH = 384  # contact sheet cell width; thumbnails are all that is kept in memory
+THUMB_WIDTH = 384  # contact sheet cell width
 CLIP_TOKENS = 77
 
 
@@ -73,11 +73,6 @@ class RenderResult:
 
     def write_manifest(self) -> Path:
         return write_manifest(self.run_dir, self.manifest_run, self.images)
-
-
-# What must match for an image on disk to count as done when a run is resumed.
-RECIPE_KEYS = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler", "width",
-               "height", "model")  # fmt: skip
 
 
 def render(ctx: RunContext) -> RenderResult:
@@ -208,8 +203,9 @@ def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str
 
 
 def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
+    """What must match for an image on disk to count as done when a run is resumed."""
     cfg = ctx.cfg
-    values = {
+    return {
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
         "seed": job.seed,
@@ -220,7 +216,6 @@ def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
         "height": ctx.height,
         "model": cfg.model.name,
     }
-    return {k: values[k] for k in RECIPE_KEYS}
 
 
 def count_tokens(pipe, jobs: list[ImageJob]) -> dict[str, int]:

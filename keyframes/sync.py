@@ -51,8 +51,10 @@ def read_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return manifest, config
 
 
-def record_from_run_dir(run_dir: Path) -> RunRecord:
-    manifest, config = read_run_dir(run_dir)
+def record_from_run_dir(
+    run_dir: Path, manifest: dict[str, Any], config: dict[str, Any]
+) -> RunRecord:
+    """The MLflow run of a run directory, from its manifest and resolved config."""
     run, images = manifest["run"], manifest["images"]
     tags = {
         "keyframes.model": run["model"],
@@ -118,9 +120,9 @@ def sync_run_dir(run_dir: Path, tracking: TrackingConfig) -> tuple[str, bool]:
     run id in the manifest."""
     from keyframes.tracking import log_run
 
-    record = record_from_run_dir(run_dir)
+    manifest, config = read_run_dir(run_dir)
+    record = record_from_run_dir(run_dir, manifest, config)
     run_id, created = log_run(tracking, record)
-    manifest, _ = read_run_dir(run_dir)
     manifest["run"]["mlflow"] = {
         "tracking_uri": tracking.tracking_uri,
         "experiment": record.experiment,

@@ -39,12 +39,18 @@ class RunRecord:
     key: str = ""  # identifies the run directory's run: logging it again changes nothing
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store URI; None for servers."""
+    return (
+        Path(uri.removeprefix("sqlite:///")).expanduser() if uri.startswith("sqlite:///") else None
+    )
+
+
 def _artifact_location(cfg: TrackingConfig) -> str | None:
     if cfg.artifact_root:
         return Path(cfg.artifact_root).expanduser().resolve().as_uri()
-    if cfg.tracking_uri.startswith("sqlite:///"):
-        db = Path(cfg.tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
-        return (db.parent / "mlartifacts").as_uri()
+    if db := _sqlite_file(cfg.tracking_uri):
+        return (db.resolve().parent / "mlartifacts").as_uri()
     return None  # a tracking server decides
 
 
@@ -112,8 +118,8 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # store migrations are not news
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if db := _sqlite_file(uri):
+        db.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -75,9 +75,8 @@ def test_generation_reports_timing_and_no_vram_on_cpu(tiny_pipe):
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_swaps_in_and_generates(tiny_pipe, name):
-    from keyframes.models import load_pipeline  # fresh pipe: the shared one keeps its sampler
-
     cls, options = SAMPLERS[name]
+    # a fresh pipeline: the shared one keeps its sampler
     pipe = load_pipeline(ModelConfig(name="tiny", tiny=True), resolve_placement("cpu", "auto"))
     apply_sampler(pipe, SamplerConfig(name=name, label=name, scheduler=cls, options=options))
     assert type(pipe.scheduler).__name__ == cls
