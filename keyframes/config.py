@@ -21,6 +21,10 @@ MAX_TAKES = 1000
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SEED_MODES = ("derived", "fixed")
 OBJECTIVES = ("clip_score_mean", "clip_score_per_second")
+MEMORY_MODES = ("auto", "none", "balanced", "low_vram", "minimal")
+OFFLOAD_MODES = ("low_vram", "minimal")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ARCHITECTURES = ("sdxl_base",)
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 
 
@@ -31,8 +35,10 @@ class ModelConfig:
     path: str | None = None  # local diffusers folder or single .safetensors file; wins over id
     config: str | None = None  # single files only: folder or hub id holding the pipeline configs
     variant: str | None = None  # weight variant to prefer, e.g. fp16
-    dtype: str = "auto"  # auto: float16 on CUDA/MPS, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on CUDA where supported, else float16; CPU float32
     tiny: bool = False  # build the tiny random-weight test model instead of loading weights
+    architecture: str | None = None  # build this packaged architecture with random weights
+    vae: str | None = None  # replacement VAE (hub id or folder), e.g. the fp16-fix SDXL VAE
     allow_pickle: bool = False  # load .ckpt/.bin/.pt (pickle: can run code) - only if trusted
 
 
@@ -73,6 +79,21 @@ class ScorerConfig:
 
 
 @dataclass
+class MemoryConfig:
+    name: str = MISSING  # auto | none | balanced | low_vram | minimal (keyframes/memory.py)
+
+
+@dataclass
+class SpeedConfig:
+    name: str = MISSING
+    compile: bool = False  # torch.compile the UNet (its repeated blocks) and the VAE decoder
+    compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    channels_last: bool = False  # NHWC memory layout for the convolutions
+    fuse_qkv: bool = False  # one projection for query, key and value
+    tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions (CUDA)
+
+
+@dataclass
 class TrackingConfig:
     tracking_uri: str = MISSING  # sqlite file (no server) or http(s) server
     experiment_name: str | None = None  # null: derived from the shotlist title
@@ -101,6 +122,8 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -168,6 +191,9 @@ def validate(cfg: Config) -> tuple[int, int]:
         ("seed_mode", cfg.seed_mode, SEED_MODES),
         ("objective", cfg.objective, OBJECTIVES),
         ("model.dtype", cfg.model.dtype, DTYPES),
+        ("memory", cfg.memory.name, MEMORY_MODES),
+        ("speed.compile_mode", cfg.speed.compile_mode, COMPILE_MODES),
+        ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
     ):
         if value not in allowed:
             problems.append(f"{key}={value}: must be one of {', '.join(allowed)}")
@@ -176,7 +202,12 @@ def validate(cfg: Config) -> tuple[int, int]:
             problems.append(f"{key}={value}: must be a multiple of 8 and at least 64")
     if "{prompt}" not in cfg.style.prompt:
         problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
-    if not (cfg.model.tiny or cfg.model.id or cfg.model.path):
+    if cfg.speed.compile and cfg.memory.name in OFFLOAD_MODES:
+        problems.append(
+            f"speed.compile with memory={cfg.memory.name}: a compiled model stays on the GPU, "
+            "offloading moves it away; use memory=balanced (or auto) with compile"
+        )
+    if not (cfg.model.tiny or cfg.model.architecture or cfg.model.id or cfg.model.path):
         problems.append(
             "model: set model.path=/path/to/folder-or-file.safetensors (or model.id=org/repo)"
         )

@@ -37,6 +37,7 @@ class GenerationSettings:
     width: int
     height: int
     batch_size: int
+    fixed_batch: bool = False  # pad a short last batch: a compiled model sees one shape only
 
 
 @dataclass
@@ -113,6 +114,9 @@ class KeyframeGenerator:
         return [Generation(job, None, 0.0, None, peak_rss_gb(), error=error) for job in batch]
 
     def _generate(self, batch: list[ImageJob]) -> list[Generation]:
+        size = len(batch)
+        if self.settings.fixed_batch and size < self.batch_size:
+            batch = batch + [batch[-1]] * (self.batch_size - size)  # dropped again below
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
         if self.cuda:
             torch.cuda.synchronize()
@@ -137,10 +141,10 @@ class KeyframeGenerator:
             )
             pixels = decode(self.pipe, latents, float32=True)
             bad = ~(_finite(latents) & _finite(pixels))
-        images = to_pil(self.pipe, pixels)
+        batch, images, bad = batch[:size], to_pil(self.pipe, pixels[:size]), bad[:size]
         if self.cuda:
             torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / len(batch)
+        seconds = (time.perf_counter() - start) / size
         vram = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
         rss = peak_rss_gb()
         out = []

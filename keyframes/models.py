@@ -6,14 +6,16 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from keyframes.config import ModelConfig, SamplerConfig
+from keyframes.config import ModelConfig, SamplerConfig, SpeedConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
+from keyframes.memory import apply_memory_mode
+from keyframes.speed import apply_speed
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ class Placement:
 
 
 def resolve_placement(device: str, dtype: str) -> Placement:
-    """'auto' picks CUDA, then MPS, then CPU; half precision on accelerators, float32 on CPU."""
+    """'auto' picks CUDA, then MPS, then CPU; 16-bit on accelerators (bfloat16 where the GPU
+    has it: float16's range lets the SDXL VAE overflow), float32 on CPU."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if device == "auto":
         device = "cuda" if cuda else "mps" if mps else "cpu"
@@ -40,7 +43,10 @@ def resolve_placement(device: str, dtype: str) -> Placement:
     elif device == "mps" and not mps:
         raise ConfigError("device=mps: the Apple MPS backend is not available. Use device=auto.")
     if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "float16"
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = "bfloat16"
+        else:
+            dtype = "float32" if device == "cpu" else "float16"
     if device == "cpu" and dtype == "float16":
         raise ConfigError("model.dtype=float16 is not supported on CPU; use float32 or bfloat16.")
     return Placement(device=device, dtype=getattr(torch, dtype))
@@ -49,12 +55,14 @@ def resolve_placement(device: str, dtype: str) -> Placement:
 def describe_source(model: ModelConfig) -> str:
     if model.tiny:
         return "tiny random-weight SDXL"
+    if model.architecture:
+        return f"{model.architecture} architecture, random weights"
     return model.path or model.id or "?"
 
 
 def check_source(model: ModelConfig) -> None:
     """Cheap checks that need no weights: run before anything is written."""
-    if model.tiny or not model.path:
+    if model.tiny or model.architecture or not model.path:
         return
     path = Path(model.path).expanduser()
     if not path.exists():
@@ -67,8 +75,8 @@ def check_source(model: ModelConfig) -> None:
         )
 
 
-def load_pipeline(model: ModelConfig, placement: Placement):
-    """Return a StableDiffusionXLPipeline on the chosen device, progress bars off."""
+def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "none"):
+    """A StableDiffusionXLPipeline placed as the memory mode says, progress bars off."""
     check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
     if model.tiny:
         from keyframes.tiny import build_tiny_pipeline
@@ -76,9 +84,14 @@ def load_pipeline(model: ModelConfig, placement: Placement):
         pipe = build_tiny_pipeline()  # float32, as built
         if placement.dtype != torch.float32:
             pipe = pipe.to(dtype=placement.dtype)
+    elif model.architecture:
+        from keyframes.architectures import build_random_pipeline
+
+        build_on = placement.device if memory_mode in ("none", "balanced") else "cpu"
+        pipe = build_random_pipeline(model.architecture, build_on, placement.dtype)
     else:
         pipe = _load_weights(model, placement.dtype)
-    pipe = pipe.to(placement.device)
+    pipe = apply_memory_mode(pipe, memory_mode, placement.device)
     pipe.set_progress_bar_config(disable=True)  # the run has one overall bar
     _quiet_truncation_warnings()
     return pipe
@@ -113,13 +126,28 @@ def _load_weights(model: ModelConfig, dtype: torch.dtype):
     from diffusers import StableDiffusionXLPipeline
 
     source = model.path or model.id
+    # use_safetensors=True makes diffusers refuse .bin weights; None lets it fall back
+    safe = None if model.allow_pickle else True
+    extra = {}
+    if model.vae:
+        from diffusers import AutoencoderKL
+
+        try:
+            extra["vae"] = AutoencoderKL.from_pretrained(
+                model.vae, dtype=dtype, use_safetensors=safe
+            )
+        except (OSError, ValueError) as e:
+            raise ModelUnavailableError(
+                f"model.vae={model.vae} is not available: {first_line(e)}\n"
+                "  Give a diffusers VAE folder or a cached hub id "
+                "(e.g. madebyollin/sdxl-vae-fp16-fix), or drop model.vae."
+            ) from None
     try:
         if model.path and Path(model.path).expanduser().is_file():
             return StableDiffusionXLPipeline.from_single_file(
-                str(Path(model.path).expanduser()), dtype=dtype, config=model.config
+                str(Path(model.path).expanduser()), dtype=dtype, config=model.config, **extra
             )
-        # use_safetensors=True makes diffusers refuse .bin weights; None lets it fall back
-        kwargs = dict(dtype=dtype, use_safetensors=None if model.allow_pickle else True)
+        kwargs = dict(dtype=dtype, use_safetensors=safe, **extra)
         if model.variant and _has_variant(source, model.variant):
             kwargs["variant"] = model.variant
         return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
@@ -194,7 +222,9 @@ def apply_sampler(pipe, sampler: SamplerConfig, base_config=None) -> None:
 class LoadedPipeline:
     pipe: Any
     scheduler_config: Any  # the model's own scheduler config, before any sampler swap
+    speed: dict  # what the speed settings did
     key: tuple
+    warmed_up: set = field(default_factory=set)  # (batch, width, height) already compiled
 
 
 # One pipeline per process, reused by every job (of a sweep) with the same model settings.
@@ -202,15 +232,18 @@ class LoadedPipeline:
 _loaded: LoadedPipeline | None = None
 
 
-def cached_pipeline(model: ModelConfig, placement: Placement) -> tuple[LoadedPipeline, bool]:
-    """(pipeline, cache hit?). A different model or placement replaces the cached one."""
+def cached_pipeline(
+    model: ModelConfig, placement: Placement, memory_mode: str, speed: SpeedConfig
+) -> tuple[LoadedPipeline, bool]:
+    """(pipeline, cache hit?). Different settings replace the cached one."""
     global _loaded
-    key = (tuple(sorted(asdict(model).items())), placement)
+    key = (tuple(sorted(asdict(model).items())), placement, memory_mode, repr(speed))
     if _loaded is not None and _loaded.key == key:
         return _loaded, True
     release_pipeline()
-    pipe = load_pipeline(model, placement)
-    _loaded = LoadedPipeline(pipe, pipe.scheduler.config, key)
+    pipe = load_pipeline(model, placement, memory_mode)
+    applied = apply_speed(pipe, speed, placement.device)
+    _loaded = LoadedPipeline(pipe, pipe.scheduler.config, applied, key)
     return _loaded, False
 
 

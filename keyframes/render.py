@@ -10,7 +10,7 @@ import json
 import logging
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from keyframes.config import Config
 from keyframes.errors import Interrupted
 from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
+from keyframes.memory import MemoryPlan
 from keyframes.models import (
+    LoadedPipeline,
     Placement,
     apply_sampler,
     cached_pipeline,
@@ -52,6 +54,7 @@ class RunContext:
     shotlist: Shotlist
     jobs: list[ImageJob]
     placement: Placement
+    memory: MemoryPlan
     width: int
     height: int
     run_dir: Path
@@ -78,7 +81,7 @@ class RenderResult:
 def render(ctx: RunContext) -> RenderResult:
     cfg = ctx.cfg
     start = time.perf_counter()
-    loaded, hit = cached_pipeline(cfg.model, ctx.placement)
+    loaded, hit = cached_pipeline(cfg.model, ctx.placement, ctx.memory.mode, cfg.speed)
     pipe = loaded.pipe
     apply_sampler(pipe, cfg.sampler, loaded.scheduler_config)
     model_load_seconds = time.perf_counter() - start
@@ -94,6 +97,7 @@ def render(ctx: RunContext) -> RenderResult:
 
     result = RenderResult(ctx.run_dir, manifest_run=run_info(ctx, scorer))
     result.manifest_run["pipeline_cache"] = "hit" if hit else "miss"
+    result.manifest_run["speed"] = {"preset": cfg.speed.name, **loaded.speed}
     result.manifest_run["timings"] = {
         "model_load_seconds": round(model_load_seconds, 3),
         "scorer_load_seconds": round(scorer_load_seconds, 3),
@@ -102,16 +106,18 @@ def render(ctx: RunContext) -> RenderResult:
     todo = [job for job in ctx.jobs if job.index not in done]
     if done:
         log.info("resuming %s: %d of %d images already done", ctx.run_dir, len(done), len(ctx.jobs))
-    generator = KeyframeGenerator(
-        pipe,
-        GenerationSettings(
-            steps=cfg.steps,
-            cfg_scale=cfg.cfg_scale,
-            width=ctx.width,
-            height=ctx.height,
-            batch_size=cfg.batch_size,
-        ),
+    settings = GenerationSettings(
+        steps=cfg.steps,
+        cfg_scale=cfg.cfg_scale,
+        width=ctx.width,
+        height=ctx.height,
+        batch_size=cfg.batch_size,
+        fixed_batch=cfg.speed.compile,
     )
+    if cfg.speed.compile and todo:
+        compile_seconds = warm_up(loaded, settings, todo[0])
+        result.manifest_run["timings"]["compile_seconds"] = round(compile_seconds, 3)
+    generator = KeyframeGenerator(pipe, settings)
     tokens = count_tokens(pipe, todo)
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
     records = dict(done)
@@ -158,6 +164,24 @@ def render(ctx: RunContext) -> RenderResult:
     return result
 
 
+def warm_up(loaded: LoadedPipeline, settings: GenerationSettings, job: ImageJob) -> float:
+    """Compile for this batch shape with a short throwaway generation; its seconds are the
+    compile cost, kept out of every image's seconds. Free when the shape is compiled already."""
+    shape = (settings.batch_size, settings.width, settings.height)
+    if shape in loaded.warmed_up:
+        return 0.0
+    log.info("compiling for batch %d at %dx%d (one-off)", *shape)
+    start = time.perf_counter()
+    short = replace(settings, steps=min(settings.steps, 2))
+    for batch in KeyframeGenerator(loaded.pipe, short).run([job]):
+        if batch[0].error:
+            log.warning("warm-up failed: %s", batch[0].error)
+    loaded.warmed_up.add(shape)
+    seconds = time.perf_counter() - start
+    log.info("compiled in %.1f s", seconds)
+    return seconds
+
+
 def finish(ctx: RunContext, result: RenderResult, model_load_seconds: float) -> None:
     """Contact sheet, summary and the final manifest, for whatever images exist."""
     if result.images:
@@ -168,6 +192,9 @@ def finish(ctx: RunContext, result: RenderResult, model_load_seconds: float) -> 
         sheet = contact_sheet(thumbs, [_label(r) for r in result.images], title, thumbs[0].width)
         save_contact_sheet(sheet, ctx.run_dir / "contact_sheet.png")
     result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
+    compile_seconds = result.manifest_run["timings"].get("compile_seconds")
+    if compile_seconds is not None:
+        result.summary["compile_seconds"] = compile_seconds
     result.manifest_run["finished_at"] = _iso(time.time())
     result.manifest_run["summary"] = result.summary
     result.write_manifest()
@@ -312,6 +339,7 @@ def run_info(ctx: RunContext, scorer: ClipScorer | None) -> dict[str, Any]:
         "scorer": scorer.name if scorer else None,
         "device": ctx.placement.device,
         "dtype": str(ctx.placement.dtype).removeprefix("torch."),
+        "memory": ctx.memory.as_record(),
         "versions": ctx.versions,
         "overrides": ctx.overrides,
         "command": "uv run python -m keyframes.run " + " ".join(map(shlex.quote, ctx.overrides)),

@@ -137,15 +137,23 @@ def run(
         takes=cfg.takes,
     )
     # torch and diffusers load only once the input has passed: bad input fails in a second.
+    from keyframes.memory import plan_memory
     from keyframes.models import check_source, resolve_placement
+    from keyframes.speed import check_speed
 
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_source(cfg.model)
+    check_speed(cfg.speed, placement.device)
+    memory = plan_memory(
+        cfg.memory.name, placement.device, placement.dtype, cfg.model,
+        cfg.batch_size, width, height,
+    )  # fmt: skip
     log.info(
         "%s: %d scenes, %d images at %dx%d, %d steps, cfg %g, %s, style %s, on %s",
         shotlist.title, len(shotlist.scenes), len(jobs), width, height,
         cfg.steps, cfg.cfg_scale, cfg.sampler.name, cfg.style.name, placement.device,
     )  # fmt: skip
+    log.info("memory mode %s (%s), speed %s", memory.mode, memory.reason, cfg.speed.name)
     from keyframes.render import RunContext, render
 
     context = RunContext(
@@ -153,6 +161,7 @@ def run(
         shotlist=shotlist,
         jobs=jobs,
         placement=placement,
+        memory=memory,
         width=width,
         height=height,
         run_dir=run_dir,
@@ -220,8 +229,9 @@ def _switch_to_unfinished_run(fresh_dir: Path, wanted_hash: str, log_name: str) 
     return target
 
 
-# Settings that do not change any image: left out of the config hash that resume matches on.
-NOT_IN_HASH = ("resume", "batch_size", "device", "mlflow")
+# Settings that do not change what an image is meant to be: left out of the config hash that
+# resume matches on, so a run that ran out of memory can go on with memory=low_vram.
+NOT_IN_HASH = ("resume", "batch_size", "device", "mlflow", "memory", "speed")
 
 
 def config_hash(resolved: dict[str, Any]) -> str:

@@ -71,6 +71,10 @@ def record_from_run_dir(
         "pipeline_cache": run["pipeline_cache"],
         **{f"version.{name}": v for name, v in run["versions"].items()},
     }
+    if run.get("memory"):
+        tags["keyframes.memory_mode"] = run["memory"]["mode"]
+    if run.get("speed"):
+        tags["keyframes.speed"] = run["speed"]["preset"]
     if run.get("git_commit"):
         tags["mlflow.source.git.commit"] = run["git_commit"]
     failed = [r for r in images if r["status"] != "ok"]

@@ -9,6 +9,7 @@ Its images are noise-like: it tests the machinery, not the look.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -21,13 +22,16 @@ TIME_EMBED_DIM = 8
 
 
 def clip_tokenizer_files(folder: Path) -> Path:
-    """Write vocab.json + merges.txt of the real CLIP BPE (shipped inside open_clip)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    """Write vocab.json + merges.txt of the real CLIP BPE, read from the file open_clip ships.
+    open_clip itself is not imported: it pulls in torchvision, which a bare GPU box may lack."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("open_clip (open-clip-torch) ships the CLIP vocabulary")
+    bpe = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
     # Same slice as CLIP's own tokenizer: skip the version line, keep 48 894 merges.
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    byte_chars = list(bytes_to_unicode().values())
+    byte_chars = _byte_characters()
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,6 +40,14 @@ def clip_tokenizer_files(folder: Path) -> Path:
         "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
     )
     return folder
+
+
+def _byte_characters() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes, in CLIP's vocabulary order:
+    printable Latin-1 bytes map to themselves, the others to code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    return [chr(b) for b in printable] + [chr(256 + n) for n, _ in enumerate(extra)]
 
 
 def clip_tokenizers():

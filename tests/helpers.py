@@ -13,3 +13,9 @@ def tiny_model_config(**overrides) -> ModelConfig:
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+def default_speed():
+    from keyframes.config import SpeedConfig
+
+    return SpeedConfig(name="sdpa")

@@ -13,12 +13,14 @@ from keyframes.errors import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = {
-    "model": {"sdxl_base", "tiny", "local"},
+    "model": {"sdxl_base", "sdxl_random", "tiny", "local"},
     "style": {"none", "cinematic", "dramatic", "noir", "documentary", "anime", "watercolor", "vintage_film"},
     "negative": {"default", "strict", "none"},
     "sampler": {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"},
     "quality": {"draft", "standard", "high"},
     "scorer": {"clip", "tiny", "none"},
+    "memory": {"auto", "none", "balanced", "low_vram", "minimal"},
+    "speed": {"sdpa", "fast", "compile"},
 }  # fmt: skip
 
 

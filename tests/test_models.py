@@ -9,6 +9,7 @@ from keyframes.models import apply_sampler, check_source, load_pipeline, resolve
 from keyframes.plan import plan_jobs
 from keyframes.shotlist import load_shotlist
 from keyframes.tiny import clip_tokenizers
+from tests.helpers import default_speed
 
 SAMPLERS = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -140,10 +141,16 @@ def test_cached_pipeline_is_reused_until_the_model_changes():
     from keyframes.models import cached_pipeline, release_pipeline
 
     placement = resolve_placement("cpu", "auto")
-    first, hit = cached_pipeline(ModelConfig(name="tiny", tiny=True), placement)
-    again, hit_again = cached_pipeline(ModelConfig(name="tiny", tiny=True), placement)
+    first, hit = cached_pipeline(
+        ModelConfig(name="tiny", tiny=True), placement, "none", default_speed()
+    )
+    again, hit_again = cached_pipeline(
+        ModelConfig(name="tiny", tiny=True), placement, "none", default_speed()
+    )
     assert (hit, hit_again) == (False, True) and again.pipe is first.pipe
-    other, hit_other = cached_pipeline(ModelConfig(name="tiny2", tiny=True), placement)
+    other, hit_other = cached_pipeline(
+        ModelConfig(name="tiny2", tiny=True), placement, "none", default_speed()
+    )
     assert hit_other is False and other.pipe is not first.pipe
     release_pipeline()
 
@@ -161,7 +168,9 @@ def test_sampler_swaps_on_a_reused_pipeline_do_not_leak_options():
     )
     placement = resolve_placement("cpu", "auto")
     release_pipeline()
-    loaded, _ = cached_pipeline(ModelConfig(name="tiny", tiny=True), placement)
+    loaded, _ = cached_pipeline(
+        ModelConfig(name="tiny", tiny=True), placement, "none", default_speed()
+    )
     apply_sampler(loaded.pipe, euler, loaded.scheduler_config)
     fresh = pixels(loaded.pipe, demo_jobs(1))[0]
     apply_sampler(loaded.pipe, karras, loaded.scheduler_config)

@@ -20,6 +20,7 @@ import keyframes.run as entry
 from keyframes.config import ModelConfig
 from keyframes.models import cached_pipeline, release_pipeline, resolve_placement
 from tests.conftest import read_manifest
+from tests.helpers import default_speed
 
 ORIGINAL_CALL = StableDiffusionXLPipeline.__call__
 
@@ -53,9 +54,12 @@ def cli_in_process(tmp_path, monkeypatch, capsys):
 
 
 def tiny_pipe():
-    return cached_pipeline(ModelConfig(name="tiny", tiny=True), resolve_placement("cpu", "auto"))[
-        0
-    ].pipe
+    return cached_pipeline(
+        ModelConfig(name="tiny", tiny=True),
+        resolve_placement("cpu", "auto"),
+        "none",
+        default_speed(),
+    )[0].pipe
 
 
 def test_a_failing_batch_is_recorded_and_the_other_scenes_still_run(cli_in_process, monkeypatch):

@@ -1,0 +1,120 @@
+"""Analytical FLOP counts for an SDXL-style image, to turn seconds into achieved TFLOP/s.
+
+The counts come from torch.utils.flop_counter run on the `meta` device (shapes only: no
+memory, no weights): it counts matrix multiplies, convolutions and attention, 2 FLOPs per
+multiply-add. For the SDXL base architecture they are counted once, by
+scripts/count_architecture.py, and kept in keyframes/data/sdxl_base/counts.json; any other
+model (the tiny one) is counted on the fly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from keyframes.architectures import architecture_configs, build_components, packaged_counts
+
+TEXT_TOKENS = 77
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks with float32 accumulation, as PyTorch runs
+# them, from the vendors' datasheets, in TFLOP/s. Matched against torch's device name.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+)
+
+
+@dataclass(frozen=True)
+class ImageFlops:
+    unet_per_sample_step: float  # one UNet forward, one sample (CFG runs two per step)
+    vae_decode: float  # one image
+    text_encoders: float  # one prompt through both text encoders
+
+    def per_image(self, steps: int, cfg_scale: float) -> float:
+        """FLOPs to make one image: guidance > 1 runs the UNet and the text encoders on the
+        prompt and the negative prompt (classifier-free guidance), as diffusers does."""
+        guided = 2 if cfg_scale > 1 else 1
+        return guided * (steps * self.unet_per_sample_step + self.text_encoders) + self.vae_decode
+
+
+def count_flops(unet, vae, text_encoders, width: int, height: int) -> ImageFlops:
+    """Count the FLOPs of one sample through each component at this size. Works on modules
+    on any device; on `meta` it is free."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    first = next(unet.parameters())
+    c, like = unet.config, dict(device=first.device, dtype=first.dtype)
+    latent = torch.zeros(1, c.in_channels, height // 8, width // 8, **like)
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    unet_kwargs = dict(
+        encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, c.cross_attention_dim, **like),
+        added_cond_kwargs={
+            "text_embeds": torch.zeros(1, pooled, **like),
+            "time_ids": torch.zeros(1, 6, **like),
+        },
+    )
+    ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device=first.device)
+
+    def flops(call) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call()
+        return float(counter.get_total_flops())
+
+    return ImageFlops(
+        unet_per_sample_step=flops(lambda: unet(latent, torch.tensor(500.0), **unet_kwargs)),
+        vae_decode=flops(lambda: vae.decode(latent.to(vae.dtype))),
+        text_encoders=sum(flops(lambda e=e: e(ids)) for e in text_encoders),
+    )
+
+
+def count_architecture(name: str, width: int, height: int) -> ImageFlops:
+    unet, vae, text_encoder, text_encoder_2 = build_components(name, "meta")
+    return count_flops(unet, vae, (text_encoder, text_encoder_2), width, height)
+
+
+def packaged_flops(name: str, width: int, height: int) -> ImageFlops | None:
+    entry = packaged_counts(name)["flops"].get(f"{width}x{height}")
+    return ImageFlops(**entry) if entry else None
+
+
+def architecture_of(pipe) -> str | None:
+    """The packaged architecture this pipeline's UNet has, if any (its weights may be real)."""
+    config = dict(pipe.unet.config)
+    for name in ("sdxl_base",):
+        published = architecture_configs(name)["unet"]
+        keys = ("block_out_channels", "transformer_layers_per_block", "cross_attention_dim")
+        if all(list(_as_list(config.get(k))) == _as_list(published[k]) for k in keys):
+            return name
+    return None
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def image_flops(pipe, width: int, height: int) -> tuple[ImageFlops, str]:
+    """(FLOPs, where the numbers come from) for this pipeline at this size."""
+    name = architecture_of(pipe)
+    if name:
+        packaged = packaged_flops(name, width, height)
+        if packaged:
+            return packaged, f"packaged counts ({name}, {width}x{height})"
+        return count_architecture(name, width, height), f"counted now on meta ({name})"
+    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+    return count_flops(pipe.unet, pipe.vae, encoders, width, height), "counted now on the model"
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, peak in PEAK_TFLOPS:
+        if key in device_name:
+            return peak
+    return None

@@ -1,0 +1,143 @@
+"""Memory modes: what to trade for VRAM, chosen before the model loads.
+
+    none      everything on the GPU
+    balanced  + VAE slicing and tiling (no full-size decode spike)
+    low_vram  model CPU offload + VAE tiling + attention slicing
+    minimal   sequential CPU offload
+    auto      the first of none, balanced, low_vram whose estimate fits the free VRAM
+
+The estimate is weights (parameter count x bytes per parameter, exact) plus activations
+(the per-megapixel figures below: rough, conservative estimates for SDXL with SDPA attention,
+not measurements; scripts/bench.py measures the real peak of each mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from keyframes.config import OFFLOAD_MODES, ModelConfig
+from keyframes.errors import ConfigError
+
+UNET_GB_PER_MEGAPIXEL = 0.5  # UNet activations per image, both guidance halves
+VAE_GB_PER_MEGAPIXEL = 3.0  # VAE decode of one image in 16-bit (twice that in float32)
+TILE_MEGAPIXELS = 1024 * 1024 / 1e6  # the SDXL VAE tiles images larger than 1024 px
+HEADROOM_GB = 1.0  # CUDA context, allocator fragmentation
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    requested: str
+    mode: str
+    reason: str
+    free_vram_gb: float | None = None
+    estimate_gb: float | None = None  # the estimate for the chosen mode
+
+    def as_record(self) -> dict:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def weights_gb(model: ModelConfig, dtype: torch.dtype) -> tuple[float, float]:
+    """(all weights, the largest component) in GB for the model about to load."""
+    if model.tiny:
+        return 0.01, 0.01
+    from keyframes.architectures import packaged_counts
+
+    # every other preset is SDXL base-sized
+    counts = packaged_counts(model.architecture or "sdxl_base")["parameters"]
+    size = torch.finfo(dtype).bits // 8
+    return sum(counts.values()) * size / 1e9, max(counts.values()) * size / 1e9
+
+
+def estimate_gb(
+    mode: str,
+    batch_size: int,
+    width: int,
+    height: int,
+    weights: tuple[float, float],
+    float32_vae: bool = False,
+) -> float:
+    """Estimated VRAM peak of a mode, in GB."""
+    total, largest = weights
+    megapixels = width * height / 1e6
+    unet = batch_size * megapixels * UNET_GB_PER_MEGAPIXEL
+    per_megapixel = VAE_GB_PER_MEGAPIXEL * (2 if float32_vae else 1)
+    one_tile = min(megapixels, TILE_MEGAPIXELS) * per_megapixel  # slicing + tiling: the most
+    if mode == "none":
+        return total + unet + batch_size * megapixels * per_megapixel
+    if mode == "balanced":
+        return total + unet + one_tile
+    if mode == "low_vram":  # one component on the GPU at a time
+        return max(largest + unet, one_tile)
+    return one_tile  # minimal: one layer's weights at a time
+
+
+def choose_mode(
+    free_gb: float,
+    batch_size: int,
+    width: int,
+    height: int,
+    weights: tuple[float, float],
+    float32_vae: bool = False,
+) -> MemoryPlan:
+    """memory=auto on a CUDA device with free_gb of free VRAM."""
+    for mode in ("none", "balanced", "low_vram"):
+        need = estimate_gb(mode, batch_size, width, height, weights, float32_vae)
+        if need + HEADROOM_GB <= free_gb:
+            reason = (
+                f"estimated {need:.1f} GB for batch {batch_size} at {width}x{height} "
+                f"fits {free_gb:.1f} GB free"
+            )
+            return MemoryPlan("auto", mode, reason, free_gb, need)
+    need = estimate_gb("minimal", batch_size, width, height, weights, float32_vae)
+    reason = f"only {free_gb:.1f} GB free: not even low_vram is estimated to fit"
+    return MemoryPlan("auto", "minimal", reason, free_gb, need)
+
+
+def plan_memory(
+    requested: str,
+    device: str,
+    dtype: torch.dtype,
+    model: ModelConfig,
+    batch_size: int,
+    width: int,
+    height: int,
+) -> MemoryPlan:
+    """Resolve the memory setting for this device, or say why it cannot work here."""
+    if requested in OFFLOAD_MODES:
+        if device != "cuda":
+            raise ConfigError(
+                f"memory={requested} moves weights between CPU and GPU memory: it needs "
+                f"device=cuda (this run is on {device}). Use memory=auto or memory=none."
+            )
+        from diffusers.utils import is_accelerate_available
+
+        if not is_accelerate_available():
+            raise ConfigError(
+                f"memory={requested} needs the accelerate package for CPU offload "
+                "(uv sync installs it); or use memory=balanced"
+            )
+    if requested != "auto":
+        return MemoryPlan(requested, requested, "asked for")
+    if device != "cuda":
+        return MemoryPlan("auto", "none", f"{device}: no GPU memory to save")
+    free, _ = torch.cuda.mem_get_info()
+    float32_vae = dtype == torch.float16  # the SDXL VAE decodes in float32 under float16
+    return choose_mode(free / 1e9, batch_size, width, height, weights_gb(model, dtype), float32_vae)
+
+
+def apply_memory_mode(pipe, mode: str, device: str):
+    """Place the pipeline for the mode; returns it."""
+    if mode in ("none", "balanced"):
+        pipe = pipe.to(device)
+    if mode == "balanced":
+        pipe.vae.enable_slicing()
+    if mode in ("balanced", "low_vram", "minimal"):
+        pipe.vae.enable_tiling()
+    if mode == "low_vram":
+        pipe.enable_model_cpu_offload(device=device)
+        pipe.enable_attention_slicing()
+    if mode == "minimal":
+        pipe.enable_sequential_cpu_offload(device=device)
+    return pipe
