@@ -102,15 +102,20 @@ def _as_list(value):
 
 
 def image_flops(pipe, width: int, height: int) -> tuple[ImageFlops, str]:
-    """(FLOPs, where the numbers come from) for this pipeline at this size."""
+    """(FLOPs, where the numbers come from) for this pipeline at this size. Counted on fresh
+    meta-device copies built from the configs: the useful work, not the extra of VAE tiles'
+    overlap or of a patched attention."""
     name = architecture_of(pipe)
     if name:
         packaged = packaged_flops(name, width, height)
         if packaged:
             return packaged, f"packaged counts ({name}, {width}x{height})"
         return count_architecture(name, width, height), f"counted now on meta ({name})"
-    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
-    return count_flops(pipe.unet, pipe.vae, encoders, width, height), "counted now on the model"
+    with torch.device("meta"):
+        unet = type(pipe.unet).from_config(pipe.unet.config)
+        vae = type(pipe.vae).from_config(pipe.vae.config)
+        encoders = [type(e)(e.config) for e in (pipe.text_encoder, pipe.text_encoder_2) if e]
+    return count_flops(unet, vae, encoders, width, height), "counted now on meta (this model)"
 
 
 def peak_tflops(device_name: str) -> float | None:

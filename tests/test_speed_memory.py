@@ -20,7 +20,7 @@ from keyframes.architectures import (
 )
 from keyframes.config import ModelConfig, SamplerConfig, SpeedConfig, validate
 from keyframes.errors import ConfigError, ModelUnavailableError
-from keyframes.flops import count_flops, packaged_flops
+from keyframes.flops import count_flops, image_flops, packaged_flops
 from keyframes.generate import GenerationSettings, KeyframeGenerator
 from keyframes.memory import choose_mode, plan_memory, weights_gb
 from keyframes.models import apply_sampler, load_pipeline, resolve_placement
@@ -70,6 +70,10 @@ def test_memory_modes_run_on_cpu_and_keep_small_images_identical(mode, reference
     assert plan.mode == ("none" if mode == "auto" else mode)
     pipe = load_pipeline(tiny_model_config(), CPU, plan.mode)
     assert pipe.vae.use_tiling == pipe.vae.use_slicing == (plan.mode == "balanced")
+    # the useful work, not the tiles' overlap: the same FLOPs in every mode
+    assert image_flops(pipe, 512, 512) == image_flops(
+        load_pipeline(tiny_model_config(), CPU), 512, 512
+    )
     # 64 px is below the VAE's tile size and the batch is 1: slicing and tiling change nothing
     for made, reference in zip(make_images(pipe, demo_jobs(2)), reference_images, strict=True):
         assert (made == reference).all()
@@ -293,7 +297,10 @@ def test_bench_on_the_tiny_model_writes_its_json_without_mlflow_or_torchvision(t
             result["keyframes"]["seconds_per_image"] / result["bare"]["seconds_per_image"],
             abs=1e-3,
         )
-    assert report["flops_source"] == "counted now on the model" and report["flops_per_image"] > 0
+    assert (
+        report["flops_source"] == "counted now on meta (this model)"
+        and report["flops_per_image"] > 0
+    )
     assert report["memory"]["mode"] == "none" and report["speed"]["preset"] == "sdpa"
 
 
