@@ -104,6 +104,8 @@ def test_smoke_run_is_logged_to_mlflow(smoke_run):
     tags = run.data.tags
     assert tags["keyframes.model"] == "tiny" and tags["keyframes.style"] == "cinematic"
     assert tags["keyframes.device"] == "cpu" and "version.torch" in tags
+    assert tags["keyframes.memory_mode"] == "none" and tags["keyframes.speed"] == "sdpa"
+    assert params["memory.name"] == "auto" and "compile_seconds" not in metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"keyframes", "contact_sheet.png", "manifest.json", "config.yaml", "hydra"} <= artifacts
     images = {a.path for a in client.list_artifacts(run.info.run_id, "keyframes")}

@@ -173,6 +173,25 @@ def test_fixed_batch_pads_the_last_batch_to_one_shape():
     assert np.abs(padded[2] - alone).max() <= 2  # its own seed, whatever it was batched with
 
 
+def test_warm_up_runs_once_per_batch_shape():
+    from keyframes.models import LoadedPipeline
+    from keyframes.render import warm_up
+
+    pipe = load_pipeline(tiny_model_config(), CPU)
+    apply_sampler(pipe, EULER)
+    loaded = LoadedPipeline(pipe, pipe.scheduler.config, {}, key=())
+    settings = GenerationSettings(30, 5.0, 64, 64, 2, fixed_batch=True)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        assert warm_up(loaded, settings, demo_jobs(1)[0]) > 0
+        assert calls == [4, 4]  # the batch shape (2 x CFG), only 2 of the 30 steps
+        assert warm_up(loaded, settings, demo_jobs(1)[0]) == 0.0 and len(calls) == 2
+        assert loaded.warmed_up == {(2, 64, 64)}
+    finally:
+        hook.remove()
+
+
 # --- devices and dtypes ---------------------------------------------------------------
 
 
