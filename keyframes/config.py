@@ -25,6 +25,7 @@ MEMORY_MODES = ("auto", "none", "balanced", "low_vram", "minimal")
 OFFLOAD_MODES = ("low_vram", "minimal")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHITECTURES = ("sdxl_base",)
+CONSISTENCY_METHODS = ("none", "style_aligned")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 
 
@@ -47,6 +48,7 @@ class StyleConfig:
     name: str = MISSING
     prompt: str = MISSING  # template; {prompt} is replaced by the scene prompt
     negative_prompt: str = ""
+    file: str | None = None  # style=file: read the preset `name` from this .json/.csv file
 
 
 @dataclass
@@ -76,6 +78,12 @@ class ScorerConfig:
     name: str = MISSING
     model: str | None = None  # open_clip architecture, "tiny", or null for no scoring
     pretrained: str | None = None  # open_clip pretrained tag, e.g. openai
+
+
+@dataclass
+class ConsistencyConfig:
+    name: str = MISSING  # none | style_aligned
+    reference: str | None = None  # scene id of the reference image; null: the first scene
 
 
 @dataclass
@@ -122,6 +130,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
@@ -192,6 +201,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         ("objective", cfg.objective, OBJECTIVES),
         ("model.dtype", cfg.model.dtype, DTYPES),
         ("memory", cfg.memory.name, MEMORY_MODES),
+        ("consistency", cfg.consistency.name, CONSISTENCY_METHODS),
         ("speed.compile_mode", cfg.speed.compile_mode, COMPILE_MODES),
         ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
     ):

@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -57,17 +57,30 @@ def batches(jobs: list[ImageJob], size: int) -> Iterator[list[ImageJob]]:
 
 
 class KeyframeGenerator:
-    """Generates jobs batch by batch; `fallbacks` lists every out-of-memory step taken."""
+    """Generates jobs batch by batch; `fallbacks` lists every out-of-memory step taken.
 
-    def __init__(self, pipe, settings: GenerationSettings):
+    With a `reference` job, every pipeline call starts with it (shared attention reads it
+    from the first row); it is generated again in each batch, the same way from its seed, and
+    reported once, in the first batch, if it is among the jobs."""
+
+    def __init__(self, pipe, settings: GenerationSettings, reference: ImageJob | None = None):
         self.pipe = pipe
         self.settings = settings
         self.batch_size = settings.batch_size
         self.fallbacks: list[dict] = []
         self.cuda = pipe.device.type == "cuda"
+        self.reference = reference
+        self._report_reference = False
 
     def run(self, jobs: list[ImageJob]) -> Iterator[list[Generation]]:
         """Yield one list of Generations per batch, as soon as the batch is done."""
+        if self.reference is not None:
+            others = [job for job in jobs if job.index != self.reference.index]
+            self._report_reference = len(others) < len(jobs)
+            jobs = others or ([self.reference] if self._report_reference else [])
+            if not others and jobs:
+                self._report_reference = False  # the reference alone: an ordinary batch
+                self.reference = None
         queue = deque(batches(jobs, self.batch_size))
         while queue:
             batch = queue.popleft()
@@ -114,9 +127,20 @@ class KeyframeGenerator:
         return [Generation(job, None, 0.0, None, peak_rss_gb(), error=error) for job in batch]
 
     def _generate(self, batch: list[ImageJob]) -> list[Generation]:
+        if self.reference is None:
+            return self._generate_rows(batch, self.batch_size)
+        out = self._generate_rows([self.reference, *batch], self.batch_size + 1)
+        if self._report_reference:
+            self._report_reference = False
+            return out
+        # the reference's second making is a cost of the images it served
+        share = len(out) / (len(out) - 1)
+        return [replace(g, seconds=g.seconds * share) for g in out[1:]]
+
+    def _generate_rows(self, batch: list[ImageJob], rows: int) -> list[Generation]:
         size = len(batch)
-        if self.settings.fixed_batch and size < self.batch_size:
-            batch = batch + [batch[-1]] * (self.batch_size - size)  # dropped again below
+        if self.settings.fixed_batch and size < rows:
+            batch = batch + [batch[-1]] * (rows - size)  # dropped again below
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
         if self.cuda:
             torch.cuda.synchronize()

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from keyframes.config import MAX_SEED
+from keyframes.errors import ConfigError
 from keyframes.prompts import apply_style, combine_negatives, scene_prompt
 from keyframes.shotlist import Shotlist
 
@@ -97,3 +98,15 @@ def plan_jobs(
                 )
             )
     return jobs
+
+
+def reference_job(jobs: list[ImageJob], scene_id: str | None) -> ImageJob:
+    """The first take of the named scene (default: the first scene): the image every other
+    one is aligned to under consistency=style_aligned."""
+    if scene_id is None:
+        return jobs[0]
+    for job in jobs:
+        if job.scene_id == scene_id:
+            return job
+    known = ", ".join(dict.fromkeys(job.scene_id for job in jobs))
+    raise ConfigError(f"consistency.reference={scene_id}: no such scene (scenes: {known})")

@@ -27,6 +27,8 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         f"Model: {record['model']}",
         f"Style: {record['style']}",
     ]
+    if record.get("consistency") not in (None, "none"):
+        settings.append(f"Consistency: {record['consistency']} ({record['consistency_reference']})")
     lines = [record["prompt"]]
     if record["negative_prompt"]:
         lines.append(f"Negative prompt: {record['negative_prompt']}")

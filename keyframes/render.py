@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -39,8 +40,9 @@ from keyframes.records import (
     save_png,
     write_manifest,
 )
-from keyframes.scoring import ClipScorer, TextScore, cached_scorer
+from keyframes.scoring import ClipScorer, TextScore, cached_scorer, style_consistency
 from keyframes.shotlist import Shotlist
+from keyframes.style_aligned import share_attention
 
 log = logging.getLogger("keyframes")
 
@@ -53,6 +55,7 @@ class RunContext:
     cfg: Config
     shotlist: Shotlist
     jobs: list[ImageJob]
+    reference: ImageJob | None  # consistency=style_aligned: the image all others align to
     placement: Placement
     memory: MemoryPlan
     width: int
@@ -115,9 +118,9 @@ def render(ctx: RunContext) -> RenderResult:
         fixed_batch=cfg.speed.compile,
     )
     if cfg.speed.compile and todo:
-        compile_seconds = warm_up(loaded, settings, todo[0])
+        compile_seconds = warm_up(loaded, settings, todo[0], ctx.reference)
         result.manifest_run["timings"]["compile_seconds"] = round(compile_seconds, 3)
-    generator = KeyframeGenerator(pipe, settings)
+    generator = KeyframeGenerator(pipe, settings, ctx.reference)
     tokens = count_tokens(pipe, todo)
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
     records = dict(done)
@@ -127,6 +130,12 @@ def render(ctx: RunContext) -> RenderResult:
         result.manifest_run["fallbacks"] = generator.fallbacks
         result.write_manifest()
 
+    restore = None
+    if ctx.reference is not None:
+        restore, shared = share_attention(pipe.unet)
+        for processor in shared:  # diffusers doubles the batch for guidance above 1
+            processor.groups = 2 if cfg.cfg_scale > 1 else 1
+        log.info("style_aligned: every image shares attention with %s", ctx.reference.file)
     try:
         with (
             logging_redirect_tqdm(),
@@ -148,12 +157,15 @@ def render(ctx: RunContext) -> RenderResult:
                 bar.update(len(batch))
     except KeyboardInterrupt:
         result.manifest_run["status"] = "interrupted"
-        finish(ctx, result, model_load_seconds)
+        finish(ctx, result, model_load_seconds, scorer)
         raise Interrupted(result) from None
+    finally:
+        if restore is not None:  # the cached pipeline serves the next job of a sweep
+            pipe.unet.set_attn_processor(restore)
     write_manifest_now()
     failed = [r for r in result.images if r["status"] != "ok"]
     result.manifest_run["status"] = "failed" if failed else "finished"
-    finish(ctx, result, model_load_seconds)
+    finish(ctx, result, model_load_seconds, scorer)
     log.info(
         "%d keyframes in %s (%.2f s/image)%s",
         len(result.images) - len(failed),
@@ -164,16 +176,22 @@ def render(ctx: RunContext) -> RenderResult:
     return result
 
 
-def warm_up(loaded: LoadedPipeline, settings: GenerationSettings, job: ImageJob) -> float:
+def warm_up(
+    loaded: LoadedPipeline,
+    settings: GenerationSettings,
+    job: ImageJob,
+    reference: ImageJob | None = None,
+) -> float:
     """Compile for this batch shape with a short throwaway generation; its seconds are the
     compile cost, kept out of every image's seconds. Free when the shape is compiled already."""
-    shape = (settings.batch_size, settings.width, settings.height)
+    rows = settings.batch_size + (reference is not None)
+    shape = (rows, settings.width, settings.height)
     if shape in loaded.warmed_up:
         return 0.0
     log.info("compiling for batch %d at %dx%d (one-off)", *shape)
     start = time.perf_counter()
     short = replace(settings, steps=min(settings.steps, 2))
-    for batch in KeyframeGenerator(loaded.pipe, short).run([job]):
+    for batch in KeyframeGenerator(loaded.pipe, short, reference).run([job]):
         if batch[0].error:
             log.warning("warm-up failed: %s", batch[0].error)
     loaded.warmed_up.add(shape)
@@ -182,7 +200,12 @@ def warm_up(loaded: LoadedPipeline, settings: GenerationSettings, job: ImageJob)
     return seconds
 
 
-def finish(ctx: RunContext, result: RenderResult, model_load_seconds: float) -> None:
+def finish(
+    ctx: RunContext,
+    result: RenderResult,
+    model_load_seconds: float,
+    scorer: ClipScorer | None = None,
+) -> None:
     """Contact sheet, summary and the final manifest, for whatever images exist."""
     if result.images:
         thumbs = [
@@ -192,12 +215,30 @@ def finish(ctx: RunContext, result: RenderResult, model_load_seconds: float) -> 
         sheet = contact_sheet(thumbs, [_label(r) for r in result.images], title, thumbs[0].width)
         save_contact_sheet(sheet, ctx.run_dir / "contact_sheet.png")
     result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
+    if scorer is not None:
+        result.summary |= consistency_of(ctx.run_dir, result.images, scorer)
     compile_seconds = result.manifest_run["timings"].get("compile_seconds")
     if compile_seconds is not None:
         result.summary["compile_seconds"] = compile_seconds
     result.manifest_run["finished_at"] = _iso(time.time())
     result.manifest_run["summary"] = result.summary
     result.write_manifest()
+
+
+def consistency_of(run_dir: Path, images: list[dict[str, Any]], scorer: ClipScorer):
+    """style_consistency (across scenes) and style_consistency_takes (within a scene) of the
+    run's keyframes on disk, resumed ones included."""
+    ok = [r for r in images if r["status"] == "ok" and (run_dir / r["file"]).is_file()]
+    features = []
+    for start in range(0, len(ok), 16):
+        opened = [Image.open(run_dir / r["file"]) for r in ok[start : start + 16]]
+        features.append(scorer.image_features(opened))
+        for image in opened:
+            image.close()
+    if not features:
+        return {}
+    figures = style_consistency(torch.cat(features), [r["scene_id"] for r in ok])
+    return {k: round(v, 4) for k, v in figures.items()}
 
 
 def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str, Any]]:
@@ -242,6 +283,8 @@ def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
         "width": ctx.width,
         "height": ctx.height,
         "model": cfg.model.name,
+        "consistency": cfg.consistency.name,
+        "consistency_reference": ctx.reference.file if ctx.reference else None,
     }
 
 
@@ -308,6 +351,8 @@ def image_record(
         "model": cfg.model.name,
         "style": cfg.style.name,
         "negative": cfg.negative.name,
+        "consistency": cfg.consistency.name,
+        "consistency_reference": ctx.reference.file if ctx.reference else None,
         "seconds": round(g.seconds, 4),
         "vram_peak_gb": None if g.vram_peak_gb is None else round(g.vram_peak_gb, 3),
         "rss_peak_gb": round(g.rss_peak_gb, 3),

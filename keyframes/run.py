@@ -117,8 +117,10 @@ def run(
     """Everything a job does, given typed settings and its output directory."""
     from keyframes.plan import plan_jobs
     from keyframes.shotlist import load_shotlist
+    from keyframes.styles import resolve_style
 
     started = time.time()
+    cfg.style = resolve_style(cfg.style)  # style=file: the preset from the file
     width, height = validate(cfg)
     shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
     if shotlist.unknown_fields:
@@ -136,6 +138,11 @@ def run(
         seed_mode=cfg.seed_mode,
         takes=cfg.takes,
     )
+    reference = None
+    if cfg.consistency.name == "style_aligned":
+        from keyframes.plan import reference_job
+
+        reference = reference_job(jobs, cfg.consistency.reference)
     # torch and diffusers load only once the input has passed: bad input fails in a second.
     from keyframes.memory import plan_memory
     from keyframes.models import check_source, resolve_placement
@@ -160,6 +167,7 @@ def run(
         cfg=cfg,
         shotlist=shotlist,
         jobs=jobs,
+        reference=reference,
         placement=placement,
         memory=memory,
         width=width,

@@ -36,6 +36,12 @@ class ClipScorer:
         return len(self.tokenizer.encode(text)) + 2 > CONTEXT_LENGTH  # + start and end tokens
 
     @torch.inference_mode()
+    def image_features(self, images) -> torch.Tensor:
+        """Unit-length CLIP image embeddings, one row per image (float32, on the CPU)."""
+        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
+
+    @torch.inference_mode()
     def score(self, images, texts: list[str]) -> list[TextScore]:
         """Score image i against text i."""
         pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
@@ -134,3 +140,20 @@ def _tiny_clip():
         )
     preprocess = open_clip.image_transform(64, is_train=False)
     return model, preprocess
+
+
+def style_consistency(features: torch.Tensor, groups: list[str]) -> dict[str, float]:
+    """Mean pairwise CLIP image-image cosine x 100 between images of different groups
+    (scenes): `style_consistency`; and between images of the same group (takes of one scene):
+    `style_consistency_takes`. A figure is left out where there is no such pair."""
+    cosines = features @ features.T
+    same = torch.tensor([[a == b for b in groups] for a in groups])
+    upper = torch.ones_like(same).triu(diagonal=1)
+    out = {}
+    for name, mask in (
+        ("style_consistency", upper & ~same),
+        ("style_consistency_takes", upper & same),
+    ):
+        if mask.any():
+            out[name] = float(cosines[mask].mean()) * 100
+    return out

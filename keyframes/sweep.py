@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TABLE_METRICS = ("clip_score_mean", "seconds_per_image_mean", "vram_peak_gb_max")
+TABLE_METRICS = (
+    "clip_score_mean",
+    "style_consistency",
+    "seconds_per_image_mean",
+    "vram_peak_gb_max",
+)
 HIGHER_IS_BETTER = ("clip_score",)  # metric name prefixes to sort descending
 GOOD_ENOUGH_POINTS = 1.0  # "fastest good job": within this many CLIP points of the best
 

@@ -14,13 +14,14 @@ from keyframes.errors import ConfigError
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = {
     "model": {"sdxl_base", "sdxl_random", "tiny", "local"},
-    "style": {"none", "cinematic", "dramatic", "noir", "documentary", "anime", "watercolor", "vintage_film"},
+    "style": {"none", "cinematic", "dramatic", "noir", "documentary", "anime", "watercolor", "vintage_film", "file"},
     "negative": {"default", "strict", "none"},
     "sampler": {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"},
     "quality": {"draft", "standard", "high"},
     "scorer": {"clip", "tiny", "none"},
     "memory": {"auto", "none", "balanced", "low_vram", "minimal"},
     "speed": {"sdpa", "fast", "compile"},
+    "consistency": {"none", "style_aligned"},
 }  # fmt: skip
 
 
@@ -53,7 +54,8 @@ def test_every_group_has_the_promised_options():
 def test_every_option_composes_and_validates(group, option):
     extra = ["model.path=/some/folder"] if option == "local" else []
     cfg = settings(f"{group}={option}", *extra)
-    assert getattr(cfg, group).name == option
+    # style=file names the preset read from style.file (tests/test_styles.py)
+    assert getattr(cfg, group).name == ("" if option == "file" else option)
     validate(cfg)
 
 

@@ -1,0 +1,90 @@
+"""Shared self-attention in the spirit of StyleAligned (Hertz et al., 2024), training-free.
+
+Every image of a pipeline batch is generated next to one reference image (the batch's first
+row, in each classifier-free-guidance half). In each UNet self-attention layer an image's
+queries attend to its own keys and values and to the reference's; its queries and keys are
+first AdaIN-normalised to the reference's statistics (per channel, over the tokens), which
+carries the reference's palette and rendering over while the image keeps its own content.
+The reference attends only to itself, exactly as without sharing, so it comes out unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5
+
+
+def adain(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """x re-scaled to the reference's mean and standard deviation over the tokens (dim -2)."""
+    mean, std = x.mean(-2, keepdim=True), x.std(-2, keepdim=True) + EPS
+    ref_mean, ref_std = reference.mean(-2, keepdim=True), reference.std(-2, keepdim=True) + EPS
+    return (x - mean) / std * ref_std + ref_mean
+
+
+class SharedAttentionProcessor:
+    """Self-attention where rows 1.. of each group also attend to row 0 of the group.
+
+    `groups` is how many equal parts the batch has: 2 under classifier-free guidance (the
+    unconditional half, then the conditional one), else 1. Set it before each pipeline call."""
+
+    def __init__(self):
+        self.groups = 1
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):  # fmt: skip
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("shared attention is for unmasked self-attention only")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_input = hidden_states.ndim == 4
+        if image_input:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch = hidden_states.shape[0]
+
+        def heads(x):  # (batch, tokens, channels) -> (batch, heads, tokens, head_dim)
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = torch.empty_like(q)
+        size = batch // self.groups
+        for start in range(0, batch, size):
+            ref, rest = slice(start, start + 1), slice(start + 1, start + size)
+            out[ref] = F.scaled_dot_product_attention(q[ref], k[ref], v[ref])
+            if size > 1:
+                n = size - 1
+                keys = torch.cat([k[ref].expand(n, -1, -1, -1), adain(k[rest], k[ref])], dim=-2)
+                values = torch.cat([v[ref].expand(n, -1, -1, -1), v[rest]], dim=-2)
+                out[rest] = F.scaled_dot_product_attention(adain(q[rest], q[ref]), keys, values)
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1])
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(q.dtype)))
+        if image_input:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def share_attention(unet) -> tuple[dict, list[SharedAttentionProcessor]]:
+    """Install shared attention on the UNet's self-attention layers. Returns the processors
+    it replaced (to restore with unet.set_attn_processor) and the new ones."""
+    previous = dict(unet.attn_processors)
+    shared = {}
+    processors = {}
+    for name, processor in previous.items():
+        if name.endswith("attn1.processor"):  # self-attention; attn2 reads the text
+            shared[name] = SharedAttentionProcessor()
+            processors[name] = shared[name]
+        else:
+            processors[name] = processor
+    unet.set_attn_processor(processors)
+    return previous, list(shared.values())

@@ -1,0 +1,130 @@
+"""One look across the film: the style_consistency figure and style_aligned shared attention."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from keyframes.config import SamplerConfig
+from keyframes.errors import ConfigError
+from keyframes.generate import GenerationSettings, KeyframeGenerator
+from keyframes.models import apply_sampler, load_pipeline, resolve_placement
+from keyframes.plan import plan_jobs, reference_job
+from keyframes.records import read_png_metadata
+from keyframes.scoring import style_consistency
+from keyframes.shotlist import load_shotlist
+from keyframes.style_aligned import SharedAttentionProcessor, share_attention
+from tests.conftest import read_manifest
+from tests.helpers import tiny_model_config
+
+EULER = SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
+
+
+def test_style_consistency_is_mean_pairwise_cosine_across_and_within_scenes():
+    features = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1
+    )
+    figures = style_consistency(features, ["a", "a", "b", "c"])
+    # across: (a,b) 0, (a,c) .707 twice, (b,c) .707 -> mean of 5 pairs; within: the two a's
+    assert figures["style_consistency"] == pytest.approx(100 * 3 * 2**-0.5 / 5)
+    assert figures["style_consistency_takes"] == pytest.approx(100.0)
+    assert style_consistency(features[:1], ["a"]) == {}  # no pair, no figure
+
+
+@pytest.fixture(scope="module")
+def setup():
+    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
+    apply_sampler(pipe, EULER)
+    jobs = plan_jobs(load_shotlist("demo"), "{prompt}", "", "", 7, "derived", 1)[:3]
+    return pipe, jobs
+
+
+def images(pipe, jobs, reference=None, batch_size=2):
+    settings = GenerationSettings(3, 5.0, 64, 64, batch_size)
+    made = KeyframeGenerator(pipe, settings, reference).run(jobs)
+    return {g.job.index: np.asarray(g.image, dtype=np.int16) for batch in made for g in batch}
+
+
+def shared(pipe):
+    previous, processors = share_attention(pipe.unet)
+    for processor in processors:
+        processor.groups = 2  # classifier-free guidance at cfg 5
+    return previous
+
+
+def test_style_aligned_changes_the_others_and_leaves_the_reference_identical(setup):
+    pipe, jobs = setup
+    alone = images(pipe, jobs[:1], batch_size=1)[0]
+    plain = images(pipe, jobs, reference=jobs[0])  # the same batches, attention not shared
+    previous = shared(pipe)
+    try:
+        aligned = images(pipe, jobs, reference=jobs[0])
+    finally:
+        pipe.unet.set_attn_processor(previous)
+    assert set(aligned) == {0, 1, 2}
+    assert (aligned[0] == alone).all() and (aligned[0] == plain[0]).all()
+    for i in (1, 2):
+        assert np.abs(aligned[i] - plain[i]).mean() > 0.1
+    # restored: the cached pipeline makes the plain images again
+    assert all((images(pipe, jobs, reference=jobs[0])[i] == plain[i]).all() for i in plain)
+
+
+def test_style_aligned_resume_regenerates_the_reference_the_same_way(setup):
+    pipe, jobs = setup
+    previous = shared(pipe)
+    try:
+        full = images(pipe, jobs, reference=jobs[0], batch_size=1)
+        resumed = images(pipe, jobs[1:], reference=jobs[0], batch_size=1)  # reference done
+    finally:
+        pipe.unet.set_attn_processor(previous)
+    assert set(resumed) == {1, 2}  # the reference is made again but not reported again
+    assert all((resumed[i] == full[i]).all() for i in (1, 2))
+
+
+def test_only_self_attention_is_shared(setup):
+    pipe, _ = setup
+    previous, processors = share_attention(pipe.unet)
+    try:
+        kinds = {n.rsplit(".", 2)[-2]: type(p) for n, p in pipe.unet.attn_processors.items()}
+        assert kinds["attn1"] is SharedAttentionProcessor and kinds["attn2"] is not kinds["attn1"]
+        assert len(processors) == sum(n.endswith("attn1.processor") for n in previous)
+    finally:
+        pipe.unet.set_attn_processor(previous)
+
+
+def test_reference_scene_must_exist(setup):
+    _, jobs = setup
+    assert reference_job(jobs, None) is jobs[0]
+    assert reference_job(jobs, jobs[2].scene_id) is jobs[2]
+    with pytest.raises(ConfigError, match="consistency.reference=nope: no such scene"):
+        reference_job(jobs, "nope")
+
+
+def test_sweep_over_consistency_methods_shows_style_consistency_per_job(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "keyframes.run", "experiment=smoke", "-m",
+            "consistency=none,style_aligned", "steps=2", "width=128", "height=72",
+            "batch_size=2", f"hydra.sweep.dir={sweep_dir}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep_dir / "summary" / "summary.csv")))
+    assert {r["consistency"] for r in rows} == {"none", "style_aligned"}
+    assert all(0 < float(r["style_consistency"]) <= 100 for r in rows)
+    assert "style_consistency" in proc.stdout + proc.stderr  # the printed table
+    aligned = next(r for r in rows if r["consistency"] == "style_aligned")["job"]
+    manifest = read_manifest(sweep_dir / aligned)
+    records = manifest["images"]
+    assert {r["consistency_reference"] for r in records} == {records[0]["file"]}
+    assert manifest["run"]["summary"]["style_consistency"] > 0
+    text = read_png_metadata(sweep_dir / aligned / records[3]["file"])["parameters"]
+    assert f"Consistency: style_aligned ({records[0]['file']})" in text
