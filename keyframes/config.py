@@ -26,6 +26,7 @@ OFFLOAD_MODES = ("low_vram", "minimal")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHITECTURES = ("sdxl_base",)
 CONSISTENCY_METHODS = ("none", "style_aligned")
+LONG_PROMPT_MODES = ("chunk", "truncate")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 
 
@@ -118,6 +119,7 @@ class Config:
     takes: int = MISSING  # images per scene (a scene's own "takes" wins)
     batch_size: int = MISSING  # images per pipeline call, across scenes and takes
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
+    long_prompts: str = "chunk"  # over 77 CLIP tokens: chunk (encode it all) | truncate
     resume: bool = MISSING  # continue the newest unfinished run with the same settings
     allow_external_paths: bool = MISSING  # shotlist image paths may point outside its folder
     device: str = MISSING
@@ -202,6 +204,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         ("model.dtype", cfg.model.dtype, DTYPES),
         ("memory", cfg.memory.name, MEMORY_MODES),
         ("consistency", cfg.consistency.name, CONSISTENCY_METHODS),
+        ("long_prompts", cfg.long_prompts, LONG_PROMPT_MODES),
         ("speed.compile_mode", cfg.speed.compile_mode, COMPILE_MODES),
         ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
     ):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
+from keyframes.long_prompts import text_inputs
 from keyframes.plan import ImageJob
 
 log = logging.getLogger("keyframes")
@@ -38,6 +39,7 @@ class GenerationSettings:
     height: int
     batch_size: int
     fixed_batch: bool = False  # pad a short last batch: a compiled model sees one shape only
+    long_prompts: str = "chunk"  # chunk: encode past 77 tokens in 75-token chunks | truncate
 
 
 @dataclass
@@ -146,9 +148,14 @@ class KeyframeGenerator:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
+        texts = text_inputs(
+            self.pipe,
+            [job.prompt for job in batch],
+            [job.negative_prompt for job in batch],
+            self.settings.long_prompts,
+        )
         latents = self.pipe(
-            prompt=[job.prompt for job in batch],
-            negative_prompt=[job.negative_prompt for job in batch],
+            **texts,
             num_inference_steps=self.settings.steps,
             guidance_scale=self.settings.cfg_scale,
             width=self.settings.width,

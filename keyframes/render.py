@@ -23,6 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from keyframes.config import Config
 from keyframes.errors import Interrupted
 from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
+from keyframes.long_prompts import chunk_count
 from keyframes.memory import MemoryPlan
 from keyframes.models import (
     LoadedPipeline,
@@ -116,12 +117,13 @@ def render(ctx: RunContext) -> RenderResult:
         height=ctx.height,
         batch_size=cfg.batch_size,
         fixed_batch=cfg.speed.compile,
+        long_prompts=cfg.long_prompts,
     )
     if cfg.speed.compile and todo:
         compile_seconds = warm_up(loaded, settings, todo[0], ctx.reference)
         result.manifest_run["timings"]["compile_seconds"] = round(compile_seconds, 3)
     generator = KeyframeGenerator(pipe, settings, ctx.reference)
-    tokens = count_tokens(pipe, todo)
+    tokens = count_tokens(pipe, todo, cfg.long_prompts)
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
     records = dict(done)
 
@@ -288,20 +290,35 @@ def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
     }
 
 
-def count_tokens(pipe, jobs: list[ImageJob]) -> dict[str, int]:
-    """Token count of every distinct prompt; one warning per prompt SDXL will cut."""
+def count_tokens(pipe, jobs: list[ImageJob], long_prompts: str) -> dict[str, int]:
+    """Token count of every distinct prompt; one note per prompt longer than SDXL's 77."""
     counts = {}
     for job in jobs:
         for kind, text in (("prompt", job.prompt), ("negative prompt", job.negative_prompt)):
             if text in counts:
                 continue
             counts[text] = prompt_tokens(pipe, text)
-            if counts[text] > CLIP_TOKENS:
+            if counts[text] <= CLIP_TOKENS:
+                continue
+            if long_prompts == "chunk":
+                log.info(
+                    "scene %s: %s is %d CLIP tokens; encoded in full, in %d chunks of 75",
+                    job.scene_id, kind, counts[text], chunk_count(pipe, text),
+                )  # fmt: skip
+            else:
                 log.warning(
-                    "scene %s: %s is %d CLIP tokens; SDXL reads the first %d, the rest is cut",
+                    "scene %s: %s is %d CLIP tokens; SDXL reads the first %d, the rest is cut "
+                    "(long_prompts=chunk reads it all)",
                     job.scene_id, kind, counts[text], CLIP_TOKENS,
                 )  # fmt: skip
     return counts
+
+
+def prompt_encoding(tokens: int, long_prompts: str) -> str:
+    """How a prompt of this many CLIP tokens (start and end included) reached the UNet."""
+    if tokens <= CLIP_TOKENS:
+        return "whole"
+    return "chunked" if long_prompts == "chunk" else f"cut to {CLIP_TOKENS} tokens"
 
 
 def score_batch(scorer: ClipScorer | None, batch: list[Generation]):
@@ -338,8 +355,11 @@ def image_record(
         "seed": job.seed,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
-        "prompt_tokens": tokens[job.prompt],  # over 77: SDXL read only the first 77
+        "prompt_tokens": tokens[job.prompt],  # over 77: see prompt_encoding
         "negative_prompt_tokens": tokens[job.negative_prompt],
+        "prompt_encoding": prompt_encoding(
+            max(tokens[job.prompt], tokens[job.negative_prompt]), cfg.long_prompts
+        ),
         "description": job.description,
         "scene_prompt": job.scene_prompt,
         "steps": cfg.steps,

@@ -1,0 +1,69 @@
+"""Prompts longer than CLIP's 77 tokens, encoded in full instead of cut.
+
+The usual approach of SD front ends: the prompt's tokens are split into chunks of 75, each
+chunk is encoded on its own as <start> chunk <end> (padded to 77), and the chunks' hidden
+states are concatenated along the sequence; the pooled embedding SDXL also needs comes from
+the first chunk. Prompt and negative prompt are padded with empty chunks to the same length,
+since guidance runs them as one batch. A prompt of at most 75 tokens is one chunk, encoded
+exactly as diffusers does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CHUNK = 75  # tokens per chunk, between the start and end tokens
+
+
+def chunk_count(pipe, text: str) -> int:
+    return max(1, math.ceil(len(_ids(pipe.tokenizer, text)) / CHUNK))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def _chunks(tokenizer, text: str, count: int) -> torch.Tensor:
+    """(count, 77) token ids: start, up to 75 tokens, end, padding; empty chunks at the end."""
+    ids = _ids(tokenizer, text)
+    rows = []
+    for n in range(count):
+        part = [tokenizer.bos_token_id, *ids[n * CHUNK : (n + 1) * CHUNK], tokenizer.eos_token_id]
+        rows.append(part + [tokenizer.pad_token_id] * (CHUNK + 2 - len(part)))
+    return torch.tensor(rows)
+
+
+@torch.no_grad()
+def encode(pipe, texts: list[str], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states (batch, 77 * count, width), pooled (batch, width_2)) as SDXL's
+    encode_prompt makes them: penultimate layer of both encoders, side by side."""
+    device = pipe._execution_device
+    hidden, pooled = [], None
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
+                               (pipe.tokenizer_2, pipe.text_encoder_2)):  # fmt: skip
+        ids = torch.cat([_chunks(tokenizer, text, count) for text in texts])
+        out = encoder(ids.to(device), output_hidden_states=True)
+        states = out.hidden_states[-2]  # (batch * count, 77, width)
+        hidden.append(states.reshape(len(texts), count * (CHUNK + 2), -1))
+        if out[0].ndim == 2:  # the projected, pooled output of the second encoder
+            pooled = out[0].reshape(len(texts), count, -1)[:, 0]
+    dtype = pipe.text_encoder_2.dtype
+    return torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype)
+
+
+def text_inputs(pipe, prompts: list[str], negatives: list[str], mode: str) -> dict:
+    """Pipeline keyword arguments for these prompts: the texts themselves where everything fits
+    in 77 tokens (or mode is truncate), else the full-length embeddings."""
+    count = max(chunk_count(pipe, t) for t in [*prompts, *negatives])
+    if mode == "truncate" or count == 1:
+        return {"prompt": prompts, "negative_prompt": negatives}
+    embeds, pooled = encode(pipe, prompts, count)
+    negative_embeds, negative_pooled = encode(pipe, negatives, count)
+    return {
+        "prompt_embeds": embeds,
+        "pooled_prompt_embeds": pooled,
+        "negative_prompt_embeds": negative_embeds,
+        "negative_pooled_prompt_embeds": negative_pooled,
+    }
