@@ -82,6 +82,14 @@ class ScorerConfig:
 
 
 @dataclass
+class LoraConfig:
+    path: str = MISSING  # a .safetensors file, a folder holding one, or a hub id
+    scale: float = 1.0
+    name: str | None = None  # default: the file's stem or the repo's name
+    weight_name: str | None = None  # the file inside a folder or hub repo, if it has several
+
+
+@dataclass
 class ConsistencyConfig:
     name: str = MISSING  # none | style_aligned
     reference: str | None = None  # scene id of the reference image; null: the first scene
@@ -126,6 +134,8 @@ class Config:
     aspect: str = MISSING  # W:H, mapped to an SDXL training resolution
     width: int | None = None  # explicit size wins over aspect
     height: int | None = None
+    loras: list[LoraConfig] = field(default_factory=list)  # LoRA adapters, all applied at once
+    fuse_loras: bool = False  # fold the LoRAs into the weights: faster steps, slower to swap
     model: ModelConfig = field(default_factory=ModelConfig)
     style: StyleConfig = field(default_factory=StyleConfig)
     negative: NegativeConfig = field(default_factory=NegativeConfig)

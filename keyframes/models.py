@@ -102,20 +102,28 @@ def prompt_tokens(pipe, text: str) -> int:
     return len(pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
 
 
+NOISE = (
+    "truncated because CLIP",
+    "Token indices sequence length",
+    "No LoRA keys associated",  # a LoRA for the UNet only: normal, and said per encoder
+)
+
+
 class _DropTruncationNotes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (
-            "truncated because CLIP" in message or "Token indices sequence length" in message
-        )
+        return not any(text in message for text in NOISE)
 
 
 def _quiet_truncation_warnings() -> None:
-    """The run reports cut prompts once per scene (and in the manifest); the libraries would
-    repeat it for every image, through the progress bar."""
+    """The run reports long prompts once per scene (and in the manifest); the libraries would
+    repeat it for every image, through the progress bar. Likewise LoRA loading notes."""
     for name in (
         "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
         "transformers.tokenization_utils_base",
+        "diffusers.loaders.lora_base",
+        "diffusers.loaders.lora_pipeline",
+        "diffusers.loaders.peft",
     ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTruncationNotes) for f in logger.filters):

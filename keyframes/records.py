@@ -13,6 +13,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from keyframes.loras import prompt_tags
+
 MANIFEST_VERSION = 1
 
 
@@ -29,7 +31,12 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     ]
     if record.get("consistency") not in (None, "none"):
         settings.append(f"Consistency: {record['consistency']} ({record['consistency_reference']})")
-    lines = [record["prompt"]]
+    loras = record.get("loras") or []
+    hashes = ", ".join(f"{r['name']}: {r['sha256']}" for r in loras if r.get("sha256"))
+    if hashes:
+        settings.append(f'Lora hashes: "{hashes}"')
+    tags = prompt_tags(loras)
+    lines = [f"{record['prompt']} {tags}" if tags else record["prompt"]]
     if record["negative_prompt"]:
         lines.append(f"Negative prompt: {record['negative_prompt']}")
     lines.append(", ".join(settings))

@@ -24,6 +24,7 @@ from keyframes.config import Config
 from keyframes.errors import Interrupted
 from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.long_prompts import chunk_count
+from keyframes.loras import apply_loras, prompt_tags, remove_loras
 from keyframes.memory import MemoryPlan
 from keyframes.models import (
     LoadedPipeline,
@@ -57,6 +58,7 @@ class RunContext:
     shotlist: Shotlist
     jobs: list[ImageJob]
     reference: ImageJob | None  # consistency=style_aligned: the image all others align to
+    loras: list[dict]  # lora_records(cfg.loras): name, path, scale, file hash
     placement: Placement
     memory: MemoryPlan
     width: int
@@ -132,6 +134,9 @@ def render(ctx: RunContext) -> RenderResult:
         result.manifest_run["fallbacks"] = generator.fallbacks
         result.write_manifest()
 
+    if cfg.loras:
+        apply_loras(pipe, cfg.loras, cfg.fuse_loras)
+        log.info("LoRA: %s%s", prompt_tags(ctx.loras), " (fused)" if cfg.fuse_loras else "")
     restore = None
     if ctx.reference is not None:
         restore, shared = share_attention(pipe.unet)
@@ -161,9 +166,11 @@ def render(ctx: RunContext) -> RenderResult:
         result.manifest_run["status"] = "interrupted"
         finish(ctx, result, model_load_seconds, scorer)
         raise Interrupted(result) from None
-    finally:
-        if restore is not None:  # the cached pipeline serves the next job of a sweep
+    finally:  # the cached pipeline serves the next job of a sweep: leave it plain
+        if restore is not None:
             pipe.unet.set_attn_processor(restore)
+        if cfg.loras:
+            remove_loras(pipe, cfg.fuse_loras)
     write_manifest_now()
     failed = [r for r in result.images if r["status"] != "ok"]
     result.manifest_run["status"] = "failed" if failed else "finished"
@@ -287,6 +294,7 @@ def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
         "model": cfg.model.name,
         "consistency": cfg.consistency.name,
         "consistency_reference": ctx.reference.file if ctx.reference else None,
+        "loras": ctx.loras,
     }
 
 
@@ -373,6 +381,7 @@ def image_record(
         "negative": cfg.negative.name,
         "consistency": cfg.consistency.name,
         "consistency_reference": ctx.reference.file if ctx.reference else None,
+        "loras": ctx.loras,  # [{name, path, scale, sha256}]
         "seconds": round(g.seconds, 4),
         "vram_peak_gb": None if g.vram_peak_gb is None else round(g.vram_peak_gb, 3),
         "rss_peak_gb": round(g.rss_peak_gb, 3),
@@ -399,6 +408,7 @@ def run_info(ctx: RunContext, scorer: ClipScorer | None) -> dict[str, Any]:
         "style": cfg.style.name,
         "style_template": cfg.style.prompt,
         "negative": cfg.negative.name,
+        "loras": ctx.loras,
         "sampler": cfg.sampler.name,
         "quality": cfg.quality.name,
         "scorer": scorer.name if scorer else None,

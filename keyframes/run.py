@@ -144,12 +144,14 @@ def run(
 
         reference = reference_job(jobs, cfg.consistency.reference)
     # torch and diffusers load only once the input has passed: bad input fails in a second.
+    from keyframes.loras import check_loras, lora_records
     from keyframes.memory import plan_memory
     from keyframes.models import check_source, resolve_placement
     from keyframes.speed import check_speed
 
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_source(cfg.model)
+    check_loras(cfg.loras)
     check_speed(cfg.speed, placement.device)
     memory = plan_memory(
         cfg.memory.name, placement.device, placement.dtype, cfg.model,
@@ -168,6 +170,7 @@ def run(
         shotlist=shotlist,
         jobs=jobs,
         reference=reference,
+        loras=lora_records(cfg.loras),
         placement=placement,
         memory=memory,
         width=width,

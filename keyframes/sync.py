@@ -73,6 +73,11 @@ def record_from_run_dir(
     }
     if run.get("memory"):
         tags["keyframes.memory_mode"] = run["memory"]["mode"]
+    if run.get("loras"):
+        tags["keyframes.loras"] = ", ".join(
+            f"{r['name']}:{r['scale']:g}" + (f" ({r['sha256']})" if r["sha256"] else "")
+            for r in run["loras"]
+        )
     if run.get("speed"):
         tags["keyframes.speed"] = run["speed"]["preset"]
     if run.get("git_commit"):

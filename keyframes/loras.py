@@ -1,0 +1,81 @@
+"""LoRA adapters through diffusers' LoRA support (PEFT backend): several at once, each with
+its scale, optionally fused into the weights. Files load from safetensors only."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from keyframes.config import LoraConfig
+from keyframes.errors import ConfigError, ModelUnavailableError, first_line
+
+
+def lora_name(lora: LoraConfig) -> str:
+    return lora.name or Path(lora.path).stem or lora.path
+
+
+def _local(lora: LoraConfig) -> Path | None:
+    path = Path(lora.path).expanduser()
+    return path if path.exists() else None
+
+
+def check_loras(loras: list[LoraConfig]) -> None:
+    """Before anything loads: local files exist and are safetensors; names are distinct."""
+    names = [lora_name(lora) for lora in loras]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"loras: two adapters share a name ({', '.join(names)}); set name=")
+    for lora in loras:
+        path = _local(lora)
+        if path is None and (lora.path.startswith((".", "/", "~")) or lora.path.count("/") != 1):
+            raise ConfigError(f"loras: {lora.path}: no such file (nor a hub id like org/repo)")
+        if path is not None and path.is_file() and path.suffix != ".safetensors":
+            raise ConfigError(f"loras: {lora.path}: only .safetensors LoRA files are loaded")
+
+
+def lora_records(loras: list[LoraConfig]) -> list[dict]:
+    """What made the images: name, source, scale, and the file's SHA-256 (first 12 hex
+    digits, the short hash image browsers show) where the file is local."""
+    records = []
+    for lora in loras:
+        path = _local(lora)
+        if path is not None and path.is_dir():
+            path = path / (lora.weight_name or "pytorch_lora_weights.safetensors")
+        digest = None
+        if path is not None and path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        records.append(
+            {"name": lora_name(lora), "path": lora.path, "scale": lora.scale, "sha256": digest}
+        )
+    return records
+
+
+def apply_loras(pipe, loras: list[LoraConfig], fuse: bool) -> None:
+    """Load every adapter and set its scale (fused into the weights if asked)."""
+    for lora in loras:
+        source, weight_name = lora.path, lora.weight_name
+        path = _local(lora)
+        if path is not None and path.is_file():
+            source, weight_name = str(path.parent), path.name
+        try:
+            pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=lora_name(lora))
+        except (OSError, ValueError) as e:
+            remove_loras(pipe, fused=False)
+            raise ModelUnavailableError(
+                f"LoRA {lora.path} could not be loaded: {first_line(e)}"
+            ) from None
+    names = [lora_name(lora) for lora in loras]
+    pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+    if fuse:
+        pipe.fuse_lora(adapter_names=names)
+
+
+def remove_loras(pipe, fused: bool) -> None:
+    """Back to the plain model, for the next job of a sweep on the cached pipeline."""
+    if fused:
+        pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+
+
+def prompt_tags(records: list[dict]) -> str:
+    """The <lora:name:scale> tags image browsers read from a prompt."""
+    return " ".join(f"<lora:{r['name']}:{r['scale']:g}>" for r in records)
