@@ -121,7 +121,9 @@ def test_compare_by_parent_and_metric_and_rewrites_the_pictures(smoke_sweep, tmp
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    seconds = [float(line.split()[4]) for line in lines[4:8]]
+    column = lines[2].split().index("seconds_per_image_mean")
+    assert lines[2].split()[4] == "style_consistency"  # every sweep table shows it
+    seconds = [float(line.split()[column]) for line in lines[4:8]]
     assert seconds == sorted(seconds)
     assert len(list((out / "grids").glob("*.png"))) == 7
     assert (out / "plots" / "steps.png").is_file() and (out / "summary.csv").is_file()
