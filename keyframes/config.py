@@ -27,6 +27,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 ARCHITECTURES = ("sdxl_base",)
 CONSISTENCY_METHODS = ("none", "style_aligned")
 LONG_PROMPT_MODES = ("chunk", "truncate")
+UPSCALERS = ("none", "hires")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 
 
@@ -90,6 +91,14 @@ class LoraConfig:
 
 
 @dataclass
+class UpscaleConfig:
+    name: str = MISSING  # none | hires
+    factor: float = 1.5  # hires: output size / generated size
+    strength: float = 0.35  # hires: how much of the upscaled image the img2img pass redraws
+    steps: int | None = None  # hires: img2img steps (null: the run's steps)
+
+
+@dataclass
 class ConsistencyConfig:
     name: str = MISSING  # none | style_aligned
     reference: str | None = None  # scene id of the reference image; null: the first scene
@@ -143,6 +152,7 @@ class Config:
     quality: QualityConfig = field(default_factory=QualityConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
@@ -190,6 +200,10 @@ def resolve_size(
     return _multiple_of_8(bw * scale), _multiple_of_8(bh * scale)
 
 
+def upscaled_size(width: int, height: int, factor: float) -> tuple[int, int]:
+    return _multiple_of_8(width * factor), _multiple_of_8(height * factor)
+
+
 def _multiple_of_8(x: float) -> int:
     return max(8, int(round(x / 8)) * 8)
 
@@ -215,6 +229,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         ("memory", cfg.memory.name, MEMORY_MODES),
         ("consistency", cfg.consistency.name, CONSISTENCY_METHODS),
         ("long_prompts", cfg.long_prompts, LONG_PROMPT_MODES),
+        ("upscale", cfg.upscale.name, UPSCALERS),
         ("speed.compile_mode", cfg.speed.compile_mode, COMPILE_MODES),
         ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
     ):
@@ -234,14 +249,24 @@ def validate(cfg: Config) -> tuple[int, int]:
         problems.append(
             "model: set model.path=/path/to/folder-or-file.safetensors (or model.id=org/repo)"
         )
+    if cfg.upscale.name == "hires":
+        if not 1 < cfg.upscale.factor <= 4:
+            problems.append(f"upscale.factor={cfg.upscale.factor}: must be above 1, at most 4")
+        if not 0 < cfg.upscale.strength <= 1:
+            problems.append(f"upscale.strength={cfg.upscale.strength}: must be in (0, 1]")
+        if cfg.upscale.steps is not None and cfg.upscale.steps < 1:
+            problems.append(f"upscale.steps={cfg.upscale.steps}: must be at least 1")
     size = None
     try:
         size = resolve_size(cfg.aspect, cfg.quality.base_size, cfg.width, cfg.height)
     except ConfigError as e:
         problems.append(str(e))
-    if size and (max(size) > MAX_SIDE or size[0] * size[1] > MAX_PIXELS):
+    final = size
+    if size and cfg.upscale.name == "hires" and 1 < cfg.upscale.factor <= 4:
+        final = upscaled_size(*size, cfg.upscale.factor)
+    if final and (max(final) > MAX_SIDE or final[0] * final[1] > MAX_PIXELS):
         problems.append(
-            f"size {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} MP): at most {MAX_SIDE} "
+            f"size {final[0]}x{final[1]} ({final[0] * final[1] / 1e6:.1f} MP): at most {MAX_SIDE} "
             f"per side and {MAX_PIXELS / 1e6:.1f} MP; SDXL is made for about 1 MP"
         )
     if problems:

@@ -65,8 +65,15 @@ class KeyframeGenerator:
     from the first row); it is generated again in each batch, the same way from its seed, and
     reported once, in the first batch, if it is among the jobs."""
 
-    def __init__(self, pipe, settings: GenerationSettings, reference: ImageJob | None = None):
+    def __init__(
+        self,
+        pipe,
+        settings: GenerationSettings,
+        reference: ImageJob | None = None,
+        hires=None,  # upscale.Hires: a second, img2img pass at a larger size
+    ):
         self.pipe = pipe
+        self.hires = hires
         self.settings = settings
         self.batch_size = settings.batch_size
         self.fallbacks: list[dict] = []
@@ -163,15 +170,13 @@ class KeyframeGenerator:
             generator=generators,
             output_type="latent",
         ).images
-        pixels = decode(self.pipe, latents)
-        bad = ~(_finite(latents) & _finite(pixels))
-        redecoded = bool(bad.any())
-        if redecoded:
-            log.warning(
-                "NaN/Inf in %d image(s); decoding the batch again in float32", int(bad.sum())
-            )
-            pixels = decode(self.pipe, latents, float32=True)
-            bad = ~(_finite(latents) & _finite(pixels))
+        pixels, bad, redecoded = self._decode_checked(latents)
+        if self.hires is not None and not bad.all():
+            seeds = [job.seed for job in batch]
+            steps, cfg_scale = self.settings.steps, self.settings.cfg_scale
+            latents = self.hires.refine(pixels, texts, seeds, steps, cfg_scale)
+            pixels, bad_again, redecoded_again = self._decode_checked(latents)
+            bad, redecoded = bad | bad_again, redecoded or redecoded_again
         batch, images, bad = batch[:size], to_pil(self.pipe, pixels[:size]), bad[:size]
         if self.cuda:
             torch.cuda.synchronize()
@@ -187,6 +192,19 @@ class KeyframeGenerator:
             else:
                 out.append(Generation(job, image, seconds, vram, rss, notes=notes))
         return out
+
+    def _decode_checked(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(pixels, per-image NaN/Inf flags, decoded again in float32?)"""
+        pixels = decode(self.pipe, latents)
+        bad = ~(_finite(latents) & _finite(pixels))
+        redecoded = bool(bad.any())
+        if redecoded:
+            log.warning(
+                "NaN/Inf in %d image(s); decoding the batch again in float32", int(bad.sum())
+            )
+            pixels = decode(self.pipe, latents, float32=True)
+            bad = ~(_finite(latents) & _finite(pixels))
+        return pixels, bad, redecoded
 
 
 def decode(pipe, latents: torch.Tensor, float32: bool = False) -> torch.Tensor:

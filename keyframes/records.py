@@ -31,6 +31,12 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     ]
     if record.get("consistency") not in (None, "none"):
         settings.append(f"Consistency: {record['consistency']} ({record['consistency_reference']})")
+    upscale = record.get("upscale")
+    if upscale:
+        settings.append(
+            f"Hires upscale: {_number(upscale['factor'])}, Hires steps: {upscale['steps']}, "
+            f"Denoising strength: {_number(upscale['strength'])}"
+        )
     loras = record.get("loras") or []
     hashes = ", ".join(f"{r['name']}: {r['sha256']}" for r in loras if r.get("sha256"))
     if hashes:

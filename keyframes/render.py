@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from keyframes.config import Config
+from keyframes.config import Config, upscaled_size
 from keyframes.errors import Interrupted
 from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.long_prompts import chunk_count
@@ -45,6 +45,7 @@ from keyframes.records import (
 from keyframes.scoring import ClipScorer, TextScore, cached_scorer, style_consistency
 from keyframes.shotlist import Shotlist
 from keyframes.style_aligned import share_attention
+from keyframes.upscale import Hires
 
 log = logging.getLogger("keyframes")
 
@@ -124,7 +125,8 @@ def render(ctx: RunContext) -> RenderResult:
     if cfg.speed.compile and todo:
         compile_seconds = warm_up(loaded, settings, todo[0], ctx.reference)
         result.manifest_run["timings"]["compile_seconds"] = round(compile_seconds, 3)
-    generator = KeyframeGenerator(pipe, settings, ctx.reference)
+    hires = Hires(pipe, cfg.upscale) if cfg.upscale.name == "hires" else None
+    generator = KeyframeGenerator(pipe, settings, ctx.reference, hires)
     tokens = count_tokens(pipe, todo, cfg.long_prompts)
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
     records = dict(done)
@@ -295,6 +297,7 @@ def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
         "consistency": cfg.consistency.name,
         "consistency_reference": ctx.reference.file if ctx.reference else None,
         "loras": ctx.loras,
+        "upscale": upscale_record(ctx),
     }
 
 
@@ -382,6 +385,7 @@ def image_record(
         "consistency": cfg.consistency.name,
         "consistency_reference": ctx.reference.file if ctx.reference else None,
         "loras": ctx.loras,  # [{name, path, scale, sha256}]
+        "upscale": upscale_record(ctx),
         "seconds": round(g.seconds, 4),
         "vram_peak_gb": None if g.vram_peak_gb is None else round(g.vram_peak_gb, 3),
         "rss_peak_gb": round(g.rss_peak_gb, 3),
@@ -392,6 +396,17 @@ def image_record(
         else {"description": asked.truncated, "prompt": styled.truncated},
         "scene_extra": scene_extra,  # fields the shotlist format does not know, passed through
     }
+
+
+def upscale_record(ctx: RunContext) -> dict[str, Any] | None:
+    """How the generated image was enlarged (None: it was not); width/height are the output's."""
+    up = ctx.cfg.upscale
+    if up.name == "none":
+        return None
+    width, height = upscaled_size(ctx.width, ctx.height, up.factor)
+    steps = up.steps or ctx.cfg.steps
+    return {"name": up.name, "factor": up.factor, "strength": up.strength, "steps": steps,
+            "width": width, "height": height}  # fmt: skip
 
 
 def run_info(ctx: RunContext, scorer: ClipScorer | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ GROUPS = {
     "memory": {"auto", "none", "balanced", "low_vram", "minimal"},
     "speed": {"sdpa", "fast", "compile"},
     "consistency": {"none", "style_aligned"},
+    "upscale": {"none", "hires"},
 }  # fmt: skip
 
 
