@@ -42,6 +42,13 @@ class ModelConfig:
     tiny: bool = False  # build the tiny random-weight test model instead of loading weights
     architecture: str | None = None  # build this packaged architecture with random weights
     vae: str | None = None  # replacement VAE (hub id or folder), e.g. the fp16-fix SDXL VAE
+    unet: str | None = None  # replacement UNet weights: .safetensors file or hub org/repo/file
+    timestep_spacing: str | None = None  # scheduler override the weights need, e.g. trailing
+    # What a distilled model was made for; other values get a warning and these are used:
+    steps_range: list[int] | None = None  # [min, max] steps
+    cfg_scale: float | None = None  # guidance the model was distilled for (0: none)
+    base_size: int | None = None  # training resolution (the aspect buckets scale to it)
+    sampler: str | None = None  # the sampler it is made for (another one gets a warning)
     allow_pickle: bool = False  # load .ckpt/.bin/.pt (pickle: can run code) - only if trusted
 
 
@@ -206,6 +213,38 @@ def upscaled_size(width: int, height: int, factor: float) -> tuple[int, int]:
 
 def _multiple_of_8(x: float) -> int:
     return max(8, int(round(x / 8)) * 8)
+
+
+def fit_to_model(cfg: Config) -> list[str]:
+    """Bring steps, guidance and size within what a distilled model (turbo, lightning) was made
+    for. Changes cfg; returns one warning per value changed, naming the value used."""
+    model, notes = cfg.model, []
+    if model.steps_range:
+        low, high = model.steps_range
+        if not low <= cfg.steps <= high:
+            used = min(max(cfg.steps, low), high)
+            notes.append(
+                f"steps={cfg.steps} does not fit {model.name} ({low}-{high}): using {used}"
+            )
+            cfg.steps = used
+    if model.cfg_scale is not None and cfg.cfg_scale != model.cfg_scale:
+        notes.append(
+            f"cfg_scale={cfg.cfg_scale:g} does not fit {model.name} (distilled for "
+            f"{model.cfg_scale:g}): using {model.cfg_scale:g}"
+        )
+        cfg.cfg_scale = model.cfg_scale
+    if model.base_size and cfg.quality.base_size != model.base_size and not cfg.width:
+        notes.append(
+            f"quality {cfg.quality.name} sizes for {cfg.quality.base_size} px; {model.name} "
+            f"is made for {model.base_size}: using {model.base_size}"
+        )
+        cfg.quality.base_size = model.base_size
+    if model.sampler and cfg.sampler.name != model.sampler:
+        notes.append(
+            f"sampler={cfg.sampler.name}: {model.name} is made for sampler={model.sampler}; "
+            f"keeping {cfg.sampler.name} as asked"
+        )
+    return notes
 
 
 def validate(cfg: Config) -> tuple[int, int]:

@@ -91,6 +91,12 @@ def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "
         pipe = build_random_pipeline(model.architecture, build_on, placement.dtype)
     else:
         pipe = _load_weights(model, placement.dtype)
+    if model.unet:
+        _replace_unet_weights(pipe, model.unet)
+    if model.timestep_spacing:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, timestep_spacing=model.timestep_spacing
+        )
     pipe = apply_memory_mode(pipe, memory_mode, placement.device)
     pipe.set_progress_bar_config(disable=True)  # the run has one overall bar
     _quiet_truncation_warnings()
@@ -161,6 +167,28 @@ def _load_weights(model: ModelConfig, dtype: torch.dtype):
         return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(_unavailable_message(model, e)) from None
+
+
+def _replace_unet_weights(pipe, source: str) -> None:
+    """Load UNet weights (a local .safetensors file, or org/repo/file.safetensors on the hub)
+    into the pipeline's UNet, e.g. SDXL-Lightning's distilled UNet into SDXL base."""
+    from safetensors.torch import load_file
+
+    path = Path(source).expanduser()
+    try:
+        if not path.is_file():
+            from huggingface_hub import hf_hub_download
+
+            repo, _, name = source.rpartition("/")
+            path = Path(hf_hub_download(repo, name))
+        state = load_file(path)
+        pipe.unet.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - hub, file and shape errors all mean "not usable"
+        raise ModelUnavailableError(
+            f"model.unet={source}: could not be loaded ({first_line(e)}).\n"
+            "  Give a local .safetensors file or org/repo/file.safetensors from the hub "
+            "(cached, when offline), with weights for this model's UNet."
+        ) from None
 
 
 def _has_variant(source: str, variant: str) -> bool:

@@ -60,6 +60,7 @@ class RunContext:
     jobs: list[ImageJob]
     reference: ImageJob | None  # consistency=style_aligned: the image all others align to
     loras: list[dict]  # lora_records(cfg.loras): name, path, scale, file hash
+    model_fit: list[str]  # settings changed to fit a distilled model, as warned
     placement: Placement
     memory: MemoryPlan
     width: int
@@ -420,6 +421,7 @@ def run_info(ctx: RunContext, scorer: ClipScorer | None) -> dict[str, Any]:
         "config_hash": ctx.config_hash,
         "model": cfg.model.name,
         "model_source": describe_source(cfg.model),
+        "model_fit": ctx.model_fit,
         "style": cfg.style.name,
         "style_template": cfg.style.prompt,
         "negative": cfg.negative.name,

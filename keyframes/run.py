@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from keyframes.config import Config, validate
+from keyframes.config import Config, fit_to_model, validate
 from keyframes.errors import ConfigError, Interrupted, KeyframesError, first_line
 
 if TYPE_CHECKING:
@@ -121,6 +121,12 @@ def run(
 
     started = time.time()
     cfg.style = resolve_style(cfg.style)  # style=file: the preset from the file
+    model_fit = fit_to_model(cfg)  # turbo, lightning: steps, guidance, size they were made for
+    for note in model_fit:
+        log.warning(note)
+    if model_fit:  # config.yaml and MLflow params must say what made the images
+        quality = {**resolved["quality"], "base_size": cfg.quality.base_size}
+        resolved = {**resolved, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "quality": quality}
     width, height = validate(cfg)
     shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
     if shotlist.unknown_fields:
@@ -171,6 +177,7 @@ def run(
         jobs=jobs,
         reference=reference,
         loras=lora_records(cfg.loras),
+        model_fit=model_fit,
         placement=placement,
         memory=memory,
         width=width,

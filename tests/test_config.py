@@ -13,7 +13,7 @@ from keyframes.errors import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = {
-    "model": {"sdxl_base", "sdxl_random", "tiny", "local"},
+    "model": {"sdxl_base", "sdxl_random", "sdxl_turbo", "sdxl_lightning", "tiny", "local"},
     "style": {"none", "cinematic", "dramatic", "noir", "documentary", "anime", "watercolor", "vintage_film", "file"},
     "negative": {"default", "strict", "none"},
     "sampler": {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"},
