@@ -28,6 +28,7 @@ ARCHITECTURES = ("sdxl_base",)
 CONSISTENCY_METHODS = ("none", "style_aligned")
 LONG_PROMPT_MODES = ("chunk", "truncate")
 UPSCALERS = ("none", "hires")
+CONTROL_TYPES = ("canny", "depth")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 
 
@@ -98,6 +99,18 @@ class LoraConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    name: str = MISSING  # none | canny_sdxl | depth_sdxl
+    type: str | None = None  # the scene control type it follows: canny | depth
+    id: str | None = None  # hub repo of the ControlNet
+    path: str | None = None  # local diffusers ControlNet folder; wins over id
+    tiny: bool = False  # tests: a ControlNet copied from the tiny UNet, random weights
+    conditioning_scale: float = 0.5  # how strongly the control steers (0: not at all)
+    canny_low: int = 100  # canny thresholds (OpenCV), as the canny ControlNets were trained
+    canny_high: int = 200
+
+
+@dataclass
 class UpscaleConfig:
     name: str = MISSING  # none | hires
     factor: float = 1.5  # hires: output size / generated size
@@ -160,6 +173,7 @@ class Config:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
@@ -269,6 +283,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         ("consistency", cfg.consistency.name, CONSISTENCY_METHODS),
         ("long_prompts", cfg.long_prompts, LONG_PROMPT_MODES),
         ("upscale", cfg.upscale.name, UPSCALERS),
+        ("controlnet.type", cfg.controlnet.type or CONTROL_TYPES[0], CONTROL_TYPES),
         ("speed.compile_mode", cfg.speed.compile_mode, COMPILE_MODES),
         ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
     ):
@@ -287,6 +302,10 @@ def validate(cfg: Config) -> tuple[int, int]:
     if not (cfg.model.tiny or cfg.model.architecture or cfg.model.id or cfg.model.path):
         problems.append(
             "model: set model.path=/path/to/folder-or-file.safetensors (or model.id=org/repo)"
+        )
+    if not cfg.controlnet.conditioning_scale >= 0:
+        problems.append(
+            f"controlnet.conditioning_scale={cfg.controlnet.conditioning_scale}: must be >= 0"
         )
     if cfg.upscale.name == "hires":
         if not 1 < cfg.upscale.factor <= 4:

@@ -53,9 +53,21 @@ class Generation:
     notes: list[str] = field(default_factory=list)  # e.g. "vae_fp32_redecode"
 
 
-def batches(jobs: list[ImageJob], size: int) -> Iterator[list[ImageJob]]:
-    for start in range(0, len(jobs), size):
-        yield jobs[start : start + size]
+def batches(
+    jobs: list[ImageJob], size: int, split_controls: bool = False
+) -> Iterator[list[ImageJob]]:
+    """Consecutive jobs, `size` at a time; with split_controls a batch holds only scenes with
+    a ControlNet control or only scenes without (they run through different pipelines)."""
+    batch: list[ImageJob] = []
+    for job in jobs:
+        if batch and (
+            len(batch) == size or (split_controls and bool(job.control) != bool(batch[0].control))
+        ):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
 
 
 class KeyframeGenerator:
@@ -71,9 +83,11 @@ class KeyframeGenerator:
         settings: GenerationSettings,
         reference: ImageJob | None = None,
         hires=None,  # upscale.Hires: a second, img2img pass at a larger size
+        control=None,  # control.Control: the ControlNet pipeline for scenes with a control
     ):
         self.pipe = pipe
         self.hires = hires
+        self.control = control
         self.settings = settings
         self.batch_size = settings.batch_size
         self.fallbacks: list[dict] = []
@@ -90,7 +104,8 @@ class KeyframeGenerator:
             if not others and jobs:
                 self._report_reference = False  # the reference alone: an ordinary batch
                 self.reference = None
-        queue = deque(batches(jobs, self.batch_size))
+        split = self.control is not None
+        queue = deque(batches(jobs, self.batch_size, split))
         while queue:
             batch = queue.popleft()
             try:
@@ -101,7 +116,7 @@ class KeyframeGenerator:
                     # Halve this batch and every later one: the size that failed will fail again.
                     self.batch_size = len(batch) // 2
                     rest = batch + [job for queued in queue for job in queued]
-                    queue = deque(batches(rest, self.batch_size))
+                    queue = deque(batches(rest, self.batch_size, split))
                     self._note(
                         "halve_batch", batch, f"batch size {len(batch)} -> {self.batch_size}"
                     )
@@ -161,8 +176,12 @@ class KeyframeGenerator:
             [job.negative_prompt for job in batch],
             self.settings.long_prompts,
         )
-        latents = self.pipe(
+        pipe, control = self.pipe, {}
+        if self.control is not None and batch[0].control:
+            pipe, control = self.control.pipe, self.control.arguments(batch)
+        latents = pipe(
             **texts,
+            **control,
             num_inference_steps=self.settings.steps,
             guidance_scale=self.settings.cfg_scale,
             width=self.settings.width,

@@ -24,6 +24,7 @@ class ImageJob:
     prompt: str  # final, styled
     negative_prompt: str
     file: str  # relative to the run directory
+    control: tuple[str, str] | None = None  # the scene's (type, image path) ControlNet input
 
 
 def derive_seed(run_seed: int, scene_id: str) -> int:
@@ -95,6 +96,9 @@ def plan_jobs(
                     prompt=prompt,
                     negative_prompt=negative,
                     file=f"keyframes/{scene_index:03d}_{names[scene.id]}_t{take}.png",
+                    control=(scene.control["type"], scene.control["image"])
+                    if scene.control
+                    else None,
                 )
             )
     return jobs

@@ -31,6 +31,9 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     ]
     if record.get("consistency") not in (None, "none"):
         settings.append(f"Consistency: {record['consistency']} ({record['consistency_reference']})")
+    control = record.get("control")
+    if control:
+        settings.append(f"ControlNet: {control['type']} (weight {_number(control['scale'])})")
     upscale = record.get("upscale")
     if upscale:
         settings.append(

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from keyframes.config import Config, upscaled_size
+from keyframes.control import Control
 from keyframes.errors import Interrupted
 from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.long_prompts import chunk_count
@@ -127,7 +128,10 @@ def render(ctx: RunContext) -> RenderResult:
         compile_seconds = warm_up(loaded, settings, todo[0], ctx.reference)
         result.manifest_run["timings"]["compile_seconds"] = round(compile_seconds, 3)
     hires = Hires(pipe, cfg.upscale) if cfg.upscale.name == "hires" else None
-    generator = KeyframeGenerator(pipe, settings, ctx.reference, hires)
+    control = None
+    if cfg.controlnet.type and any(job.control for job in todo):
+        control = Control(pipe, cfg.controlnet, ctx.width, ctx.height)
+    generator = KeyframeGenerator(pipe, settings, ctx.reference, hires, control)
     tokens = count_tokens(pipe, todo, cfg.long_prompts)
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
     records = dict(done)
@@ -299,6 +303,7 @@ def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
         "consistency_reference": ctx.reference.file if ctx.reference else None,
         "loras": ctx.loras,
         "upscale": upscale_record(ctx),
+        "control": control_record(ctx, job),
     }
 
 
@@ -387,6 +392,7 @@ def image_record(
         "consistency_reference": ctx.reference.file if ctx.reference else None,
         "loras": ctx.loras,  # [{name, path, scale, sha256}]
         "upscale": upscale_record(ctx),
+        "control": control_record(ctx, job),
         "seconds": round(g.seconds, 4),
         "vram_peak_gb": None if g.vram_peak_gb is None else round(g.vram_peak_gb, 3),
         "rss_peak_gb": round(g.rss_peak_gb, 3),
@@ -397,6 +403,15 @@ def image_record(
         else {"description": asked.truncated, "prompt": styled.truncated},
         "scene_extra": scene_extra,  # fields the shotlist format does not know, passed through
     }
+
+
+def control_record(ctx: RunContext, job: ImageJob) -> dict[str, Any] | None:
+    """The ControlNet input that steered this image (None: none did)."""
+    control = ctx.cfg.controlnet
+    if not (job.control and control.type):
+        return None
+    return {"type": job.control[0], "image": job.control[1], "controlnet": control.name,
+            "scale": control.conditioning_scale}  # fmt: skip
 
 
 def upscale_record(ctx: RunContext) -> dict[str, Any] | None:

@@ -144,7 +144,17 @@ def run(
         seed_mode=cfg.seed_mode,
         takes=cfg.takes,
     )
+    from keyframes.control import check_controls
+
+    for note in check_controls(jobs, cfg.controlnet):
+        log.warning(note)
+    controlled = cfg.controlnet.type is not None and any(job.control for job in jobs)
     reference = None
+    if controlled and cfg.consistency.name == "style_aligned":
+        raise ConfigError(
+            "consistency=style_aligned with ControlNet scenes is not supported yet: the shared "
+            "reference would need a control too. Use one of them per run."
+        )
     if cfg.consistency.name == "style_aligned":
         from keyframes.plan import reference_job
 

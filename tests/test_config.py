@@ -23,6 +23,7 @@ GROUPS = {
     "speed": {"sdpa", "fast", "compile"},
     "consistency": {"none", "style_aligned"},
     "upscale": {"none", "hires"},
+    "controlnet": {"none", "canny_sdxl", "depth_sdxl"},
 }  # fmt: skip
 
 

@@ -1,0 +1,107 @@
+"""ControlNet on the tiny model: canny preprocessing, a tiny ControlNet copied from the tiny
+UNet, batching scenes with and without a control, and the checks before anything loads."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from keyframes.config import ControlNetConfig, SamplerConfig
+from keyframes.control import Control, canny, check_controls
+from keyframes.errors import ConfigError
+from keyframes.generate import GenerationSettings, KeyframeGenerator, batches
+from keyframes.models import apply_sampler, load_pipeline, resolve_placement
+from keyframes.plan import plan_jobs
+from keyframes.shotlist import load_shotlist
+from tests.helpers import tiny_model_config
+
+
+def square(path, box):
+    image = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(image).rectangle(box, fill=(255, 255, 255))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shotlist(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("control")
+    square(folder / "a.png", (16, 16, 47, 47))
+    square(folder / "b.png", (4, 30, 60, 40))
+    scenes = [
+        {"id": "cliff", "description": "a lighthouse on a cliff", "control": {"type": "canny", "image": "a.png"}},
+        {"id": "sea", "description": "the open sea"},
+        {"id": "boat", "description": "a small boat", "control": {"type": "canny", "image": "b.png"}},
+    ]  # fmt: skip
+    path = folder / "shots.json"
+    path.write_text(json.dumps({"title": "t", "scenes": scenes}))
+    return load_shotlist(str(path))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
+    apply_sampler(
+        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
+    )
+    return pipe
+
+
+def tiny_control(scale):
+    return ControlNetConfig(name="tiny", type="canny", tiny=True, conditioning_scale=scale)
+
+
+def test_canny_finds_the_square_outline_only(tmp_path):
+    edges = np.asarray(canny(Image.open(square(tmp_path / "s.png", (16, 16, 47, 47))), 100, 200))
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    on = np.argwhere(edges[..., 0] > 0)
+    assert on.min() >= 14 and on.max() <= 49  # around the square's border
+    assert edges[28:36, 28:36].max() == 0 and edges[:10, :10].max() == 0  # inside, outside
+
+
+def test_plan_carries_each_scenes_control(shotlist):
+    jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1)
+    assert [j.control[0] if j.control else None for j in jobs] == ["canny", None, "canny"]
+    assert jobs[0].control[1].endswith("a.png")
+    # controlled and plain scenes never share a pipeline call
+    assert [[j.scene_id for j in b] for b in batches(jobs, 4, split_controls=True)] == [
+        ["cliff"],
+        ["sea"],
+        ["boat"],
+    ]
+
+
+def test_the_control_image_steers_the_picture_and_scale_0_does_not(shotlist, pipe):
+    jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1)
+    settings = GenerationSettings(3, 5.0, 64, 64, 2)
+
+    def images(control):
+        made = KeyframeGenerator(pipe, settings, control=control).run(jobs)
+        return {g.job.scene_id: np.asarray(g.image, dtype=np.int16) for b in made for g in b}
+
+    plain, steered = images(None), images(Control(pipe, tiny_control(1.0), 64, 64))
+    off = images(Control(pipe, tiny_control(0.0), 64, 64))
+    assert (steered["sea"] == plain["sea"]).all()  # no control: the base pipeline, same pixels
+    for scene in ("cliff", "boat"):
+        assert np.abs(steered[scene] - plain[scene]).mean() > 0.5
+        assert np.abs(off[scene] - plain[scene]).max() <= 1  # the residuals times 0
+    swapped = [j.__class__(**{**j.__dict__, "control": jobs[2].control}) for j in jobs[:1]]
+    other = next(
+        KeyframeGenerator(pipe, settings, control=Control(pipe, tiny_control(1.0), 64, 64)).run(
+            swapped
+        )
+    )
+    assert np.abs(np.asarray(other[0].image, dtype=np.int16) - steered["cliff"]).mean() > 0.5
+
+
+def test_control_types_are_checked_before_loading(shotlist):
+    jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1)
+    assert check_controls(jobs, ControlNetConfig(name="none")) == [
+        "controlnet=none: the control of scenes cliff, boat is ignored"
+    ]
+    assert check_controls(jobs, tiny_control(0.5)) == []
+    with pytest.raises(
+        ConfigError, match=r"follows depth controls; scenes cliff \(canny\), boat \(canny\)"
+    ):
+        check_controls(jobs, ControlNetConfig(name="depth_sdxl", type="depth"))
