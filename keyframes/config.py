@@ -25,7 +25,7 @@ MEMORY_MODES = ("auto", "none", "balanced", "low_vram", "minimal")
 OFFLOAD_MODES = ("low_vram", "minimal")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHITECTURES = ("sdxl_base",)
-CONSISTENCY_METHODS = ("none", "style_aligned")
+CONSISTENCY_METHODS = ("none", "style_aligned", "ip_adapter")
 LONG_PROMPT_MODES = ("chunk", "truncate")
 UPSCALERS = ("none", "hires")
 CONTROL_TYPES = ("canny", "depth")
@@ -120,8 +120,15 @@ class UpscaleConfig:
 
 @dataclass
 class ConsistencyConfig:
-    name: str = MISSING  # none | style_aligned
-    reference: str | None = None  # scene id of the reference image; null: the first scene
+    name: str = MISSING  # none | style_aligned | ip_adapter
+    reference: str | None = None  # style_aligned: scene id of the reference; null: the first
+    image: str | None = None  # ip_adapter: the run's reference image; null: the first keyframe
+    ip_adapter_id: str = "h94/IP-Adapter"
+    ip_adapter_path: str | None = None  # a local copy of the repo; wins over the id
+    ip_adapter_subfolder: str = "sdxl_models"
+    ip_adapter_weight: str = "ip-adapter_sdxl.safetensors"
+    ip_adapter_scale: float = 0.6  # how strongly the reference image steers
+    style_only: bool = False  # InstantStyle: only the style block reads the image
 
 
 @dataclass

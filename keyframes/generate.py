@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
+from keyframes.ip_adapter import reference_image
 from keyframes.long_prompts import text_inputs
 from keyframes.plan import ImageJob
 
@@ -54,15 +55,18 @@ class Generation:
 
 
 def batches(
-    jobs: list[ImageJob], size: int, split_controls: bool = False
+    jobs: list[ImageJob], size: int, split_controls: bool = False, split_references: bool = False
 ) -> Iterator[list[ImageJob]]:
-    """Consecutive jobs, `size` at a time; with split_controls a batch holds only scenes with
-    a ControlNet control or only scenes without (they run through different pipelines)."""
+    """Consecutive jobs, `size` at a time. split_controls: a batch holds only scenes with a
+    ControlNet control or only scenes without (they run through different pipelines);
+    split_references: only jobs with the same IP-Adapter reference image."""
+
+    def kind(job: ImageJob):
+        return (split_controls and bool(job.control), split_references and job.reference)
+
     batch: list[ImageJob] = []
     for job in jobs:
-        if batch and (
-            len(batch) == size or (split_controls and bool(job.control) != bool(batch[0].control))
-        ):
+        if batch and (len(batch) == size or kind(job) != kind(batch[0])):
             yield batch
             batch = []
         batch.append(job)
@@ -84,10 +88,12 @@ class KeyframeGenerator:
         reference: ImageJob | None = None,
         hires=None,  # upscale.Hires: a second, img2img pass at a larger size
         control=None,  # control.Control: the ControlNet pipeline for scenes with a control
+        ip_adapter: bool = False,  # an IP-Adapter is loaded: show each job its reference
     ):
         self.pipe = pipe
         self.hires = hires
         self.control = control
+        self.ip_adapter = ip_adapter
         self.settings = settings
         self.batch_size = settings.batch_size
         self.fallbacks: list[dict] = []
@@ -104,8 +110,8 @@ class KeyframeGenerator:
             if not others and jobs:
                 self._report_reference = False  # the reference alone: an ordinary batch
                 self.reference = None
-        split = self.control is not None
-        queue = deque(batches(jobs, self.batch_size, split))
+        split = (self.control is not None, self.ip_adapter)
+        queue = deque(batches(jobs, self.batch_size, *split))
         while queue:
             batch = queue.popleft()
             try:
@@ -116,7 +122,7 @@ class KeyframeGenerator:
                     # Halve this batch and every later one: the size that failed will fail again.
                     self.batch_size = len(batch) // 2
                     rest = batch + [job for queued in queue for job in queued]
-                    queue = deque(batches(rest, self.batch_size, split))
+                    queue = deque(batches(rest, self.batch_size, *split))
                     self._note(
                         "halve_batch", batch, f"batch size {len(batch)} -> {self.batch_size}"
                     )
@@ -179,6 +185,8 @@ class KeyframeGenerator:
         pipe, control = self.pipe, {}
         if self.control is not None and batch[0].control:
             pipe, control = self.control.pipe, self.control.arguments(batch)
+        if self.ip_adapter:  # one reference per batch (batches split on it)
+            texts["ip_adapter_image"] = reference_image(batch[0].reference)
         latents = pipe(
             **texts,
             **control,

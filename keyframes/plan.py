@@ -25,6 +25,7 @@ class ImageJob:
     negative_prompt: str
     file: str  # relative to the run directory
     control: tuple[str, str] | None = None  # the scene's (type, image path) ControlNet input
+    reference: str | None = None  # consistency=ip_adapter: the image prompt of this image
 
 
 def derive_seed(run_seed: int, scene_id: str) -> int:

@@ -24,6 +24,7 @@ from keyframes.config import Config, upscaled_size
 from keyframes.control import Control
 from keyframes.errors import Interrupted
 from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
+from keyframes.ip_adapter import load_adapter
 from keyframes.long_prompts import chunk_count
 from keyframes.loras import apply_loras, prompt_tags, remove_loras
 from keyframes.memory import MemoryPlan
@@ -127,18 +128,44 @@ def render(ctx: RunContext) -> RenderResult:
     if cfg.speed.compile and todo:
         compile_seconds = warm_up(loaded, settings, todo[0], ctx.reference)
         result.manifest_run["timings"]["compile_seconds"] = round(compile_seconds, 3)
-    hires = Hires(pipe, cfg.upscale) if cfg.upscale.name == "hires" else None
     control = None
     if cfg.controlnet.type and any(job.control for job in todo):
         control = Control(pipe, cfg.controlnet, ctx.width, ctx.height)
-    generator = KeyframeGenerator(pipe, settings, ctx.reference, hires, control)
+    generators: list[KeyframeGenerator] = []
+
+    def make_generator(ip_adapter: bool = False) -> KeyframeGenerator:
+        # Hires is made per stage: from_pipe copies the components there are at that moment
+        hires = Hires(pipe, cfg.upscale) if cfg.upscale.name == "hires" else None
+        generators.append(KeyframeGenerator(
+            pipe, settings, ctx.reference, hires, control, ip_adapter=ip_adapter
+        ))  # fmt: skip
+        return generators[-1]
+
+    adapter_loaded = False
+
+    def generate_all():
+        """All batches; under ip_adapter the first keyframe, if it is everyone's reference,
+        is made before the adapter loads."""
+        nonlocal adapter_loaded
+        if cfg.consistency.name != "ip_adapter":
+            yield from make_generator().run(todo)
+            return
+        first = ctx.jobs[0]
+        plain = [j for j in todo if j.index == first.index and j.reference is None]
+        yield from make_generator().run(plain)
+        load_adapter(pipe, cfg.consistency)
+        adapter_loaded = True
+        fallback = str(ctx.run_dir / first.file)
+        rest = [replace(j, reference=j.reference or fallback) for j in todo if j not in plain]
+        yield from make_generator(ip_adapter=True).run(rest)
+
     tokens = count_tokens(pipe, todo, cfg.long_prompts)
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
     records = dict(done)
 
     def write_manifest_now():
         result.images = [records[i] for i in sorted(records)]
-        result.manifest_run["fallbacks"] = generator.fallbacks
+        result.manifest_run["fallbacks"] = [f for g in generators for f in g.fallbacks]
         result.write_manifest()
 
     if cfg.loras:
@@ -155,7 +182,7 @@ def render(ctx: RunContext) -> RenderResult:
             logging_redirect_tqdm(),
             tqdm(total=len(ctx.jobs), initial=len(done), unit="image", desc="keyframes") as bar,
         ):
-            for batch in generator.run(todo):
+            for batch in generate_all():
                 for generation, scores in zip(batch, score_batch(scorer, batch), strict=True):
                     scene = scenes[generation.job.scene_id]
                     record = image_record(ctx, generation, scores, tokens, scene.extra)
@@ -178,6 +205,8 @@ def render(ctx: RunContext) -> RenderResult:
             pipe.unet.set_attn_processor(restore)
         if cfg.loras:
             remove_loras(pipe, cfg.fuse_loras)
+        if adapter_loaded:
+            pipe.unload_ip_adapter()
     write_manifest_now()
     failed = [r for r in result.images if r["status"] != "ok"]
     result.manifest_run["status"] = "failed" if failed else "finished"
@@ -300,7 +329,7 @@ def _recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
         "height": ctx.height,
         "model": cfg.model.name,
         "consistency": cfg.consistency.name,
-        "consistency_reference": ctx.reference.file if ctx.reference else None,
+        "consistency_reference": consistency_reference(ctx, job),
         "loras": ctx.loras,
         "upscale": upscale_record(ctx),
         "control": control_record(ctx, job),
@@ -389,7 +418,7 @@ def image_record(
         "style": cfg.style.name,
         "negative": cfg.negative.name,
         "consistency": cfg.consistency.name,
-        "consistency_reference": ctx.reference.file if ctx.reference else None,
+        "consistency_reference": consistency_reference(ctx, job),
         "loras": ctx.loras,  # [{name, path, scale, sha256}]
         "upscale": upscale_record(ctx),
         "control": control_record(ctx, job),
@@ -403,6 +432,16 @@ def image_record(
         else {"description": asked.truncated, "prompt": styled.truncated},
         "scene_extra": scene_extra,  # fields the shotlist format does not know, passed through
     }
+
+
+def consistency_reference(ctx: RunContext, job: ImageJob) -> str | None:
+    """style_aligned: the reference keyframe's file; ip_adapter: the image prompt's path (the
+    run's first keyframe where nothing else was given)."""
+    if ctx.reference is not None:
+        return ctx.reference.file
+    if ctx.cfg.consistency.name != "ip_adapter" or job.reference:
+        return job.reference
+    return None if job.index == ctx.jobs[0].index else ctx.jobs[0].file
 
 
 def control_record(ctx: RunContext, job: ImageJob) -> dict[str, Any] | None:

@@ -155,6 +155,19 @@ def run(
             "consistency=style_aligned with ControlNet scenes is not supported yet: the shared "
             "reference would need a control too. Use one of them per run."
         )
+    if controlled and cfg.consistency.name == "ip_adapter":
+        raise ConfigError(
+            "consistency=ip_adapter with ControlNet scenes is not supported yet. "
+            "Use one of them per run."
+        )
+    if cfg.consistency.name == "ip_adapter":
+        from keyframes.ip_adapter import assign_references
+
+        image = cfg.consistency.image
+        if image is not None and not Path(image).expanduser().is_file():
+            raise ConfigError(f"consistency.image={image}: no such file")
+        image = str(Path(image).expanduser().resolve()) if image else None
+        jobs = assign_references(jobs, shotlist, image)
     if cfg.consistency.name == "style_aligned":
         from keyframes.plan import reference_job
 

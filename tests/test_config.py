@@ -21,7 +21,7 @@ GROUPS = {
     "scorer": {"clip", "tiny", "none"},
     "memory": {"auto", "none", "balanced", "low_vram", "minimal"},
     "speed": {"sdpa", "fast", "compile"},
-    "consistency": {"none", "style_aligned"},
+    "consistency": {"none", "style_aligned", "ip_adapter"},
     "upscale": {"none", "hires"},
     "controlnet": {"none", "canny_sdxl", "depth_sdxl"},
 }  # fmt: skip

@@ -1,0 +1,131 @@
+"""IP-Adapter on the tiny model: tiny random image encoder and adapter weights in the layout
+`load_ip_adapter` reads, references from scenes and characters, and a real effect."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from keyframes.config import ConsistencyConfig, SamplerConfig
+from keyframes.generate import GenerationSettings, KeyframeGenerator, batches
+from keyframes.ip_adapter import assign_references, load_adapter
+from keyframes.models import apply_sampler, load_pipeline, resolve_placement
+from keyframes.plan import plan_jobs
+from keyframes.shotlist import load_shotlist
+from tests.helpers import tiny_model_config
+
+IMAGE_EMBED = 32
+
+
+def save_tiny_ip_adapter(folder, unet):
+    """folder/models/image_encoder (a tiny CLIP vision model) + folder/models/ip.safetensors."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=IMAGE_EMBED,
+        )  # fmt: skip
+    )
+    encoder.save_pretrained(folder / "models" / "image_encoder")
+    text_width = unet.config.cross_attention_dim
+    weights = {
+        "image_proj.proj.weight": torch.randn(text_width * 4, IMAGE_EMBED) * 0.2,
+        "image_proj.proj.bias": torch.zeros(text_width * 4),
+        "image_proj.norm.weight": torch.ones(text_width),
+        "image_proj.norm.bias": torch.zeros(text_width),
+    }
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            attn = unet.get_submodule(name.removesuffix(".processor"))
+            for kind in ("to_k_ip", "to_v_ip"):
+                weights[f"ip_adapter.{key}.{kind}.weight"] = torch.randn_like(attn.to_k.weight)
+            key += 2  # the original numbering: self- and cross-attention alternate
+    save_file(weights, folder / "models" / "ip.safetensors")
+    return folder
+
+
+def tiny_adapter(folder, **overrides):
+    return ConsistencyConfig(
+        name="ip_adapter", ip_adapter_path=str(folder), ip_adapter_subfolder="models",
+        ip_adapter_weight="ip.safetensors", **overrides,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ip")
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(folder / "red.png")
+    Image.new("RGB", (64, 64), (20, 60, 220)).save(folder / "mara.png")
+    shots = {
+        "title": "t",
+        "characters": {"Mara": {"description": "a keeper in a yellow coat", "reference": "mara.png"}},
+        "scenes": [
+            {"id": "cliff", "description": "a lighthouse"},
+            {"id": "lamp", "description": "Mara trims the lamp", "characters": ["Mara"]},
+            {"id": "boat", "description": "a boat", "reference": "red.png"},
+        ],
+    }  # fmt: skip
+    (folder / "shots.json").write_text(json.dumps(shots))
+    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
+    apply_sampler(
+        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
+    )
+    save_tiny_ip_adapter(folder, pipe.unet)
+    return pipe, folder, load_shotlist(str(folder / "shots.json"))
+
+
+def test_references_come_from_the_scene_then_its_characters_then_the_run(setup):
+    _, folder, shotlist = setup
+    jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1)
+    with_refs, need_first = assign_references(jobs, shotlist, None)
+    assert [j.reference and j.reference.rsplit("/", 1)[-1] for j in with_refs] == [
+        None,
+        "mara.png",
+        "red.png",
+    ]
+    assert need_first is False  # only the first keyframe lacks one: nothing to wait for
+    with_image, _ = assign_references(jobs, shotlist, str(folder / "red.png"))
+    assert with_image[0].reference == str(folder / "red.png")
+    # one pipeline call per reference image
+    assert [[j.scene_id for j in b] for b in batches(with_refs, 4, split_references=True)] == [
+        ["cliff"],
+        ["lamp"],
+        ["boat"],
+    ]
+
+
+def test_adapter_loads_and_the_reference_image_changes_the_picture(setup):
+    pipe, folder, shotlist = setup
+    jobs, _ = assign_references(
+        plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1), shotlist, None
+    )
+    job = jobs[2]  # the boat, with red.png
+    settings = GenerationSettings(3, 5.0, 64, 64, 1)
+
+    def image(adapter_on=True, ref=None):
+        target = job if ref is None else job.__class__(**{**job.__dict__, "reference": ref})
+        made = KeyframeGenerator(pipe, settings, ip_adapter=adapter_on).run([target])
+        return np.asarray(next(made)[0].image, dtype=np.int16)
+
+    plain = image(adapter_on=False)
+    load_adapter(pipe, tiny_adapter(folder, ip_adapter_scale=1.0))
+    try:
+        red, blue = image(), image(ref=str(folder / "mara.png"))
+        pipe.set_ip_adapter_scale(0.0)
+        off = image()
+    finally:
+        pipe.unload_ip_adapter()
+    assert np.abs(red - plain).mean() > 0.5 and np.abs(red - blue).mean() > 0.5
+    assert np.abs(off - plain).max() <= 1  # scale 0: the adapter adds nothing
+    assert (image(adapter_on=False) == plain).all()  # unloaded: the plain model again
