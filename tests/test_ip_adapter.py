@@ -88,14 +88,13 @@ def setup(tmp_path_factory):
 def test_references_come_from_the_scene_then_its_characters_then_the_run(setup):
     _, folder, shotlist = setup
     jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1)
-    with_refs, need_first = assign_references(jobs, shotlist, None)
+    with_refs = assign_references(jobs, shotlist, None)
     assert [j.reference and j.reference.rsplit("/", 1)[-1] for j in with_refs] == [
         None,
         "mara.png",
         "red.png",
     ]
-    assert need_first is False  # only the first keyframe lacks one: nothing to wait for
-    with_image, _ = assign_references(jobs, shotlist, str(folder / "red.png"))
+    with_image = assign_references(jobs, shotlist, str(folder / "red.png"))
     assert with_image[0].reference == str(folder / "red.png")
     # one pipeline call per reference image
     assert [[j.scene_id for j in b] for b in batches(with_refs, 4, split_references=True)] == [
@@ -107,7 +106,7 @@ def test_references_come_from_the_scene_then_its_characters_then_the_run(setup):
 
 def test_adapter_loads_and_the_reference_image_changes_the_picture(setup):
     pipe, folder, shotlist = setup
-    jobs, _ = assign_references(
+    jobs = assign_references(
         plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1), shotlist, None
     )
     job = jobs[2]  # the boat, with red.png
