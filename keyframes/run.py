@@ -161,8 +161,9 @@ def run(
             "Use one of them per run."
         )
     if cfg.consistency.name == "ip_adapter":
-        from keyframes.ip_adapter import assign_references
+        from keyframes.ip_adapter import assign_references, check_adapter
 
+        check_adapter(cfg.consistency)
         image = cfg.consistency.image
         if image is not None and not Path(image).expanduser().is_file():
             raise ConfigError(f"consistency.image={image}: no such file")

@@ -128,3 +128,12 @@ def test_adapter_loads_and_the_reference_image_changes_the_picture(setup):
     assert np.abs(red - plain).mean() > 0.5 and np.abs(red - blue).mean() > 0.5
     assert np.abs(off - plain).max() <= 1  # scale 0: the adapter adds nothing
     assert (image(adapter_on=False) == plain).all()  # unloaded: the plain model again
+
+
+def test_a_missing_adapter_stops_the_run_before_anything_is_made(run_cli, tmp_path):
+    result = run_cli("experiment=smoke", "consistency=ip_adapter",
+                     f"consistency.ip_adapter_path={tmp_path / 'nowhere'}")  # fmt: skip
+    assert result.returncode == 2, result.output
+    assert "has no sdxl_models/ip-adapter_sdxl.safetensors" in result.stderr
+    assert 'uv run hf download h94/IP-Adapter --include "sdxl_models/*"' in result.stderr
+    assert not result.run_dir.exists()
