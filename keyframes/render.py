@@ -437,6 +437,7 @@ def image_record(
 def consistency_reference(ctx: RunContext, job: ImageJob) -> str | None:
     """style_aligned: the reference keyframe's file; ip_adapter: the image prompt's path (the
     run's first keyframe where nothing else was given)."""
+    job = ctx.jobs[job.index]  # as planned: the same answer when the run is resumed
     if ctx.reference is not None:
         return ctx.reference.file
     if ctx.cfg.consistency.name != "ip_adapter" or job.reference:

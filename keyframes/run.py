@@ -43,6 +43,8 @@ PACKAGES = (
     "torch",
     "diffusers",
     "transformers",
+    "accelerate",
+    "peft",
     "open_clip_torch",
     "mlflow",
     "hydra-core",

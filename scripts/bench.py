@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -33,8 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python scripts/bench.py` from anywhere, without installing
 
 from keyframes.errors import KeyframesError  # noqa: E402
-
-PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "hydra-core")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -272,13 +269,9 @@ def _cpu_name() -> str:
 
 
 def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "cuda": torch.version.cuda or "none"}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    from keyframes.run import package_versions
+
+    return {**package_versions(), "torch CUDA build": torch.version.cuda or "none"}
 
 
 def main(argv: list[str] | None = None) -> int:
