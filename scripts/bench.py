@@ -232,7 +232,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 "seconds_per_image_rounds": [round(s, 6) for s in timings[path]],
                 "images_per_hour": round(3600 / seconds, 1),
                 "vram_peak_gb": round(max(vram[path]), 3) if cuda else None,
-                "tflops_per_second": round(tflops, 4),
+                "tflops_per_second": float(f"{tflops:.6g}"),
                 "share_of_peak": round(tflops / peak, 4) if peak else None,
             }
             print("  " + _row(path, result[path], peak), flush=True)
