@@ -3,7 +3,7 @@
 pipeline, prompts, seeds and settings; prints `ratio: (b)/(a)` on a line of its own and
 writes every figure to JSON.
 
-    uv run python scripts/bench.py model=tiny                      # CPU, seconds
+    uv run python scripts/bench.py model=tiny steps=8 width=512 height=512   # CPU, ~30 s
     uv run python scripts/bench.py model=sdxl_random speed=compile --batch-sizes 1,2,4
 
 Overrides are the main command's (model=, memory=, speed=, steps=, width=, ...). Each batch
