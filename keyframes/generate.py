@@ -105,11 +105,11 @@ class KeyframeGenerator:
         """Yield one list of Generations per batch, as soon as the batch is done."""
         if self.reference is not None:
             others = [job for job in jobs if job.index != self.reference.index]
-            self._report_reference = len(others) < len(jobs)
-            jobs = others or ([self.reference] if self._report_reference else [])
-            if not others and jobs:
-                self._report_reference = False  # the reference alone: an ordinary batch
+            if not others:  # the reference alone, or nothing: ordinary batches
                 self.reference = None
+            else:
+                self._report_reference = len(others) < len(jobs)
+                jobs = others
         split = (self.control is not None, self.ip_adapter)
         queue = deque(batches(jobs, self.batch_size, *split))
         while queue:
@@ -176,7 +176,7 @@ class KeyframeGenerator:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        texts = text_inputs(
+        conditioning = text_inputs(
             self.pipe,
             [job.prompt for job in batch],
             [job.negative_prompt for job in batch],
@@ -186,9 +186,9 @@ class KeyframeGenerator:
         if self.control is not None and batch[0].control:
             pipe, control = self.control.pipe, self.control.arguments(batch)
         if self.ip_adapter:  # one reference per batch (batches split on it)
-            texts["ip_adapter_image"] = reference_image(batch[0].reference)
+            conditioning["ip_adapter_image"] = reference_image(batch[0].reference)
         latents = pipe(
-            **texts,
+            **conditioning,
             **control,
             num_inference_steps=self.settings.steps,
             guidance_scale=self.settings.cfg_scale,
@@ -201,7 +201,7 @@ class KeyframeGenerator:
         if self.hires is not None and not bad.all():
             seeds = [job.seed for job in batch]
             steps, cfg_scale = self.settings.steps, self.settings.cfg_scale
-            latents = self.hires.refine(pixels, texts, seeds, steps, cfg_scale)
+            latents = self.hires.refine(pixels, conditioning, seeds, steps, cfg_scale)
             pixels, bad_again, redecoded_again = self._decode_checked(latents)
             bad, redecoded = bad | bad_again, redecoded or redecoded_again
         batch, images, bad = batch[:size], to_pil(self.pipe, pixels[:size]), bad[:size]

@@ -23,15 +23,21 @@ class Hires:
         self.upscale = upscale
 
     def refine(
-        self, pixels: torch.Tensor, texts: dict, seeds: list[int], steps: int, cfg_scale: float
+        self,
+        pixels: torch.Tensor,
+        conditioning: dict,
+        seeds: list[int],
+        steps: int,
+        cfg_scale: float,
     ) -> torch.Tensor:
-        """Decoded images in [-1, 1] -> latents of the upscaled, refined images."""
+        """Decoded images in [-1, 1] -> latents of the upscaled, refined images, with the
+        first pass's prompts (or embeddings) and image prompt."""
         height, width = pixels.shape[-2:]
         size = upscaled_size(width, height, self.upscale.factor)[::-1]
         images = (pixels.float() / 2 + 0.5).clamp(0, 1)
         images = F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(0, 1)
         return self.pipe(
-            **texts,
+            **conditioning,
             image=images,
             strength=self.upscale.strength,
             num_inference_steps=self.upscale.steps or steps,
