@@ -65,15 +65,9 @@ def smoke_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from keyframes.config import SamplerConfig
-    from keyframes.models import apply_sampler, load_pipeline, resolve_placement
-    from tests.helpers import tiny_model_config
+    from tests.helpers import euler_tiny_pipe
 
-    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
-    apply_sampler(
-        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
-    )
-    return pipe
+    return euler_tiny_pipe()
 
 
 def read_manifest(run_dir: Path) -> dict:

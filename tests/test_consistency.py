@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.config import SamplerConfig
 from keyframes.errors import ConfigError
 from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.models import apply_sampler, load_pipeline, resolve_placement
-from keyframes.plan import plan_jobs, reference_job
+from keyframes.plan import reference_job
 from keyframes.records import read_png_metadata
 from keyframes.scoring import style_consistency
-from keyframes.shotlist import load_shotlist
 from keyframes.style_aligned import SharedAttentionProcessor, share_attention
 from tests.conftest import read_manifest
-from tests.helpers import tiny_model_config
-
-EULER = SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
+from tests.helpers import demo_jobs, euler_tiny_pipe
 
 
 def test_style_consistency_is_mean_pairwise_cosine_across_and_within_scenes():
@@ -37,9 +32,8 @@ def test_style_consistency_is_mean_pairwise_cosine_across_and_within_scenes():
 
 @pytest.fixture(scope="module")
 def setup():
-    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
-    apply_sampler(pipe, EULER)
-    jobs = plan_jobs(load_shotlist("demo"), "{prompt}", "", "", 7, "derived", 1)[:3]
+    pipe = euler_tiny_pipe()
+    jobs = demo_jobs(3)
     return pipe, jobs
 
 

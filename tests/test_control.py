@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from keyframes.config import ControlNetConfig, SamplerConfig
+from keyframes.config import ControlNetConfig
 from keyframes.control import Control, canny, check_controls
 from keyframes.errors import ConfigError
 from keyframes.generate import GenerationSettings, KeyframeGenerator, batches
-from keyframes.models import apply_sampler, load_pipeline, resolve_placement
 from keyframes.plan import plan_jobs
 from keyframes.shotlist import load_shotlist
-from tests.helpers import tiny_model_config
+from tests.helpers import euler_tiny_pipe
 
 
 def square(path, box):
@@ -41,10 +40,7 @@ def shotlist(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
-    apply_sampler(
-        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
-    )
+    pipe = euler_tiny_pipe()
     return pipe
 
 

@@ -9,13 +9,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from keyframes.config import ConsistencyConfig, SamplerConfig
+from keyframes.config import ConsistencyConfig
 from keyframes.generate import GenerationSettings, KeyframeGenerator, batches
 from keyframes.ip_adapter import assign_references, load_adapter
-from keyframes.models import apply_sampler, load_pipeline, resolve_placement
 from keyframes.plan import plan_jobs
 from keyframes.shotlist import load_shotlist
-from tests.helpers import tiny_model_config
+from tests.helpers import euler_tiny_pipe
 
 IMAGE_EMBED = 32
 
@@ -77,10 +76,7 @@ def setup(tmp_path_factory):
         ],
     }  # fmt: skip
     (folder / "shots.json").write_text(json.dumps(shots))
-    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
-    apply_sampler(
-        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
-    )
+    pipe = euler_tiny_pipe()
     save_tiny_ip_adapter(folder, pipe.unet)
     return pipe, folder, load_shotlist(str(folder / "shots.json"))
 

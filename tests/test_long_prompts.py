@@ -4,24 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.config import SamplerConfig
 from keyframes.generate import GenerationSettings, KeyframeGenerator
 from keyframes.long_prompts import chunk_count, encode, text_inputs
-from keyframes.models import apply_sampler, load_pipeline, prompt_tokens, resolve_placement
-from keyframes.plan import plan_jobs
+from keyframes.models import prompt_tokens
 from keyframes.render import prompt_encoding
-from keyframes.shotlist import load_shotlist
-from tests.helpers import tiny_model_config
+from tests.helpers import demo_jobs, euler_tiny_pipe
 
 LONG = ", ".join(f"detail number {n} of the old lighthouse keeper's coat" for n in range(20))
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
-    apply_sampler(
-        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
-    )
+    pipe = euler_tiny_pipe()
     return pipe
 
 
@@ -57,7 +51,7 @@ def test_short_prompts_go_to_the_pipeline_as_text(pipe):
 
 
 def test_chunked_long_prompt_changes_the_image_and_truncate_does_not_read_the_tail(pipe):
-    job = plan_jobs(load_shotlist("demo"), "{prompt}", "", "", 7, "derived", 1)[0]
+    job = demo_jobs(1)[0]
     cut = pipe.tokenizer.decode(pipe.tokenizer(LONG, add_special_tokens=False).input_ids[:75])
 
     def image(prompt, mode):

@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.config import LoraConfig, SamplerConfig
+from keyframes.config import LoraConfig
 from keyframes.errors import ConfigError
 from keyframes.generate import GenerationSettings, KeyframeGenerator
 from keyframes.loras import apply_loras, check_loras, lora_records, remove_loras
-from keyframes.models import apply_sampler, load_pipeline, resolve_placement
-from keyframes.plan import plan_jobs
 from keyframes.records import a1111_parameters
-from keyframes.shotlist import load_shotlist
-from tests.helpers import tiny_model_config
+from tests.helpers import demo_jobs, euler_tiny_pipe
 
 
 def save_tiny_lora(folder, seed):
@@ -42,11 +39,8 @@ def save_tiny_lora(folder, seed):
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     files = [save_tiny_lora(folder, 1), save_tiny_lora(folder, 2)]
-    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
-    apply_sampler(
-        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
-    )
-    job = plan_jobs(load_shotlist("demo"), "{prompt}", "", "", 7, "derived", 1)[0]
+    pipe = euler_tiny_pipe()
+    job = demo_jobs(1)[0]
     return pipe, files, job
 
 

@@ -24,10 +24,8 @@ from keyframes.flops import count_flops, image_flops, packaged_flops
 from keyframes.generate import GenerationSettings, KeyframeGenerator
 from keyframes.memory import choose_mode, plan_memory, weights_gb
 from keyframes.models import apply_sampler, load_pipeline, resolve_placement
-from keyframes.plan import plan_jobs
-from keyframes.shotlist import load_shotlist
 from keyframes.speed import apply_speed, check_speed
-from tests.helpers import tiny_model_config
+from tests.helpers import demo_jobs, tiny_model_config
 from tests.test_config import settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +39,6 @@ PRESETS = {
         "compile": {"compile": True, "channels_last": True, "fuse_qkv": True},
     }.items()
 }
-
-
-def demo_jobs(count):
-    jobs = plan_jobs(load_shotlist("demo"), "{prompt}", "", "", 7, "derived", 1)
-    return jobs[:count]
 
 
 def make_images(pipe, jobs, batch_size=1, fixed_batch=False):

@@ -4,25 +4,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keyframes.config import SamplerConfig, UpscaleConfig, upscaled_size, validate
+from keyframes.config import UpscaleConfig, upscaled_size, validate
 from keyframes.errors import ConfigError
 from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.models import apply_sampler, load_pipeline, resolve_placement
-from keyframes.plan import plan_jobs
 from keyframes.records import a1111_parameters
-from keyframes.shotlist import load_shotlist
 from keyframes.upscale import Hires
-from tests.helpers import tiny_model_config
+from tests.helpers import demo_jobs, euler_tiny_pipe
 from tests.test_config import settings
 
 
 @pytest.fixture(scope="module")
 def setup():
-    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
-    apply_sampler(
-        pipe, SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
-    )
-    jobs = plan_jobs(load_shotlist("demo"), "{prompt}", "", "", 7, "derived", 1)[:2]
+    pipe = euler_tiny_pipe()
+    jobs = demo_jobs(2)
     return pipe, jobs
 
 
