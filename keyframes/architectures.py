@@ -58,22 +58,12 @@ def build_components(name: str, device: str | torch.device = "meta", dtype=torch
 def build_random_pipeline(name: str, device: str, dtype: torch.dtype):
     """A StableDiffusionXLPipeline of the full-size architecture with random weights and the
     real CLIP tokenizer, built directly on the device (seconds on a GPU; minutes on a CPU)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
 
-    from keyframes.tiny import clip_tokenizers
+    from keyframes.tiny import assemble_sdxl
 
-    unet, vae, text_encoder, text_encoder_2 = build_components(name, device, dtype)
-    tokenizer, tokenizer_2 = clip_tokenizers()
     scheduler = EulerDiscreteScheduler.from_config(architecture_configs(name)["scheduler"])
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-    )
+    return assemble_sdxl(*build_components(name, device, dtype), scheduler)
 
 
 def count_parameters(name: str) -> dict[str, int]:

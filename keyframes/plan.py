@@ -6,7 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from keyframes.config import MAX_SEED
+from keyframes.config import MAX_SEED, Config
 from keyframes.errors import ConfigError
 from keyframes.prompts import apply_style, combine_negatives, scene_prompt
 from keyframes.shotlist import Shotlist
@@ -103,6 +103,20 @@ def plan_jobs(
                 )
             )
     return jobs
+
+
+def plan_for(cfg: Config, shotlist: Shotlist, takes: int | None = None) -> list[ImageJob]:
+    """plan_jobs with the run's style, negative preset and seeds (takes: cfg.takes unless
+    given)."""
+    return plan_jobs(
+        shotlist,
+        style_prompt=cfg.style.prompt,
+        style_negative=cfg.style.negative_prompt,
+        negative_preset=cfg.negative.prompt,
+        run_seed=cfg.seed,
+        seed_mode=cfg.seed_mode,
+        takes=cfg.takes if takes is None else takes,
+    )
 
 
 def reference_job(jobs: list[ImageJob], scene_id: str | None) -> ImageJob:

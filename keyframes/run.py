@@ -117,7 +117,7 @@ def run(
     sweep: SweepJob | None = None,
 ) -> RenderResult:
     """Everything a job does, given typed settings and its output directory."""
-    from keyframes.plan import plan_jobs
+    from keyframes.plan import plan_for
     from keyframes.shotlist import load_shotlist
     from keyframes.styles import resolve_style
 
@@ -137,15 +137,7 @@ def run(
             shotlist.path,
             ", ".join(shotlist.unknown_fields),
         )
-    jobs = plan_jobs(
-        shotlist,
-        style_prompt=cfg.style.prompt,
-        style_negative=cfg.style.negative_prompt,
-        negative_preset=cfg.negative.prompt,
-        run_seed=cfg.seed,
-        seed_mode=cfg.seed_mode,
-        takes=cfg.takes,
-    )
+    jobs = plan_for(cfg, shotlist)
     from keyframes.control import check_controls
 
     for note in check_controls(jobs, cfg.controlnet):

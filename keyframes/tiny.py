@@ -65,7 +65,6 @@ def build_tiny_pipeline():
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -113,7 +112,6 @@ def build_tiny_pipeline():
         )
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
-    tokenizer, tokenizer_2 = clip_tokenizers()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -123,8 +121,16 @@ def build_tiny_pipeline():
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
+    return assemble_sdxl(unet, vae, text_encoder, text_encoder_2, scheduler)
+
+
+def assemble_sdxl(unet, vae, text_encoder, text_encoder_2, scheduler):
+    """An SDXL pipeline of these components, in eval mode, with the real CLIP tokenizers."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = clip_tokenizers()
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         text_encoder_2=text_encoder_2.eval(),
         tokenizer=tokenizer,
@@ -132,4 +138,3 @@ def build_tiny_pipeline():
         unet=unet.eval(),
         scheduler=scheduler,
     )
-    return pipe

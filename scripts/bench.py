@@ -74,19 +74,10 @@ def benchmark_jobs(cfg, count: int):
     """`count` image jobs from the config's shotlist, cycling its scenes (new seeds)."""
     from dataclasses import replace
 
-    from keyframes.plan import plan_jobs
+    from keyframes.plan import plan_for
     from keyframes.shotlist import load_shotlist
 
-    shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
-    jobs = plan_jobs(
-        shotlist,
-        style_prompt=cfg.style.prompt,
-        style_negative=cfg.style.negative_prompt,
-        negative_preset=cfg.negative.prompt,
-        run_seed=cfg.seed,
-        seed_mode=cfg.seed_mode,
-        takes=1,
-    )
+    jobs = plan_for(cfg, load_shotlist(cfg.shotlist, cfg.allow_external_paths), takes=1)
     return [
         replace(jobs[i % len(jobs)], index=i, seed=jobs[i % len(jobs)].seed + i // len(jobs))
         for i in range(count)
