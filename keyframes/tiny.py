@@ -121,20 +121,21 @@ def build_tiny_pipeline():
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
-    return assemble_sdxl(unet, vae, text_encoder, text_encoder_2, scheduler)
+    # the VAE stays in train mode, as it always was here (no dropout; its decode path differs)
+    return assemble_sdxl(unet.eval(), vae, text_encoder.eval(), text_encoder_2.eval(), scheduler)
 
 
 def assemble_sdxl(unet, vae, text_encoder, text_encoder_2, scheduler):
-    """An SDXL pipeline of these components, in eval mode, with the real CLIP tokenizers."""
+    """An SDXL pipeline of these components, with the real CLIP tokenizers."""
     from diffusers import StableDiffusionXLPipeline
 
     tokenizer, tokenizer_2 = clip_tokenizers()
     return StableDiffusionXLPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=unet.eval(),
+        unet=unet,
         scheduler=scheduler,
     )
