@@ -25,9 +25,10 @@ MEMORY_MODES = ("auto", "none", "balanced", "low_vram", "minimal")
 OFFLOAD_MODES = ("low_vram", "minimal")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHITECTURES = ("sdxl_base",)
+FAMILIES = ("auto", "sdxl", "sd15")
 CONSISTENCY_METHODS = ("none", "style_aligned", "ip_adapter")
 LONG_PROMPT_MODES = ("chunk", "truncate")
-UPSCALERS = ("none", "hires")
+UPSCALERS = ("none", "hires", "refiner")
 CONTROL_TYPES = ("canny", "depth")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 
@@ -40,6 +41,7 @@ class ModelConfig:
     config: str | None = None  # single files only: folder or hub id holding the pipeline configs
     variant: str | None = None  # weight variant to prefer, e.g. fp16
     dtype: str = "auto"  # auto: bfloat16 on CUDA where supported, else float16; CPU float32
+    family: str = "auto"  # sdxl | sd15 | auto: read from the weights (the pipeline class follows)
     tiny: bool = False  # build the tiny random-weight test model instead of loading weights
     architecture: str | None = None  # build this packaged architecture with random weights
     vae: str | None = None  # replacement VAE (hub id or folder), e.g. the fp16-fix SDXL VAE
@@ -100,8 +102,9 @@ class LoraConfig:
 
 @dataclass
 class ControlNetConfig:
-    name: str = MISSING  # none | canny_sdxl | depth_sdxl
+    name: str = MISSING  # none | canny_sdxl | depth_sdxl | canny_sd15 | depth_sd15
     type: str | None = None  # the scene control type it follows: canny | depth
+    family: str = "sdxl"  # the model family it was trained with: sdxl | sd15
     id: str | None = None  # hub repo of the ControlNet
     path: str | None = None  # local diffusers ControlNet folder; wins over id
     tiny: bool = False  # tests: a ControlNet copied from the tiny UNet, random weights
@@ -112,10 +115,15 @@ class ControlNetConfig:
 
 @dataclass
 class UpscaleConfig:
-    name: str = MISSING  # none | hires
+    name: str = MISSING  # none | hires | refiner
     factor: float = 1.5  # hires: output size / generated size
     strength: float = 0.35  # hires: how much of the upscaled image the img2img pass redraws
     steps: int | None = None  # hires: img2img steps (null: the run's steps)
+    high_noise_frac: float = 0.8  # refiner: share of the steps the base model runs
+    id: str | None = None  # refiner: hub repo of the SDXL refiner
+    path: str | None = None  # refiner: local diffusers folder; wins over id
+    variant: str | None = None  # refiner: weight variant to prefer, e.g. fp16
+    tiny: bool = False  # refiner: a tiny random-weight refiner for the tiny model (tests, smoke)
 
 
 @dataclass
@@ -268,6 +276,28 @@ def fit_to_model(cfg: Config) -> list[str]:
     return notes
 
 
+def check_family(cfg: Config, family: str, controlled: bool) -> None:
+    """Parts made for one model family (sdxl, sd15: as resolved) do not run on another."""
+    problems = []
+    if cfg.upscale.name == "refiner" and family != "sdxl":
+        problems.append(
+            f"upscale=refiner: the SDXL refiner finishes SDXL latents; {cfg.model.name} is "
+            f"{family}. Use upscale=hires or upscale=none."
+        )
+    if controlled and cfg.controlnet.family != family:
+        problems.append(
+            f"controlnet={cfg.controlnet.name} is a {cfg.controlnet.family} ControlNet; "
+            f"{cfg.model.name} is {family} (controlnet=canny_{family} or depth_{family} fits)"
+        )
+    if cfg.consistency.name == "ip_adapter" and family != "sdxl":
+        problems.append(
+            f"consistency=ip_adapter loads SDXL IP-Adapters; {cfg.model.name} is {family}. "
+            "Use consistency=style_aligned or none."
+        )
+    if problems:
+        raise ConfigError("settings that do not fit the model:", problems)
+
+
 def validate(cfg: Config) -> tuple[int, int]:
     """Check every value a type cannot; report all problems at once. Returns (width, height)."""
     problems = []
@@ -293,6 +323,8 @@ def validate(cfg: Config) -> tuple[int, int]:
         ("controlnet.type", cfg.controlnet.type or CONTROL_TYPES[0], CONTROL_TYPES),
         ("speed.compile_mode", cfg.speed.compile_mode, COMPILE_MODES),
         ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
+        ("model.family", cfg.model.family, FAMILIES),
+        ("controlnet.family", cfg.controlnet.family, FAMILIES[1:]),
     ):
         if value not in allowed:
             problems.append(f"{key}={value}: must be one of {', '.join(allowed)}")
@@ -321,6 +353,13 @@ def validate(cfg: Config) -> tuple[int, int]:
             problems.append(f"upscale.strength={cfg.upscale.strength}: must be in (0, 1]")
         if cfg.upscale.steps is not None and cfg.upscale.steps < 1:
             problems.append(f"upscale.steps={cfg.upscale.steps}: must be at least 1")
+    if cfg.upscale.name == "refiner":
+        if not 0 < cfg.upscale.high_noise_frac < 1:
+            problems.append(
+                f"upscale.high_noise_frac={cfg.upscale.high_noise_frac}: must be between 0 and 1"
+            )
+        if not (cfg.upscale.tiny or cfg.upscale.id or cfg.upscale.path):
+            problems.append("upscale=refiner: set upscale.id (hub repo) or upscale.path (folder)")
     size = None
     try:
         size = resolve_size(cfg.aspect, cfg.quality.base_size, cfg.width, cfg.height)

@@ -2,8 +2,8 @@
 
 Canny edges are computed here with OpenCV's Canny, the detector the SDXL canny ControlNets
 were trained on; a depth control takes a ready depth map (white near, black far). Scenes
-with a control run through StableDiffusionXLControlNetPipeline made with `from_pipe`, so
-the base model is shared; scenes without one run as usual.
+with a control run through the model's ControlNet pipeline (SDXL or SD 1.5) made with
+`from_pipe`, so the base model is shared; scenes without one run as usual.
 """
 
 from __future__ import annotations
@@ -82,11 +82,11 @@ def load_controlnet(control: ControlNetConfig, unet, dtype: torch.dtype):
 class Control:
     """The ControlNet pipeline for the run, and the control images of its jobs."""
 
-    def __init__(self, pipe, control: ControlNetConfig, width: int, height: int):
-        from diffusers import StableDiffusionXLControlNetPipeline
+    def __init__(self, pipe, net, control: ControlNetConfig, width: int, height: int):
+        from diffusers import AutoPipelineForText2Image
 
-        net = load_controlnet(control, pipe.unet, pipe.unet.dtype).to(pipe.device)
-        self.pipe = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=net)
+        # from_pipe copies the components there are now (an IP-Adapter's image encoder too)
+        self.pipe = AutoPipelineForText2Image.from_pipe(pipe, controlnet=net)
         self.pipe.set_progress_bar_config(disable=True)
         self.config, self.width, self.height = control, width, height
 

@@ -87,11 +87,13 @@ class KeyframeGenerator:
         settings: GenerationSettings,
         reference: ImageJob | None = None,
         hires=None,  # upscale.Hires: a second, img2img pass at a larger size
+        refiner=None,  # upscale.Refiner: the SDXL refiner finishes the last steps
         control=None,  # control.Control: the ControlNet pipeline for scenes with a control
         ip_adapter: bool = False,  # an IP-Adapter is loaded: show each job its reference
     ):
         self.pipe = pipe
         self.hires = hires
+        self.refiner = refiner
         self.control = control
         self.ip_adapter = ip_adapter
         self.settings = settings
@@ -176,31 +178,32 @@ class KeyframeGenerator:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        conditioning = text_inputs(
-            self.pipe,
-            [job.prompt for job in batch],
-            [job.negative_prompt for job in batch],
-            self.settings.long_prompts,
-        )
-        pipe, control = self.pipe, {}
+        prompts = [job.prompt for job in batch]
+        negatives = [job.negative_prompt for job in batch]
+        conditioning = text_inputs(self.pipe, prompts, negatives, self.settings.long_prompts)
+        seeds = [job.seed for job in batch]
+        steps, cfg_scale = self.settings.steps, self.settings.cfg_scale
+        pipe, extra = self.pipe, {}
         if self.control is not None and batch[0].control:
-            pipe, control = self.control.pipe, self.control.arguments(batch)
+            pipe, extra = self.control.pipe, self.control.arguments(batch)
         if self.ip_adapter:  # one reference per batch (batches split on it)
             conditioning["ip_adapter_image"] = reference_image(batch[0].reference)
+        if self.refiner is not None:  # the base stops at high_noise_frac of the schedule
+            extra["denoising_end"] = self.refiner.denoising_end
         latents = pipe(
             **conditioning,
-            **control,
-            num_inference_steps=self.settings.steps,
-            guidance_scale=self.settings.cfg_scale,
+            **extra,
+            num_inference_steps=steps,
+            guidance_scale=cfg_scale,
             width=self.settings.width,
             height=self.settings.height,
             generator=generators,
             output_type="latent",
         ).images
+        if self.refiner is not None:
+            latents = self.refiner.refine(latents, prompts, negatives, seeds, steps, cfg_scale)
         pixels, bad, redecoded = self._decode_checked(latents)
         if self.hires is not None and not bad.all():
-            seeds = [job.seed for job in batch]
-            steps, cfg_scale = self.settings.steps, self.settings.cfg_scale
             latents = self.hires.refine(pixels, conditioning, seeds, steps, cfg_scale)
             pixels, bad_again, redecoded_again = self._decode_checked(latents)
             bad, redecoded = bad | bad_again, redecoded or redecoded_again
@@ -235,7 +238,7 @@ class KeyframeGenerator:
 
 
 def decode(pipe, latents: torch.Tensor, float32: bool = False) -> torch.Tensor:
-    """Latents -> images in [-1, 1], as StableDiffusionXLPipeline decodes them (float32 VAE
+    """Latents -> images in [-1, 1], as the SDXL and SD 1.5 pipelines decode them (float32 VAE
     where the config asks for it, or where float32=True)."""
     vae = pipe.vae
     dtype = vae.dtype

@@ -3,8 +3,10 @@
 The usual approach of SD front ends: the prompt's tokens are split into chunks of 75, each
 chunk is encoded on its own as <start> chunk <end> (padded to 77), and the chunks' hidden
 states are concatenated along the sequence; the pooled embedding SDXL also needs comes from
-the first chunk. Prompt and negative prompt are padded with empty chunks to the same length,
-since guidance runs them as one batch. A prompt of at most 75 tokens is one chunk, encoded
+the first chunk. The same code serves SDXL base (two encoders, penultimate layer, side by
+side), the SDXL refiner (the second encoder only) and SD 1.5 (one encoder, last layer).
+Prompt and negative prompt are padded with empty chunks to the same length, since guidance
+runs them as one batch. A prompt of at most 75 tokens is one chunk, encoded
 exactly as diffusers does.
 """
 
@@ -17,8 +19,19 @@ import torch
 CHUNK = 75  # tokens per chunk, between the start and end tokens
 
 
+def text_encoders(pipe) -> list[tuple]:
+    """(tokenizer, encoder) pairs the pipeline has: two for SDXL base, one for the SDXL refiner
+    (encoder 2 only) and for SD 1.5."""
+    pairs = [
+        (getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)),
+        (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)),
+    ]
+    return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
+
+
 def chunk_count(pipe, text: str) -> int:
-    return max(1, math.ceil(len(_ids(pipe.tokenizer, text)) / CHUNK))
+    tokenizer = text_encoders(pipe)[0][0]
+    return max(1, math.ceil(len(_ids(tokenizer, text)) / CHUNK))
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -36,21 +49,23 @@ def _chunks(tokenizer, text: str, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(pipe, texts: list[str], count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states (batch, 77 * count, width), pooled (batch, width_2)) as SDXL's
-    encode_prompt makes them: penultimate layer of both encoders, side by side."""
+def encode(pipe, texts: list[str], count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states (batch, 77 * count, width), pooled (batch, width_2) or None) as the
+    pipeline's own encode_prompt makes them: SDXL reads the penultimate layer of each encoder
+    (side by side) and a pooled embedding; SD 1.5 the last layer and no pooled one."""
     device = pipe._execution_device
+    sdxl = hasattr(pipe, "text_encoder_2")  # the SDXL pipelines, refiner included
     hidden, pooled = [], None
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
-                               (pipe.tokenizer_2, pipe.text_encoder_2)):  # fmt: skip
+    encoders = text_encoders(pipe)
+    for tokenizer, encoder in encoders:
         ids = torch.cat([_chunks(tokenizer, text, count) for text in texts])
         out = encoder(ids.to(device), output_hidden_states=True)
-        states = out.hidden_states[-2]  # (batch * count, 77, width)
+        states = out.hidden_states[-2] if sdxl else out[0]  # (batch * count, 77, width)
         hidden.append(states.reshape(len(texts), count * (CHUNK + 2), -1))
-        if out[0].ndim == 2:  # the projected, pooled output of the second encoder
+        if sdxl and out[0].ndim == 2:  # the projected, pooled output of the second encoder
             pooled = out[0].reshape(len(texts), count, -1)[:, 0]
-    dtype = pipe.text_encoder_2.dtype
-    return torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype)
+    dtype = encoders[-1][1].dtype
+    return torch.cat(hidden, dim=-1).to(dtype), None if pooled is None else pooled.to(dtype)
 
 
 def text_inputs(pipe, prompts: list[str], negatives: list[str], mode: str) -> dict:
@@ -61,9 +76,7 @@ def text_inputs(pipe, prompts: list[str], negatives: list[str], mode: str) -> di
         return {"prompt": prompts, "negative_prompt": negatives}
     embeds, pooled = encode(pipe, prompts, count)
     negative_embeds, negative_pooled = encode(pipe, negatives, count)
-    return {
-        "prompt_embeds": embeds,
-        "pooled_prompt_embeds": pooled,
-        "negative_prompt_embeds": negative_embeds,
-        "negative_pooled_prompt_embeds": negative_pooled,
-    }
+    inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+    if pooled is not None:
+        inputs |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
+    return inputs

@@ -1,5 +1,9 @@
-"""Build or load the SDXL pipeline: hub id, local diffusers folder, single .safetensors file,
-or the tiny random-weight model. Weights load from safetensors only."""
+"""Build or load the text-to-image pipeline: hub id, local diffusers folder, single
+.safetensors file, or the tiny random-weight model. Weights load from safetensors only.
+
+The pipeline class follows the model family: SDXL (StableDiffusionXLPipeline) or SD 1.5
+(StableDiffusionPipeline), read from model.family, a folder's model_index.json or a single
+file's tensor names, before anything loads."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from keyframes.speed import apply_speed
 log = logging.getLogger(__name__)
 
 SAFE_SUFFIXES = (".safetensors",)
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ def resolve_placement(device: str, dtype: str) -> Placement:
 
 def describe_source(model: ModelConfig) -> str:
     if model.tiny:
-        return "tiny random-weight SDXL"
+        return "tiny random-weight " + ("SD 1.5" if model.family == "sd15" else "SDXL")
     if model.architecture:
         return f"{model.architecture} architecture, random weights"
     return model.path or model.id or "?"
@@ -75,13 +80,78 @@ def check_source(model: ModelConfig) -> None:
         )
 
 
-def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "none"):
-    """A StableDiffusionXLPipeline placed as the memory mode says, progress bars off."""
-    check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
-    if model.tiny:
-        from keyframes.tiny import build_tiny_pipeline
+def resolve_family(model: ModelConfig) -> str:
+    """sdxl or sd15: model.family where given, else what the weights are, found without
+    loading them (a folder's model_index.json, a single file's tensor names, the cached
+    model_index.json of a hub id). Anything else is a ConfigError."""
+    if model.family != "auto":
+        return model.family
+    if model.tiny or model.architecture:
+        return "sdxl"
+    path = Path(model.path).expanduser() if model.path else None
+    if path is not None and path.is_dir():
+        return _family_of_index(path / "model_index.json", model.path)
+    if path is not None and path.suffix.lower() in SAFE_SUFFIXES:
+        return _family_of_checkpoint(path)
+    if path is None and model.id:
+        try:
+            from huggingface_hub import hf_hub_download
 
-        pipe = build_tiny_pipeline()  # float32, as built
+            index = hf_hub_download(model.id, "model_index.json", local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached: the loader says what is missing
+            return "sdxl"
+        return _family_of_index(Path(index), model.id)
+    return "sdxl"
+
+
+def _family_of_index(index: Path, source: str) -> str:
+    import json
+
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError):
+        return "sdxl"  # not a pipeline folder: the loader explains
+    for family, pipeline in PIPELINES.items():
+        if name == pipeline:
+            return family
+    hint = " (an SDXL refiner: use it as upscale=refiner)" if "Img2Img" in name else ""
+    raise ConfigError(
+        f"model {source}: a {name}{hint}; keyframes runs SDXL and SD 1.5 text-to-image "
+        f"pipelines ({', '.join(PIPELINES.values())})"
+    )
+
+
+def _family_of_checkpoint(path: Path) -> str:
+    """The original (non-diffusers) checkpoint layouts: SD 1.x keeps its CLIP text model under
+    cond_stage_model.transformer, SDXL two encoders under conditioner.embedders.0/1."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 - unreadable: the loader gives the full message
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd15"
+    if any(k.startswith(("conditioner.", "cond_stage_model.model.")) for k in keys):
+        raise ConfigError(
+            f"model.path={path}: an SDXL refiner or SD 2.x checkpoint; keyframes runs SDXL "
+            "and SD 1.5 text-to-image checkpoints (the SDXL refiner goes in upscale=refiner)"
+        )
+    return "sdxl"  # diffusers-named tensors or unknown: the SDXL loader tries
+
+
+def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "none"):
+    """The model's text-to-image pipeline placed as the memory mode says, progress bars off."""
+    check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
+    family = resolve_family(model)
+    if model.tiny:
+        from keyframes.tiny import build_tiny_pipeline, build_tiny_sd15
+
+        # float32, as built
+        pipe = build_tiny_sd15() if family == "sd15" else build_tiny_pipeline()
         if placement.dtype != torch.float32:
             pipe = pipe.to(dtype=placement.dtype)
     elif model.architecture:
@@ -90,7 +160,7 @@ def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "
         build_on = placement.device if memory_mode in ("none", "balanced") else "cpu"
         pipe = build_random_pipeline(model.architecture, build_on, placement.dtype)
     else:
-        pipe = _load_weights(model, placement.dtype)
+        pipe = _load_weights(model, family, placement.dtype)
     if model.unet:
         _replace_unet_weights(pipe, model.unet)
     if model.timestep_spacing:
@@ -136,13 +206,16 @@ def _quiet_truncation_warnings() -> None:
             logger.addFilter(_DropTruncationNotes())
 
 
-def _load_weights(model: ModelConfig, dtype: torch.dtype):
-    from diffusers import StableDiffusionXLPipeline
+def _load_weights(model: ModelConfig, family: str, dtype: torch.dtype):
+    import diffusers
 
+    pipeline = getattr(diffusers, PIPELINES[family])
     source = model.path or model.id
     # use_safetensors=True makes diffusers refuse .bin weights; None lets it fall back
     safe = None if model.allow_pickle else True
-    extra = {}
+    # SD 1.5 repos ship a safety checker that only runs when the pipeline decodes; keyframes
+    # decodes the latents itself (NaN checks), as for SDXL, which has none: it is not loaded.
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
     if model.vae:
         from diffusers import AutoencoderKL
 
@@ -158,13 +231,13 @@ def _load_weights(model: ModelConfig, dtype: torch.dtype):
             ) from None
     try:
         if model.path and Path(model.path).expanduser().is_file():
-            return StableDiffusionXLPipeline.from_single_file(
+            return pipeline.from_single_file(
                 str(Path(model.path).expanduser()), dtype=dtype, config=model.config, **extra
             )
         kwargs = dict(dtype=dtype, use_safetensors=safe, **extra)
         if model.variant and _has_variant(source, model.variant):
             kwargs["variant"] = model.variant
-        return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
+        return pipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(_unavailable_message(model, e)) from None
 
@@ -261,6 +334,7 @@ class LoadedPipeline:
     speed: dict  # what the speed settings did
     key: tuple
     warmed_up: set = field(default_factory=set)  # (batch, width, height) already compiled
+    refiners: dict = field(default_factory=dict)  # upscale=refiner: its source -> pipeline
 
 
 # One pipeline per process, reused by every job (of a sweep) with the same model settings.

@@ -35,7 +35,11 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     if control:
         settings.append(f"ControlNet: {control['type']} (weight {_number(control['scale'])})")
     upscale = record.get("upscale")
-    if upscale:
+    if upscale and upscale["name"] == "refiner":  # A1111's own names for its refiner switch
+        settings.append(
+            f"Refiner: {upscale['model']}, Refiner switch at: {_number(upscale['high_noise_frac'])}"
+        )
+    elif upscale:
         settings.append(
             f"Hires upscale: {_number(upscale['factor'])}, Hires steps: {upscale['steps']}, "
             f"Denoising strength: {_number(upscale['strength'])}"

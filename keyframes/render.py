@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from keyframes.config import Config, upscaled_size
-from keyframes.control import Control
+from keyframes.control import Control, load_controlnet
 from keyframes.errors import Interrupted
 from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.ip_adapter import load_adapter
@@ -47,7 +47,7 @@ from keyframes.records import (
 from keyframes.scoring import ClipScorer, TextScore, cached_scorer, style_consistency
 from keyframes.shotlist import Shotlist
 from keyframes.style_aligned import share_attention
-from keyframes.upscale import Hires
+from keyframes.upscale import Hires, Refiner, load_refiner
 
 log = logging.getLogger("keyframes")
 
@@ -128,16 +128,22 @@ def render(ctx: RunContext) -> RenderResult:
     if cfg.speed.compile and todo:
         compile_seconds = warm_up(loaded, settings, todo[0], ctx.reference)
         result.manifest_run["timings"]["compile_seconds"] = round(compile_seconds, 3)
-    control = None
+    controlnet = None
     if cfg.controlnet.type and any(job.control for job in todo):
-        control = Control(pipe, cfg.controlnet, ctx.width, ctx.height)
+        controlnet = load_controlnet(cfg.controlnet, pipe.unet, pipe.unet.dtype).to(pipe.device)
+    refiner = None
+    if cfg.upscale.name == "refiner":
+        refiner = Refiner(cached_refiner(loaded, cfg.upscale, ctx), cfg.upscale, cfg.long_prompts)
     generators: list[KeyframeGenerator] = []
 
     def make_generator(ip_adapter: bool = False) -> KeyframeGenerator:
-        # Hires is made per stage: from_pipe copies the components there are at that moment
+        # made per stage: from_pipe copies the components there are at that moment
         hires = Hires(pipe, cfg.upscale) if cfg.upscale.name == "hires" else None
+        control = None
+        if controlnet is not None:
+            control = Control(pipe, controlnet, cfg.controlnet, ctx.width, ctx.height)
         generators.append(KeyframeGenerator(
-            pipe, settings, ctx.reference, hires, control, ip_adapter=ip_adapter
+            pipe, settings, ctx.reference, hires, refiner, control, ip_adapter=ip_adapter
         ))  # fmt: skip
         return generators[-1]
 
@@ -219,6 +225,20 @@ def render(ctx: RunContext) -> RenderResult:
         f"; {len(failed)} failed" if failed else "",
     )
     return result
+
+
+def cached_refiner(loaded: LoadedPipeline, upscale, ctx: RunContext):
+    """The SDXL refiner for this base pipeline, loaded once per process and placed like it."""
+    from keyframes.memory import apply_memory_mode
+
+    key = (upscale.tiny, upscale.path, upscale.id, upscale.variant)
+    if key not in loaded.refiners:
+        start = time.perf_counter()
+        refiner = load_refiner(loaded.pipe, upscale)
+        loaded.refiners = {key: apply_memory_mode(refiner, ctx.memory.mode, ctx.placement.device)}
+        log.info("refiner %s loaded in %.1f s", upscale.path or upscale.id or "tiny",
+                 time.perf_counter() - start)  # fmt: skip
+    return loaded.refiners[key]
 
 
 def warm_up(
@@ -459,6 +479,10 @@ def upscale_record(ctx: RunContext) -> dict[str, Any] | None:
     up = ctx.cfg.upscale
     if up.name == "none":
         return None
+    if up.name == "refiner":
+        source = "tiny" if up.tiny else up.path or up.id
+        return {"name": "refiner", "model": source, "high_noise_frac": up.high_noise_frac,
+                "width": ctx.width, "height": ctx.height}  # fmt: skip
     width, height = upscaled_size(ctx.width, ctx.height, up.factor)
     steps = up.steps or ctx.cfg.steps
     return {"name": up.name, "factor": up.factor, "strength": up.strength, "steps": steps,
@@ -476,6 +500,7 @@ def run_info(ctx: RunContext, scorer: ClipScorer | None) -> dict[str, Any]:
         "config_hash": ctx.config_hash,
         "model": cfg.model.name,
         "model_source": describe_source(cfg.model),
+        "model_family": cfg.model.family,
         "model_fit": ctx.model_fit,
         "style": cfg.style.name,
         "style_template": cfg.style.prompt,

@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from keyframes.config import Config, fit_to_model, validate
+from keyframes.config import Config, check_family, fit_to_model, validate
 from keyframes.errors import ConfigError, Interrupted, KeyframesError, first_line
 
 if TYPE_CHECKING:
@@ -143,16 +143,17 @@ def run(
     for note in check_controls(jobs, cfg.controlnet):
         log.warning(note)
     controlled = cfg.controlnet.type is not None and any(job.control for job in jobs)
+    from keyframes.models import check_source, resolve_family
+
+    check_source(cfg.model)
+    cfg.model.family = resolve_family(cfg.model)  # sdxl | sd15: the pipeline class follows
+    check_family(cfg, cfg.model.family, controlled)
     reference = None
     if controlled and cfg.consistency.name == "style_aligned":
         raise ConfigError(
-            "consistency=style_aligned with ControlNet scenes is not supported yet: the shared "
-            "reference would need a control too. Use one of them per run."
-        )
-    if controlled and cfg.consistency.name == "ip_adapter":
-        raise ConfigError(
-            "consistency=ip_adapter with ControlNet scenes is not supported yet. "
-            "Use one of them per run."
+            "consistency=style_aligned with ControlNet scenes is not supported: the reference "
+            "shares every batch, and a ControlNet batch steers all its rows with one scale. "
+            "Use one of them per run (consistency=ip_adapter works with ControlNet)."
         )
     if cfg.consistency.name == "ip_adapter":
         from keyframes.ip_adapter import assign_references, check_adapter
@@ -170,11 +171,10 @@ def run(
     # torch and diffusers load only once the input has passed: bad input fails in a second.
     from keyframes.loras import check_loras, lora_records
     from keyframes.memory import plan_memory
-    from keyframes.models import check_source, resolve_placement
+    from keyframes.models import resolve_placement
     from keyframes.speed import check_speed
 
     placement = resolve_placement(cfg.device, cfg.model.dtype)
-    check_source(cfg.model)
     check_loras(cfg.loras)
     check_speed(cfg.speed, placement.device)
     memory = plan_memory(

@@ -61,58 +61,60 @@ def clip_tokenizers():
     return tokenizer, tokenizer_2
 
 
-def build_tiny_pipeline():
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _tiny_unet(**conditioning):
+    from diffusers import UNet2DConditionModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            transformer_layers_per_block=(1, 1),
-            use_linear_projection=True,
-            cross_attention_dim=2 * TEXT_WIDTH,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=TIME_EMBED_DIM,
-            # pooled text embedding of encoder 2 + 6 size/crop conditioning numbers
-            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * TIME_EMBED_DIM,
-            norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16, 16, 16),  # four blocks: 8x downsampling, as in SDXL
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=128,
-            scaling_factor=0.13025,
-        )
-        text_config = dict(
-            vocab_size=49408,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=TEXT_WIDTH,
-            hidden_act="gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
-    scheduler = EulerDiscreteScheduler(
+    return UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        norm_num_groups=8,
+        **conditioning,
+    ).eval()
+
+
+def _tiny_vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),  # four blocks: 8x downsampling, as in SDXL
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _tiny_text_config():
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_WIDTH,
+        hidden_act="gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def _tiny_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -121,8 +123,76 @@ def build_tiny_pipeline():
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
+
+
+def build_tiny_pipeline():
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        unet = _tiny_unet(
+            cross_attention_dim=2 * TEXT_WIDTH,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            # pooled text embedding of encoder 2 + 6 size/crop conditioning numbers
+            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * TIME_EMBED_DIM,
+        )
+        vae = _tiny_vae(scaling_factor=0.13025)
+        text_encoder = CLIPTextModel(_tiny_text_config())
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config())
     # the VAE stays in train mode, as it always was here (no dropout; its decode path differs)
-    return assemble_sdxl(unet.eval(), vae, text_encoder.eval(), text_encoder_2.eval(), scheduler)
+    return assemble_sdxl(unet, vae, text_encoder.eval(), text_encoder_2.eval(), _tiny_scheduler())
+
+
+def build_tiny_refiner(base):
+    """A tiny SDXL refiner for the tiny base: like stabilityai/stable-diffusion-xl-refiner-1.0,
+    it shares the base's second text encoder and VAE, reads encoder 2 only, and its UNet is
+    conditioned on an aesthetic score instead of the target size (5 numbers, not 6)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED + 1)
+        unet = _tiny_unet(
+            cross_attention_dim=TEXT_WIDTH,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=TEXT_WIDTH + 5 * TIME_EMBED_DIM,
+        )
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=unet.to(base.unet.device, base.unet.dtype),
+        scheduler=_tiny_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def build_tiny_sd15():
+    """A tiny Stable Diffusion 1.5-shaped pipeline: one CLIP text encoder whose last layer the
+    UNet reads, no size conditioning, the SD 1.x VAE scaling, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        unet = _tiny_unet(cross_attention_dim=TEXT_WIDTH)
+        vae = _tiny_vae(scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(_tiny_text_config()).eval()
+    tokenizer, _ = clip_tokenizers()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def assemble_sdxl(unet, vae, text_encoder, text_encoder_2, scheduler):

@@ -202,6 +202,10 @@ def test_missing_shotlist_file(run_cli, tmp_path):
             ["model=local", "model.path=/no/such/model"],
             "model.path=/no/such/model: no such file or folder",
         ),
+        (
+            ["model.family=sd15", "upscale=refiner", "upscale.tiny=true"],
+            "upscale=refiner: the SDXL refiner finishes SDXL latents; tiny is sd15",
+        ),
     ],
 )
 def test_bad_numbers_fail_before_any_model_loads(run_cli, overrides, message):

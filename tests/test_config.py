@@ -13,7 +13,7 @@ from keyframes.errors import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = {
-    "model": {"sdxl_base", "sdxl_random", "sdxl_turbo", "sdxl_lightning", "tiny", "local"},
+    "model": {"sdxl_base", "sdxl_random", "sdxl_turbo", "sdxl_lightning", "sd15", "tiny", "local"},
     "style": {"none", "cinematic", "dramatic", "noir", "documentary", "anime", "watercolor", "vintage_film", "file"},
     "negative": {"default", "strict", "none"},
     "sampler": {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"},
@@ -22,8 +22,8 @@ GROUPS = {
     "memory": {"auto", "none", "balanced", "low_vram", "minimal"},
     "speed": {"sdpa", "fast", "compile"},
     "consistency": {"none", "style_aligned", "ip_adapter"},
-    "upscale": {"none", "hires"},
-    "controlnet": {"none", "canny_sdxl", "depth_sdxl"},
+    "upscale": {"none", "hires", "refiner"},
+    "controlnet": {"none", "canny_sdxl", "depth_sdxl", "canny_sd15", "depth_sd15"},
 }  # fmt: skip
 
 

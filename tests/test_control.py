@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from keyframes.config import ControlNetConfig
-from keyframes.control import Control, canny, check_controls
+from keyframes.control import Control, canny, check_controls, load_controlnet
 from keyframes.errors import ConfigError
 from keyframes.generate import GenerationSettings, KeyframeGenerator, batches
 from keyframes.plan import plan_jobs
@@ -48,6 +48,11 @@ def tiny_control(scale):
     return ControlNetConfig(name="tiny", type="canny", tiny=True, conditioning_scale=scale)
 
 
+def control(pipe, scale):
+    config = tiny_control(scale)
+    return Control(pipe, load_controlnet(config, pipe.unet, pipe.dtype), config, 64, 64)
+
+
 def test_canny_finds_the_square_outline_only(tmp_path):
     edges = np.asarray(canny(Image.open(square(tmp_path / "s.png", (16, 16, 47, 47))), 100, 200))
     assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
@@ -76,18 +81,14 @@ def test_the_control_image_steers_the_picture_and_scale_0_does_not(shotlist, pip
         made = KeyframeGenerator(pipe, settings, control=control).run(jobs)
         return {g.job.scene_id: np.asarray(g.image, dtype=np.int16) for b in made for g in b}
 
-    plain, steered = images(None), images(Control(pipe, tiny_control(1.0), 64, 64))
-    off = images(Control(pipe, tiny_control(0.0), 64, 64))
+    plain, steered = images(None), images(control(pipe, 1.0))
+    off = images(control(pipe, 0.0))
     assert (steered["sea"] == plain["sea"]).all()  # no control: the base pipeline, same pixels
     for scene in ("cliff", "boat"):
         assert np.abs(steered[scene] - plain[scene]).mean() > 0.5
         assert np.abs(off[scene] - plain[scene]).max() <= 1  # the residuals times 0
     swapped = [j.__class__(**{**j.__dict__, "control": jobs[2].control}) for j in jobs[:1]]
-    other = next(
-        KeyframeGenerator(pipe, settings, control=Control(pipe, tiny_control(1.0), 64, 64)).run(
-            swapped
-        )
-    )
+    other = next(KeyframeGenerator(pipe, settings, control=control(pipe, 1.0)).run(swapped))
     assert np.abs(np.asarray(other[0].image, dtype=np.int16) - steered["cliff"]).mean() > 0.5
 
 

@@ -133,3 +133,32 @@ def test_a_missing_adapter_stops_the_run_before_anything_is_made(run_cli, tmp_pa
     assert "has no sdxl_models/ip-adapter_sdxl.safetensors" in result.stderr
     assert 'uv run hf download h94/IP-Adapter --include "sdxl_models/*"' in result.stderr
     assert not result.run_dir.exists()
+
+
+def test_controlnet_scenes_also_follow_the_reference_image(setup):
+    from keyframes.control import Control, load_controlnet
+    from tests.test_control import square, tiny_control
+
+    pipe, folder, shotlist = setup
+    jobs = assign_references(
+        plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1), shotlist, None
+    )
+    edges = str(square(folder / "square.png", (16, 16, 47, 47)))
+    job = jobs[2].__class__(**{**jobs[2].__dict__, "control": ("canny", edges)})
+    settings = GenerationSettings(3, 5.0, 64, 64, 1)
+    net = load_controlnet(tiny_control(1.0), pipe.unet, pipe.dtype)
+    load_adapter(pipe, tiny_adapter(folder, ip_adapter_scale=1.0))
+    try:
+        # made after the adapter loads: from_pipe carries its image encoder over
+        control = Control(pipe, net, tiny_control(1.0), 64, 64)
+
+        def image():
+            made = KeyframeGenerator(pipe, settings, control=control, ip_adapter=True).run([job])
+            return np.asarray(next(made)[0].image, dtype=np.int16)
+
+        steered = image()
+        pipe.set_ip_adapter_scale(0.0)
+        without = image()
+    finally:
+        pipe.unload_ip_adapter()
+    assert np.abs(steered - without).mean() > 0.5  # the reference image still counts

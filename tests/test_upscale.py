@@ -7,8 +7,9 @@ from PIL import Image
 from keyframes.config import UpscaleConfig, upscaled_size, validate
 from keyframes.errors import ConfigError
 from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.records import a1111_parameters
+from keyframes.records import a1111_parameters, read_png_metadata
 from keyframes.upscale import Hires
+from tests.conftest import read_manifest
 from tests.helpers import demo_jobs, euler_tiny_pipe
 from tests.test_config import settings
 
@@ -63,3 +64,18 @@ def test_hires_is_written_the_way_image_browsers_read_it():
     text = a1111_parameters(record)
     assert "Size: 1344x768" in text
     assert "Hires upscale: 1.5, Hires steps: 30, Denoising strength: 0.35" in text
+
+
+def test_smoke_run_with_the_tiny_refiner_records_it_everywhere(run_cli):
+    result = run_cli("experiment=smoke", "upscale=refiner", "upscale.tiny=true",
+                     "upscale.high_noise_frac=0.6")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = read_manifest(result.run_dir)
+    record = manifest["images"][0]
+    assert record["upscale"] == {"name": "refiner", "model": "tiny", "high_noise_frac": 0.6,
+                                 "width": 256, "height": 144}  # fmt: skip
+    assert manifest["run"]["model_family"] == "sdxl"
+    with Image.open(result.run_dir / record["file"]) as image:
+        assert image.size == (256, 144)
+    text = read_png_metadata(result.run_dir / record["file"])["parameters"]
+    assert "Refiner: tiny, Refiner switch at: 0.6" in text
