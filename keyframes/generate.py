@@ -76,6 +76,7 @@ def batches(
 
 class KeyframeGenerator:
     """Generates jobs batch by batch; `fallbacks` lists every out-of-memory step taken.
+    With a shard (i, n), only batches i, i + n, ... of the ones a single process would make.
 
     With a `reference` job, every pipeline call starts with it (shared attention reads it
     from the first row); it is generated again in each batch, the same way from its seed, and
@@ -90,6 +91,7 @@ class KeyframeGenerator:
         refiner=None,  # upscale.Refiner: the SDXL refiner finishes the last steps
         control=None,  # control.Control: the ControlNet pipeline for scenes with a control
         ip_adapter: bool = False,  # an IP-Adapter is loaded: show each job its reference
+        shard: tuple[int, int] = (0, 1),  # (process, processes): make every n-th batch only
     ):
         self.pipe = pipe
         self.hires = hires
@@ -102,6 +104,7 @@ class KeyframeGenerator:
         self.cuda = pipe.device.type == "cuda"
         self.reference = reference
         self._report_reference = False
+        self.shard = shard
 
     def run(self, jobs: list[ImageJob]) -> Iterator[list[Generation]]:
         """Yield one list of Generations per batch, as soon as the batch is done."""
@@ -114,6 +117,10 @@ class KeyframeGenerator:
                 jobs = others
         split = (self.control is not None, self.ip_adapter)
         queue = deque(batches(jobs, self.batch_size, *split))
+        index, count = self.shard
+        if count > 1:  # the batches a single process would make, dealt out in turn
+            queue = deque(batch for k, batch in enumerate(queue) if k % count == index)
+            self._report_reference &= index == 0  # it rides in batch 0
         while queue:
             batch = queue.popleft()
             try:

@@ -72,8 +72,10 @@ def read_png_metadata(path: Path) -> dict[str, str]:
         return dict(im.text)
 
 
-def write_manifest(run_dir: Path, run: dict[str, Any], images: list[dict[str, Any]]) -> Path:
-    path = run_dir / "manifest.json"
+def write_manifest(
+    run_dir: Path, run: dict[str, Any], images: list[dict[str, Any]], name: str = "manifest.json"
+) -> Path:
+    path = run_dir / name
     doc = {"version": MANIFEST_VERSION, "run": run, "images": images}
     text = json.dumps(doc, indent=2, ensure_ascii=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))

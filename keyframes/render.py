@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shlex
+import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -37,6 +39,7 @@ from keyframes.models import (
     prompt_tokens,
 )
 from keyframes.plan import ImageJob
+from keyframes.processes import PART_GLOB, Processes
 from keyframes.records import (
     contact_sheet,
     load_font,
@@ -75,6 +78,7 @@ class RunContext:
     experiment: str  # MLflow experiment name
     sweep: dict[str, Any] | None = None  # parent_run_id, sweep_dir, job_num in a sweep
     git_commit: str | None = None
+    processes: Processes = field(default_factory=Processes)  # accelerate launch: the group
 
 
 @dataclass
@@ -84,8 +88,8 @@ class RenderResult:
     images: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
 
-    def write_manifest(self) -> Path:
-        return write_manifest(self.run_dir, self.manifest_run, self.images)
+    def write_manifest(self, name: str = "manifest.json") -> Path:
+        return write_manifest(self.run_dir, self.manifest_run, self.images, name)
 
 
 def render(ctx: RunContext) -> RenderResult:
@@ -114,6 +118,8 @@ def render(ctx: RunContext) -> RenderResult:
     }
     done = previous_images(ctx, result)  # resume: job index -> record already on disk
     todo = [job for job in ctx.jobs if job.index not in done]
+    procs = ctx.processes
+    procs.wait()  # every process has read the same finished work before any adds to it
     if done:
         log.info("resuming %s: %d of %d images already done", ctx.run_dir, len(done), len(ctx.jobs))
     settings = GenerationSettings(
@@ -143,7 +149,8 @@ def render(ctx: RunContext) -> RenderResult:
         if controlnet is not None:
             control = Control(pipe, controlnet, cfg.controlnet, ctx.width, ctx.height)
         generators.append(KeyframeGenerator(
-            pipe, settings, ctx.reference, hires, refiner, control, ip_adapter=ip_adapter
+            pipe, settings, ctx.reference, hires, refiner, control, ip_adapter=ip_adapter,
+            shard=(procs.index, procs.count),
         ))  # fmt: skip
         return generators[-1]
 
@@ -159,6 +166,7 @@ def render(ctx: RunContext) -> RenderResult:
         first = ctx.jobs[0]
         plain = [j for j in todo if j.index == first.index and j.reference is None]
         yield from make_generator().run(plain)
+        procs.wait()  # the first keyframe is on disk for every process to use
         load_adapter(pipe, cfg.consistency)
         adapter_loaded = True
         fallback = str(ctx.run_dir / first.file)
@@ -172,7 +180,8 @@ def render(ctx: RunContext) -> RenderResult:
     def write_manifest_now():
         result.images = [records[i] for i in sorted(records)]
         result.manifest_run["fallbacks"] = [f for g in generators for f in g.fallbacks]
-        result.write_manifest()
+        # several processes: each keeps its own part; the main process merges them at the end
+        result.write_manifest("manifest.json" if procs.count == 1 else procs.part_name())
 
     if cfg.loras:
         apply_loras(pipe, cfg.loras, cfg.fuse_loras)
@@ -184,9 +193,16 @@ def render(ctx: RunContext) -> RenderResult:
             processor.groups = 2 if cfg.cfg_scale > 1 else 1
         log.info("style_aligned: every image shares attention with %s", ctx.reference.file)
     try:
+        single = procs.count == 1
         with (
             logging_redirect_tqdm(),
-            tqdm(total=len(ctx.jobs), initial=len(done), unit="image", desc="keyframes") as bar,
+            tqdm(
+                total=len(ctx.jobs) if single else None,  # a share: its size shows as it goes
+                initial=len(done) if single else 0,
+                unit="image",
+                desc="keyframes" if single else f"keyframes, process 1 of {procs.count}",
+                disable=not procs.main,  # one bar on the terminal
+            ) as bar,
         ):
             for batch in generate_all():
                 for generation, scores in zip(batch, score_batch(scorer, batch), strict=True):
@@ -204,7 +220,10 @@ def render(ctx: RunContext) -> RenderResult:
                 bar.update(len(batch))
     except KeyboardInterrupt:
         result.manifest_run["status"] = "interrupted"
-        finish(ctx, result, model_load_seconds, scorer)
+        write_manifest_now()
+        if procs.main:  # what every process has finished so far; resume reads the parts too
+            merge_parts(ctx, result)
+            finish(ctx, result, model_load_seconds, scorer)
         raise Interrupted(result) from None
     finally:  # the cached pipeline serves the next job of a sweep: leave it plain
         if restore is not None:
@@ -214,6 +233,10 @@ def render(ctx: RunContext) -> RenderResult:
         if adapter_loaded:
             pipe.unload_ip_adapter()
     write_manifest_now()
+    procs.wait()  # every part is written
+    if not procs.main:
+        return result
+    merge_parts(ctx, result)
     failed = [r for r in result.images if r["status"] != "ok"]
     result.manifest_run["status"] = "failed" if failed else "finished"
     finish(ctx, result, model_load_seconds, scorer)
@@ -239,6 +262,32 @@ def cached_refiner(loaded: LoadedPipeline, upscale, ctx: RunContext):
         log.info("refiner %s loaded in %.1f s", upscale.path or upscale.id or "tiny",
                  time.perf_counter() - start)  # fmt: skip
     return loaded.refiners[key]
+
+
+def merge_parts(ctx: RunContext, result: RenderResult) -> None:
+    """Main process: the images and fallbacks of every process's manifest part into the run's
+    manifest; the parts are removed once manifest.json holds them."""
+    parts = sorted(ctx.run_dir.glob(PART_GLOB))
+    if not parts:
+        return
+    records = {r["index"]: r for r in result.images}
+    fallbacks = list(result.manifest_run.get("fallbacks", []))
+    for part in parts:
+        try:
+            doc = json.loads(part.read_text())
+        except ValueError:
+            log.warning("%s is unreadable; its images are left out", part)
+            continue
+        for record in doc["images"]:  # this process's own records win over a leftover part's
+            records.setdefault(record["index"], record)
+        if part.name != ctx.processes.part_name():
+            fallbacks += doc["run"].get("fallbacks", [])
+    result.images = [records[i] for i in sorted(records)]
+    result.manifest_run["fallbacks"] = fallbacks
+    result.manifest_run["processes"] = ctx.processes.count
+    result.write_manifest()
+    for part in parts:
+        part.unlink()
 
 
 def warm_up(
@@ -310,14 +359,18 @@ def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str
     """Records of a manifest already in the run directory whose file exists and whose recipe
     matches the job: those images are not made again. The run keeps its first start time and
     key, so its MLflow run is replaced rather than doubled."""
-    path = ctx.run_dir / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        old = json.loads(path.read_text())
-        old_run, old_images = old["run"], {r["file"]: r for r in old["images"]}
-    except (ValueError, KeyError, TypeError):
-        log.warning("%s is unreadable; generating every image again", path)
+    old_run, old_images = None, {}
+    # manifest.json, and the parts of processes that stopped before they were merged
+    for path in [ctx.run_dir / "manifest.json", *sorted(ctx.run_dir.glob(PART_GLOB))]:
+        if not path.is_file():
+            continue
+        try:
+            old = json.loads(path.read_text())
+            old_images |= {r["file"]: r for r in old["images"] if r.get("status") == "ok"}
+            old_run = old_run or old["run"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s is unreadable; generating its images again", path)
+    if old_run is None:
         return {}
     done = {}
     for job in ctx.jobs:
@@ -519,6 +572,8 @@ def run_info(ctx: RunContext, scorer: ClipScorer | None) -> dict[str, Any]:
         "experiment": ctx.experiment,
         "sweep": ctx.sweep,
         "git_commit": ctx.git_commit,
+        "host": socket.gethostname(),  # where it ran: sweeps may spread over machines
+        "pid": os.getpid(),
         "run_key": run_key(ctx),
         "status": "running",
     }

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from keyframes.config import Config, check_family, fit_to_model, validate
 from keyframes.errors import ConfigError, Interrupted, KeyframesError, first_line
+from keyframes.processes import Processes
 
 if TYPE_CHECKING:
     from keyframes.render import RenderResult
@@ -84,10 +85,24 @@ def main(cfg: DictConfig) -> float | None:
             info["parent_run_id"], info["experiment"], hydra_cfg.sweep.dir, hydra_cfg.job.num
         )
     log_name = f"{hydra_cfg.job.name}.log"
+    from keyframes.processes import claim_gpu, launched_processes
+
+    procs = launched_processes(settings.device)  # accelerate launch: this process's place
+    if hydra_cfg.mode == RunMode.MULTIRUN and settings.device in ("auto", "cuda"):
+        claim_gpu(Path(hydra_cfg.sweep.dir))  # parallel sweep jobs: one GPU each
     try:
-        if settings.resume and not sweep and not (run_dir / "manifest.json").exists():
-            run_dir = _switch_to_unfinished_run(run_dir, config_hash(resolved), log_name)
-        result = run(settings, run_dir, resolved, list(hydra_cfg.overrides.task), sweep)
+        if procs.count > 1 and hydra_cfg.mode == RunMode.MULTIRUN:
+            raise ConfigError(
+                "accelerate launch runs one job over several processes; for a sweep use "
+                "hydra/launcher=local_gpus (one job per GPU) or hydra/launcher=slurm"
+            )
+        if procs.main and settings.resume and not (run_dir / "manifest.json").exists():
+            if not sweep:
+                run_dir = _switch_to_unfinished_run(run_dir, config_hash(resolved), log_name)
+        own_dir, run_dir = run_dir, procs.from_main(run_dir)  # one run directory for all
+        if own_dir != run_dir:  # Hydra made this process its own: drop it
+            _remove_if_untouched(own_dir, {".hydra", log_name})
+        result = run(settings, run_dir, resolved, list(hydra_cfg.overrides.task), sweep, procs)
     except KeyframesError as e:
         _remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml"})
         print(f"error: {e}", file=sys.stderr)
@@ -115,6 +130,7 @@ def run(
     resolved: dict[str, Any],
     overrides: list[str],
     sweep: SweepJob | None = None,
+    procs: Processes | None = None,
 ) -> RenderResult:
     """Everything a job does, given typed settings and its output directory."""
     from keyframes.plan import plan_for
@@ -209,14 +225,19 @@ def run(
         experiment=sweep.experiment if sweep else cfg.mlflow.experiment_name or shotlist.title,
         sweep=asdict(sweep) if sweep else None,
         git_commit=_git_commit(),
+        processes=procs or Processes(),
     )
-    _write_resolved_config(run_dir, resolved)
+    main_process = context.processes.main
+    if main_process:
+        _write_resolved_config(run_dir, resolved)
     try:
         result = render(context)
     except Interrupted as e:
-        _track(context, sweep)  # the MLflow run shows what was finished, marked KILLED
+        if main_process:  # the MLflow run shows what was finished, marked KILLED
+            _track(context, sweep)
         raise e
-    _track(context, sweep)
+    if main_process:  # only the main process talks to MLflow, once every part is merged
+        _track(context, sweep)
     return result
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import keyframes.run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,3 +103,28 @@ def smoke_sweep(tmp_path_factory):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SweepResult(sweep_dir, store, proc.stdout + proc.stderr)
+
+
+@pytest.fixture
+def cli_in_process(tmp_path, monkeypatch, capsys):
+    """The real `python -m keyframes.run` entry point, in this process, so faults can be
+    injected into the tiny pipeline. Returns (exit code, stderr, run dir, store)."""
+    from keyframes.models import release_pipeline
+
+    release_pipeline()
+
+    def run(*overrides: str, run_dir=None):
+        run_dir, store = run_dir or tmp_path / "run", tmp_path / "mlflow.db"
+        argv = ["keyframes.run", "experiment=smoke", *overrides, f"hydra.run.dir={run_dir}",
+                f"mlflow.tracking_uri=sqlite:///{store}"]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(keyframes.run, "_task_started", False)
+        code = 0
+        try:
+            keyframes.run.cli()
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err, run_dir, store
+
+    yield run
+    release_pipeline()  # faults (VAE tiling, wrapped methods) must not leak into other tests

@@ -11,14 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from mlflow.tracking import MlflowClient
 
 import keyframes.run as entry
 from keyframes.config import ModelConfig
-from keyframes.models import cached_pipeline, release_pipeline, resolve_placement
+from keyframes.models import cached_pipeline, resolve_placement
 from tests.conftest import read_manifest
 from tests.helpers import default_speed
 
@@ -28,29 +27,6 @@ ORIGINAL_CALL = StableDiffusionXLPipeline.__call__
 def store_runs(store: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
-
-
-@pytest.fixture
-def cli_in_process(tmp_path, monkeypatch, capsys):
-    """The real `python -m keyframes.run` entry point, in this process, so faults can be
-    injected into the tiny pipeline. Returns (exit code, stderr, run dir, store)."""
-    release_pipeline()
-
-    def run(*overrides: str):
-        run_dir, store = tmp_path / "run", tmp_path / "mlflow.db"
-        argv = ["keyframes.run", "experiment=smoke", *overrides, f"hydra.run.dir={run_dir}",
-                f"mlflow.tracking_uri=sqlite:///{store}"]  # fmt: skip
-        monkeypatch.setattr(sys, "argv", argv)
-        monkeypatch.setattr(entry, "_task_started", False)
-        code = 0
-        try:
-            entry.cli()
-        except SystemExit as e:
-            code = e.code
-        return code, capsys.readouterr().err, run_dir, store
-
-    yield run
-    release_pipeline()  # faults (VAE tiling, wrapped methods) must not leak into other tests
 
 
 def tiny_pipe():

@@ -66,16 +66,17 @@ def test_hires_is_written_the_way_image_browsers_read_it():
     assert "Hires upscale: 1.5, Hires steps: 30, Denoising strength: 0.35" in text
 
 
-def test_smoke_run_with_the_tiny_refiner_records_it_everywhere(run_cli):
-    result = run_cli("experiment=smoke", "upscale=refiner", "upscale.tiny=true",
-                     "upscale.high_noise_frac=0.6")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    manifest = read_manifest(result.run_dir)
+def test_smoke_run_with_the_tiny_refiner_records_it_everywhere(cli_in_process):
+    code, err, run_dir, _ = cli_in_process(
+        "upscale=refiner", "upscale.tiny=true", "upscale.high_noise_frac=0.6"
+    )
+    assert code == 0, err[-2000:]
+    manifest = read_manifest(run_dir)
     record = manifest["images"][0]
     assert record["upscale"] == {"name": "refiner", "model": "tiny", "high_noise_frac": 0.6,
                                  "width": 256, "height": 144}  # fmt: skip
     assert manifest["run"]["model_family"] == "sdxl"
-    with Image.open(result.run_dir / record["file"]) as image:
+    with Image.open(run_dir / record["file"]) as image:
         assert image.size == (256, 144)
-    text = read_png_metadata(result.run_dir / record["file"])["parameters"]
+    text = read_png_metadata(run_dir / record["file"])["parameters"]
     assert "Refiner: tiny, Refiner switch at: 0.6" in text
