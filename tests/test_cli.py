@@ -112,7 +112,7 @@ def test_smoke_run_is_logged_to_mlflow(smoke_run):
     assert images == {f"keyframes/{name}" for name in DEMO_FILES}
 
 
-def test_shotlist_takes_seed_and_cfg_overrides(run_cli, tmp_path):
+def test_shotlist_takes_seed_and_cfg_overrides(cli_in_process, tmp_path):
     shots = write_json(
         tmp_path / "shots.json",
         {"title": "Two Shots", "scenes": [
@@ -120,12 +120,13 @@ def test_shotlist_takes_seed_and_cfg_overrides(run_cli, tmp_path):
             {"id": "sea", "description": "a calm sea", "seed": 99},
         ]},
     )  # fmt: skip
-    result = run_cli(
-        "experiment=smoke", f"shotlist={shots}", "cfg_scale=6", "seed=7", "takes=2", "batch_size=2"
+    code, err, run_dir, store = cli_in_process(
+        f"shotlist={shots}", "cfg_scale=6", "seed=7", "takes=2", "batch_size=2"
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "unknown fields kept as metadata: scenes[*].director_note" in result.output
-    images = read_manifest(result.run_dir)["images"]
+    assert code == 0, err[-2000:]
+    log = (run_dir / "run.log").read_text()
+    assert "unknown fields kept as metadata: scenes[*].director_note" in log
+    images = read_manifest(run_dir)["images"]
     assert [(r["scene_id"], r["take"], r["seed"]) for r in images][1:] == [
         ("sea", 1, 99),
         ("sea", 2, 100),
@@ -135,8 +136,8 @@ def test_shotlist_takes_seed_and_cfg_overrides(run_cli, tmp_path):
     ]  # fmt: skip
     assert all(r["cfg_scale"] == 6 for r in images)
     assert images[0]["scene_extra"] == {"director_note": "x"} and images[1]["scene_extra"] == {}
-    assert "CFG scale: 6," in Image.open(result.run_dir / images[0]["file"]).text["parameters"]
-    _, runs = mlflow_runs(result.store)
+    assert "CFG scale: 6," in Image.open(run_dir / images[0]["file"]).text["parameters"]
+    _, runs = mlflow_runs(store)
     assert runs[0].data.metrics["images"] == 3
 
 
