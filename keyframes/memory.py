@@ -129,6 +129,8 @@ def plan_memory(
 
 def apply_memory_mode(pipe, mode: str, device: str):
     """Place the pipeline for the mode; returns it."""
+    if device == "cuda":  # this process's GPU (accelerate sets it); offload would take GPU 0
+        device = f"cuda:{torch.cuda.current_device()}"
     if mode in ("none", "balanced"):
         pipe = pipe.to(device)
     if mode == "balanced":

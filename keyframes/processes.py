@@ -24,7 +24,13 @@ from typing import Any
 
 log = logging.getLogger("keyframes")
 
-PART_GLOB = "manifest.process-*.json"
+
+def part_name(index: int | str) -> str:
+    """The manifest part a process writes while the run goes on."""
+    return f"manifest.process-{index}.json"
+
+
+PART_GLOB = part_name("*")
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class Processes:
         return box[0]
 
     def part_name(self) -> str:
-        return f"manifest.process-{self.index}.json"
+        return part_name(self.index)
 
 
 def launched_processes(device: str) -> Processes:
