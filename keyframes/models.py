@@ -278,14 +278,16 @@ def _unavailable_message(model: ModelConfig, error: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if model.path and Path(model.path).expanduser().is_file():
         where = f"the checkpoint file {model.path} and the configs it needs"
+        sd15 = model.family == "sd15"
+        kind, repo = ("SD 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5") if sd15 else (
+            "SDXL", "stabilityai/stable-diffusion-xl-base-1.0")  # fmt: skip
         fix = (
-            "A single-file SDXL checkpoint needs the pipeline's configs: set model.config to "
-            "a local diffusers SDXL folder or a cached hub id "
-            "(stabilityai/stable-diffusion-xl-base-1.0)."
+            f"A single-file {kind} checkpoint needs the pipeline's configs: set model.config "
+            f"to a local diffusers {kind} folder or a cached hub id ({repo})."
         )
     elif model.path:
         where = f"the local folder {model.path}"
-        fix = "Check that it is a diffusers SDXL pipeline folder (with model_index.json)."
+        fix = "Check that it is a diffusers SDXL or SD 1.5 pipeline folder (with model_index.json)."
     else:
         where = (
             f"the Hugging Face cache {constants.HF_HUB_CACHE} (set by HF_HOME / HF_HUB_CACHE)"

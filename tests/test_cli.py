@@ -217,19 +217,25 @@ def test_config_errors_keep_hydras_message_and_exit_2(run_cli, override, message
     assert message in result.output
 
 
-def test_single_file_checkpoint_without_configs_offline_says_what_to_set(run_cli, tmp_path):
+@pytest.mark.parametrize(
+    "tensor, kind",
+    [("model.diffusion_model.input_blocks.0.0.weight", "SDXL"),
+     ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "SD 1.5")],
+)  # fmt: skip
+def test_single_file_checkpoint_without_configs_offline_says_what_to_set(
+    run_cli, tmp_path, tensor, kind
+):
+    """The pipeline class follows the checkpoint: SD 1.x tensor names load as SD 1.5."""
     import torch
     from safetensors.torch import save_file
 
-    checkpoint = tmp_path / "my-sdxl.safetensors"
-    save_file(
-        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, checkpoint
-    )
+    checkpoint = tmp_path / "my-model.safetensors"
+    save_file({tensor: torch.zeros(4, 4, 3, 3)}, checkpoint)
     result = run_cli("model=local", f"model.path={checkpoint}", "scorer=none",
                      env={"HF_HOME": str(tmp_path / "empty-hf-home")})  # fmt: skip
     assert_nothing_written(result)
     assert f"error: model local ({checkpoint}) is not available." in result.stderr
-    assert "set model.config to a local diffusers SDXL folder" in result.stderr
+    assert f"set model.config to a local diffusers {kind} folder" in result.stderr
 
 
 def test_missing_sdxl_weights_stop_with_instructions(run_cli, tmp_path):
