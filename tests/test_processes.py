@@ -25,7 +25,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """The smoke run over two CPU processes. `--multi_gpu` is accelerate's torchrun launcher;
-    `--cpu` would start one process only (accelerate 1.x needs MPI for several on CPU). Each
+    `--cpu` would start one process only (accelerate 1.x starts several CPU processes only through mpirun, `--mpirun_hostfile`). Each
     process gets the thread count a single process has: on a CPU the number of threads
     changes the rounding of float sums, and with it a pixel level here and there."""
     import torch
