@@ -24,6 +24,9 @@ UNET_GB_PER_MEGAPIXEL = 0.5  # UNet activations per image, both guidance halves
 VAE_GB_PER_MEGAPIXEL = 3.0  # VAE decode of one image in 16-bit (twice that in float32)
 TILE_MEGAPIXELS = 1024 * 1024 / 1e6  # the SDXL VAE tiles images larger than 1024 px
 HEADROOM_GB = 1.0  # CUDA context, allocator fragmentation
+# upscale=refiner adds the SDXL refiner's UNet (it shares the base's text encoder 2 and VAE):
+# counted on the meta device from keyframes/data/sdxl_refiner/unet.json (tests recount it)
+REFINER_UNET_PARAMETERS = 2_259_526_660
 
 
 @dataclass(frozen=True)
@@ -38,16 +41,21 @@ class MemoryPlan:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def weights_gb(model: ModelConfig, dtype: torch.dtype) -> tuple[float, float]:
-    """(all weights, the largest component) in GB for the model about to load."""
+def weights_gb(
+    model: ModelConfig, dtype: torch.dtype, refiner: bool = False
+) -> tuple[float, float]:
+    """(all weights, the largest component) in GB for the model about to load, and the SDXL
+    refiner's UNet with it where `refiner`."""
     if model.tiny:
         return 0.01, 0.01
     from keyframes.architectures import packaged_counts
 
-    # every other preset is SDXL base-sized
-    counts = packaged_counts(model.architecture or "sdxl_base")["parameters"]
+    # every other preset is SDXL base-sized (SD 1.5 is smaller: an over-estimate)
+    counts = list(packaged_counts(model.architecture or "sdxl_base")["parameters"].values())
+    if refiner:
+        counts.append(REFINER_UNET_PARAMETERS)
     size = torch.finfo(dtype).bits // 8
-    return sum(counts.values()) * size / 1e9, max(counts.values()) * size / 1e9
+    return sum(counts) * size / 1e9, max(counts) * size / 1e9
 
 
 def estimate_gb(
@@ -103,6 +111,7 @@ def plan_memory(
     batch_size: int,
     width: int,
     height: int,
+    refiner: bool = False,  # upscale=refiner: its UNet is on the card too
 ) -> MemoryPlan:
     """Resolve the memory setting for this device, or say why it cannot work here."""
     if requested in OFFLOAD_MODES:
@@ -124,7 +133,9 @@ def plan_memory(
         return MemoryPlan("auto", "none", f"{device}: no GPU memory to save")
     free, _ = torch.cuda.mem_get_info()
     float32_vae = dtype == torch.float16  # the SDXL VAE decodes in float32 under float16
-    return choose_mode(free / 1e9, batch_size, width, height, weights_gb(model, dtype), float32_vae)
+    return choose_mode(
+        free / 1e9, batch_size, width, height, weights_gb(model, dtype, refiner), float32_vae
+    )
 
 
 def apply_memory_mode(pipe, mode: str, device: str):

@@ -193,9 +193,10 @@ def run(
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_loras(cfg.loras)
     check_speed(cfg.speed, placement.device)
+    refiner = cfg.upscale.name == "refiner" and not cfg.upscale.tiny
     memory = plan_memory(
         cfg.memory.name, placement.device, placement.dtype, cfg.model,
-        cfg.batch_size, width, height,
+        cfg.batch_size, width, height, refiner,
     )  # fmt: skip
     log.info(
         "%s: %d scenes, %d images at %dx%d, %d steps, cfg %g, %s, style %s, on %s",

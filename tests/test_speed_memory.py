@@ -83,6 +83,25 @@ def test_offload_modes_need_cuda_and_say_so(mode):
 SDXL_BF16 = weights_gb(ModelConfig(name="sdxl_base", id="x"), torch.bfloat16)
 
 
+def test_the_refiners_unet_is_counted_from_its_packaged_config():
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from keyframes.architectures import DATA
+    from keyframes.memory import REFINER_UNET_PARAMETERS
+
+    config = json.loads((DATA / "sdxl_refiner" / "unet.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    assert sum(p.numel() for p in unet.parameters()) == REFINER_UNET_PARAMETERS
+    # aesthetic score conditioning: pooled 1280 + 5 x 256 time ids, as the refiner's pipeline sends
+    assert unet.add_embedding.linear_1.in_features == 2560
+    total, largest = SDXL_BF16
+    with_refiner = weights_gb(ModelConfig(name="sdxl_base", id="x"), torch.bfloat16, True)
+    assert with_refiner == (pytest.approx(total + 2 * REFINER_UNET_PARAMETERS / 1e9), largest)
+
+
 @pytest.mark.parametrize(
     "free_gb, batch, float32_vae, expected",
     [
