@@ -180,7 +180,7 @@ class KeyframeGenerator:
         size = len(batch)
         if self.settings.fixed_batch and size < rows:
             batch = batch + [batch[-1]] * (rows - size)  # dropped again below
-        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
+        generators = seeded_generators([job.seed for job in batch])
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -271,6 +271,11 @@ def to_pil(pipe, pixels: torch.Tensor) -> list[Image.Image]:
     if getattr(pipe, "watermark", None) is not None:
         pixels = pipe.watermark.apply_watermark(pixels)
     return pipe.image_processor.postprocess(torch.nan_to_num(pixels), output_type="pil")
+
+
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
+    """A fresh CPU generator per image: its noise does not depend on batch or device."""
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,9 @@ def main(cfg: DictConfig) -> float | None:
                 "accelerate launch runs one job over several processes; for a sweep use "
                 "hydra/launcher=local_gpus (one job per GPU) or hydra/launcher=slurm"
             )
-        if procs.main and settings.resume and not (run_dir / "manifest.json").exists():
-            if not sweep:
-                run_dir = _switch_to_unfinished_run(run_dir, config_hash(resolved), log_name)
+        fresh = not sweep and not (run_dir / "manifest.json").exists()
+        if procs.main and settings.resume and fresh:
+            run_dir = _switch_to_unfinished_run(run_dir, config_hash(resolved), log_name)
         own_dir, run_dir = run_dir, procs.from_main(run_dir)  # one run directory for all
         if own_dir != run_dir:  # Hydra made this process its own: drop it
             _remove_if_untouched(own_dir, {".hydra", log_name})

@@ -20,11 +20,8 @@ import torch.nn.functional as F
 
 from keyframes.config import UpscaleConfig, upscaled_size
 from keyframes.errors import ModelUnavailableError, first_line
+from keyframes.generate import seeded_generators
 from keyframes.long_prompts import text_inputs
-
-
-def _generators(seeds: list[int]) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
 class Hires:
@@ -55,7 +52,7 @@ class Hires:
             strength=self.upscale.strength,
             num_inference_steps=self.upscale.steps or steps,
             guidance_scale=cfg_scale,
-            generator=_generators(seeds),
+            generator=seeded_generators(seeds),
             output_type="latent",
         ).images
 
@@ -119,6 +116,6 @@ class Refiner:
             denoising_start=self.upscale.high_noise_frac,
             num_inference_steps=steps,
             guidance_scale=cfg_scale,
-            generator=_generators(seeds),
+            generator=seeded_generators(seeds),
             output_type="latent",
         ).images
