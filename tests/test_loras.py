@@ -11,7 +11,7 @@ from keyframes.errors import ConfigError
 from keyframes.generate import GenerationSettings, KeyframeGenerator
 from keyframes.loras import apply_loras, check_loras, lora_records, remove_loras
 from keyframes.records import a1111_parameters
-from tests.helpers import demo_jobs, euler_tiny_pipe
+from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
 
 
 def save_tiny_lora(folder, seed):
@@ -62,7 +62,7 @@ def test_scale_0_is_no_lora_and_scale_1_changes_the_image(setup):
     plain = image(pipe, job)
     zero = with_loras(pipe, job, [LoraConfig(path=str(files[0]), scale=0.0)])
     one = with_loras(pipe, job, [LoraConfig(path=str(files[0]), scale=1.0)])
-    assert (zero == plain).all()
+    assert_same_picture(zero, plain, "scale 0")  # peft's layers in the path: other kernels
     assert np.abs(one - plain).mean() > 0.5
     assert (image(pipe, job) == plain).all()  # removed: the cached pipeline is plain again
 
@@ -74,7 +74,7 @@ def test_two_loras_at_once_and_fused_equals_unfused(setup):
     both = with_loras(pipe, job, loras)
     assert np.abs(both - first_only).mean() > 0.1
     fused = with_loras(pipe, job, loras, fuse=True)
-    assert np.abs(fused - both).max() <= 2  # the same weights, summed once instead of each step
+    assert_same_picture(fused, both, "fused")  # the same weights, summed once, not each step
     assert (image(pipe, job) == image(pipe, job)).all()
 
 

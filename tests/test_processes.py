@@ -16,6 +16,7 @@ import keyframes.processes as processes
 from keyframes.processes import claim_gpu
 from keyframes.records import read_png_metadata
 from tests.conftest import read_manifest
+from tests.helpers import assert_same_picture
 from tests.test_cli import DEMO_FILES, load_pixels, mlflow_runs
 from tests.test_config import CONF
 
@@ -48,9 +49,9 @@ def two_processes(tmp_path_factory):
 
 def test_two_processes_make_the_single_process_images_in_one_run(two_processes, smoke_run):
     run_dir, store = two_processes
-    for name in DEMO_FILES:  # seeds per image: the same pixels as one process (another run)
-        assert (load_pixels(run_dir / "keyframes" / name) ==
-                load_pixels(smoke_run.run_dir / "keyframes" / name)).all(), name  # fmt: skip
+    for name in DEMO_FILES:  # seeds per image: the same pictures as one process (another run)
+        assert_same_picture(load_pixels(run_dir / "keyframes" / name),
+                            load_pixels(smoke_run.run_dir / "keyframes" / name), name)  # fmt: skip
     manifest = read_manifest(run_dir)
     assert [r["file"] for r in manifest["images"]] == [f"keyframes/{n}" for n in DEMO_FILES]
     assert all(r["status"] == "ok" and r["clip_score"] is not None for r in manifest["images"])
@@ -91,8 +92,8 @@ def test_a_stopped_multi_process_run_resumes_from_its_parts(
     resumed = read_manifest(run_dir)
     assert [r["status"] for r in resumed["images"]] == ["ok"] * 7
     assert not list(run_dir.glob("manifest.process-*"))
-    for file in lost:  # made again, the same
-        assert (load_pixels(run_dir / file) == load_pixels(source / file)).all(), file
+    for file in lost:  # made again, the same pictures (another process)
+        assert_same_picture(load_pixels(run_dir / file), load_pixels(source / file), file)
 
 
 def test_parallel_sweep_over_consistency_methods_nests_and_compares_both_jobs(tmp_path):
