@@ -7,7 +7,6 @@ and returns the run's mean CLIP score for sweepers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from keyframes.config import Config, check_family, fit_to_model, validate
 from keyframes.errors import ConfigError, Interrupted, KeyframesError, first_line
 from keyframes.processes import Processes
+from keyframes.resume import config_hash, earlier_run
 
 if TYPE_CHECKING:
     from keyframes.render import RenderResult
@@ -204,6 +204,8 @@ def run(
         cfg.steps, cfg.cfg_scale, cfg.sampler.name, cfg.style.name, placement.device,
     )  # fmt: skip
     log.info("memory mode %s (%s), speed %s", memory.mode, memory.reason, cfg.speed.name)
+    main_process = (procs or Processes()).main
+    earlier = earlier_run(run_dir, resolved, cfg.remake)  # before config.yaml is replaced
     from keyframes.render import RunContext, render
 
     context = RunContext(
@@ -227,8 +229,8 @@ def run(
         sweep=asdict(sweep) if sweep else None,
         git_commit=_git_commit(),
         processes=procs or Processes(),
+        earlier=earlier,
     )
-    main_process = context.processes.main
     if main_process:
         _write_resolved_config(run_dir, resolved)
     try:
@@ -285,17 +287,6 @@ def _switch_to_unfinished_run(fresh_dir: Path, wanted_hash: str, log_name: str) 
     logging.getLogger().addHandler(handler)
     log.info("resume=true: continuing %s", target)
     return target
-
-
-# Settings that do not change what an image is meant to be: left out of the config hash that
-# resume matches on, so a run that ran out of memory can go on with memory=low_vram.
-NOT_IN_HASH = ("resume", "batch_size", "device", "mlflow", "memory", "speed")
-
-
-def config_hash(resolved: dict[str, Any]) -> str:
-    recipe = {k: v for k, v in resolved.items() if k not in NOT_IN_HASH}
-    text = json.dumps(recipe, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def package_versions() -> dict[str, str]:
@@ -453,6 +444,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends a run the way Ctrl-C does: cleanly
 
 
+def _check_keys(argv: list[str]) -> None:
+    """An unknown key (a typo, with or without Hydra's `+`) is exit 2 before Hydra runs."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser
+
+    from keyframes.overrides import check_override_keys
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    try:
+        check_override_keys(args.overrides, Config, CONF_DIR)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def cli() -> None:
     """Hydra exits 1 on a config it cannot compose; that is bad input, so exit 2 instead."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -460,6 +465,7 @@ def cli() -> None:
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in flags]
     try:
+        _check_keys(sys.argv[1:])
         main()
     except SystemExit as e:
         if e.code == 1 and not _task_started:

@@ -208,13 +208,27 @@ def test_bad_numbers_fail_before_any_model_loads(run_cli, overrides, message):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("stepz=40", "Key 'stepz' not in 'Config'"), ("steps=many", "could not be converted to Integer"),
+    [("steps=many", "could not be converted to Integer"),
      ("style=vaporwave", "Could not find 'style/vaporwave'")],
 )  # fmt: skip
 def test_config_errors_keep_hydras_message_and_exit_2(run_cli, override, message):
     result = run_cli("experiment=smoke", override)
     assert_nothing_written(result)
     assert message in result.output
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("stepz=40", "stepz: no such setting (the closest known one is steps)"),
+     ("+stpes=4", "+stpes: no such setting (the closest known one is steps)"),
+     ("++model.pth=x", "++model.pth: no such setting (the closest known one is model.path)"),
+     ("+cfg=3", "+cfg: no such setting (the closest known one is cfg_scale)")],
+)  # fmt: skip
+def test_an_unknown_key_is_exit_2_naming_the_closest_known_one(cli_in_process, override, message):
+    """Hydra's own hint (add it with +) would make a typo succeed silently."""
+    code, err, run_dir, store = cli_in_process(override)
+    assert code == 2 and message in err, err
+    assert not run_dir.exists() and not store.exists()
 
 
 @pytest.mark.parametrize(
