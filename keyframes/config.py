@@ -6,6 +6,7 @@ consistency that a type cannot express, so bad values fail before any model load
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +174,7 @@ class Config:
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
     long_prompts: str = "chunk"  # over 77 CLIP tokens: chunk (encode it all) | truncate
     resume: bool = MISSING  # continue the newest unfinished run with the same settings
+    remake: bool = False  # a run folder made with other settings is made again, not refused
     allow_external_paths: bool = MISSING  # shotlist image paths may point outside its folder
     device: str = MISSING
     aspect: str = MISSING  # W:H, mapped to an SDXL training resolution
@@ -206,6 +208,18 @@ SDXL_BUCKETS = (
     (1536, 640),
     (640, 1536),
 )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'model': {'id': 'x'}} -> {'model.id': 'x'}; lists and None as JSON."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
 
 
 def parse_aspect(aspect: str) -> float:

@@ -47,6 +47,7 @@ from keyframes.records import (
     save_png,
     write_manifest,
 )
+from keyframes.resume import Earlier
 from keyframes.scoring import ClipScorer, TextScore, cached_scorer, style_consistency
 from keyframes.shotlist import Shotlist
 from keyframes.style_aligned import share_attention
@@ -79,6 +80,7 @@ class RunContext:
     sweep: dict[str, Any] | None = None  # parent_run_id, sweep_dir, job_num in a sweep
     git_commit: str | None = None
     processes: Processes = field(default_factory=Processes)  # accelerate launch: the group
+    earlier: Earlier | None = None  # the run this folder already holds (resume or remake)
 
 
 @dataclass
@@ -357,9 +359,17 @@ def consistency_of(run_dir: Path, images: list[dict[str, Any]], scorer: ClipScor
 
 def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str, Any]]:
     """Records of a manifest already in the run directory whose file exists and whose recipe
-    matches the job: those images are not made again. The run keeps its first start time and
-    key, so its MLflow run is replaced rather than doubled."""
-    old_run, old_images = None, {}
+    matches the job: those images are not made again. A continued run keeps its first start
+    time and key, so its MLflow run is replaced rather than doubled, also when no image was
+    finished before it stopped; a remade run names the key of the run it replaces."""
+    earlier = ctx.earlier
+    if earlier is not None and earlier.remade:
+        result.manifest_run["replaces_run_key"] = earlier.run.get("run_key")
+        return {}
+    if earlier is not None:
+        for key in ("started_at", "run_key"):
+            result.manifest_run[key] = earlier.run.get(key, result.manifest_run[key])
+    old_images = {}
     # manifest.json, and the parts of processes that stopped before they were merged
     for path in [ctx.run_dir / "manifest.json", *sorted(ctx.run_dir.glob(PART_GLOB))]:
         if not path.is_file():
@@ -367,11 +377,8 @@ def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str
         try:
             old = json.loads(path.read_text())
             old_images |= {r["file"]: r for r in old["images"] if r.get("status") == "ok"}
-            old_run = old_run or old["run"]
         except (ValueError, KeyError, TypeError):
             log.warning("%s is unreadable; generating its images again", path)
-    if old_run is None:
-        return {}
     done = {}
     for job in ctx.jobs:
         record = old_images.get(job.file)
@@ -382,9 +389,6 @@ def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str
             and all(record.get(k) == v for k, v in _recipe(ctx, job).items())
         ):
             done[job.index] = {**record, "index": job.index}
-    if done:
-        for key in ("started_at", "run_key"):
-            result.manifest_run[key] = old_run.get(key, result.manifest_run[key])
     return done
 
 

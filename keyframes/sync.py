@@ -17,25 +17,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from keyframes.config import TrackingConfig
+from keyframes.config import TrackingConfig, flatten
 from keyframes.errors import KeyframesError
 from keyframes.records import write_manifest
 from keyframes.tracking import RunRecord
 
 PER_IMAGE = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_peak_gb")
 STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{'model': {'id': 'x'}} -> {'model.id': 'x'}; lists and None as JSON."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value)
-    return out
 
 
 def read_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -115,6 +103,7 @@ def record_from_run_dir(
         parent_run_id=sweep.get("parent_run_id"),
         status=STATUS.get(run.get("status", "finished"), "FINISHED"),
         key=run["run_key"],
+        replaces=run.get("replaces_run_key"),
     )
 
 

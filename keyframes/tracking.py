@@ -37,6 +37,7 @@ class RunRecord:
     parent_run_id: str | None = None  # set for the jobs of a sweep
     status: str = "FINISHED"  # FINISHED | FAILED (some images failed) | KILLED (interrupted)
     key: str = ""  # identifies the run directory's run: logging it again changes nothing
+    replaces: str | None = None  # remake=true: the key of the run this one replaces
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -70,6 +71,9 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
         for old in client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{record.key}'"):
             if old.info.status == record.status:
                 return old.info.run_id, False
+            client.delete_run(old.info.run_id)
+    if record.replaces:
+        for old in client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{record.replaces}'"):
             client.delete_run(old.info.run_id)
     tags = {**record.tags, KEY_TAG: record.key} if record.key else dict(record.tags)
     if record.parent_run_id:

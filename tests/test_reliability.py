@@ -235,6 +235,48 @@ def test_sigterm_keeps_finished_work_marks_killed_and_resume_replaces_it(tmp_pat
     assert len(read_manifest(run_dir)["images"]) == 28
 
 
+def test_a_run_stopped_before_its_first_image_is_replaced_in_mlflow_when_resumed(
+    cli_in_process, monkeypatch
+):
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C or SIGTERM during the first batch
+
+    small = ("width=64", "height=64", "steps=1")
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", stopped)
+    code, err, run_dir, store = cli_in_process(*small)
+    assert code == entry.EXIT_INTERRUPTED, err[-2000:]
+    assert read_manifest(run_dir)["images"] == []
+    [killed] = store_runs(store)
+    assert killed.info.status == "KILLED"
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", ORIGINAL_CALL)
+    code, err, _, _ = cli_in_process(*small, run_dir=run_dir)
+    assert code == 0, err[-2000:]
+    [run] = store_runs(store)  # the KILLED run was replaced, not joined
+    assert run.info.status == "FINISHED" and run.data.metrics["images"] == 7
+
+
+def test_a_folder_made_with_other_settings_is_refused_unless_remade(cli_in_process):
+    small = ("width=64", "height=64", "scorer=none")
+    code, err, run_dir, store = cli_in_process(*small, "steps=1")
+    assert code == 0, err[-2000:]
+    pngs = sorted((run_dir / "keyframes").glob("*.png"))
+    before = {p: p.read_bytes() for p in pngs}
+    code, err, _, _ = cli_in_process(*small, "steps=2", "model.dtype=bfloat16", run_dir=run_dir)
+    assert code == 2, err[-2000:]
+    assert f"error: {run_dir} holds a run made with other settings:" in err
+    assert "  model.dtype: auto then, bfloat16 now\n  steps: 1 then, 2 now\n" in err
+    assert "add remake=true" in err
+    assert {p: p.read_bytes() for p in pngs} == before  # nothing touched
+    assert read_manifest(run_dir)["images"][0]["steps"] == 1
+
+    code, err, _, _ = cli_in_process(*small, "steps=2", "remake=true", run_dir=run_dir)
+    assert code == 0, err[-2000:]
+    assert all(r["steps"] == 2 for r in read_manifest(run_dir)["images"])
+    assert any(p.read_bytes() != data for p, data in before.items())  # made again
+    [run] = store_runs(store)  # the old MLflow run was replaced, not kept beside it
+    assert run.data.params["steps"] == "2" and run.info.status == "FINISHED"
+
+
 # --- tracking outages ----------------------------------------------------------------------
 
 
