@@ -4,7 +4,10 @@
 def first_line(error: BaseException | None) -> str:
     """An exception as one short line, for messages that quote what a library said."""
     text = str(error or "").strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= 300 else line[:300].rsplit(" ", 1)[0] + " …"  # whole words
 
 
 class KeyframesError(Exception):

@@ -38,28 +38,25 @@ def assign_references(
     return out
 
 
-def check_adapter(consistency: ConsistencyConfig) -> None:
-    """Before anything is made: the adapter weights are on disk (a local copy, or the hub
-    cache), unless the hub can still be asked. The first keyframe may be made before the
-    adapter loads; a missing adapter must not stop the run halfway."""
-    import os
-
-    from huggingface_hub import try_to_load_from_cache
+def missing_adapter(consistency: ConsistencyConfig) -> str | None:
+    """Pre-flight: why the adapter weights cannot be had (a local copy, the hub cache, or the
+    hub when it answers). The first keyframe may be made before the adapter loads; a missing
+    adapter must not stop the run halfway."""
+    from keyframes import hub
 
     name = f"{consistency.ip_adapter_subfolder}/{consistency.ip_adapter_weight}"
     if consistency.ip_adapter_path:
         found = (Path(consistency.ip_adapter_path).expanduser() / name).is_file()
     else:
-        cached = try_to_load_from_cache(consistency.ip_adapter_id, name)
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        found = isinstance(cached, str) or not offline
-    if not found:
-        where = consistency.ip_adapter_path or consistency.ip_adapter_id
-        raise ModelUnavailableError(
-            f"consistency=ip_adapter: {where} has no {name}.\n  Download it: uv run hf "
-            f'download {consistency.ip_adapter_id} --include "{consistency.ip_adapter_subfolder}/*"'
-            " (or set consistency.ip_adapter_path)."
-        )
+        found = hub.cached(consistency.ip_adapter_id, name) is not None or hub.reachable()
+    if found:
+        return None
+    where = consistency.ip_adapter_path or consistency.ip_adapter_id
+    return (
+        f"consistency=ip_adapter: {where} has no {name}.\n  Download it: uv run hf "
+        f'download {consistency.ip_adapter_id} --include "{consistency.ip_adapter_subfolder}/*"'
+        " (or set consistency.ip_adapter_path)."
+    )
 
 
 def load_adapter(pipe, consistency: ConsistencyConfig) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,10 +271,21 @@ def _has_variant(source: str, variant: str) -> bool:
     return any(path.glob(f"*/*.{variant}.safetensors"))
 
 
-def _unavailable_message(model: ModelConfig, error: Exception) -> str:
-    from huggingface_hub import constants
+def missing_model(model: ModelConfig) -> str | None:
+    """Pre-flight, for a hub id: why its pipeline cannot be had (None: it is cached, or the hub
+    answers and the loader downloads it)."""
+    from keyframes import hub
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if model.tiny or model.architecture or model.path or not model.id:
+        return None
+    if hub.cached(model.id, "model_index.json") is not None or hub.reachable():
+        return None
+    return _unavailable_message(model, None)
+
+
+def _unavailable_message(model: ModelConfig, error: Exception | None) -> str:
+    from keyframes import hub
+
     if model.path and Path(model.path).expanduser().is_file():
         where = f"the checkpoint file {model.path} and the configs it needs"
         sd15 = model.family == "sd15"
@@ -289,14 +299,7 @@ def _unavailable_message(model: ModelConfig, error: Exception) -> str:
         where = f"the local folder {model.path}"
         fix = "Check that it is a diffusers SDXL or SD 1.5 pipeline folder (with model_index.json)."
     else:
-        where = (
-            f"the Hugging Face cache {constants.HF_HUB_CACHE} (set by HF_HOME / HF_HUB_CACHE)"
-            + (
-                ", and HF_HUB_OFFLINE is set so the hub was not asked"
-                if offline
-                else ", and the hub could not be reached"
-            )
-        )
+        where = hub.where()
         patterns = (
             f'--include "*.json" "*.txt" "*.{model.variant}.safetensors"' if model.variant else ""
         )
@@ -308,8 +311,8 @@ def _unavailable_message(model: ModelConfig, error: Exception) -> str:
     return (
         f"model {model.name} ({model.path or model.id}) is not available.\n"
         f"  Looked in {where}.\n"
-        f"  Loader said: {first_line(error)}\n"
-        f"  {fix}\n"
+        + (f"  Loader said: {first_line(error)}\n" if error else "")
+        + f"  {fix}\n"
         "  To try keyframes without any weights: uv run python -m keyframes.run experiment=smoke "
         "(offline, CPU, tiny random-weight model)."
     )

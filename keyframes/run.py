@@ -28,7 +28,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from keyframes.config import Config, check_family, fit_to_model, validate
-from keyframes.errors import ConfigError, Interrupted, KeyframesError, first_line
+from keyframes.errors import (
+    ConfigError,
+    Interrupted,
+    KeyframesError,
+    ModelUnavailableError,
+    first_line,
+)
 from keyframes.processes import Processes
 from keyframes.resume import config_hash, earlier_run
 
@@ -172,9 +178,8 @@ def run(
             "Use one of them per run (consistency=ip_adapter works with ControlNet)."
         )
     if cfg.consistency.name == "ip_adapter":
-        from keyframes.ip_adapter import assign_references, check_adapter
+        from keyframes.ip_adapter import assign_references
 
-        check_adapter(cfg.consistency)
         image = cfg.consistency.image
         if image is not None and not Path(image).expanduser().is_file():
             raise ConfigError(f"consistency.image={image}: no such file")
@@ -184,6 +189,7 @@ def run(
         from keyframes.plan import reference_job
 
         reference = reference_job(jobs, cfg.consistency.reference)
+    check_weights(cfg)
     # torch and diffusers load only once the input has passed: bad input fails in a second.
     from keyframes.loras import check_loras, lora_records
     from keyframes.memory import plan_memory
@@ -242,6 +248,24 @@ def run(
     if main_process:  # only the main process talks to MLflow, once every part is merged
         _track(context, sweep)
     return result
+
+
+def check_weights(cfg: Config) -> None:
+    """Every model, scorer and adapter weight the run needs, in one pass, before any loads:
+    one message lists all that is missing."""
+    from keyframes import hub
+    from keyframes.ip_adapter import missing_adapter
+    from keyframes.models import missing_model
+    from keyframes.scoring import missing_scorer
+
+    if not (cfg.model.tiny and cfg.scorer.model in (None, "tiny")):
+        hub.reachable()  # once: an unreachable hub puts the loaders in offline mode, no retries
+    problems = [missing_model(cfg.model), missing_scorer(cfg.scorer)]
+    if cfg.consistency.name == "ip_adapter":
+        problems.append(missing_adapter(cfg.consistency))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ModelUnavailableError("\n".join(problems))
 
 
 def _track(ctx, sweep: SweepJob | None) -> None:

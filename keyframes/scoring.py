@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from keyframes.config import ScorerConfig
-from keyframes.errors import ModelUnavailableError, first_line
+from keyframes.errors import ModelUnavailableError
 
 CONTEXT_LENGTH = 77
 SAFETENSORS_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
@@ -87,10 +87,23 @@ def load_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
     return ClipScorer(model, preprocess, tokenizer, device, f"{cfg.model}/{cfg.pretrained}")
 
 
+def missing_scorer(cfg: ScorerConfig) -> str | None:
+    """Pre-flight: why the scorer's weights cannot be had (None: they can, or none are needed).
+    Downloads them when they are not cached and the hub answers."""
+    if cfg.model in (None, "tiny"):
+        return None
+    try:
+        _weights_file(cfg)
+    except ModelUnavailableError as e:
+        return str(e)
+    return None
+
+
 def _weights_file(cfg: ScorerConfig) -> str:
     """The safetensors file of an open_clip pretrained tag, from the Hugging Face cache or hub."""
     import open_clip
-    from huggingface_hub import constants, hf_hub_download
+
+    from keyframes import hub
 
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
         if not cfg.pretrained.endswith(".safetensors"):
@@ -105,17 +118,13 @@ def _weights_file(cfg: ScorerConfig) -> str:
             f"scorer: open_clip knows no hub copy of {cfg.model}/{cfg.pretrained}; "
             "set scorer.pretrained to a local .safetensors file, or scorer=none."
         )
-    error = None
     for name in SAFETENSORS_NAMES:
-        try:
-            return hf_hub_download(repo, name)
-        except Exception as e:  # noqa: BLE001 - hub errors vary by version; all mean "not here"
-            error = e
+        found = hub.fetch(repo, name)
+        if found is not None:
+            return str(found)
     raise ModelUnavailableError(
         f"CLIP scorer {cfg.model}/{cfg.pretrained} is not available.\n"
-        f"  Looked for {repo} ({' or '.join(SAFETENSORS_NAMES)}) in the Hugging Face cache "
-        f"{constants.HF_HUB_CACHE} and on the hub.\n"
-        f"  Loader said: {first_line(error)}\n"
+        f"  Looked for {repo} ({' or '.join(SAFETENSORS_NAMES)}) in {hub.where()}.\n"
         "  Download it on a machine with network: "
         f"uv run hf download {repo} {SAFETENSORS_NAMES[0]}\n"
         "  Or run without scoring: scorer=none (or scorer=tiny for a random-weight test scorer)."

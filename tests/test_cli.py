@@ -263,3 +263,27 @@ def test_missing_sdxl_weights_stop_with_instructions(run_cli, tmp_path):
     assert "HF_HUB_OFFLINE is set" in err
     assert "uv run hf download stabilityai/stable-diffusion-xl-base-1.0" in err
     assert "experiment=smoke" in err
+    # the scorer is missing too: named in the same message, found in the same pass
+    assert err.count("error:") == 1 and "CLIP scorer ViT-L-14/openai is not available." in err
+    assert "uv run hf download timm/vit_large_patch14_clip_224.openai" in err
+    assert "Retrying" not in result.output and "could not be reached" not in err
+
+
+def test_a_missing_scorer_stops_the_run_before_the_model_is_built(cli_in_process, monkeypatch,
+                                                                 tmp_path):  # fmt: skip
+    """model=sdxl_random would build 2.5 B parameters (about a minute, 15 GB) first."""
+    import keyframes.architectures
+    from huggingface_hub import constants
+
+    def build(*args, **kwargs):
+        raise AssertionError("the model was built before the scorer was checked")
+
+    monkeypatch.setattr(keyframes.architectures, "build_random_pipeline", build)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code, err, run_dir, _ = cli_in_process("model=sdxl_random", "scorer=clip")
+    assert code == 2, err[-2000:]
+    assert err.startswith("error: CLIP scorer ViT-L-14/openai is not available.\n")
+    assert f"in the Hugging Face cache {tmp_path / 'empty-cache'}" in err
+    assert "HF_HUB_OFFLINE is set, so nothing is downloaded" in err and "Retrying" not in err
+    assert not run_dir.exists()
