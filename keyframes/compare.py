@@ -1,11 +1,12 @@
-"""Compare runs already in the tracking store:
+"""Compare runs already in the tracking store: one row per run, best first.
 
     uv run python -m keyframes.compare                        # the newest sweep
     uv run python -m keyframes.compare --parent RUN_ID        # one sweep
     uv run python -m keyframes.compare --experiment smoke     # every job run of an experiment
     uv run python -m keyframes.compare --out outputs/compare  # also the grids, plots and CSV
 
-Prints one row per run, best first by --metric, with the settings that differ between them.
+Prints one row per run, best first by --metric, with the values of the settings that differ
+between them (as each run used them, from its logged params).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from keyframes.sweep import (
     format_table,
     job_from_manifest,
     parse_overrides,
+    settings_used,
     table,
 )
 
@@ -40,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None):
+    description, usage = __doc__.split("\n\n")[:2]
     parser = argparse.ArgumentParser(
-        prog="python -m keyframes.compare", description=__doc__.split("\n\n")[0]
+        prog="python -m keyframes.compare",
+        description=description,
+        epilog="examples:\n" + usage,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--tracking-uri",
@@ -65,6 +71,12 @@ def compare(args) -> int:
     if not runs:
         print(f"{label}: no runs")
         return 0
+    metrics = sorted({m for run in runs for m in run.metrics})
+    if args.metric not in metrics:
+        raise KeyframesError(
+            f"--metric {args.metric}: no run of {label} has it; the metrics there are: "
+            + ", ".join(metrics)
+        )
     jobs = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
@@ -80,6 +92,9 @@ def compare(args) -> int:
                 overrides = json.loads(run.tags.get("keyframes.overrides", "[]"))
                 job = JobResult(name, parse_overrides(overrides), run.metrics, run.run_id)
             jobs.append(job)
+        keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+        for job, run in zip(jobs, runs, strict=True):  # the values used, not only those typed
+            job.overrides = settings_used(run.params, keys, job.overrides)
         print(f"{label}: {len(jobs)} runs, best first by {args.metric}\n")
         header, rows = table(jobs, args.metric)
         print(format_table(header, rows))

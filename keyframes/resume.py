@@ -83,4 +83,3 @@ def _differences(old_config: Path, resolved: dict[str, Any]) -> list[str]:
     )
     keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     return [f"{k}: {before.get(k, '(unset)')} then, {after.get(k, '(unset)')} now" for k in keys]
-

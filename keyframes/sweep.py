@@ -43,6 +43,18 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+def settings_used(params: dict[str, str], keys: list[str], typed: dict[str, str]) -> dict[str, str]:
+    """The value each key had in a run, from its logged params (a group such as `style` by its
+    option name): what ran, also where the command line did not set it. Numbers read as
+    typed (3.0 -> 3); a key the params lack keeps the typed value."""
+    out = {}
+    for key in keys:
+        value = params.get(key, params.get(f"{key}.name", typed.get(key)))
+        number = as_number(value)
+        out[key] = f"{number:g}" if number is not None and value not in (None, "") else value
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def job_from_manifest(manifest_path: Path, name: str | None = None) -> JobResult:
     """A job as its run directory records it (name: the directory's, e.g. the job number)."""
     manifest = json.loads(manifest_path.read_text())

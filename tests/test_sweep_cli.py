@@ -165,3 +165,51 @@ def test_optuna_search_maximises_clip_score_per_second(tmp_path):
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     per_second = [r.data.metrics["clip_score_per_second"] for r in children]
     assert best["best_value"] == pytest.approx(max(per_second), rel=1e-3)
+
+
+@pytest.fixture
+def single_runs(tmp_path):
+    """Two plain runs of one experiment: steps from the preset in one, typed in the other."""
+    from keyframes.config import TrackingConfig
+    from keyframes.tracking import RunRecord, log_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for overrides, steps, clip in ((["experiment=smoke"], "4", 30.0),
+                                   (["experiment=smoke", "steps=2"], "2", 20.0)):  # fmt: skip
+        log_run(TrackingConfig(tracking_uri=uri), RunRecord(
+            experiment="smoke", run_name=f"run {steps}",
+            params={"steps": steps, "cfg_scale": "5.0", "style.name": "cinematic"},
+            tags={"keyframes.overrides": json.dumps(overrides)}, image_metrics={},
+            summary={"clip_score_mean": clip, "seconds_per_image_mean": 0.5},
+        ))  # fmt: skip
+    return uri
+
+
+def test_compare_shows_the_values_each_run_used(single_runs, capsys):
+    from keyframes.compare import main
+
+    assert main(["--tracking-uri", single_runs, "--experiment", "smoke"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:3] == ["job", "steps", "clip_score_mean"]
+    assert [line.split()[1] for line in lines[4:6]] == ["4", "2"]  # 4: from the preset
+    assert "best by clip_score_mean: steps=4 (run " in "\n".join(lines)
+
+
+def test_compare_unknown_metric_is_exit_2_listing_the_metrics_there_are(single_runs, capsys):
+    from keyframes.compare import main
+
+    assert (
+        main(["--tracking-uri", single_runs, "--metric", "nonsense", "--experiment", "smoke"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: --metric nonsense: no run of experiment 'smoke' has it")
+    assert err.strip().endswith("the metrics there are: clip_score_mean, seconds_per_image_mean")
+
+
+def test_compare_help_reads_as_sentences(capsys):
+    from keyframes.compare import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    description = capsys.readouterr().out.split("\n\n")[1]
+    assert description == "Compare runs already in the tracking store: one row per run, best first."
