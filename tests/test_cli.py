@@ -272,8 +272,9 @@ def test_missing_sdxl_weights_stop_with_instructions(run_cli, tmp_path):
 def test_a_missing_scorer_stops_the_run_before_the_model_is_built(cli_in_process, monkeypatch,
                                                                  tmp_path):  # fmt: skip
     """model=sdxl_random would build 2.5 B parameters (about a minute, 15 GB) first."""
-    import keyframes.architectures
     from huggingface_hub import constants
+
+    import keyframes.architectures
 
     def build(*args, **kwargs):
         raise AssertionError("the model was built before the scorer was checked")
