@@ -106,9 +106,10 @@ def render(ctx: RunContext) -> RenderResult:
     scorer = cached_scorer(cfg.scorer, ctx.placement.device)
     scorer_load_seconds = time.perf_counter() - start
     log.info(
-        "model %s (%s) %s in %.1f s, scorer in %.1f s",
+        "model %s (%s) %s in %.1f s%s",
         cfg.model.name, describe_source(cfg.model), "reused" if hit else "loaded",
-        model_load_seconds, scorer_load_seconds,
+        model_load_seconds,
+        f", scorer {scorer.name} in {scorer_load_seconds:.1f} s" if scorer else ", no scorer",
     )  # fmt: skip
 
     result = RenderResult(ctx.run_dir, manifest_run=run_info(ctx, scorer))

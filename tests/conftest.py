@@ -14,6 +14,15 @@ import pytest
 import keyframes.run
 
 ROOT = Path(__file__).resolve().parent.parent
+# A test that starts the real command in a subprocess is slow (5-50 s of interpreter start-up,
+# model build and MLflow store creation): `uv run pytest -m "not slow"` leaves these out.
+SLOW_FIXTURES = {"run_cli", "smoke_run", "smoke_sweep", "two_processes", "server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass

@@ -96,6 +96,7 @@ def test_a_stopped_multi_process_run_resumes_from_its_parts(
         assert_same_picture(load_pixels(run_dir / file), load_pixels(source / file), file)
 
 
+@pytest.mark.slow
 def test_parallel_sweep_over_consistency_methods_nests_and_compares_both_jobs(tmp_path):
     """Two sweep jobs at once through the local parallel launcher (CPU here), both under one
     parent run; and the sweep table issue 6 asks for: style_consistency per method."""

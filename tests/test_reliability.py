@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from mlflow.tracking import MlflowClient
@@ -22,6 +23,7 @@ from tests.conftest import read_manifest
 from tests.helpers import default_speed
 
 ORIGINAL_CALL = StableDiffusionXLPipeline.__call__
+SMALL = ("width=64", "height=64")  # faults do not depend on the size; small images are quick
 
 
 def store_runs(store: Path):
@@ -45,7 +47,7 @@ def test_a_failing_batch_is_recorded_and_the_other_scenes_still_run(cli_in_proce
         return ORIGINAL_CALL(self, *args, **kwargs)
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
-    code, err, run_dir, store = cli_in_process()
+    code, err, run_dir, store = cli_in_process(*SMALL)
     assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
     assert (
         "1 of 7 images failed:\n  keyframes/003_the-boat_t1.png: RuntimeError: injected failure"
@@ -77,7 +79,7 @@ def test_nan_in_the_decoded_image_is_decoded_again_in_float32(cli_in_process):
         return out
 
     vae.decode = first_call_overflows
-    code, err, run_dir, store = cli_in_process()
+    code, err, run_dir, store = cli_in_process(*SMALL)
     assert code == 0, err
     records = read_manifest(run_dir)["images"]
     assert records[0]["notes"] == ["vae_fp32_redecode"] and records[0]["status"] == "ok"
@@ -95,7 +97,7 @@ def test_nan_latents_fail_that_image_only(cli_in_process, monkeypatch):
         return out
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
-    code, err, run_dir, _ = cli_in_process()
+    code, err, run_dir, _ = cli_in_process(*SMALL)
     assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
     [bad] = [r for r in read_manifest(run_dir)["images"] if r["status"] != "ok"]
     assert bad["scene_id"] == "signal" and "NaN/Inf" in bad["error"]
@@ -112,7 +114,7 @@ def test_out_of_memory_halves_the_batch_and_records_it(cli_in_process, monkeypat
         return ORIGINAL_CALL(self, *args, **kwargs)
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
-    code, err, run_dir, store = cli_in_process("batch_size=4")
+    code, err, run_dir, store = cli_in_process(*SMALL, "batch_size=4")
     assert code == 0, err
     assert sizes == [4, 2] + [1] * 7
     manifest = read_manifest(run_dir)
@@ -129,7 +131,7 @@ def test_out_of_memory_at_batch_one_tries_vae_tiling_then_gives_up(cli_in_proces
         raise torch.OutOfMemoryError("injected: CUDA out of memory")
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
-    code, err, run_dir, _ = cli_in_process("batch_size=2")
+    code, err, run_dir, _ = cli_in_process(*SMALL, "batch_size=2")
     assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
     manifest = read_manifest(run_dir)
     actions = [f["action"] for f in manifest["run"]["fallbacks"]]
@@ -166,6 +168,7 @@ def wait_for_images(manifest: Path, proc: subprocess.Popen, at_least: int) -> in
     raise AssertionError("the run made no progress")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
     proc = start(tmp_path)
     runs = tmp_path / "outputs" / "runs"
@@ -209,6 +212,7 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
     assert run.data.metrics["images"] == 28 and run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_finished_work_marks_killed_and_resume_replaces_it(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(tmp_path, f"hydra.run.dir={run_dir}")
@@ -241,22 +245,21 @@ def test_a_run_stopped_before_its_first_image_is_replaced_in_mlflow_when_resumed
     def stopped(self, *args, **kwargs):
         raise KeyboardInterrupt  # as Ctrl-C or SIGTERM during the first batch
 
-    small = ("width=64", "height=64", "steps=1")
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", stopped)
-    code, err, run_dir, store = cli_in_process(*small)
+    code, err, run_dir, store = cli_in_process(*SMALL)
     assert code == entry.EXIT_INTERRUPTED, err[-2000:]
     assert read_manifest(run_dir)["images"] == []
     [killed] = store_runs(store)
     assert killed.info.status == "KILLED"
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", ORIGINAL_CALL)
-    code, err, _, _ = cli_in_process(*small, run_dir=run_dir)
+    code, err, _, _ = cli_in_process(*SMALL, run_dir=run_dir)
     assert code == 0, err[-2000:]
     [run] = store_runs(store)  # the KILLED run was replaced, not joined
     assert run.info.status == "FINISHED" and run.data.metrics["images"] == 7
 
 
 def test_a_folder_made_with_other_settings_is_refused_unless_remade(cli_in_process):
-    small = ("width=64", "height=64", "scorer=none")
+    small = (*SMALL, "scorer=none")
     code, err, run_dir, store = cli_in_process(*small, "steps=1")
     assert code == 0, err[-2000:]
     pngs = sorted((run_dir / "keyframes").glob("*.png"))
@@ -325,6 +328,7 @@ def test_sync_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_locked_sqlite_store_is_retried(tmp_path, caplog):
     from keyframes.config import TrackingConfig
     from keyframes.tracking import RunRecord, log_run
@@ -347,6 +351,7 @@ def test_locked_sqlite_store_is_retried(tmp_path, caplog):
     assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
 
 
+@pytest.mark.slow
 def test_sweep_without_a_reachable_store_still_makes_every_job_and_the_summary(tmp_path):
     import socket
 

@@ -284,6 +284,7 @@ def test_smoke_run_records_memory_mode_and_speed(smoke_run):
     assert "compile_seconds" not in run["timings"]  # nothing compiled, nothing to report
 
 
+@pytest.mark.slow
 def test_bench_on_the_tiny_model_writes_its_json_without_mlflow_or_torchvision(tmp_path):
     out = tmp_path / "bench.json"
     code = (

@@ -138,6 +138,7 @@ def test_compare_unknown_experiment_is_a_clear_error(smoke_sweep):
     )
 
 
+@pytest.mark.slow
 def test_optuna_search_maximises_clip_score_per_second(tmp_path):
     import yaml
     from mlflow.tracking import MlflowClient
