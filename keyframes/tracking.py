@@ -3,6 +3,7 @@ anything back into generation."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
@@ -100,12 +101,18 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     return run_id, True
 
 
+# Errors of a SQLite store that another process is writing right now: worth a retry. The
+# second comes from a new store's set-up racing another process that does not take the lock
+# _client takes (an older keyframes, a hand-made client).
+BUSY = ("database is locked", "Online migration expected to match one row")
+
+
 def _retry_when_locked(call, tries: int = 6, first_wait: float = 0.5):
     for attempt in range(tries):
         try:
             return call()
         except Exception as e:  # noqa: BLE001 - SQLAlchemy/MLflow wrap the SQLite error differently
-            if "database is locked" not in str(e) or attempt == tries - 1:
+            if not any(text in str(e) for text in BUSY) or attempt == tries - 1:
                 raise
             log.warning("tracking store is locked; retrying in %.1f s", first_wait * 2**attempt)
             time.sleep(first_wait * 2**attempt)
@@ -122,9 +129,17 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # store migrations are not news
-    if db := _sqlite_file(uri):
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    db = _sqlite_file(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # A new store's tables are created (migrated) on first use. Two processes doing that at
+    # once corrupt each other's migration, so the first use is one process at a time.
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates the store, and its tables if new
+        return client
 
 
 def _experiment_id(client, cfg: TrackingConfig, name: str) -> str:

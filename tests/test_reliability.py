@@ -351,6 +351,42 @@ def test_locked_sqlite_store_is_retried(tmp_path, caplog):
     assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
 
 
+def test_a_new_stores_set_up_race_is_retried(monkeypatch, caplog):
+    """What a process sees when another one creates the same new SQLite store at that moment."""
+    from keyframes import tracking
+
+    calls = []
+
+    def racing():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(
+                "Online migration expected to match one row when updating '0584bdc529eb' to "
+                "'f5a4f2784254' in 'alembic_version'; 0 found"
+            )
+        return "run-id"
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    assert tracking._retry_when_locked(racing) == "run-id" and len(calls) == 2
+    assert "tracking store is locked; retrying" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_runs_creating_one_new_store_at_once_are_both_logged(tmp_path):
+    code = (
+        "import sys; from keyframes.config import TrackingConfig; "
+        "from keyframes.tracking import RunRecord, log_run; "
+        f"log_run(TrackingConfig(tracking_uri='sqlite:///{tmp_path / 'new.db'}'), "
+        "RunRecord('race', sys.argv[1], {}, {}, {0: {'x': 1.0}}, {'images': 1.0}, key=sys.argv[1]))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, name], stderr=subprocess.PIPE, text=True)
+             for name in ("first", "second")]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    assert sorted(r.info.run_name for r in store_runs(tmp_path / "new.db")) == ["first", "second"]
+
+
 @pytest.mark.slow
 def test_sweep_without_a_reachable_store_still_makes_every_job_and_the_summary(tmp_path):
     import socket
