@@ -170,6 +170,7 @@ class Config:
     seed: int = MISSING
     seed_mode: str = MISSING  # derived: per scene from seed + scene id; fixed: same seed for all
     takes: int = MISSING  # images per scene (a scene's own "takes" wins)
+    max_images: int = MISSING  # a run making more images than this stops before it starts
     batch_size: int = MISSING  # images per pipeline call, across scenes and takes
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
     long_prompts: str = "chunk"  # over 77 CLIP tokens: chunk (encode it all) | truncate
@@ -323,6 +324,8 @@ def validate(cfg: Config) -> tuple[int, int]:
         problems.append(f"seed={cfg.seed}: must be between 0 and {MAX_SEED}")
     if not 1 <= cfg.takes <= MAX_TAKES:
         problems.append(f"takes={cfg.takes}: must be between 1 and {MAX_TAKES}")
+    if cfg.max_images < 1:
+        problems.append(f"max_images={cfg.max_images}: must be at least 1")
     if cfg.batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size}: must be at least 1")
     for key, value, allowed in (

@@ -105,9 +105,22 @@ def plan_jobs(
     return jobs
 
 
+def image_count(shotlist: Shotlist, takes: int) -> int:
+    """How many images a run makes: each scene's takes (its own, else the run's)."""
+    return sum(scene.takes or takes for scene in shotlist.scenes)
+
+
 def plan_for(cfg: Config, shotlist: Shotlist, takes: int | None = None) -> list[ImageJob]:
     """plan_jobs with the run's style, negative preset and seeds (takes: cfg.takes unless
-    given)."""
+    given). Refuses, before building anything, a run of more than cfg.max_images images."""
+    takes = cfg.takes if takes is None else takes
+    total = image_count(shotlist, takes)
+    if total > cfg.max_images:
+        raise ConfigError(
+            f"this run would make {total:,} images ({len(shotlist.scenes):,} scenes and their "
+            f"takes); the limit is max_images={cfg.max_images}. If that many is meant, raise "
+            f"it: max_images={total}"
+        )
     return plan_jobs(
         shotlist,
         style_prompt=cfg.style.prompt,
@@ -115,7 +128,7 @@ def plan_for(cfg: Config, shotlist: Shotlist, takes: int | None = None) -> list[
         negative_preset=cfg.negative.prompt,
         run_seed=cfg.seed,
         seed_mode=cfg.seed_mode,
-        takes=cfg.takes if takes is None else takes,
+        takes=takes,
     )
 
 

@@ -113,6 +113,10 @@ def main(cfg: DictConfig) -> float | None:
         _remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml"})
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:  # before the first batch: while checking, planning or loading
+        _remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml"})
+        print("interrupted before any keyframe was made", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Interrupted as e:
         done = e.result.summary.get("images", 0)
         print(

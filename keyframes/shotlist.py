@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyframes.config import MAX_SEED
+from keyframes.config import MAX_SEED, MAX_TAKES
 from keyframes.errors import ShotlistError
 
 DEMO = Path(__file__).parent / "data" / "demo_shotlist.json"
@@ -297,7 +297,7 @@ def _parse_scene(
     if isinstance(scene_id, str) and len(scene_id) > 200:
         problems.append(f"{where}.id: {len(scene_id)} characters, the limit is 200")
     seed = _int_field(raw, "seed", where, problems, low=0, high=MAX_SEED)
-    takes = _int_field(raw, "takes", where, problems, low=1, high=None)
+    takes = _int_field(raw, "takes", where, problems, low=1, high=MAX_TAKES)
 
     extra = {k: v for k, v in raw.items() if k not in SCENE_FIELDS}
     unknown += [f"scenes[*].{k}" for k in extra]

@@ -405,3 +405,16 @@ def test_sweep_without_a_reachable_store_still_makes_every_job_and_the_summary(t
     assert "sweep runs without a parent run" in output
     assert len(list((tmp_path / "sweep").glob("*/manifest.json"))) == 2
     assert len(list((tmp_path / "sweep" / "summary" / "grids").glob("*.png"))) == 7
+
+
+def test_stopped_while_planning_exits_130_without_a_traceback(cli_in_process, monkeypatch):
+    import keyframes.plan
+
+    def planning(*args, **kwargs):
+        raise KeyboardInterrupt  # SIGTERM arrives as this (keyframes.run._interrupt)
+
+    monkeypatch.setattr(keyframes.plan, "plan_jobs", planning)
+    code, err, run_dir, store = cli_in_process()
+    assert code == entry.EXIT_INTERRUPTED
+    assert err.strip() == "interrupted before any keyframe was made"
+    assert not run_dir.exists() and not store.exists()

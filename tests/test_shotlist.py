@@ -89,7 +89,7 @@ def test_every_schema_violation_is_listed_with_its_path():
         "scenes[3].shot: expected a string, got the number 5",
         "scenes[3].characters[0]: unknown character 'Zed' (the sheet has: Ana)",
         "scenes[3].seed: expected an integer, got a string",
-        "scenes[3].takes: 0 is out of range, must be at least 1",
+        "scenes[3].takes: 0 is out of range, must be between 1 and 1000",
         "scenes[4]: expected an object, got a string",
     ]
 
@@ -112,6 +112,7 @@ def test_duplicate_ids_name_both_scenes():
         ({"scenes": [scene(1, seed=-1)]}, "scenes[0].seed: -1 is out of range, must be between 0 and 4294967295"),
         ({"scenes": [scene(1, seed=1.5)]}, "scenes[0].seed: expected an integer, got the number 1.5"),
         ({"scenes": [scene(1, takes=True)]}, "scenes[0].takes: expected an integer, got a boolean"),
+        ({"scenes": [scene(1, takes=1001)]}, "scenes[0].takes: 1001 is out of range, must be between 1 and 1000"),
         ({"scenes": [{"id": "", "description": "d"}]}, "scenes[0].id: must not be empty"),
         ({"scenes": [{"id": "a", "description": "  "}]}, "scenes[0].description: expected a non-empty string"),
     ],
@@ -137,3 +138,22 @@ def test_not_utf8_is_reported(tmp_path):
     path.write_bytes(json.dumps([scene(1, mood="café")]).encode("utf-8").replace(b"caf", b"\xff"))
     with pytest.raises(ShotlistError, match="not UTF-8"):
         load_shotlist(str(path))
+
+
+def test_a_run_of_too_many_images_is_refused_before_any_job_is_built(monkeypatch):
+    import keyframes.plan
+    from keyframes.config import Config
+    from keyframes.errors import ConfigError
+
+    def build(*args, **kwargs):
+        raise AssertionError("jobs were built")
+
+    monkeypatch.setattr(keyframes.plan, "plan_jobs", build)
+    huge = parse_shotlist([scene(i, takes=1000) for i in range(10_000)])  # 10 million images
+    cfg = Config(takes=1, max_images=10_000)
+    with pytest.raises(ConfigError) as info:
+        keyframes.plan.plan_for(cfg, huge)
+    assert str(info.value) == (
+        "this run would make 10,000,000 images (10,000 scenes and their takes); the limit is "
+        "max_images=10000. If that many is meant, raise it: max_images=10000000"
+    )
