@@ -153,6 +153,7 @@ class SpeedConfig:
     channels_last: bool = False  # NHWC memory layout for the convolutions
     fuse_qkv: bool = False  # one projection for query, key and value
     tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions (CUDA)
+    warm_up: bool = True  # a throwaway generation per batch shape (always on with compile)
 
 
 @dataclass

@@ -338,7 +338,7 @@ class LoadedPipeline:
     scheduler_config: Any  # the model's own scheduler config, before any sampler swap
     speed: dict  # what the speed settings did
     key: tuple
-    warmed_up: set = field(default_factory=set)  # (batch, width, height) already compiled
+    warmed_up: set = field(default_factory=set)  # (batch, width, height) already run once
     refiners: dict = field(default_factory=dict)  # upscale=refiner: its source -> pipeline
 
 

@@ -134,9 +134,11 @@ def render(ctx: RunContext) -> RenderResult:
         fixed_batch=cfg.speed.compile,
         long_prompts=cfg.long_prompts,
     )
-    if cfg.speed.compile and todo:
-        compile_seconds = warm_up(loaded, settings, todo[0], ctx.reference)
-        result.manifest_run["timings"]["compile_seconds"] = round(compile_seconds, 3)
+    if todo and (cfg.speed.warm_up or cfg.speed.compile):  # first-call costs: timed apart
+        seconds = round(warm_up(loaded, settings, todo[0], ctx.reference), 3)
+        result.manifest_run["timings"]["warmup_seconds"] = seconds
+        if cfg.speed.compile:
+            result.manifest_run["timings"]["compile_seconds"] = seconds
     controlnet = None
     if cfg.controlnet.type and any(job.control for job in todo):
         controlnet = load_controlnet(cfg.controlnet, pipe.unet, pipe.unet.dtype).to(pipe.device)
@@ -299,13 +301,16 @@ def warm_up(
     job: ImageJob,
     reference: ImageJob | None = None,
 ) -> float:
-    """Compile for this batch shape with a short throwaway generation; its seconds are the
-    compile cost, kept out of every image's seconds. Free when the shape is compiled already."""
+    """A short throwaway generation at this batch shape: the first call's one-off costs (lazy
+    set-up, kernel choice, and for speed=compile the compile) land here, kept out of every
+    image's seconds, so that the first job of a sweep compares fairly with the others. Free
+    when this pipeline has run the shape already."""
     rows = settings.batch_size + (reference is not None)
     shape = (rows, settings.width, settings.height)
     if shape in loaded.warmed_up:
         return 0.0
-    log.info("compiling for batch %d at %dx%d (one-off)", *shape)
+    what = "compiling" if settings.fixed_batch else "warming up"
+    log.info("%s for batch %d at %dx%d (one-off)", what, *shape)
     start = time.perf_counter()
     short = replace(settings, steps=min(settings.steps, 2))
     for batch in KeyframeGenerator(loaded.pipe, short, reference).run([job]):
@@ -313,7 +318,7 @@ def warm_up(
             log.warning("warm-up failed: %s", batch[0].error)
     loaded.warmed_up.add(shape)
     seconds = time.perf_counter() - start
-    log.info("compiled in %.1f s", seconds)
+    log.info("%s took %.1f s", what, seconds)
     return seconds
 
 
@@ -334,9 +339,9 @@ def finish(
     result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
     if scorer is not None:
         result.summary |= consistency_of(ctx.run_dir, result.images, scorer)
-    compile_seconds = result.manifest_run["timings"].get("compile_seconds")
-    if compile_seconds is not None:
-        result.summary["compile_seconds"] = compile_seconds
+    for key in ("warmup_seconds", "compile_seconds"):
+        if key in result.manifest_run["timings"]:
+            result.summary[key] = result.manifest_run["timings"][key]
     result.manifest_run["finished_at"] = _iso(time.time())
     result.manifest_run["summary"] = result.summary
     result.write_manifest()

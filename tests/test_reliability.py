@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from tests.helpers import default_speed
 
 ORIGINAL_CALL = StableDiffusionXLPipeline.__call__
 SMALL = ("width=64", "height=64")  # faults do not depend on the size; small images are quick
+FAULTS = (*SMALL, "speed.warm_up=false")  # faults are injected into batches, not the warm-up
 
 
 def store_runs(store: Path):
@@ -36,7 +38,7 @@ def tiny_pipe():
         ModelConfig(name="tiny", tiny=True, family="sdxl"),  # as the run resolves it
         resolve_placement("cpu", "auto"),
         "none",
-        default_speed(),
+        replace(default_speed(), warm_up=False),  # as FAULTS asks: the same cached pipeline
     )[0].pipe
 
 
@@ -47,7 +49,7 @@ def test_a_failing_batch_is_recorded_and_the_other_scenes_still_run(cli_in_proce
         return ORIGINAL_CALL(self, *args, **kwargs)
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
-    code, err, run_dir, store = cli_in_process(*SMALL)
+    code, err, run_dir, store = cli_in_process(*FAULTS)
     assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
     assert (
         "1 of 7 images failed:\n  keyframes/003_the-boat_t1.png: RuntimeError: injected failure"
@@ -79,7 +81,7 @@ def test_nan_in_the_decoded_image_is_decoded_again_in_float32(cli_in_process):
         return out
 
     vae.decode = first_call_overflows
-    code, err, run_dir, store = cli_in_process(*SMALL)
+    code, err, run_dir, store = cli_in_process(*FAULTS)
     assert code == 0, err
     records = read_manifest(run_dir)["images"]
     assert records[0]["notes"] == ["vae_fp32_redecode"] and records[0]["status"] == "ok"
@@ -97,7 +99,7 @@ def test_nan_latents_fail_that_image_only(cli_in_process, monkeypatch):
         return out
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
-    code, err, run_dir, _ = cli_in_process(*SMALL)
+    code, err, run_dir, _ = cli_in_process(*FAULTS)
     assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
     [bad] = [r for r in read_manifest(run_dir)["images"] if r["status"] != "ok"]
     assert bad["scene_id"] == "signal" and "NaN/Inf" in bad["error"]
@@ -114,7 +116,7 @@ def test_out_of_memory_halves_the_batch_and_records_it(cli_in_process, monkeypat
         return ORIGINAL_CALL(self, *args, **kwargs)
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
-    code, err, run_dir, store = cli_in_process(*SMALL, "batch_size=4")
+    code, err, run_dir, store = cli_in_process(*FAULTS, "batch_size=4")
     assert code == 0, err
     assert sizes == [4, 2] + [1] * 7
     manifest = read_manifest(run_dir)
@@ -131,7 +133,7 @@ def test_out_of_memory_at_batch_one_tries_vae_tiling_then_gives_up(cli_in_proces
         raise torch.OutOfMemoryError("injected: CUDA out of memory")
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
-    code, err, run_dir, _ = cli_in_process(*SMALL, "batch_size=2")
+    code, err, run_dir, _ = cli_in_process(*FAULTS, "batch_size=2")
     assert code == entry.EXIT_IMAGES_FAILED, err[-3000:]
     manifest = read_manifest(run_dir)
     actions = [f["action"] for f in manifest["run"]["fallbacks"]]
@@ -247,7 +249,7 @@ def test_a_run_stopped_before_its_first_image_is_replaced_in_mlflow_when_resumed
         raise KeyboardInterrupt  # as Ctrl-C or SIGTERM during the first batch
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", stopped)
-    code, err, run_dir, store = cli_in_process(*SMALL)
+    code, err, run_dir, store = cli_in_process(*FAULTS)
     assert code == entry.EXIT_INTERRUPTED, err[-2000:]
     assert read_manifest(run_dir)["images"] == []
     [killed] = store_runs(store)
@@ -419,3 +421,23 @@ def test_stopped_while_planning_exits_130_without_a_traceback(cli_in_process, mo
     assert code == entry.EXIT_INTERRUPTED
     assert err.strip() == "interrupted before any keyframe was made"
     assert not run_dir.exists() and not store.exists()
+
+
+def test_first_call_costs_are_kept_out_of_every_images_seconds(cli_in_process, monkeypatch):
+    """As a sweep's first job pays for the pipeline's first call: recorded apart, so that
+    seconds_per_image_mean and the "fastest" pick compare jobs fairly."""
+    calls = []
+
+    def first_call_is_slow(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return ORIGINAL_CALL(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", first_call_is_slow)
+    code, err, run_dir, _ = cli_in_process(*SMALL)
+    assert code == 0, err[-2000:]
+    run = read_manifest(run_dir)["run"]
+    assert run["timings"]["warmup_seconds"] >= 1.5 and run["summary"]["warmup_seconds"] >= 1.5
+    assert all(r["seconds"] < 1.5 for r in read_manifest(run_dir)["images"])
+    assert run["summary"]["seconds_per_image_mean"] < 1.5
