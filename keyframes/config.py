@@ -292,6 +292,26 @@ def fit_to_model(cfg: Config) -> list[str]:
     return notes
 
 
+def typed_aspect_wins(cfg: Config, typed: set[str]) -> list[str]:
+    """The command line wins over presets. An aspect typed there, over a preset's width and
+    height (experiment=smoke sets both), keeps the preset's width (or a typed height) and
+    follows the typed aspect; with width and height typed too, those win. Changes cfg;
+    returns one warning naming the size used."""
+    if "aspect" not in typed or not (cfg.width and cfg.height):
+        return []
+    if {"width", "height"} <= typed:
+        return [f"aspect={cfg.aspect} is not used: width={cfg.width} and height={cfg.height} "
+                "were given too"]  # fmt: skip
+    before = f"{cfg.width}x{cfg.height}"
+    if "height" in typed:
+        cfg.width = None
+    else:
+        cfg.height = None
+    width, height = resolve_size(cfg.aspect, cfg.quality.base_size, cfg.width, cfg.height)
+    return [f"aspect={cfg.aspect} from the command line replaces the preset's size {before}: "
+            f"using {width}x{height}"]  # fmt: skip
+
+
 def check_family(cfg: Config, family: str, controlled: bool) -> None:
     """Parts made for one model family (sdxl, sd15: as resolved) do not run on another."""
     problems = []

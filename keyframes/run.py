@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from keyframes.config import Config, check_family, fit_to_model, validate
+from keyframes.config import Config, check_family, fit_to_model, typed_aspect_wins, validate
 from keyframes.errors import (
     ConfigError,
     Interrupted,
@@ -149,12 +149,14 @@ def run(
 
     started = time.time()
     cfg.style = resolve_style(cfg.style)  # style=file: the preset from the file
+    sized = typed_aspect_wins(cfg, {key.lstrip("+~") for key in swept_keys(overrides, False)})
     model_fit = fit_to_model(cfg)  # turbo, lightning: steps, guidance, size they were made for
-    for note in model_fit:
+    for note in sized + model_fit:
         log.warning(note)
-    if model_fit:  # config.yaml and MLflow params must say what made the images
+    if sized or model_fit:  # config.yaml and MLflow params must say what made the images
         quality = {**resolved["quality"], "base_size": cfg.quality.base_size}
-        resolved = {**resolved, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "quality": quality}
+        resolved = {**resolved, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "quality": quality,
+                    "width": cfg.width, "height": cfg.height}  # fmt: skip
     width, height = validate(cfg)
     shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
     if shotlist.unknown_fields:
@@ -368,11 +370,12 @@ class SweepCallback(Callback):
         end_sweep(config)
 
 
-def swept_keys(overrides: list[str]) -> list[str]:
+def swept_keys(overrides: list[str], sweeps_only: bool = True) -> list[str]:
+    """The keys of the overrides that sweep (or of all of them)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+    return [o.get_key_element() for o in parsed if o.is_sweep_override() or not sweeps_only]
 
 
 def begin_sweep(config: DictConfig) -> None:

@@ -288,3 +288,32 @@ def test_a_missing_scorer_stops_the_run_before_the_model_is_built(cli_in_process
     assert f"in the Hugging Face cache {tmp_path / 'empty-cache'}" in err
     assert "HF_HUB_OFFLINE is set, so nothing is downloaded" in err and "Retrying" not in err
     assert not run_dir.exists()
+
+
+def test_an_aspect_typed_on_the_command_line_wins_over_the_presets_size(cli_in_process):
+    """experiment=smoke sets 256x144; aspect=21:9 typed by the user keeps the width."""
+    code, err, run_dir, _ = cli_in_process("aspect=21:9", "steps=1", "scorer=none")
+    assert code == 0, err[-2000:]
+    record = read_manifest(run_dir)["images"][0]
+    assert (record["width"], record["height"]) == (256, 112)
+    assert Image.open(run_dir / record["file"]).size == (256, 112)
+    log = (run_dir / "run.log").read_text()
+    assert (
+        "aspect=21:9 from the command line replaces the preset's size 256x144: using 256x112" in log
+    )
+    config = (run_dir / "config.yaml").read_text()
+    assert "width: 256\nheight: null\n" in config  # the recorded recipe makes the same size
+
+
+def test_width_and_height_typed_with_an_aspect_win_with_a_warning():
+    from keyframes.config import typed_aspect_wins, validate
+    from tests.test_config import settings
+
+    cfg = settings("experiment=smoke", "aspect=21:9", "width=128", "height=128")
+    assert typed_aspect_wins(cfg, {"aspect", "width", "height"}) == [
+        "aspect=21:9 is not used: width=128 and height=128 were given too"
+    ]
+    assert validate(cfg) == (128, 128)
+    cfg = settings("experiment=smoke", "aspect=1:2", "height=128")
+    typed_aspect_wins(cfg, {"aspect", "height"})
+    assert validate(cfg) == (64, 128)
