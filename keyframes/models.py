@@ -181,6 +181,7 @@ NOISE = (
     "truncated because CLIP",
     "Token indices sequence length",
     "No LoRA keys associated",  # a LoRA for the UNet only: normal, and said per encoder
+    "should be kept in float32: [].",  # said at every VAE cast (img2img passes), of no module
 )
 
 
@@ -199,6 +200,7 @@ def _quiet_truncation_warnings() -> None:
         "diffusers.loaders.lora_base",
         "diffusers.loaders.lora_pipeline",
         "diffusers.loaders.peft",
+        "diffusers.models.modeling_utils",
     ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTruncationNotes) for f in logger.filters):

@@ -89,15 +89,25 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+SHEET_PAGE = 64  # keyframes per contact sheet page: at most 8 x 8, a picture a viewer opens
+
+
+def sheet_name(page: int) -> str:
+    """contact_sheet.png, then contact_sheet_002.png, ... for the pages of a long run."""
+    return "contact_sheet.png" if page == 1 else f"contact_sheet_{page:03d}.png"
+
+
 def contact_sheet(
     images: list[Image.Image], labels: list[str], title: str, thumb_width: int = 384
 ) -> Image.Image:
-    """All keyframes in a labelled grid, in shotlist order, for a look at the whole film."""
-    columns = min(4, max(1, len(images)))
+    """Keyframes in a labelled grid, in shotlist order, for a look at the whole film: 4
+    columns, 8 from 17 images on. A label may have several lines (split on newlines)."""
+    columns = min(4 if len(images) <= 16 else 8, max(1, len(images)))
     rows = math.ceil(len(images) / columns)
     aspect = images[0].height / images[0].width
     tw, th = thumb_width, max(1, round(thumb_width * aspect))
-    pad, label_h, title_h = 8, 22, 34
+    line_h = 18
+    pad, label_h, title_h = 8, 4 + line_h * max(label.count("\n") + 1 for label in labels), 34
     sheet = Image.new(
         "RGB",
         (columns * (tw + pad) + pad, title_h + rows * (th + label_h + pad) + pad),
@@ -112,12 +122,13 @@ def contact_sheet(
         if image.size != (tw, th):
             image = image.resize((tw, th), Image.Resampling.LANCZOS)
         sheet.paste(image.convert("RGB"), (x, y))
-        draw.text(
-            (x + 2, y + th + 3),
-            fit_text(draw, label, font, tw - 4),
-            fill=(220, 220, 220),
-            font=font,
-        )
+        for n, line in enumerate(label.split("\n")):
+            draw.text(
+                (x + 2, y + th + 3 + n * line_h),
+                fit_text(draw, line, font, tw - 4),
+                fill=(220, 220, 220),
+                font=font,
+            )
     return sheet
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shlex
 import socket
@@ -41,17 +42,19 @@ from keyframes.models import (
 from keyframes.plan import ImageJob
 from keyframes.processes import PART_GLOB, Processes
 from keyframes.records import (
+    SHEET_PAGE,
     contact_sheet,
     load_font,
     save_contact_sheet,
     save_png,
+    sheet_name,
     write_manifest,
 )
 from keyframes.resume import Earlier
 from keyframes.scoring import ClipScorer, TextScore, cached_scorer, style_consistency
 from keyframes.shotlist import Shotlist
 from keyframes.style_aligned import share_attention
-from keyframes.upscale import Hires, Refiner, load_refiner
+from keyframes.upscale import Hires, Refiner, load_refiner, refiner_source
 
 log = logging.getLogger("keyframes")
 
@@ -264,7 +267,7 @@ def cached_refiner(loaded: LoadedPipeline, upscale, ctx: RunContext):
         start = time.perf_counter()
         refiner = load_refiner(loaded.pipe, upscale)
         loaded.refiners = {key: apply_memory_mode(refiner, ctx.memory.mode, ctx.placement.device)}
-        log.info("refiner %s loaded in %.1f s", upscale.path or upscale.id or "tiny",
+        log.info("refiner %s loaded in %.1f s", refiner_source(upscale),
                  time.perf_counter() - start)  # fmt: skip
     return loaded.refiners[key]
 
@@ -329,13 +332,8 @@ def finish(
     scorer: ClipScorer | None = None,
 ) -> None:
     """Contact sheet, summary and the final manifest, for whatever images exist."""
-    if result.images:
-        thumbs = [
-            _thumbnail(ctx.run_dir / r["file"], r, ctx.width, ctx.height) for r in result.images
-        ]
-        title = f"{ctx.shotlist.title} · {ctx.cfg.style.name} · {ctx.cfg.model.name}"
-        sheet = contact_sheet(thumbs, [_label(r) for r in result.images], title, thumbs[0].width)
-        save_contact_sheet(sheet, ctx.run_dir / "contact_sheet.png")
+    title = f"{ctx.shotlist.title} · {ctx.cfg.style.name} · {ctx.cfg.model.name}"
+    write_contact_sheets(ctx.run_dir, result.images, title, ctx.width, ctx.height)
     result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
     if scorer is not None:
         result.summary |= consistency_of(ctx.run_dir, result.images, scorer)
@@ -345,6 +343,26 @@ def finish(
     result.manifest_run["finished_at"] = _iso(time.time())
     result.manifest_run["summary"] = result.summary
     result.write_manifest()
+
+
+def write_contact_sheets(
+    run_dir: Path, images: list[dict[str, Any]], title: str, width: int, height: int
+) -> list[Path]:
+    """The contact sheet in pages of SHEET_PAGE keyframes, one page in memory at a time, so a
+    run of thousands makes pictures a viewer can open (and stays under Pillow's limits)."""
+    pages = math.ceil(len(images) / SHEET_PAGE)
+    written = []
+    for page in range(1, pages + 1):
+        records = images[(page - 1) * SHEET_PAGE : page * SHEET_PAGE]
+        thumbs = [_thumbnail(run_dir / r["file"], r, width, height) for r in records]
+        heading = title if pages == 1 else f"{title} · page {page} of {pages}"
+        sheet = contact_sheet(thumbs, [_label(r) for r in records], heading, thumbs[0].width)
+        written.append(run_dir / sheet_name(page))
+        save_contact_sheet(sheet, written[-1])
+    for stale in run_dir.glob("contact_sheet_*.png"):  # pages of an earlier, longer make
+        if stale not in written:
+            stale.unlink()
+    return written
 
 
 def consistency_of(run_dir: Path, images: list[dict[str, Any]], scorer: ClipScorer):
@@ -543,8 +561,8 @@ def upscale_record(ctx: RunContext) -> dict[str, Any] | None:
     if up.name == "none":
         return None
     if up.name == "refiner":
-        source = "tiny" if up.tiny else up.path or up.id
-        return {"name": "refiner", "model": source, "high_noise_frac": up.high_noise_frac,
+        return {"name": "refiner", "model": refiner_source(up),
+                "high_noise_frac": up.high_noise_frac,
                 "width": ctx.width, "height": ctx.height}  # fmt: skip
     width, height = upscaled_size(ctx.width, ctx.height, up.factor)
     steps = up.steps or ctx.cfg.steps
@@ -634,8 +652,10 @@ def _thumbnail(path: Path, record: dict[str, Any], width: int, height: int) -> I
 
 
 def _label(record: dict[str, Any]) -> str:
-    label = f"{record['scene_index']:02d} {record['scene_id']} t{record['take']}"
-    label += f" · seed {record['seed']}"
+    """Two lines, so that a 256 px thumbnail shows all of it: the scene, then seed and score."""
+    label = (
+        f"{record['scene_index']:02d} {record['scene_id']} t{record['take']}\nseed {record['seed']}"
+    )
     if record["clip_score"] is not None:
         label += f" · CLIP {record['clip_score']:.1f}"
     return label

@@ -418,12 +418,14 @@ def end_sweep(config: DictConfig) -> None:
     manifests = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
     jobs = [job_from_manifest(path) for path in manifests]
     summary_dir = sweep_dir / "summary"
-    report = build_report(jobs, summary_dir)
+    objective = config.objective  # what the sweeper optimised: the best is ranked by it too
+    report = build_report(jobs, summary_dir, objective)
     log.info("sweep summary (%s):\n%s", summary_dir, report.text)
     tags = {}
     if report.best:
-        tags |= {"best_job": describe(report.best, report.keys), "best_run_id": report.best.run_id}
-        log.info("best by CLIP score: %s", tags["best_job"])
+        tags |= {"best_job": describe(report.best, report.keys), "best_run_id": report.best.run_id,
+                 "best_by": objective}  # fmt: skip
+        log.info("best by %s: %s", objective, tags["best_job"])
     if report.fastest:
         tags |= {
             "fastest_good_job": describe(report.fastest, report.keys),

@@ -138,7 +138,14 @@ def best_and_fastest(
 
 
 def describe(job: JobResult, keys: list[str]) -> str:
-    return " ".join(f"{k}={job.overrides.get(k, '-')}" for k in keys) or job.name
+    """key=value of each key, numbers to 4 significant digits (an Optuna cfg_scale such as
+    7.403107579552539 reads 7.403)."""
+    return " ".join(f"{k}={_short(job.overrides.get(k, '-'))}" for k in keys) or job.name
+
+
+def _short(value: str) -> str:
+    number = as_number(value)
+    return f"{number:.4g}" if number is not None else value
 
 
 def table(jobs: list[JobResult], metric: str) -> tuple[list[str], list[list[str]]]:

@@ -93,9 +93,10 @@ def record_from_run_dir(
         summary=run.get("summary", {}),
         artifacts=[
             (run_dir / "keyframes", "keyframes"),
-            (run_dir / "contact_sheet.png", None),
+            *((page, None) for page in sorted(run_dir.glob("contact_sheet*.png"))),
             (run_dir / "manifest.json", None),
             (run_dir / "config.yaml", None),
+            *((log, None) for log in sorted(run_dir.glob("*.log"))),  # run.log, as far as it got
             (run_dir / ".hydra", "hydra"),
         ],
         start_ms=_ms(run["started_at"]),

@@ -57,6 +57,11 @@ class Hires:
         ).images
 
 
+def refiner_source(upscale: UpscaleConfig) -> str:
+    """What the refiner is, as logs and records name it."""
+    return "tiny" if upscale.tiny else upscale.path or upscale.id or "?"
+
+
 def load_refiner(base, upscale: UpscaleConfig):
     """The SDXL refiner pipeline, sharing the base's text encoder 2 and VAE, on its device."""
     if upscale.tiny:  # tests and smoke runs: random weights shaped like the refiner

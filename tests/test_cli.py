@@ -108,6 +108,7 @@ def test_smoke_run_is_logged_to_mlflow(smoke_run):
     assert params["memory.name"] == "auto" and "compile_seconds" not in metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"keyframes", "contact_sheet.png", "manifest.json", "config.yaml", "hydra"} <= artifacts
+    assert "run.log" in artifacts  # MLflow mirrors the run folder, the log included
     images = {a.path for a in client.list_artifacts(run.info.run_id, "keyframes")}
     assert images == {f"keyframes/{name}" for name in DEMO_FILES}
 

@@ -95,3 +95,51 @@ def test_real_scorer_refuses_pickle_weights(tmp_path):
     weights.write_bytes(b"x")
     with pytest.raises(ModelUnavailableError, match="only .safetensors"):
         load_scorer(ScorerConfig(name="clip", model="ViT-L-14", pretrained=str(weights)), "cpu")
+
+
+def test_two_line_labels_fit_a_256_px_thumbnail():
+    """The smoke run's thumbnails are 256 px wide: scene, seed and CLIP score must all show."""
+    from PIL import ImageDraw
+
+    from keyframes.records import fit_text, load_font
+    from keyframes.render import _label
+
+    record = {"scene_index": 1, "scene_id": "opening", "take": 1, "seed": 4064471231,
+              "clip_score": 23.41}  # fmt: skip
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), load_font(14)
+    lines = _label(record).split("\n")
+    assert lines == ["01 opening t1", "seed 4064471231 · CLIP 23.4"]
+    assert all(fit_text(draw, line, font, 256 - 4) == line for line in lines)  # nothing cut
+
+
+def test_a_long_run_gets_contact_sheet_pages_a_viewer_can_open(tmp_path):
+    from keyframes.render import write_contact_sheets
+
+    (tmp_path / "keyframes").mkdir()
+    records = []
+    for i in range(130):
+        file = f"keyframes/{i:03d}.png"
+        Image.new("RGB", (64, 36), (i, 80, 160)).save(tmp_path / file)
+        records.append({"scene_index": i + 1, "scene_id": f"s{i}", "take": 1, "seed": i,
+                        "clip_score": None, "status": "ok", "file": file})  # fmt: skip
+    (tmp_path / "contact_sheet_009.png").write_bytes(b"a page of an earlier, longer run")
+    pages = write_contact_sheets(tmp_path, records, "Title", 64, 36)
+    assert [p.name for p in pages] == [
+        "contact_sheet.png",
+        "contact_sheet_002.png",
+        "contact_sheet_003.png",
+    ]
+    assert sorted(p.name for p in tmp_path.glob("contact_sheet*")) == [p.name for p in pages]
+    first, last = Image.open(pages[0]), Image.open(pages[2])
+    assert first.width == 8 * (64 + 8) + 8  # 8 columns from 17 keyframes on
+    assert first.height == 34 + 8 * (36 + 40 + 8) + 8  # 64 a page: 8 rows of two-line labels
+    assert last.height == 34 + 1 * (36 + 40 + 8) + 8  # the last 2
+    assert first.getpixel((8 + 32, 34 + 18)) == (0, 80, 160)  # keyframe 0, top left
+
+
+def test_quoted_library_errors_end_on_a_whole_word():
+    from keyframes.errors import first_line
+
+    line = first_line(OSError("Cannot load model " + "stabilityai/stable-diffusion " * 30))
+    assert line.endswith("stabilityai/stable-diffusion …") and len(line) <= 302
+    assert first_line(OSError("short\nsecond line")) == "short"

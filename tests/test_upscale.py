@@ -80,3 +80,24 @@ def test_smoke_run_with_the_tiny_refiner_records_it_everywhere(cli_in_process):
         assert image.size == (256, 144)
     text = read_png_metadata(run_dir / record["file"])["parameters"]
     assert "Refiner: tiny, Refiner switch at: 0.6" in text
+    log = (run_dir / "run.log").read_text()
+    assert "refiner tiny loaded" in log and "stable-diffusion-xl-refiner" not in log
+
+
+def test_smoke_run_with_hires_says_nothing_seven_times(cli_in_process):
+    """diffusers warns at every VAE cast of an img2img pass, of an empty module list."""
+    code, err, run_dir, _ = cli_in_process("upscale=hires", "scorer=none", "width=64", "height=64")
+    assert code == 0, err[-2000:]
+    log = (run_dir / "run.log").read_text()
+    assert "should be kept in float32" not in err + log
+    assert {r["status"] for r in read_manifest(run_dir)["images"]} == {"ok"}
+
+
+def test_hires_that_would_redraw_no_step_is_refused():
+    with pytest.raises(ConfigError) as info:
+        validate(settings("upscale=hires", "steps=2", "upscale.strength=0.35"))
+    assert info.value.problems == [
+        "upscale=hires: strength 0.35 of 2 steps redraws no step at all; raise upscale.steps "
+        "(or upscale.strength)"
+    ]
+    validate(settings("upscale=hires", "steps=2", "upscale.steps=3"))  # 1 step: fine
