@@ -40,6 +40,23 @@ class TrackingError(KeyframesError):
     """The tracking store cannot be read or holds no such experiment or run."""
 
 
+class DiskFull(Exception):
+    """No space left where the run writes; the run directory keeps what was finished."""
+
+    def __init__(self, result, path: str, needed_bytes: int, left: int):
+        super().__init__(f"no space left on the device of {path}")
+        self.result = result  # the RenderResult as far as it got
+        self.path = path  # the file that could not be written
+        self.needed_bytes = needed_bytes  # an estimate for the images still to make
+        self.left = left  # images still to make
+
+
+def is_disk_full(error: BaseException) -> bool:
+    import errno
+
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the run directory holds everything finished before it."""
 

@@ -85,8 +85,12 @@ def write_manifest(
 def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written temp file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 SHEET_PAGE = 64  # keyframes per contact sheet page: at most 8 x 8, a picture a viewer opens

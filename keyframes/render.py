@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from keyframes.config import Config, upscaled_size
 from keyframes.control import Control, load_controlnet
-from keyframes.errors import Interrupted
+from keyframes.errors import DiskFull, Interrupted, is_disk_full
 from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.ip_adapter import load_adapter
 from keyframes.long_prompts import chunk_count
@@ -233,6 +233,10 @@ def render(ctx: RunContext) -> RenderResult:
             merge_parts(ctx, result)
             finish(ctx, result, model_load_seconds, scorer)
         raise Interrupted(result) from None
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full(ctx, result, records, e, model_load_seconds, write_manifest_now) from None
     finally:  # the cached pipeline serves the next job of a sweep: leave it plain
         if restore is not None:
             pipe.unet.set_attn_processor(restore)
@@ -256,6 +260,28 @@ def render(ctx: RunContext) -> RenderResult:
         f"; {len(failed)} failed" if failed else "",
     )
     return result
+
+
+def disk_full(ctx, result, records, error: OSError, model_load_seconds, write_manifest_now):
+    """What a full disk leaves: the manifest with every keyframe on disk, status failed (the
+    small manifest fits where the half-written PNG was), summary for MLflow, no contact sheet;
+    and an estimate of the space the rest needs."""
+    logging.raiseExceptions = False  # run.log cannot grow either: no traceback per log line
+    result.manifest_run["status"] = "failed"
+    result.manifest_run["error"] = f"disk full: {error.filename or ctx.run_dir}"
+    try:
+        write_manifest_now()
+        if ctx.processes.main:
+            merge_parts(ctx, result)
+            finish(ctx, result, model_load_seconds, sheets=False)
+    except OSError as again:  # not even that: the last manifest written stays as it was
+        log.error("could not record the stop in the manifest either (%s)", again)
+    pngs = [ctx.run_dir / r["file"] for r in records.values() if r["status"] == "ok"]
+    sizes = [p.stat().st_size for p in pngs if p.is_file()]
+    per_image = sum(sizes) / len(sizes) if sizes else ctx.width * ctx.height * 3
+    left = len(ctx.jobs) - len(sizes)
+    needed = int(per_image * left * 1.1)  # + manifest and contact sheet
+    return DiskFull(result, str(error.filename or ctx.run_dir), needed, left)
 
 
 def cached_refiner(loaded: LoadedPipeline, upscale, ctx: RunContext):
@@ -330,10 +356,12 @@ def finish(
     result: RenderResult,
     model_load_seconds: float,
     scorer: ClipScorer | None = None,
+    sheets: bool = True,
 ) -> None:
     """Contact sheet, summary and the final manifest, for whatever images exist."""
-    title = f"{ctx.shotlist.title} · {ctx.cfg.style.name} · {ctx.cfg.model.name}"
-    write_contact_sheets(ctx.run_dir, result.images, title, ctx.width, ctx.height)
+    if sheets and result.images:
+        title = f"{ctx.shotlist.title} · {ctx.cfg.style.name} · {ctx.cfg.model.name}"
+        write_contact_sheets(ctx.run_dir, result.images, title, ctx.width, ctx.height)
     result.summary = summarize(result.images, model_load_seconds, time.time() - ctx.started)
     if scorer is not None:
         result.summary |= consistency_of(ctx.run_dir, result.images, scorer)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from keyframes.config import Config, check_family, fit_to_model, typed_aspect_wins, validate
 from keyframes.errors import (
     ConfigError,
+    DiskFull,
     Interrupted,
     KeyframesError,
     ModelUnavailableError,
@@ -59,7 +60,9 @@ PACKAGES = (
 _task_started = False  # tells a config error (exit 2) from a crash inside the run (exit 1)
 EXIT_BAD_INPUT = 2
 EXIT_IMAGES_FAILED = 3
+EXIT_DISK_FULL = 4
 EXIT_INTERRUPTED = 130
+MIN_FREE_BYTES = 1_000_000  # less than this where the run folder goes: not even Hydra's files fit
 SWEEP_FILE = "sweep.json"  # in a sweep's directory: the parent run its jobs nest under
 
 
@@ -117,6 +120,15 @@ def main(cfg: DictConfig) -> float | None:
         _remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml"})
         print("interrupted before any keyframe was made", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except DiskFull as e:
+        done = len([r for r in e.result.images if r["status"] == "ok"])
+        print(
+            f"error: disk full: no space left for {e.path}; {done} finished keyframes kept in "
+            f"{run_dir}; the {e.left} still to make need about {e.needed_bytes / 1e6:.1f} MB. "
+            f"Free space, then continue with the same command plus hydra.run.dir={run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_DISK_FULL)
     except Interrupted as e:
         done = e.result.summary.get("images", 0)
         print(
@@ -247,8 +259,8 @@ def run(
         _write_resolved_config(run_dir, resolved)
     try:
         result = render(context)
-    except Interrupted as e:
-        if main_process:  # the MLflow run shows what was finished, marked KILLED
+    except (Interrupted, DiskFull) as e:
+        if main_process:  # the MLflow run shows what was finished, marked KILLED or FAILED
             _track(context, sweep)
         raise e
     if main_process:  # only the main process talks to MLflow, once every part is merged
@@ -489,6 +501,23 @@ def _check_keys(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    _check_free_space(args.overrides, multirun=args.multirun)
+
+
+def _check_free_space(overrides: list[str], multirun: bool) -> None:
+    """A disk already full where the run folder goes: one line, before Hydra writes (and
+    fails halfway through) its own files there."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    where = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), "outputs")
+    path = Path(where).expanduser().absolute()
+    while not path.exists():  # the nearest folder that exists: the one that would hold it
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        print(f"error: disk full: {free / 1e6:.2f} MB free at {path}, where the run folder "
+              f"{where} would go. Free space, or set hydra.run.dir to a folder on another disk.",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(EXIT_DISK_FULL)
 
 
 def cli() -> None:

@@ -441,3 +441,57 @@ def test_first_call_costs_are_kept_out_of_every_images_seconds(cli_in_process, m
     assert run["timings"]["warmup_seconds"] >= 1.5 and run["summary"]["warmup_seconds"] >= 1.5
     assert all(r["seconds"] < 1.5 for r in read_manifest(run_dir)["images"])
     assert run["summary"]["seconds_per_image_mean"] < 1.5
+
+
+def test_a_full_disk_keeps_finished_work_records_it_and_says_how_much_is_needed(
+    cli_in_process, monkeypatch
+):
+    import errno
+
+    from PIL import Image
+
+    original_save, saved = Image.Image.save, []
+
+    def save(self, fp, *args, **kwargs):
+        if str(fp).endswith(".png.tmp") and len(saved) == 3:  # the 4th keyframe: disk full
+            Path(fp).write_bytes(b"half a PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(fp)
+        return original_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    code, err, run_dir, store = cli_in_process(*SMALL)
+    assert code == entry.EXIT_DISK_FULL, err[-2000:]
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: disk full: no space left for ")
+    assert f"3 finished keyframes kept in {run_dir}; the 4 still to make need about " in line
+    assert f"continue with the same command plus hydra.run.dir={run_dir}" in line
+    assert "Traceback" not in err and not list(run_dir.rglob("*.tmp"))
+    manifest = read_manifest(run_dir)
+    assert manifest["run"]["status"] == "failed" and manifest["run"]["error"].startswith(
+        "disk full"
+    )
+    assert [r["status"] for r in manifest["images"]] == ["ok"] * 3
+    assert sorted(p.name for p in (run_dir / "keyframes").iterdir()) == [
+        Path(r["file"]).name for r in manifest["images"]
+    ]
+    [run] = store_runs(store)
+    assert run.info.status == "FAILED" and run.data.metrics["images"] == 3
+
+    monkeypatch.setattr(Image.Image, "save", original_save)  # space freed: resume finishes it
+    code, err, _, _ = cli_in_process(*SMALL, run_dir=run_dir)
+    assert code == 0, err[-2000:]
+    [run] = store_runs(store)
+    assert run.info.status == "FINISHED" and run.data.metrics["images"] == 7
+
+
+def test_a_disk_full_before_the_run_starts_is_one_line_and_no_files(cli_in_process, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0)
+    )
+    code, err, run_dir, store = cli_in_process()
+    assert code == entry.EXIT_DISK_FULL
+    assert err.startswith("error: disk full: 0.00 MB free at ") and err.count("\n") == 1
+    assert not run_dir.exists() and not store.exists()
