@@ -75,11 +75,61 @@ def read_png_metadata(path: Path) -> dict[str, str]:
 def write_manifest(
     run_dir: Path, run: dict[str, Any], images: list[dict[str, Any]], name: str = "manifest.json"
 ) -> Path:
+    """The whole manifest; its journal (see ManifestWriter) is then redundant and removed."""
     path = run_dir / name
     doc = {"version": MANIFEST_VERSION, "run": run, "images": images}
     text = json.dumps(doc, indent=2, ensure_ascii=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    journal_of(path).unlink(missing_ok=True)
     return path
+
+
+def journal_of(manifest: Path) -> Path:
+    """manifest.json -> manifest.journal.jsonl: the image records written since the last
+    full manifest, one JSON line each."""
+    return manifest.with_suffix(".journal.jsonl")
+
+
+class ManifestWriter:
+    """Keeps a growing run's bookkeeping linear in its images. After each batch its records
+    are appended to the journal; the manifest itself is rewritten (and the journal dropped)
+    only when the run's image count has doubled since the last full write, and whenever the
+    caller asks (start, end, any stop). A kill between two full writes loses nothing:
+    load_manifest reads the journal too."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.full_at = 0  # images in the last full write
+
+    def due(self, images: int) -> bool:
+        return images >= 2 * max(self.full_at, 1)
+
+    def full(self, run: dict[str, Any], images: list[dict[str, Any]]) -> None:
+        write_manifest(self.path.parent, run, images, self.path.name)
+        self.full_at = len(images)
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(journal_of(self.path), "a", encoding="utf-8") as f:
+            f.write(lines)
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    """A manifest with the records of its journal added (a record there replaces the one with
+    the same file). A journal line cut off by a kill is skipped. Raises OSError or ValueError
+    where there is no readable manifest."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    journal = journal_of(path)
+    if not journal.is_file():
+        return doc
+    images = {r["file"]: r for r in doc["images"]}
+    for line in journal.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        images[record["file"]] = record
+    return {**doc, "images": sorted(images.values(), key=lambda r: r["index"])}
 
 
 def atomic_write(path: Path, write) -> None:

@@ -6,7 +6,6 @@ The manifest is rewritten after every batch, so a crash keeps everything already
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -43,8 +42,11 @@ from keyframes.plan import ImageJob
 from keyframes.processes import PART_GLOB, Processes
 from keyframes.records import (
     SHEET_PAGE,
+    ManifestWriter,
     contact_sheet,
+    journal_of,
     load_font,
+    load_manifest,
     save_contact_sheet,
     save_png,
     sheet_name,
@@ -125,6 +127,7 @@ def render(ctx: RunContext) -> RenderResult:
     done = previous_images(ctx, result)  # resume: job index -> record already on disk
     todo = [job for job in ctx.jobs if job.index not in done]
     procs = ctx.processes
+    single = procs.count == 1
     procs.wait()  # every process has read the same finished work before any adds to it
     if done:
         log.info("resuming %s: %d of %d images already done", ctx.run_dir, len(done), len(ctx.jobs))
@@ -184,12 +187,16 @@ def render(ctx: RunContext) -> RenderResult:
     tokens = count_tokens(pipe, todo, cfg.long_prompts)
     scenes = {scene.id: scene for scene in ctx.shotlist.scenes}
     records = dict(done)
+    # several processes: each keeps its own part; the main process merges them at the end
+    manifest = ManifestWriter(ctx.run_dir / ("manifest.json" if single else procs.part_name()))
 
     def write_manifest_now():
         result.images = [records[i] for i in sorted(records)]
         result.manifest_run["fallbacks"] = [f for g in generators for f in g.fallbacks]
-        # several processes: each keeps its own part; the main process merges them at the end
-        result.write_manifest("manifest.json" if procs.count == 1 else procs.part_name())
+        manifest.full(result.manifest_run, result.images)
+
+    write_manifest_now()  # from the start, the folder says what it is
+    bookkeeping = 0.0
 
     if cfg.loras:
         apply_loras(pipe, cfg.loras, cfg.fuse_loras)
@@ -201,7 +208,6 @@ def render(ctx: RunContext) -> RenderResult:
             processor.groups = 2 if cfg.cfg_scale > 1 else 1
         log.info("style_aligned: every image shares attention with %s", ctx.reference.file)
     try:
-        single = procs.count == 1
         with (
             logging_redirect_tqdm(),
             tqdm(
@@ -213,6 +219,7 @@ def render(ctx: RunContext) -> RenderResult:
             ) as bar,
         ):
             for batch in generate_all():
+                made, start = [], time.perf_counter()
                 for generation, scores in zip(batch, score_batch(scorer, batch), strict=True):
                     scene = scenes[generation.job.scene_id]
                     record = image_record(ctx, generation, scores, tokens, scene.extra)
@@ -224,7 +231,13 @@ def render(ctx: RunContext) -> RenderResult:
                         }
                         save_png(generation.image, ctx.run_dir / record["file"], record, provenance)
                     records[generation.job.index] = record
-                write_manifest_now()
+                    made.append(record)
+                if manifest.due(len(records)):
+                    write_manifest_now()
+                else:
+                    manifest.append(made)
+                bookkeeping += time.perf_counter() - start  # scoring, PNGs, manifest
+                result.manifest_run["timings"]["bookkeeping_seconds"] = round(bookkeeping, 3)
                 bar.update(len(batch))
     except KeyboardInterrupt:
         result.manifest_run["status"] = "interrupted"
@@ -308,8 +321,8 @@ def merge_parts(ctx: RunContext, result: RenderResult) -> None:
     fallbacks = list(result.manifest_run.get("fallbacks", []))
     for part in parts:
         try:
-            doc = json.loads(part.read_text())
-        except ValueError:
+            doc = load_manifest(part)
+        except (OSError, ValueError, KeyError):
             log.warning("%s is unreadable; its images are left out", part)
             continue
         for record in doc["images"]:  # this process's own records win over a leftover part's
@@ -322,6 +335,7 @@ def merge_parts(ctx: RunContext, result: RenderResult) -> None:
     result.write_manifest()
     for part in parts:
         part.unlink()
+        journal_of(part).unlink(missing_ok=True)
 
 
 def warm_up(
@@ -427,7 +441,7 @@ def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str
         if not path.is_file():
             continue
         try:
-            old = json.loads(path.read_text())
+            old = load_manifest(path)
             old_images |= {r["file"]: r for r in old["images"] if r.get("status") == "ok"}
         except (ValueError, KeyError, TypeError):
             log.warning("%s is unreadable; generating its images again", path)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from keyframes.config import TrackingConfig, flatten
 from keyframes.errors import KeyframesError
-from keyframes.records import write_manifest
+from keyframes.records import load_manifest, write_manifest
 from keyframes.tracking import RunRecord
 
 PER_IMAGE = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_peak_gb")
@@ -34,7 +34,7 @@ def read_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise KeyframesError(
                 f"{run_dir} is not a keyframes run directory: {path.name} is missing"
             )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = load_manifest(manifest_path)  # with its journal: a killed run loses nothing
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     return manifest, config
 

@@ -143,3 +143,29 @@ def test_quoted_library_errors_end_on_a_whole_word():
     line = first_line(OSError("Cannot load model " + "stabilityai/stable-diffusion " * 30))
     assert line.endswith("stabilityai/stable-diffusion …") and len(line) <= 302
     assert first_line(OSError("short\nsecond line")) == "short"
+
+
+def test_manifest_bookkeeping_grows_linearly_and_a_kill_loses_nothing(tmp_path):
+    """2,000 images one per batch: the full manifest is rewritten 10 times (each time the
+    image count doubles), not 2,000 times; the journal holds the rest, read back by load_manifest."""
+    from keyframes.records import ManifestWriter, journal_of, load_manifest
+
+    path, writer, full_writes = tmp_path / "manifest.json", None, 0
+    writer = ManifestWriter(path)
+    writer.full({"status": "running"}, [])
+    images = []
+    for i in range(2000):
+        images.append({"index": i, "file": f"keyframes/{i:04d}.png", "prompt": "p" * 200})
+        if writer.due(len(images)):
+            writer.full({"status": "running"}, images)
+            full_writes += 1
+        else:
+            writer.append(images[-1:])
+    assert full_writes == 10  # at 2, 4, 8, ..., 1024 images
+    assert len(json.loads(path.read_text())["images"]) == 1024
+    with open(journal_of(path), "a") as f:
+        f.write('{"index": 2000, "file": "keyframes/20')  # a line cut off by SIGKILL
+    doc = load_manifest(path)
+    assert [r["index"] for r in doc["images"]] == list(range(2000))
+    writer.full({"status": "finished"}, images)  # the end: one manifest, no journal
+    assert not journal_of(path).exists() and load_manifest(path)["run"]["status"] == "finished"
