@@ -71,10 +71,10 @@ def cached_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
 
 def load_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
     """None where scoring is off (scorer=none)."""
+    if cfg.model is None:
+        return None  # before importing open_clip: it pulls in torchvision
     import open_clip
 
-    if cfg.model is None:
-        return None
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT_LENGTH)
     if cfg.model == "tiny":
         model, preprocess = _tiny_clip()
