@@ -126,7 +126,7 @@ class KeyframeGenerator:
             try:
                 yield self._generate(batch)
             except torch.OutOfMemoryError as e:
-                _free_memory()
+                _free_memory(self.pipe.device.type)
                 if len(batch) > 1:
                     # Halve this batch and every later one: the size that failed will fail again.
                     self.batch_size = len(batch) // 2
@@ -290,7 +290,11 @@ def _execution_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _free_memory() -> None:
+def _free_memory(device: str) -> None:
+    """Give the failed batch's accelerator memory back before the next try. On the CPU there
+    is nothing to do: its tensors were freed when their last reference went."""
+    if device == "cpu":
+        return
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -120,7 +120,7 @@ def cli_in_process(tmp_path, monkeypatch, capsys):
     injected into the tiny pipeline. Returns (exit code, stderr, run dir, store)."""
     from keyframes.models import release_pipeline
 
-    release_pipeline()
+    release_pipeline(collect=False)  # CPU memory is freed as references go: no slow gc here
 
     def run(*overrides: str, run_dir=None):
         run_dir, store = run_dir or tmp_path / "run", tmp_path / "mlflow.db"
@@ -136,4 +136,4 @@ def cli_in_process(tmp_path, monkeypatch, capsys):
         return code, capsys.readouterr().err, run_dir, store
 
     yield run
-    release_pipeline()  # faults (VAE tiling, wrapped methods) must not leak into other tests
+    release_pipeline(collect=False)  # faults (VAE tiling, wrapped methods) must not leak
