@@ -391,12 +391,11 @@ def validate(cfg: Config) -> tuple[int, int]:
             problems.append(f"upscale.strength={cfg.upscale.strength}: must be in (0, 1]")
         if cfg.upscale.steps is not None and cfg.upscale.steps < 1:
             problems.append(f"upscale.steps={cfg.upscale.steps}: must be at least 1")
-        redraw_steps = int((cfg.upscale.steps or cfg.steps) * cfg.upscale.strength)
-        if redraw_steps < 1 <= (cfg.upscale.steps or cfg.steps) and 0 < cfg.upscale.strength <= 1:
+        steps = cfg.upscale.steps or cfg.steps
+        if steps >= 1 and 0 < cfg.upscale.strength <= 1 and int(steps * cfg.upscale.strength) < 1:
             problems.append(
-                f"upscale=hires: strength {cfg.upscale.strength:g} of "
-                f"{cfg.upscale.steps or cfg.steps} steps redraws no step at all; raise "
-                "upscale.steps (or upscale.strength)"
+                f"upscale=hires: strength {cfg.upscale.strength:g} of {steps} steps redraws no "
+                "step at all; raise upscale.steps (or upscale.strength)"
             )
     if cfg.upscale.name == "refiner":
         if not 0 < cfg.upscale.high_noise_frac < 1:

@@ -1,6 +1,7 @@
 """Load the models once, then generate, score and save every image as its batch finishes.
 
-The manifest is rewritten after every batch, so a crash keeps everything already made.
+Every batch's records reach the manifest's journal as the batch finishes (see
+records.ManifestWriter), so a crash keeps everything already made.
 """
 
 from __future__ import annotations

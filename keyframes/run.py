@@ -161,7 +161,7 @@ def run(
 
     started = time.time()
     cfg.style = resolve_style(cfg.style)  # style=file: the preset from the file
-    sized = typed_aspect_wins(cfg, {key.lstrip("+~") for key in swept_keys(overrides, False)})
+    sized = typed_aspect_wins(cfg, {k.lstrip("+~") for k in override_keys(overrides, False)})
     model_fit = fit_to_model(cfg)  # turbo, lightning: steps, guidance, size they were made for
     for note in sized + model_fit:
         log.warning(note)
@@ -382,7 +382,7 @@ class SweepCallback(Callback):
         end_sweep(config)
 
 
-def swept_keys(overrides: list[str], sweeps_only: bool = True) -> list[str]:
+def override_keys(overrides: list[str], sweeps_only: bool = True) -> list[str]:
     """The keys of the overrides that sweep (or of all of them)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -397,7 +397,7 @@ def begin_sweep(config: DictConfig) -> None:
     tracking = OmegaConf.to_object(config.mlflow)
     experiment = tracking.experiment_name or load_shotlist(config.shotlist, True).title
     sweep_dir = Path(config.hydra.sweep.dir)
-    keys = swept_keys(list(config.hydra.overrides.task))
+    keys = override_keys(list(config.hydra.overrides.task))
     keys += [k for k in config.hydra.sweeper.get("params") or {} if k not in keys]  # Optuna
     try:
         parent = start_parent_run(
