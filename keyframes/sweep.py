@@ -51,7 +51,7 @@ def settings_used(params: dict[str, str], keys: list[str], typed: dict[str, str]
     for key in keys:
         value = params.get(key, params.get(f"{key}.name", typed.get(key)))
         number = as_number(value)
-        out[key] = f"{number:g}" if number is not None and value not in (None, "") else value
+        out[key] = f"{number:g}" if number is not None else value
     return {k: v for k, v in out.items() if v is not None}
 
 
