@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -32,6 +33,10 @@ LONG_PROMPT_MODES = ("chunk", "truncate")
 UPSCALERS = ("none", "hires", "refiner")
 CONTROL_TYPES = ("canny", "depth")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
+# The Hydra configs: inside the package where it is installed from a wheel (which ships conf/
+# as keyframes/conf), else the checkout's conf/ beside the package.
+_PACKAGE = Path(__file__).resolve().parent
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 
 
 @dataclass

@@ -27,7 +27,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from keyframes.config import Config, check_family, fit_to_model, typed_aspect_wins, validate
+from keyframes.config import (
+    CONF_DIR,
+    Config,
+    check_family,
+    fit_to_model,
+    typed_aspect_wins,
+    validate,
+)
 from keyframes.errors import (
     ConfigError,
     DiskFull,
@@ -72,9 +79,6 @@ class SweepJob:
     experiment: str
     sweep_dir: str
     job_num: int
-
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 # An absolute path: the same configs whether this runs as `-m keyframes.run` or is imported.

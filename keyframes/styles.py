@@ -17,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from keyframes.config import StyleConfig
+from keyframes.config import CONF_DIR, StyleConfig
 from keyframes.errors import ConfigError, KeyframesError
 
-CONF_STYLES = Path(__file__).resolve().parent.parent / "conf" / "style"
+CONF_STYLES = CONF_DIR / "style"
 
 
 def read_style_file(path: Path) -> list[StyleConfig]:
