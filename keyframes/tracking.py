@@ -15,8 +15,6 @@ from keyframes.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
-MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
-BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch call
 PARENT_TAG = "mlflow.parentRunId"  # what nests a run under another in the MLflow UI
 SWEEP_TAG = "keyframes.sweep"  # marks a sweep's parent run
 KEY_TAG = "keyframes.run_key"  # one MLflow run per run directory
@@ -83,9 +81,6 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
         experiment_id, start_time=record.start_ms, tags=tags, run_name=record.run_name
     )
     run_id = run.info.run_id
-    params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(record.params.items())]
-    for i in range(0, len(params), BATCH):
-        client.log_batch(run_id, params=params[i : i + BATCH])
     now = record.end_ms or int(time.time() * 1000)
     metrics = [
         Metric(key, float(value), now, step)
@@ -93,8 +88,10 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
         for key, value in values.items()
     ]
     metrics += [Metric(key, float(value), now, 0) for key, value in record.summary.items()]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    # MLflow splits a batch into calls its store accepts, and cuts a param value past its
+    # 6000-character limit (with a warning), so one call says it all
+    params = [Param(k, str(v)) for k, v in sorted(record.params.items())]
+    client.log_batch(run_id, params=params, metrics=metrics)
     _log_artifacts(client, run_id, record.artifacts)
     # Terminated last: a run that is not FINISHED/FAILED/KILLED was cut off while logging.
     client.set_terminated(run_id, status=record.status, end_time=record.end_ms or None)
@@ -181,10 +178,11 @@ def finish_parent_run(
 
     client = _client(cfg.tracking_uri)
     now = int(time.time() * 1000)
-    items = [RunTag(k, str(v)) for k, v in tags.items()]
-    for i in range(0, len(items), BATCH):
-        client.log_batch(run_id, tags=items[i : i + BATCH])
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.log_batch(
+        run_id,
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+    )
     if table:
         client.log_table(run_id, data=table, artifact_file="summary_table.json")
     _log_artifacts(client, run_id, artifacts)
