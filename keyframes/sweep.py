@@ -33,7 +33,12 @@ class JobResult:
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """['steps=20', '+foo=1', 'hydra.x=y'] -> {'steps': '20', 'foo': '1'}."""
+    """['steps=20', '+foo=1', 'hydra.x=y'] -> {'steps': '20', 'foo': '1'}.
+
+    Not Hydra's OverridesParser (which keyframes.run uses to find the keys): this reads
+    recorded override lists, which may hold flags such as -m, and keeps each value as the
+    text it was typed (the table shows it), where the parser would reinterpret quotes, lists
+    and sweeps, or refuse the list."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
