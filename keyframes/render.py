@@ -38,6 +38,7 @@ from keyframes.models import (
     cached_pipeline,
     describe_source,
     prompt_tokens,
+    release_pipeline,
 )
 from keyframes.plan import ImageJob
 from keyframes.processes import PART_GLOB, Processes
@@ -258,6 +259,7 @@ def render(ctx: RunContext) -> RenderResult:
             remove_loras(pipe, cfg.fuse_loras)
         if adapter_loaded:
             pipe.unload_ip_adapter()
+        undo_memory_fallbacks(pipe, [f["action"] for g in generators for f in g.fallbacks])
     write_manifest_now()
     procs.wait()  # every part is written
     if not procs.main:
@@ -274,6 +276,16 @@ def render(ctx: RunContext) -> RenderResult:
         f"; {len(failed)} failed" if failed else "",
     )
     return result
+
+
+def undo_memory_fallbacks(pipe, actions: list[str]) -> None:
+    """Out-of-memory savers switched on during this job are this job's: the next job of a
+    sweep gets the pipeline in its configured memory mode. Offload hooks cannot be taken off
+    cleanly, so an offloaded pipeline leaves the cache and is loaded afresh."""
+    if "vae_tiling" in actions:
+        pipe.vae.disable_tiling()
+    if "model_cpu_offload" in actions:
+        release_pipeline()
 
 
 def disk_full(ctx, result, records, error: OSError, model_load_seconds, write_manifest_now):

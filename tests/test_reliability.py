@@ -495,3 +495,30 @@ def test_a_disk_full_before_the_run_starts_is_one_line_and_no_files(cli_in_proce
     assert code == entry.EXIT_DISK_FULL
     assert err.startswith("error: disk full: 0.00 MB free at ") and err.count("\n") == 1
     assert not run_dir.exists() and not store.exists()
+
+
+def test_an_out_of_memory_fallback_is_undone_before_the_next_job(cli_in_process, monkeypatch):
+    """As in a sweep: the next job reuses the cached pipeline, in its own memory mode."""
+    import keyframes.models as models
+
+    calls = []
+
+    def call(self, *args, **kwargs):
+        calls.append(len(kwargs["prompt"]))
+        if len(calls) <= 2:  # batch 2, then batch 1: out of memory; VAE tiling goes on
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return ORIGINAL_CALL(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
+    code, err, run_dir, _ = cli_in_process(*FAULTS, "batch_size=2")
+    assert code == 0, err[-2000:]
+    actions = [f["action"] for f in read_manifest(run_dir)["run"]["fallbacks"]]
+    assert actions == ["halve_batch", "vae_tiling"]
+    assert models._loaded.pipe.vae.use_tiling is False  # undone for whatever runs next
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", ORIGINAL_CALL)
+    code, err, next_dir, _ = cli_in_process(*FAULTS, run_dir=run_dir.parent / "next")
+    assert code == 0, err[-2000:]
+    run = read_manifest(next_dir)["run"]
+    assert run["pipeline_cache"] == "hit" and run["fallbacks"] == []
+    assert run["memory"]["mode"] == "none" and models._loaded.pipe.vae.use_tiling is False
