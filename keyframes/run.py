@@ -169,10 +169,11 @@ def run(
     model_fit = fit_to_model(cfg)  # turbo, lightning: steps, guidance, size they were made for
     for note in sized + model_fit:
         log.warning(note)
-    if sized or model_fit:  # config.yaml and MLflow params must say what made the images
-        quality = {**resolved["quality"], "base_size": cfg.quality.base_size}
-        resolved = {**resolved, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "quality": quality,
-                    "width": cfg.width, "height": cfg.height}  # fmt: skip
+    # config.yaml, the MLflow params and the config hash say what made the images: the style
+    # a style file gave, the size and the model fit as changed above
+    quality = {**resolved["quality"], "base_size": cfg.quality.base_size}
+    resolved = {**resolved, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "quality": quality,
+                "width": cfg.width, "height": cfg.height, "style": asdict(cfg.style)}  # fmt: skip
     width, height = validate(cfg)
     shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
     if shotlist.unknown_fields:

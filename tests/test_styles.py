@@ -107,3 +107,22 @@ def test_cli_unknown_style_name_exits_2_before_loading(run_cli, files):
     assert result.returncode == 2, result.output
     assert "style.name=Pastel: not in" in result.stderr and "base, Film Noir" in result.stderr
     assert not result.run_dir.exists()
+
+
+def test_config_yaml_and_mlflow_params_record_the_style_a_file_gave(files, cli_in_process):
+    """Not style=file's placeholder template: replaying the record needs no style file."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    code, err, run_dir, store = cli_in_process(
+        "style=file", f"style.file={files / 'styles.json'}", "style.name=Film Noir",
+        "scorer=none", "steps=1", "width=64", "height=64",
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    noir = LIBRARY[1]
+    style = yaml.safe_load((run_dir / "config.yaml").read_text())["style"]
+    assert (style["prompt"], style["negative_prompt"]) == (noir["prompt"], noir["negative_prompt"])
+    client = MlflowClient(f"sqlite:///{store}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["style.prompt"] == noir["prompt"]
+    assert run.data.params["style.negative_prompt"] == noir["negative_prompt"]
