@@ -114,16 +114,33 @@ def smoke_sweep(tmp_path_factory):
     return SweepResult(sweep_dir, store, proc.stdout + proc.stderr)
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A new MLflow SQLite store with its tables made: creating them takes 1.5 s of every
+    in-process run otherwise (the subprocess tests still create theirs)."""
+    from keyframes.tracking import _client
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    _client(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def cli_in_process(tmp_path, monkeypatch, capsys):
+def cli_in_process(tmp_path, monkeypatch, capsys, empty_store):
     """The real `python -m keyframes.run` entry point, in this process, so faults can be
-    injected into the tiny pipeline. Returns (exit code, stderr, run dir, store)."""
+    injected into the tiny pipeline. Returns (exit code, stderr, run dir, store). The store
+    starts as a copy of an empty one, unless fresh_store=True (no file: a test can then
+    see that nothing was written)."""
+    import shutil
+
     from keyframes.models import release_pipeline
 
     release_pipeline(collect=False)  # CPU memory is freed as references go: no slow gc here
 
-    def run(*overrides: str, run_dir=None):
+    def run(*overrides: str, run_dir=None, fresh_store=False):
         run_dir, store = run_dir or tmp_path / "run", tmp_path / "mlflow.db"
+        if not fresh_store and not store.exists():
+            shutil.copyfile(empty_store, store)
         argv = ["keyframes.run", "experiment=smoke", *overrides, f"hydra.run.dir={run_dir}",
                 f"mlflow.tracking_uri=sqlite:///{store}"]  # fmt: skip
         monkeypatch.setattr(sys, "argv", argv)

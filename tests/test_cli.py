@@ -227,7 +227,7 @@ def test_config_errors_keep_hydras_message_and_exit_2(run_cli, override, message
 )  # fmt: skip
 def test_an_unknown_key_is_exit_2_naming_the_closest_known_one(cli_in_process, override, message):
     """Hydra's own hint (add it with +) would make a typo succeed silently."""
-    code, err, run_dir, store = cli_in_process(override)
+    code, err, run_dir, store = cli_in_process(override, fresh_store=True)
     assert code == 2 and message in err, err
     assert not run_dir.exists() and not store.exists()
 

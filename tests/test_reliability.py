@@ -417,7 +417,7 @@ def test_stopped_while_planning_exits_130_without_a_traceback(cli_in_process, mo
         raise KeyboardInterrupt  # SIGTERM arrives as this (keyframes.run._interrupt)
 
     monkeypatch.setattr(keyframes.plan, "plan_jobs", planning)
-    code, err, run_dir, store = cli_in_process()
+    code, err, run_dir, store = cli_in_process(fresh_store=True)
     assert code == entry.EXIT_INTERRUPTED
     assert err.strip() == "interrupted before any keyframe was made"
     assert not run_dir.exists() and not store.exists()
@@ -491,7 +491,7 @@ def test_a_disk_full_before_the_run_starts_is_one_line_and_no_files(cli_in_proce
     monkeypatch.setattr(
         shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0)
     )
-    code, err, run_dir, store = cli_in_process()
+    code, err, run_dir, store = cli_in_process(fresh_store=True)
     assert code == entry.EXIT_DISK_FULL
     assert err.startswith("error: disk full: 0.00 MB free at ") and err.count("\n") == 1
     assert not run_dir.exists() and not store.exists()
