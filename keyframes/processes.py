@@ -33,6 +33,11 @@ def part_name(index: int | str) -> str:
 PART_GLOB = part_name("*")
 
 
+def manifest_paths(run_dir: Path) -> list[Path]:
+    """manifest.json, then the parts of processes that stopped before they were merged."""
+    return [run_dir / "manifest.json", *sorted(run_dir.glob(PART_GLOB))]
+
+
 @dataclass(frozen=True)
 class Processes:
     index: int = 0  # this process

@@ -41,7 +41,7 @@ from keyframes.models import (
     release_pipeline,
 )
 from keyframes.plan import ImageJob
-from keyframes.processes import PART_GLOB, Processes
+from keyframes.processes import PART_GLOB, Processes, manifest_paths
 from keyframes.records import (
     SHEET_PAGE,
     ManifestWriter,
@@ -449,8 +449,7 @@ def previous_images(ctx: RunContext, result: RenderResult) -> dict[int, dict[str
         for key in ("started_at", "run_key"):
             result.manifest_run[key] = earlier.run.get(key, result.manifest_run[key])
     old_images = {}
-    # manifest.json, and the parts of processes that stopped before they were merged
-    for path in [ctx.run_dir / "manifest.json", *sorted(ctx.run_dir.glob(PART_GLOB))]:
+    for path in manifest_paths(ctx.run_dir):
         if not path.is_file():
             continue
         try:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from keyframes.config import flatten
 from keyframes.errors import ConfigError
-from keyframes.processes import PART_GLOB
+from keyframes.processes import manifest_paths
 
 # Settings that do not change what an existing image is: left out of the config hash that
 # resume matches on, so a run that ran out of memory can go on with memory=low_vram, and a
@@ -64,7 +64,7 @@ def earlier_run(run_dir: Path, resolved: dict[str, Any], remake: bool) -> Earlie
 
 
 def _manifest_run(run_dir: Path) -> dict[str, Any] | None:
-    for path in [run_dir / "manifest.json", *sorted(run_dir.glob(PART_GLOB))]:
+    for path in manifest_paths(run_dir):
         try:
             return json.loads(path.read_text())["run"]
         except (OSError, ValueError, KeyError, TypeError):
