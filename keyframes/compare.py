@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from keyframes.errors import KeyframesError
-from keyframes.sweep import (
+from keyframes.tracking.results import (
     JobResult,
     describe,
     format_table,
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None):
 
 
 def compare(args) -> int:
-    from keyframes.tracking import download_artifacts, find_runs
+    from keyframes.tracking.store import download_artifacts, find_runs
 
     label, runs = find_runs(args.tracking_uri, args.experiment, args.parent)
     if not runs:
@@ -100,7 +100,7 @@ def compare(args) -> int:
         print(format_table(header, rows))
         report_best(jobs, args.metric)
         if args.out:
-            from keyframes.report import build_report
+            from keyframes.tracking.report import build_report
 
             report = build_report(jobs, args.out, args.metric)
             print(f"\nwrote {len(report.files)} files under {args.out}")
@@ -108,7 +108,7 @@ def compare(args) -> int:
 
 
 def report_best(jobs: list[JobResult], metric: str) -> None:
-    from keyframes.sweep import best_and_fastest, varying_keys
+    from keyframes.tracking.results import best_and_fastest, varying_keys
 
     best, fastest = best_and_fastest(jobs, metric)
     keys = varying_keys(jobs)

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from keyframes.config import (
+from keyframes.config.schema import (
     CONF_DIR,
     Config,
     check_family,
@@ -43,11 +43,11 @@ from keyframes.errors import (
     ModelUnavailableError,
     first_line,
 )
-from keyframes.processes import Processes
-from keyframes.resume import config_hash, earlier_run
+from keyframes.outputs.processes import Processes
+from keyframes.outputs.resume import config_hash, earlier_run
 
 if TYPE_CHECKING:
-    from keyframes.render import RenderResult
+    from keyframes.generation.render import RenderResult
 
 log = logging.getLogger("keyframes")
 
@@ -98,7 +98,7 @@ def main(cfg: DictConfig) -> float | None:
             info["parent_run_id"], info["experiment"], hydra_cfg.sweep.dir, hydra_cfg.job.num
         )
     log_name = f"{hydra_cfg.job.name}.log"
-    from keyframes.processes import claim_gpu, launched_processes
+    from keyframes.outputs.processes import claim_gpu, launched_processes
 
     procs = launched_processes(settings.device)  # accelerate launch: this process's place
     if hydra_cfg.mode == RunMode.MULTIRUN and settings.device in ("auto", "cuda"):
@@ -159,9 +159,9 @@ def run(
     procs: Processes | None = None,
 ) -> RenderResult:
     """Everything a job does, given typed settings and its output directory."""
-    from keyframes.plan import plan_for
-    from keyframes.shotlist import load_shotlist
-    from keyframes.styles import resolve_style
+    from keyframes.config.styles import resolve_style
+    from keyframes.shotlist.jobs import plan_for
+    from keyframes.shotlist.load import load_shotlist
 
     started = time.time()
     cfg.style = resolve_style(cfg.style)  # style=file: the preset from the file
@@ -183,12 +183,12 @@ def run(
             ", ".join(shotlist.unknown_fields),
         )
     jobs = plan_for(cfg, shotlist)
-    from keyframes.control import check_controls
+    from keyframes.conditioning.controlnet import check_controls
 
     for note in check_controls(jobs, cfg.controlnet):
         log.warning(note)
     controlled = cfg.controlnet.type is not None and any(job.control for job in jobs)
-    from keyframes.models import check_source, resolve_family
+    from keyframes.pipeline.load import check_source, resolve_family
 
     check_source(cfg.model)
     cfg.model.family = resolve_family(cfg.model)  # sdxl | sd15: the pipeline class follows
@@ -201,7 +201,7 @@ def run(
             "Use one of them per run (consistency=ip_adapter works with ControlNet)."
         )
     if cfg.consistency.name == "ip_adapter":
-        from keyframes.ip_adapter import assign_references
+        from keyframes.conditioning.ip_adapter import assign_references
 
         image = cfg.consistency.image
         if image is not None and not Path(image).expanduser().is_file():
@@ -209,15 +209,15 @@ def run(
         image = str(Path(image).expanduser().resolve()) if image else None
         jobs = assign_references(jobs, shotlist, image)
     if cfg.consistency.name == "style_aligned":
-        from keyframes.plan import reference_job
+        from keyframes.shotlist.jobs import reference_job
 
         reference = reference_job(jobs, cfg.consistency.reference)
     check_weights(cfg)
     # torch and diffusers load only once the input has passed: bad input fails in a second.
-    from keyframes.loras import check_loras, lora_records
-    from keyframes.memory import plan_memory
-    from keyframes.models import resolve_placement
-    from keyframes.speed import check_speed
+    from keyframes.conditioning.loras import check_loras, lora_records
+    from keyframes.pipeline.load import resolve_placement
+    from keyframes.pipeline.memory import plan_memory
+    from keyframes.pipeline.speed import check_speed
 
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_loras(cfg.loras)
@@ -235,7 +235,7 @@ def run(
     log.info("memory mode %s (%s), speed %s", memory.mode, memory.reason, cfg.speed.name)
     main_process = (procs or Processes()).main
     earlier = earlier_run(run_dir, resolved, cfg.remake)  # before config.yaml is replaced
-    from keyframes.render import RunContext, render
+    from keyframes.generation.render import RunContext, render
 
     context = RunContext(
         cfg=cfg,
@@ -276,10 +276,10 @@ def run(
 def check_weights(cfg: Config) -> None:
     """Every model, scorer and adapter weight the run needs, in one pass, before any loads:
     one message lists all that is missing."""
-    from keyframes import hub
-    from keyframes.ip_adapter import missing_adapter
-    from keyframes.models import missing_model
-    from keyframes.scoring import missing_scorer
+    from keyframes.conditioning.ip_adapter import missing_adapter
+    from keyframes.pipeline import hub
+    from keyframes.pipeline.load import missing_model
+    from keyframes.scoring.clip import missing_scorer
 
     if not (cfg.model.tiny and cfg.scorer.model in (None, "tiny")):
         hub.reachable()  # once: an unreachable hub puts the loaders in offline mode, no retries
@@ -294,7 +294,7 @@ def check_weights(cfg: Config) -> None:
 def _track(ctx, sweep: SweepJob | None) -> None:
     """Mirror the run directory into MLflow. A store that cannot be reached costs a warning,
     not the run: the images and manifest are on disk, and keyframes.sync logs them later."""
-    from keyframes.sync import sync_run_dir
+    from keyframes.tracking.sync import sync_run_dir
 
     tracking = ctx.cfg.mlflow
     try:
@@ -396,8 +396,8 @@ def override_keys(overrides: list[str], sweeps_only: bool = True) -> list[str]:
 
 
 def begin_sweep(config: DictConfig) -> None:
-    from keyframes.shotlist import load_shotlist
-    from keyframes.tracking import start_parent_run
+    from keyframes.shotlist.load import load_shotlist
+    from keyframes.tracking.store import start_parent_run
 
     tracking = OmegaConf.to_object(config.mlflow)
     experiment = tracking.experiment_name or load_shotlist(config.shotlist, True).title
@@ -426,9 +426,9 @@ def begin_sweep(config: DictConfig) -> None:
 
 
 def end_sweep(config: DictConfig) -> None:
-    from keyframes.report import build_report
-    from keyframes.sweep import describe, job_from_manifest
-    from keyframes.tracking import finish_parent_run
+    from keyframes.tracking.report import build_report
+    from keyframes.tracking.results import describe, job_from_manifest
+    from keyframes.tracking.store import finish_parent_run
 
     sweep_dir = Path(config.hydra.sweep.dir)
     info = json.loads((sweep_dir / SWEEP_FILE).read_text())
@@ -498,7 +498,7 @@ def _check_keys(argv: list[str]) -> None:
     """An unknown key (a typo, with or without Hydra's `+`) is exit 2 before Hydra runs."""
     from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser
 
-    from keyframes.overrides import check_override_keys
+    from keyframes.config.overrides import check_override_keys
 
     args, _ = get_args_parser().parse_known_args(argv)
     try:

@@ -74,8 +74,8 @@ def benchmark_jobs(cfg, count: int):
     """`count` image jobs from the config's shotlist, cycling its scenes (new seeds)."""
     from dataclasses import replace
 
-    from keyframes.plan import plan_for
-    from keyframes.shotlist import load_shotlist
+    from keyframes.shotlist.jobs import plan_for
+    from keyframes.shotlist.load import load_shotlist
 
     jobs = plan_for(cfg, load_shotlist(cfg.shotlist, cfg.allow_external_paths), takes=1)
     return [
@@ -125,7 +125,7 @@ def bare_call(pipe, jobs, settings) -> None:
 def project_path(pipe, jobs, settings) -> list[str]:
     """keyframes' generation path (KeyframeGenerator, as `keyframes.run` uses it); returns
     the notes and errors it reported, so a benchmark on NaN-prone weights says so."""
-    from keyframes.generate import KeyframeGenerator
+    from keyframes.generation.generator import KeyframeGenerator
 
     notes = []
     for batch in KeyframeGenerator(pipe, settings).run(jobs):
@@ -135,12 +135,12 @@ def project_path(pipe, jobs, settings) -> list[str]:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    from keyframes.config import validate
-    from keyframes.flops import image_flops, peak_tflops
-    from keyframes.generate import GenerationSettings
-    from keyframes.memory import plan_memory
-    from keyframes.models import apply_sampler, load_pipeline, resolve_placement
-    from keyframes.speed import apply_speed, check_speed
+    from keyframes.config.schema import validate
+    from keyframes.generation.generator import GenerationSettings
+    from keyframes.pipeline.flops import image_flops, peak_tflops
+    from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
+    from keyframes.pipeline.memory import plan_memory
+    from keyframes.pipeline.speed import apply_speed, check_speed
 
     cfg = compose(args.overrides)
     width, height = validate(cfg)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from keyframes.records import ManifestWriter, write_manifest
+from keyframes.outputs.records import ManifestWriter, write_manifest
 
 
 def records(template: dict, count: int) -> list[dict]:

@@ -10,9 +10,9 @@ from dataclasses import asdict
 
 import torch
 
-from keyframes.architectures import build_components, count_parameters, counts_path
-from keyframes.config import SDXL_BUCKETS
-from keyframes.flops import count_flops
+from keyframes.config.schema import SDXL_BUCKETS
+from keyframes.pipeline.architectures import build_components, count_parameters, counts_path
+from keyframes.pipeline.flops import count_flops
 
 NAME = "sdxl_base"
 

@@ -7,7 +7,7 @@ uv run python -m keyframes.run experiment=smoke model=local model.path=outputs/t
 import sys
 from pathlib import Path
 
-from keyframes.tiny import build_tiny_pipeline
+from keyframes.pipeline.tiny import build_tiny_pipeline
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

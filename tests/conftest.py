@@ -118,7 +118,7 @@ def smoke_sweep(tmp_path_factory):
 def empty_store(tmp_path_factory) -> Path:
     """A new MLflow SQLite store with its tables made: creating them takes 1.5 s of every
     in-process run otherwise (the subprocess tests still create theirs)."""
-    from keyframes.tracking import _client
+    from keyframes.tracking.store import _client
 
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     _client(f"sqlite:///{path}")
@@ -133,7 +133,7 @@ def cli_in_process(tmp_path, monkeypatch, capsys, empty_store):
     see that nothing was written)."""
     import shutil
 
-    from keyframes.models import release_pipeline
+    from keyframes.pipeline.load import release_pipeline
 
     release_pipeline(collect=False)  # CPU memory is freed as references go: no slow gc here
 

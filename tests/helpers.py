@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keyframes.config import ModelConfig
+from keyframes.config.schema import ModelConfig
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -19,7 +19,7 @@ def write_json(path: Path, data) -> Path:
 
 
 def default_speed():
-    from keyframes.config import SpeedConfig
+    from keyframes.config.schema import SpeedConfig
 
     return SpeedConfig(name="sdpa")
 
@@ -27,8 +27,8 @@ def default_speed():
 def euler_tiny_pipe():
     """A fresh tiny pipeline on the CPU with the plain Euler sampler: for tests that change
     the pipeline (adapters, processors) and must not share one."""
-    from keyframes.config import SamplerConfig
-    from keyframes.models import apply_sampler, load_pipeline, resolve_placement
+    from keyframes.config.schema import SamplerConfig
+    from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
 
     pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "float32"))
     apply_sampler(
@@ -39,8 +39,8 @@ def euler_tiny_pipe():
 
 def demo_jobs(count: int, run_seed: int = 7):
     """The first `count` image jobs of the demo shotlist, with the bare style."""
-    from keyframes.plan import plan_jobs
-    from keyframes.shotlist import load_shotlist
+    from keyframes.shotlist.jobs import plan_jobs
+    from keyframes.shotlist.load import load_shotlist
 
     return plan_jobs(load_shotlist("demo"), "{prompt}", "", "", run_seed, "derived", 1)[:count]
 

@@ -275,12 +275,12 @@ def test_a_missing_scorer_stops_the_run_before_the_model_is_built(cli_in_process
     """model=sdxl_random would build 2.5 B parameters (about a minute, 15 GB) first."""
     from huggingface_hub import constants
 
-    import keyframes.architectures
+    import keyframes.pipeline.architectures
 
     def build(*args, **kwargs):
         raise AssertionError("the model was built before the scorer was checked")
 
-    monkeypatch.setattr(keyframes.architectures, "build_random_pipeline", build)
+    monkeypatch.setattr(keyframes.pipeline.architectures, "build_random_pipeline", build)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     code, err, run_dir, _ = cli_in_process("model=sdxl_random", "scorer=clip")
@@ -307,7 +307,7 @@ def test_an_aspect_typed_on_the_command_line_wins_over_the_presets_size(cli_in_p
 
 
 def test_width_and_height_typed_with_an_aspect_win_with_a_warning():
-    from keyframes.config import typed_aspect_wins, validate
+    from keyframes.config.schema import typed_aspect_wins, validate
     from tests.test_config import settings
 
     cfg = settings("experiment=smoke", "aspect=21:9", "width=128", "height=128")

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 import keyframes.run  # noqa: F401  (registers the schema)
-from keyframes.config import Config, resolve_size, validate
+from keyframes.config.schema import Config, resolve_size, validate
 from keyframes.errors import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from keyframes.conditioning.style_aligned import SharedAttentionProcessor, share_attention
 from keyframes.errors import ConfigError
-from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.plan import reference_job
-from keyframes.scoring import style_consistency
-from keyframes.style_aligned import SharedAttentionProcessor, share_attention
+from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
+from keyframes.scoring.clip import style_consistency
+from keyframes.shotlist.jobs import reference_job
 from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
 
 

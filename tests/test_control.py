@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from keyframes.config import ControlNetConfig
-from keyframes.control import Control, canny, check_controls, load_controlnet
+from keyframes.conditioning.controlnet import Control, canny, check_controls, load_controlnet
+from keyframes.config.schema import ControlNetConfig
 from keyframes.errors import ConfigError
-from keyframes.generate import GenerationSettings, KeyframeGenerator, batches
-from keyframes.plan import plan_jobs
-from keyframes.shotlist import load_shotlist
+from keyframes.generation.generator import GenerationSettings, KeyframeGenerator, batches
+from keyframes.shotlist.jobs import plan_jobs
+from keyframes.shotlist.load import load_shotlist
 from tests.helpers import assert_same_picture, euler_tiny_pipe
 
 

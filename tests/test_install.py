@@ -37,7 +37,7 @@ def test_a_wheel_installed_into_a_fresh_venv_runs_the_smoke_experiment_from_else
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(python), "-c", "import keyframes.config as c; print(c.CONF_DIR)"],
+    where = subprocess.run([str(python), "-c", "import keyframes.config.schema as c; print(c.CONF_DIR)"],
                            cwd=elsewhere, check=True, capture_output=True, text=True)  # fmt: skip
     assert where.stdout.strip() == str(Path(site) / "keyframes" / "conf")
     run = subprocess.run(

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from keyframes.config import ConsistencyConfig
-from keyframes.generate import GenerationSettings, KeyframeGenerator, batches
-from keyframes.ip_adapter import assign_references, load_adapter
-from keyframes.plan import plan_jobs
-from keyframes.shotlist import load_shotlist
+from keyframes.conditioning.ip_adapter import assign_references, load_adapter
+from keyframes.config.schema import ConsistencyConfig
+from keyframes.generation.generator import GenerationSettings, KeyframeGenerator, batches
+from keyframes.shotlist.jobs import plan_jobs
+from keyframes.shotlist.load import load_shotlist
 from tests.helpers import assert_same_picture, euler_tiny_pipe
 
 IMAGE_EMBED = 32
@@ -136,7 +136,7 @@ def test_a_missing_adapter_stops_the_run_before_anything_is_made(run_cli, tmp_pa
 
 
 def test_controlnet_scenes_also_follow_the_reference_image(setup):
-    from keyframes.control import Control, load_controlnet
+    from keyframes.conditioning.controlnet import Control, load_controlnet
     from tests.test_control import square, tiny_control
 
     pipe, folder, shotlist = setup

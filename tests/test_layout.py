@@ -1,25 +1,110 @@
-"""The design's one-way data flow, checked: generation code never pulls in Hydra or MLflow."""
+"""The import contract: each package of keyframes/ is a layer and imports only from the layers
+below it; only tracking imports MLflow; generation, pipeline, conditioning (and everything
+under them) never import Hydra, tracking or the command-line modules."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "keyframes"
+# Lowest first. The top-level modules (run, sync, compare, styles) are the command line.
+LAYERS = [
+    "errors",
+    "config",
+    "shotlist",
+    "pipeline",
+    "scoring",
+    "conditioning",
+    "outputs",
+    "generation",
+    "tracking",
+    "cli",
+]
+CLI = {"run", "sync", "compare", "styles"}
+# third-party packages only some layers may use
+ONLY_IN = {"mlflow": {"tracking"}, "hydra": {"config", "tracking", "cli"}}
+
+
+def layer_of(module: str) -> str:
+    """keyframes.generation.session -> generation; keyframes.run -> cli."""
+    part = module.split(".")[1]
+    return "cli" if part in CLI else part
+
+
+def imports_of(source: str, module: str) -> set[str]:
+    """Every module named by an import statement anywhere in the source (also inside
+    functions), relative imports resolved."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = module.split(".")[: -node.level]
+                base = ".".join([*parent, base] if base else parent)
+            names.add(base)
+            if base == "keyframes":  # `from keyframes import generation`
+                names |= {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def violations(sources: dict[str, str]) -> list[str]:
+    """What breaks the contract, for modules given as {dotted name: source}."""
+    found = []
+    for module, source in sources.items():
+        own = layer_of(module)
+        for name in sorted(imports_of(source, module)):
+            top = name.split(".")[0]
+            if top == "keyframes" and name.count(".") >= 1:
+                if LAYERS.index(layer_of(name)) > LAYERS.index(own):
+                    found.append(f"{module} ({own}) imports {name} ({layer_of(name)})")
+            elif top in ONLY_IN and own not in ONLY_IN[top]:
+                found.append(f"{module} ({own}) imports {name}")
+    return found
+
+
+def package_sources() -> dict[str, str]:
+    sources = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if len(parts) > 1:
+            sources[".".join(parts)] = path.read_text()
+    return sources
+
+
+def test_every_module_belongs_to_a_layer():
+    for module in package_sources():
+        assert layer_of(module) in LAYERS, f"{module}: put it in a layer package"
+
+
+def test_the_packages_import_only_downwards():
+    assert violations(package_sources()) == []
+
+
+def test_the_contract_catches_a_generation_module_that_imports_mlflow():
+    bad = {
+        "keyframes.generation.session": "import torch\n\ndef log():\n    import mlflow\n",
+        "keyframes.pipeline.load": "from keyframes.tracking.store import log_run\n",
+        "keyframes.conditioning.tint": "from hydra import compose\n",
+        "keyframes.outputs.records": "from ..generation import session\n",
+    }
+    assert violations(bad) == [
+        "keyframes.generation.session (generation) imports mlflow",
+        "keyframes.pipeline.load (pipeline) imports keyframes.tracking.store (tracking)",
+        "keyframes.conditioning.tint (conditioning) imports hydra",
+        "keyframes.outputs.records (outputs) imports keyframes.generation (generation)",
+    ]
 
 
 def test_generation_core_imports_neither_hydra_nor_mlflow():
+    """The same, as Python sees it: importing the core loads neither library."""
     code = (
-        "import sys, keyframes.render, keyframes.generate, keyframes.models, keyframes.scoring; "
-        "print(sorted(m for m in ('hydra', 'mlflow') if m in sys.modules))"
+        "import sys, keyframes.generation.render, keyframes.pipeline.load, "
+        "keyframes.scoring.clip; print(sorted(m for m in ('hydra', 'mlflow') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-def test_only_the_tracking_module_imports_mlflow():
-    from pathlib import Path
-
-    package = Path(__file__).resolve().parent.parent / "keyframes"
-    importers = sorted(
-        p.name
-        for p in package.glob("*.py")
-        if "import mlflow" in p.read_text() or "from mlflow" in p.read_text()
-    )
-    assert importers == ["tracking.py"]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.long_prompts import chunk_count, encode, text_inputs
-from keyframes.models import prompt_tokens
-from keyframes.render import prompt_encoding
+from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
+from keyframes.generation.render import prompt_encoding
+from keyframes.pipeline.load import prompt_tokens
+from keyframes.pipeline.long_prompts import chunk_count, encode, text_inputs
 from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
 
 LONG = ", ".join(f"detail number {n} of the old lighthouse keeper's coat" for n in range(20))

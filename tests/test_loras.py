@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.config import LoraConfig
+from keyframes.conditioning.loras import apply_loras, check_loras, lora_records, remove_loras
+from keyframes.config.schema import LoraConfig
 from keyframes.errors import ConfigError
-from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.loras import apply_loras, check_loras, lora_records, remove_loras
-from keyframes.records import a1111_parameters
+from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
+from keyframes.outputs.records import a1111_parameters
 from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
 
 
@@ -21,7 +21,7 @@ def save_tiny_lora(folder, seed):
     from peft import LoraConfig as PeftLoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from keyframes.tiny import build_tiny_pipeline
+    from keyframes.pipeline.tiny import build_tiny_pipeline
 
     unet = build_tiny_pipeline().unet
     torch.manual_seed(seed)

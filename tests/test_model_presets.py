@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from keyframes.config import SamplerConfig, fit_to_model, validate
+from keyframes.config.schema import SamplerConfig, fit_to_model, validate
 from keyframes.errors import ModelUnavailableError
-from keyframes.models import apply_sampler, load_pipeline, resolve_placement
+from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
 from tests.helpers import tiny_model_config
 from tests.test_config import settings
 

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.config import ModelConfig, SamplerConfig
+from keyframes.config.schema import ModelConfig, SamplerConfig
 from keyframes.errors import ConfigError
-from keyframes.generate import GenerationSettings, generate
-from keyframes.models import apply_sampler, check_source, load_pipeline, resolve_placement
-from keyframes.plan import plan_jobs
-from keyframes.shotlist import load_shotlist
-from keyframes.tiny import clip_tokenizers
+from keyframes.generation.generator import GenerationSettings, generate
+from keyframes.pipeline.load import apply_sampler, check_source, load_pipeline, resolve_placement
+from keyframes.pipeline.tiny import clip_tokenizers
+from keyframes.shotlist.jobs import plan_jobs
+from keyframes.shotlist.load import load_shotlist
 from tests.helpers import FLOAT_NOISE, assert_same_picture, default_speed, pixel_gap
 
 SAMPLERS = {
@@ -157,7 +157,7 @@ def test_auto_placement_uses_float32_on_cpu():
 
 
 def test_cached_pipeline_is_reused_until_the_model_changes():
-    from keyframes.models import cached_pipeline, release_pipeline
+    from keyframes.pipeline.load import cached_pipeline, release_pipeline
 
     placement = resolve_placement("cpu", "auto")
     first, hit = cached_pipeline(
@@ -176,7 +176,7 @@ def test_cached_pipeline_is_reused_until_the_model_changes():
 
 def test_sampler_swaps_on_a_reused_pipeline_do_not_leak_options():
     """euler after dpmpp_2m_karras must be plain euler, as in a fresh process."""
-    from keyframes.models import cached_pipeline, release_pipeline
+    from keyframes.pipeline.load import cached_pipeline, release_pipeline
 
     euler = SamplerConfig(name="euler", label="Euler", scheduler="EulerDiscreteScheduler")
     karras = SamplerConfig(

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from keyframes.config import ModelConfig, UpscaleConfig, check_family, validate
+from keyframes.conditioning.upscale import Hires, Refiner, load_refiner
+from keyframes.config.schema import ModelConfig, UpscaleConfig, check_family, validate
 from keyframes.errors import ConfigError
-from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.long_prompts import chunk_count, encode, text_inputs
-from keyframes.models import load_pipeline, resolve_family, resolve_placement
-from keyframes.records import a1111_parameters
-from keyframes.upscale import Hires, Refiner, load_refiner
+from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
+from keyframes.outputs.records import a1111_parameters
+from keyframes.pipeline.load import load_pipeline, resolve_family, resolve_placement
+from keyframes.pipeline.long_prompts import chunk_count, encode, text_inputs
 from tests.helpers import demo_jobs, euler_tiny_pipe, tiny_model_config
 from tests.test_config import settings
 from tests.test_long_prompts import LONG

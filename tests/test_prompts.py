@@ -1,6 +1,6 @@
-from keyframes.plan import derive_seed, plan_jobs, safe_name
-from keyframes.prompts import apply_style, combine_negatives, scene_prompt
-from keyframes.shotlist import parse_shotlist
+from keyframes.shotlist.jobs import derive_seed, plan_jobs, safe_name
+from keyframes.shotlist.load import parse_shotlist
+from keyframes.shotlist.prompts import apply_style, combine_negatives, scene_prompt
 
 SHOTLIST = {
     "title": "T",

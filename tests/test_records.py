@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keyframes.config import ScorerConfig
-from keyframes.records import (
+from keyframes.config.schema import ScorerConfig
+from keyframes.outputs.records import (
     a1111_parameters,
     contact_sheet,
     read_png_metadata,
     save_png,
     write_manifest,
 )
-from keyframes.scoring import load_scorer
+from keyframes.scoring.clip import load_scorer
 
 RECORD = {
     "prompt": "film still, a harbor",
@@ -101,8 +101,8 @@ def test_two_line_labels_fit_a_256_px_thumbnail():
     """The smoke run's thumbnails are 256 px wide: scene, seed and CLIP score must all show."""
     from PIL import ImageDraw
 
-    from keyframes.records import fit_text, load_font
-    from keyframes.render import _label
+    from keyframes.generation.render import _label
+    from keyframes.outputs.records import fit_text, load_font
 
     record = {"scene_index": 1, "scene_id": "opening", "take": 1, "seed": 4064471231,
               "clip_score": 23.41}  # fmt: skip
@@ -113,7 +113,7 @@ def test_two_line_labels_fit_a_256_px_thumbnail():
 
 
 def test_a_long_run_gets_contact_sheet_pages_a_viewer_can_open(tmp_path):
-    from keyframes.render import write_contact_sheets
+    from keyframes.generation.render import write_contact_sheets
 
     (tmp_path / "keyframes").mkdir()
     records = []
@@ -148,7 +148,7 @@ def test_quoted_library_errors_end_on_a_whole_word():
 def test_manifest_bookkeeping_grows_linearly_and_a_kill_loses_nothing(tmp_path):
     """2,000 images one per batch: the full manifest is rewritten 10 times (each time the
     image count doubles), not 2,000 times; the journal holds the rest, read back by load_manifest."""
-    from keyframes.records import ManifestWriter, journal_of, load_manifest
+    from keyframes.outputs.records import ManifestWriter, journal_of, load_manifest
 
     path, writer, full_writes = tmp_path / "manifest.json", None, 0
     writer = ManifestWriter(path)

@@ -18,8 +18,8 @@ from diffusers import StableDiffusionXLPipeline
 from mlflow.tracking import MlflowClient
 
 import keyframes.run as entry
-from keyframes.config import ModelConfig
-from keyframes.models import cached_pipeline, resolve_placement
+from keyframes.config.schema import ModelConfig
+from keyframes.pipeline.load import cached_pipeline, resolve_placement
 from tests.conftest import read_manifest
 from tests.helpers import default_speed
 
@@ -333,8 +333,8 @@ def test_sync_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_locked_sqlite_store_is_retried(tmp_path, caplog):
-    from keyframes.config import TrackingConfig
-    from keyframes.tracking import RunRecord, log_run
+    from keyframes.config.schema import TrackingConfig
+    from keyframes.tracking.store import RunRecord, log_run
 
     cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     record = RunRecord("locked", "r", {"a": "1"}, {}, {0: {"x": 1.0}}, {"images": 1.0}, key="k1")
@@ -356,7 +356,7 @@ def test_locked_sqlite_store_is_retried(tmp_path, caplog):
 
 def test_a_new_stores_set_up_race_is_retried(monkeypatch, caplog):
     """What a process sees when another one creates the same new SQLite store at that moment."""
-    from keyframes import tracking
+    from keyframes.tracking import store as tracking
 
     calls = []
 
@@ -377,8 +377,8 @@ def test_a_new_stores_set_up_race_is_retried(monkeypatch, caplog):
 @pytest.mark.slow
 def test_two_runs_creating_one_new_store_at_once_are_both_logged(tmp_path):
     code = (
-        "import sys; from keyframes.config import TrackingConfig; "
-        "from keyframes.tracking import RunRecord, log_run; "
+        "import sys; from keyframes.config.schema import TrackingConfig; "
+        "from keyframes.tracking.store import RunRecord, log_run; "
         f"log_run(TrackingConfig(tracking_uri='sqlite:///{tmp_path / 'new.db'}'), "
         "RunRecord('race', sys.argv[1], {}, {}, {0: {'x': 1.0}}, {'images': 1.0}, key=sys.argv[1]))"
     )
@@ -411,12 +411,12 @@ def test_sweep_without_a_reachable_store_still_makes_every_job_and_the_summary(t
 
 
 def test_stopped_while_planning_exits_130_without_a_traceback(cli_in_process, monkeypatch):
-    import keyframes.plan
+    import keyframes.shotlist.jobs
 
     def planning(*args, **kwargs):
         raise KeyboardInterrupt  # SIGTERM arrives as this (keyframes.run._interrupt)
 
-    monkeypatch.setattr(keyframes.plan, "plan_jobs", planning)
+    monkeypatch.setattr(keyframes.shotlist.jobs, "plan_jobs", planning)
     code, err, run_dir, store = cli_in_process(fresh_store=True)
     assert code == entry.EXIT_INTERRUPTED
     assert err.strip() == "interrupted before any keyframe was made"
@@ -499,7 +499,7 @@ def test_a_disk_full_before_the_run_starts_is_one_line_and_no_files(cli_in_proce
 
 def test_an_out_of_memory_fallback_is_undone_before_the_next_job(cli_in_process, monkeypatch):
     """As in a sweep: the next job reuses the cached pipeline, in its own memory mode."""
-    import keyframes.models as models
+    import keyframes.pipeline.load as models
 
     calls = []
 

@@ -2,8 +2,8 @@ import csv
 
 from PIL import Image
 
-from keyframes.report import CELL_WIDTH, build_report, xy_grid
-from keyframes.sweep import JobResult
+from keyframes.tracking.report import CELL_WIDTH, build_report, xy_grid
+from keyframes.tracking.results import JobResult
 
 COLOURS = {
     ("20", "5"): (255, 0, 0),

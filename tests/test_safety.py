@@ -6,11 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyframes.config import ModelConfig
+from keyframes.config.schema import ModelConfig
 from keyframes.errors import ConfigError, ShotlistError
-from keyframes.models import check_source
-from keyframes.plan import safe_name, unique_safe_names
-from keyframes.shotlist import MAX_SCENES, MAX_TEXT, Shotlist, load_shotlist, parse_shotlist
+from keyframes.pipeline.load import check_source
+from keyframes.shotlist.jobs import safe_name, unique_safe_names
+from keyframes.shotlist.load import MAX_SCENES, MAX_TEXT, Shotlist, load_shotlist, parse_shotlist
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),

@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.architectures import (
+from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig, validate
+from keyframes.errors import ConfigError, ModelUnavailableError
+from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
+from keyframes.pipeline.architectures import (
     build_components,
     build_random_pipeline,
     count_parameters,
     packaged_counts,
 )
-from keyframes.config import ModelConfig, SamplerConfig, SpeedConfig, validate
-from keyframes.errors import ConfigError, ModelUnavailableError
-from keyframes.flops import count_flops, image_flops, packaged_flops
-from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.memory import choose_mode, plan_memory, weights_gb
-from keyframes.models import apply_sampler, load_pipeline, resolve_placement
-from keyframes.speed import apply_speed, check_speed
+from keyframes.pipeline.flops import count_flops, image_flops, packaged_flops
+from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
+from keyframes.pipeline.memory import choose_mode, plan_memory, weights_gb
+from keyframes.pipeline.speed import apply_speed, check_speed
 from tests.helpers import assert_same_picture, demo_jobs, tiny_model_config
 from tests.test_config import settings
 
@@ -88,8 +88,8 @@ def test_the_refiners_unet_is_counted_from_its_packaged_config():
 
     from diffusers import UNet2DConditionModel
 
-    from keyframes.architectures import DATA
-    from keyframes.memory import REFINER_UNET_PARAMETERS
+    from keyframes.pipeline.architectures import DATA
+    from keyframes.pipeline.memory import REFINER_UNET_PARAMETERS
 
     config = json.loads((DATA / "sdxl_refiner" / "unet.json").read_text())
     with torch.device("meta"):
@@ -186,8 +186,8 @@ def test_fixed_batch_pads_the_last_batch_to_one_shape():
 
 
 def test_warm_up_runs_once_per_batch_shape():
-    from keyframes.models import LoadedPipeline
-    from keyframes.render import warm_up
+    from keyframes.generation.render import warm_up
+    from keyframes.pipeline.load import LoadedPipeline
 
     pipe = load_pipeline(tiny_model_config(), CPU)
     apply_sampler(pipe, EULER)
@@ -217,7 +217,7 @@ def test_auto_dtype_on_cuda_is_bfloat16_where_supported(monkeypatch, bf16, expec
 def test_replacement_vae_is_loaded_from_a_folder(tmp_path):
     from diffusers import AutoencoderKL
 
-    from keyframes.tiny import build_tiny_pipeline
+    from keyframes.pipeline.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     pipe.save_pretrained(tmp_path / "model")

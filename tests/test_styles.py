@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from keyframes.config import StyleConfig, validate
+from keyframes.config.schema import StyleConfig, validate
+from keyframes.config.styles import read_style_file, resolve_style
 from keyframes.errors import ConfigError
-from keyframes.plan import plan_jobs
-from keyframes.shotlist import load_shotlist
-from keyframes.styles import read_style_file, resolve_style
+from keyframes.shotlist.jobs import plan_jobs
+from keyframes.shotlist.load import load_shotlist
 from tests.test_config import settings
 
 LIBRARY = [

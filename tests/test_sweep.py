@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from keyframes.sweep import (
+from keyframes.tracking.results import (
     JobResult,
     best_and_fastest,
     format_table,
@@ -89,7 +89,7 @@ def test_formatted_table_aligns_columns():
 def test_job_from_manifest_reads_first_takes_and_scores(tmp_path: Path):
     import json
 
-    from keyframes.sweep import job_from_manifest
+    from keyframes.tracking.results import job_from_manifest
 
     manifest = {
         "run": {

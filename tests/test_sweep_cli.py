@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from keyframes.report import CELL_WIDTH
+from keyframes.tracking.report import CELL_WIDTH
 
 
 def runs_of(sweep):
@@ -182,8 +182,8 @@ def test_optuna_search_maximises_clip_score_per_second(tmp_path):
 @pytest.fixture
 def single_runs(tmp_path):
     """Two plain runs of one experiment: steps from the preset in one, typed in the other."""
-    from keyframes.config import TrackingConfig
-    from keyframes.tracking import RunRecord, log_run
+    from keyframes.config.schema import TrackingConfig
+    from keyframes.tracking.store import RunRecord, log_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for overrides, steps, clip in ((["experiment=smoke"], "4", 30.0),

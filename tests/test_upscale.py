@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keyframes.config import UpscaleConfig, upscaled_size, validate
+from keyframes.conditioning.upscale import Hires
+from keyframes.config.schema import UpscaleConfig, upscaled_size, validate
 from keyframes.errors import ConfigError
-from keyframes.generate import GenerationSettings, KeyframeGenerator
-from keyframes.records import a1111_parameters, read_png_metadata
-from keyframes.upscale import Hires
+from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
+from keyframes.outputs.records import a1111_parameters, read_png_metadata
 from tests.conftest import read_manifest
 from tests.helpers import demo_jobs, euler_tiny_pipe
 from tests.test_config import settings

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from keyframes.plan import safe_name
-from keyframes.records import atomic_write, fit_text, load_font
-from keyframes.sweep import (
+from keyframes.outputs.records import atomic_write, fit_text, load_font
+from keyframes.shotlist.jobs import safe_name
+from keyframes.tracking.results import (
     JobResult,
     as_number,
     best_and_fastest,

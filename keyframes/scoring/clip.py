@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from keyframes.config import ScorerConfig
+from keyframes.config.schema import ScorerConfig
 from keyframes.errors import ModelUnavailableError
 
 CONTEXT_LENGTH = 77
@@ -103,7 +103,7 @@ def _weights_file(cfg: ScorerConfig) -> str:
     """The safetensors file of an open_clip pretrained tag, from the Hugging Face cache or hub."""
     import open_clip
 
-    from keyframes import hub
+    from keyframes.pipeline import hub
 
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
         if not cfg.pretrained.endswith(".safetensors"):

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from keyframes.config import ModelConfig, SamplerConfig, SpeedConfig
+from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
-from keyframes.memory import apply_memory_mode
-from keyframes.speed import apply_speed
+from keyframes.pipeline.memory import apply_memory_mode
+from keyframes.pipeline.speed import apply_speed
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +147,14 @@ def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "
     check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
     family = resolve_family(model)
     if model.tiny:
-        from keyframes.tiny import build_tiny_pipeline, build_tiny_sd15
+        from keyframes.pipeline.tiny import build_tiny_pipeline, build_tiny_sd15
 
         # float32, as built
         pipe = build_tiny_sd15() if family == "sd15" else build_tiny_pipeline()
         if placement.dtype != torch.float32:
             pipe = pipe.to(dtype=placement.dtype)
     elif model.architecture:
-        from keyframes.architectures import build_random_pipeline
+        from keyframes.pipeline.architectures import build_random_pipeline
 
         build_on = placement.device if memory_mode in ("none", "balanced") else "cpu"
         pipe = build_random_pipeline(model.architecture, build_on, placement.dtype)
@@ -276,7 +276,7 @@ def _has_variant(source: str, variant: str) -> bool:
 def missing_model(model: ModelConfig) -> str | None:
     """Pre-flight, for a hub id: why its pipeline cannot be had (None: it is cached, or the hub
     answers and the loader downloads it)."""
-    from keyframes import hub
+    from keyframes.pipeline import hub
 
     if model.tiny or model.architecture or model.path or not model.id:
         return None
@@ -286,7 +286,7 @@ def missing_model(model: ModelConfig) -> str | None:
 
 
 def _unavailable_message(model: ModelConfig, error: Exception | None) -> str:
-    from keyframes import hub
+    from keyframes.pipeline import hub
 
     if model.path and Path(model.path).expanduser().is_file():
         where = f"the checkpoint file {model.path} and the configs it needs"

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from keyframes.config import OFFLOAD_MODES, ModelConfig
+from keyframes.config.schema import OFFLOAD_MODES, ModelConfig
 from keyframes.errors import ConfigError
 
 UNET_GB_PER_MEGAPIXEL = 0.5  # UNet activations per image, both guidance halves
@@ -48,7 +48,7 @@ def weights_gb(
     refiner's UNet with it where `refiner`."""
     if model.tiny:
         return 0.01, 0.01
-    from keyframes.architectures import packaged_counts
+    from keyframes.pipeline.architectures import packaged_counts
 
     # every other preset is SDXL base-sized (SD 1.5 is smaller: an over-estimate)
     counts = list(packaged_counts(model.architecture or "sdxl_base")["parameters"].values())

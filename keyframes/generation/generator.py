@@ -25,9 +25,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from keyframes.ip_adapter import reference_image
-from keyframes.long_prompts import text_inputs
-from keyframes.plan import ImageJob
+from keyframes.conditioning.ip_adapter import reference_image
+from keyframes.pipeline.long_prompts import text_inputs
+from keyframes.pipeline.noise import seeded_generators
+from keyframes.shotlist.jobs import ImageJob
 
 log = logging.getLogger("keyframes")
 
@@ -271,11 +272,6 @@ def to_pil(pipe, pixels: torch.Tensor) -> list[Image.Image]:
     if getattr(pipe, "watermark", None) is not None:
         pixels = pipe.watermark.apply_watermark(pixels)
     return pipe.image_processor.postprocess(torch.nan_to_num(pixels), output_type="pil")
-
-
-def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
-    """A fresh CPU generator per image: its noise does not depend on batch or device."""
-    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from keyframes.config import SpeedConfig
+from keyframes.config.schema import SpeedConfig
 from keyframes.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keyframes.config import TrackingConfig
+from keyframes.config.schema import TrackingConfig
 from keyframes.errors import TrackingError
 
 log = logging.getLogger(__name__)

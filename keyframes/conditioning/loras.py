@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from keyframes.config import LoraConfig
+from keyframes.config.schema import LoraConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 
 

@@ -23,26 +23,16 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from keyframes.config import Config, upscaled_size
-from keyframes.control import Control, load_controlnet
+from keyframes.conditioning.controlnet import Control, load_controlnet
+from keyframes.conditioning.ip_adapter import load_adapter
+from keyframes.conditioning.loras import apply_loras, prompt_tags, remove_loras
+from keyframes.conditioning.style_aligned import share_attention
+from keyframes.conditioning.upscale import Hires, Refiner, load_refiner, refiner_source
+from keyframes.config.schema import Config, upscaled_size
 from keyframes.errors import DiskFull, Interrupted, is_disk_full
-from keyframes.generate import Generation, GenerationSettings, KeyframeGenerator
-from keyframes.ip_adapter import load_adapter
-from keyframes.long_prompts import chunk_count
-from keyframes.loras import apply_loras, prompt_tags, remove_loras
-from keyframes.memory import MemoryPlan
-from keyframes.models import (
-    LoadedPipeline,
-    Placement,
-    apply_sampler,
-    cached_pipeline,
-    describe_source,
-    prompt_tokens,
-    release_pipeline,
-)
-from keyframes.plan import ImageJob
-from keyframes.processes import PART_GLOB, Processes, manifest_paths
-from keyframes.records import (
+from keyframes.generation.generator import Generation, GenerationSettings, KeyframeGenerator
+from keyframes.outputs.processes import PART_GLOB, Processes, manifest_paths
+from keyframes.outputs.records import (
     SHEET_PAGE,
     ManifestWriter,
     contact_sheet,
@@ -54,11 +44,21 @@ from keyframes.records import (
     sheet_name,
     write_manifest,
 )
-from keyframes.resume import Earlier
-from keyframes.scoring import ClipScorer, TextScore, cached_scorer, style_consistency
-from keyframes.shotlist import Shotlist
-from keyframes.style_aligned import share_attention
-from keyframes.upscale import Hires, Refiner, load_refiner, refiner_source
+from keyframes.outputs.resume import Earlier
+from keyframes.pipeline.load import (
+    LoadedPipeline,
+    Placement,
+    apply_sampler,
+    cached_pipeline,
+    describe_source,
+    prompt_tokens,
+    release_pipeline,
+)
+from keyframes.pipeline.long_prompts import chunk_count
+from keyframes.pipeline.memory import MemoryPlan
+from keyframes.scoring.clip import ClipScorer, TextScore, cached_scorer, style_consistency
+from keyframes.shotlist.jobs import ImageJob
+from keyframes.shotlist.load import Shotlist
 
 log = logging.getLogger("keyframes")
 
@@ -312,7 +312,7 @@ def disk_full(ctx, result, records, error: OSError, model_load_seconds, write_ma
 
 def cached_refiner(loaded: LoadedPipeline, upscale, ctx: RunContext):
     """The SDXL refiner for this base pipeline, loaded once per process and placed like it."""
-    from keyframes.memory import apply_memory_mode
+    from keyframes.pipeline.memory import apply_memory_mode
 
     key = (upscale.tiny, upscale.path, upscale.id, upscale.variant)
     if key not in loaded.refiners:

@@ -35,7 +35,7 @@ CONTROL_TYPES = ("canny", "depth")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 # The Hydra configs: inside the package where it is installed from a wheel (which ships conf/
 # as keyframes/conf), else the checkout's conf/ beside the package.
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent
 CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 
 

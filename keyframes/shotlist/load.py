@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyframes.config import MAX_SEED, MAX_TAKES
+from keyframes.config.schema import MAX_SEED, MAX_TAKES
 from keyframes.errors import ShotlistError
 
-DEMO = Path(__file__).parent / "data" / "demo_shotlist.json"
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo_shotlist.json"
 
 SCENE_TEXT_FIELDS = (
     "prompt",

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from keyframes.config import CONTROL_TYPES, ControlNetConfig
+from keyframes.config.schema import CONTROL_TYPES, ControlNetConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
-from keyframes.plan import ImageJob
+from keyframes.shotlist.jobs import ImageJob
 
 
 def canny(image: Image.Image, low: int, high: int) -> Image.Image:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from keyframes.config import ARCHITECTURES
+from keyframes.config.schema import ARCHITECTURES
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 INIT_SEED = 0
 
 
@@ -60,7 +60,7 @@ def build_random_pipeline(name: str, device: str, dtype: torch.dtype):
     real CLIP tokenizer, built directly on the device (seconds on a GPU; minutes on a CPU)."""
     from diffusers import EulerDiscreteScheduler
 
-    from keyframes.tiny import assemble_sdxl
+    from keyframes.pipeline.tiny import assemble_sdxl
 
     scheduler = EulerDiscreteScheduler.from_config(architecture_configs(name)["scheduler"])
     return assemble_sdxl(*build_components(name, device, dtype), scheduler)

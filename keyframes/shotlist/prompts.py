@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keyframes.shotlist import Character, Scene
+from keyframes.shotlist.load import Character, Scene
 
 
 def scene_prompt(scene: Scene, characters: dict[str, Character]) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from keyframes.loras import prompt_tags
+from keyframes.conditioning.loras import prompt_tags
 
 MANIFEST_VERSION = 1
 

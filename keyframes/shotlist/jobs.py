@@ -6,10 +6,10 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from keyframes.config import MAX_SEED, Config
+from keyframes.config.schema import MAX_SEED, Config
 from keyframes.errors import ConfigError
-from keyframes.prompts import apply_style, combine_negatives, scene_prompt
-from keyframes.shotlist import Shotlist
+from keyframes.shotlist.load import Shotlist
+from keyframes.shotlist.prompts import apply_style, combine_negatives, scene_prompt
 
 
 @dataclass(frozen=True)

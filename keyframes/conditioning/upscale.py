@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from keyframes.config import UpscaleConfig, upscaled_size
+from keyframes.config.schema import UpscaleConfig, upscaled_size
 from keyframes.errors import ModelUnavailableError, first_line
-from keyframes.generate import seeded_generators
-from keyframes.long_prompts import text_inputs
+from keyframes.pipeline.long_prompts import text_inputs
+from keyframes.pipeline.noise import seeded_generators
 
 
 class Hires:
@@ -65,7 +65,7 @@ def refiner_source(upscale: UpscaleConfig) -> str:
 def load_refiner(base, upscale: UpscaleConfig):
     """The SDXL refiner pipeline, sharing the base's text encoder 2 and VAE, on its device."""
     if upscale.tiny:  # tests and smoke runs: random weights shaped like the refiner
-        from keyframes.tiny import build_tiny_refiner
+        from keyframes.pipeline.tiny import build_tiny_refiner
 
         return build_tiny_refiner(base)
     from diffusers import StableDiffusionXLImg2ImgPipeline

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from keyframes.config import ConsistencyConfig
+from keyframes.config.schema import ConsistencyConfig
 from keyframes.errors import ModelUnavailableError, first_line
-from keyframes.plan import ImageJob
-from keyframes.shotlist import Shotlist
+from keyframes.shotlist.jobs import ImageJob
+from keyframes.shotlist.load import Shotlist
 
 # InstantStyle for SDXL: up_blocks.0.attentions.1 reads style, down_blocks.2.attentions.1 layout
 STYLE_ONLY = {"up": {"block_0": [0.0, 1.0, 0.0]}}
@@ -42,7 +42,7 @@ def missing_adapter(consistency: ConsistencyConfig) -> str | None:
     """Pre-flight: why the adapter weights cannot be had (a local copy, the hub cache, or the
     hub when it answers). The first keyframe may be made before the adapter loads; a missing
     adapter must not stop the run halfway."""
-    from keyframes import hub
+    from keyframes.pipeline import hub
 
     name = f"{consistency.ip_adapter_subfolder}/{consistency.ip_adapter_weight}"
     if consistency.ip_adapter_path:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from keyframes.architectures import architecture_configs, build_components, packaged_counts
+from keyframes.pipeline.architectures import architecture_configs, build_components, packaged_counts
 
 TEXT_TOKENS = 77
 

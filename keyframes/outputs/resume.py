@@ -15,9 +15,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from keyframes.config import flatten
+from keyframes.config.schema import flatten
 from keyframes.errors import ConfigError
-from keyframes.processes import manifest_paths
+from keyframes.outputs.processes import manifest_paths
 
 # Settings that do not change what an existing image is: left out of the config hash that
 # resume matches on, so a run that ran out of memory can go on with memory=low_vram, and a

@@ -1,0 +1,123 @@
+"""The MLflow run of a run directory, rebuilt from manifest.json and config.yaml alone (the
+run directory is the source of truth). Syncing twice does not create a second run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from keyframes.config.schema import TrackingConfig, flatten
+from keyframes.errors import KeyframesError
+from keyframes.outputs.records import load_manifest, write_manifest
+from keyframes.tracking.store import RunRecord
+
+PER_IMAGE = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_peak_gb")
+STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def read_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, resolved config) of a run directory."""
+    manifest_path, config_path = run_dir / "manifest.json", run_dir / "config.yaml"
+    for path in (manifest_path, config_path):
+        if not path.is_file():
+            raise KeyframesError(
+                f"{run_dir} is not a keyframes run directory: {path.name} is missing"
+            )
+    manifest = load_manifest(manifest_path)  # with its journal: a killed run loses nothing
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    return manifest, config
+
+
+def record_from_run_dir(
+    run_dir: Path, manifest: dict[str, Any], config: dict[str, Any]
+) -> RunRecord:
+    """The MLflow run of a run directory, from its manifest and resolved config."""
+    run, images = manifest["run"], manifest["images"]
+    tags = {
+        "keyframes.model": run["model"],
+        "keyframes.model_source": run["model_source"],
+        "keyframes.style": run["style"],
+        "keyframes.sampler": run["sampler"],
+        "keyframes.quality": run["quality"],
+        "keyframes.device": run["device"],
+        "keyframes.dtype": run["dtype"],
+        "keyframes.shotlist": run["shotlist"],
+        "keyframes.run_dir": str(run_dir.resolve()),
+        "keyframes.config_hash": run["config_hash"],
+        "keyframes.overrides": json.dumps(run["overrides"]),
+        "pipeline_cache": run["pipeline_cache"],
+        **{f"version.{name}": v for name, v in run["versions"].items()},
+    }
+    if run.get("memory"):
+        tags["keyframes.memory_mode"] = run["memory"]["mode"]
+    if run.get("loras"):
+        tags["keyframes.loras"] = ", ".join(
+            f"{r['name']}:{r['scale']:g}" + (f" ({r['sha256']})" if r["sha256"] else "")
+            for r in run["loras"]
+        )
+    if run.get("speed"):
+        tags["keyframes.speed"] = run["speed"]["preset"]
+    if run.get("git_commit"):
+        tags["mlflow.source.git.commit"] = run["git_commit"]
+    failed = [r for r in images if r["status"] != "ok"]
+    if failed:
+        tags["failed_images"] = ", ".join(r["file"] for r in failed)[:5000]
+    if run.get("fallbacks"):
+        tags["fallbacks"] = json.dumps(run["fallbacks"])[:5000]
+    sweep = run.get("sweep") or {}
+    name = f"{run['style']}-{run['sampler']}-{config['steps']}steps-cfg{config['cfg_scale']:g}"
+    if sweep:
+        tags["keyframes.sweep_dir"] = sweep["sweep_dir"]
+        tags["keyframes.job_num"] = str(sweep["job_num"])
+        name = f"#{sweep['job_num']} {name}"
+    ok = [r for r in images if r["status"] == "ok"]
+    return RunRecord(
+        experiment=run["experiment"],
+        run_name=name,
+        params=flatten(config),
+        tags=tags,
+        image_metrics={
+            r["index"]: {k: r[k] for k in PER_IMAGE if r.get(k) is not None} for r in ok
+        },
+        summary=run.get("summary", {}),
+        artifacts=[
+            (run_dir / "keyframes", "keyframes"),
+            *((page, None) for page in sorted(run_dir.glob("contact_sheet*.png"))),
+            (run_dir / "manifest.json", None),
+            (run_dir / "config.yaml", None),
+            *((log, None) for log in sorted(run_dir.glob("*.log"))),  # run.log, as far as it got
+            (run_dir / ".hydra", "hydra"),
+        ],
+        start_ms=_ms(run["started_at"]),
+        end_ms=_ms(run.get("finished_at") or run["started_at"]),
+        parent_run_id=sweep.get("parent_run_id"),
+        status=STATUS.get(run.get("status", "finished"), "FINISHED"),
+        key=run["run_key"],
+        replaces=run.get("replaces_run_key"),
+    )
+
+
+def _ms(iso: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def sync_run_dir(run_dir: Path, tracking: TrackingConfig) -> tuple[str, bool]:
+    """(MLflow run id, True if it was logged now / False if it was already there). Notes the
+    run id in the manifest."""
+    from keyframes.tracking.store import log_run
+
+    manifest, config = read_run_dir(run_dir)
+    record = record_from_run_dir(run_dir, manifest, config)
+    run_id, created = log_run(tracking, record)
+    manifest["run"]["mlflow"] = {
+        "tracking_uri": tracking.tracking_uri,
+        "experiment": record.experiment,
+        "run_id": run_id,
+    }
+    write_manifest(run_dir, manifest["run"], manifest["images"])
+    return run_id, created
