@@ -47,17 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from keyframes.run import CONF_DIR  # also registers the config schema
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("config", overrides=overrides))
-
-
 def batch_sizes(text: str | None, default: int) -> list[int]:
     if not text:
         return [default]
@@ -135,26 +124,26 @@ def project_path(pipe, jobs, settings) -> list[str]:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    from keyframes.config.schema import validate
+    from keyframes.config.compose import compose
+    from keyframes.config.plan import make_plan
     from keyframes.generation.generator import GenerationSettings
+    from keyframes.generation.session import Session
     from keyframes.pipeline.flops import image_flops, peak_tflops
-    from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
+    from keyframes.pipeline.load import resolve_placement
     from keyframes.pipeline.memory import plan_memory
-    from keyframes.pipeline.speed import apply_speed, check_speed
+    from keyframes.pipeline.speed import check_speed
 
-    cfg = compose(args.overrides)
-    width, height = validate(cfg)
+    plan = make_plan(compose(args.overrides))
+    cfg, width, height = plan.config, plan.width, plan.height
     sizes = batch_sizes(args.batch_sizes, cfg.batch_size)
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_speed(cfg.speed, placement.device)
     memory = plan_memory(
         cfg.memory.name, placement.device, placement.dtype, cfg.model, max(sizes), width, height
     )
-    start = time.perf_counter()
-    pipe = load_pipeline(cfg.model, placement, memory.mode)
-    speed = apply_speed(pipe, cfg.speed, placement.device)
-    apply_sampler(pipe, cfg.sampler)
-    load_seconds = time.perf_counter() - start
+    session = Session(plan, placement, memory).setup(scorer=False)  # as keyframes.run sets up
+    pipe, speed = session.pipe, session.loaded.speed
+    load_seconds = session.timings["model_load_seconds"]
 
     cuda = placement.device == "cuda"
     device_name = torch.cuda.get_device_name() if cuda else _cpu_name()
@@ -260,7 +249,7 @@ def _cpu_name() -> str:
 
 
 def _versions() -> dict[str, str]:
-    from keyframes.run import package_versions
+    from keyframes.generation.preflight import package_versions
 
     return {**package_versions(), "torch CUDA build": torch.version.cuda or "none"}
 

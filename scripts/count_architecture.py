@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from keyframes.config.schema import SDXL_BUCKETS
+from keyframes.config.validate import SDXL_BUCKETS
 from keyframes.pipeline.architectures import build_components, count_parameters, counts_path
 from keyframes.pipeline.flops import count_flops
 

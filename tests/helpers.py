@@ -79,3 +79,23 @@ def assert_same_picture(a, b, what: str = "") -> None:
     """The same picture up to CPU float noise (see FLOAT_NOISE)."""
     gap = pixel_gap(a, b)
     assert gap.within(FLOAT_NOISE), f"{what}: {gap} exceeds {FLOAT_NOISE}"
+
+
+def check_settings(cfg, controlled: bool = False):
+    """What a run checks before anything loads: the plan (values, sizes, paths), then every
+    conditioning method's checks on the jobs of the config's shotlist (controlled: each with a
+    canny control). Returns (width, height)."""
+    from dataclasses import replace
+
+    from keyframes.conditioning.base import methods_for, prepare_all
+    from keyframes.config.plan import make_plan
+    from keyframes.shotlist.jobs import plan_for
+    from keyframes.shotlist.load import load_shotlist
+
+    plan = make_plan(cfg)
+    shotlist = load_shotlist(plan.config.shotlist, True)
+    jobs = plan_for(plan.config, shotlist)
+    if controlled:
+        jobs = [replace(job, control=("canny", "edges.png")) for job in jobs]
+    prepare_all(methods_for(plan), jobs, shotlist)
+    return plan.width, plan.height

@@ -307,14 +307,14 @@ def test_an_aspect_typed_on_the_command_line_wins_over_the_presets_size(cli_in_p
 
 
 def test_width_and_height_typed_with_an_aspect_win_with_a_warning():
-    from keyframes.config.schema import typed_aspect_wins, validate
+    from keyframes.config.plan import typed_aspect_wins
+    from keyframes.config.validate import validate
     from tests.test_config import settings
 
     cfg = settings("experiment=smoke", "aspect=21:9", "width=128", "height=128")
-    assert typed_aspect_wins(cfg, {"aspect", "width", "height"}) == [
-        "aspect=21:9 is not used: width=128 and height=128 were given too"
-    ]
+    cfg, notes = typed_aspect_wins(cfg, {"aspect", "width", "height"})
+    assert notes == ["aspect=21:9 is not used: width=128 and height=128 were given too"]
     assert validate(cfg) == (128, 128)
     cfg = settings("experiment=smoke", "aspect=1:2", "height=128")
-    typed_aspect_wins(cfg, {"aspect", "height"})
+    cfg, _ = typed_aspect_wins(cfg, {"aspect", "height"})
     assert validate(cfg) == (64, 128)

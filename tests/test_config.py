@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 import keyframes.run  # noqa: F401  (registers the schema)
-from keyframes.config.schema import Config, resolve_size, validate
+from keyframes.config.schema import Config
+from keyframes.config.validate import resolve_size, validate
 from keyframes.errors import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -66,7 +66,7 @@ def test_plan_carries_each_scenes_control(shotlist):
     assert [j.control[0] if j.control else None for j in jobs] == ["canny", None, "canny"]
     assert jobs[0].control[1].endswith("a.png")
     # controlled and plain scenes never share a pipeline call
-    assert [[j.scene_id for j in b] for b in batches(jobs, 4, split_controls=True)] == [
+    assert [[j.scene_id for j in b] for b in batches(jobs, 4, lambda job: bool(job.control))] == [
         ["cliff"],
         ["sea"],
         ["boat"],
@@ -78,7 +78,7 @@ def test_the_control_image_steers_the_picture_and_scale_0_does_not(shotlist, pip
     settings = GenerationSettings(3, 5.0, 64, 64, 2)
 
     def images(control):
-        made = KeyframeGenerator(pipe, settings, control=control).run(jobs)
+        made = KeyframeGenerator(pipe, settings, hooks=[control] if control else []).run(jobs)
         return {g.job.scene_id: np.asarray(g.image, dtype=np.int16) for b in made for g in b}
 
     plain, steered = images(None), images(control(pipe, 1.0))
@@ -89,7 +89,7 @@ def test_the_control_image_steers_the_picture_and_scale_0_does_not(shotlist, pip
         assert np.abs(steered[scene] - plain[scene]).mean() > 0.5
         assert_same_picture(off[scene], plain[scene], scene)  # the residuals times 0
     swapped = [j.__class__(**{**j.__dict__, "control": jobs[2].control}) for j in jobs[:1]]
-    other = next(KeyframeGenerator(pipe, settings, control=control(pipe, 1.0)).run(swapped))
+    other = next(KeyframeGenerator(pipe, settings, hooks=[control(pipe, 1.0)]).run(swapped))
     assert np.abs(np.asarray(other[0].image, dtype=np.int16) - steered["cliff"]).mean() > 0.5
 
 

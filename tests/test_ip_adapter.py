@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from keyframes.conditioning.ip_adapter import assign_references, load_adapter
+from keyframes.conditioning.ip_adapter import ImagePrompt, assign_references, load_adapter
 from keyframes.config.schema import ConsistencyConfig
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator, batches
 from keyframes.shotlist.jobs import plan_jobs
@@ -93,7 +93,7 @@ def test_references_come_from_the_scene_then_its_characters_then_the_run(setup):
     with_image = assign_references(jobs, shotlist, str(folder / "red.png"))
     assert with_image[0].reference == str(folder / "red.png")
     # one pipeline call per reference image
-    assert [[j.scene_id for j in b] for b in batches(with_refs, 4, split_references=True)] == [
+    assert [[j.scene_id for j in b] for b in batches(with_refs, 4, ImagePrompt().split_key)] == [
         ["cliff"],
         ["lamp"],
         ["boat"],
@@ -110,7 +110,9 @@ def test_adapter_loads_and_the_reference_image_changes_the_picture(setup):
 
     def image(adapter_on=True, ref=None):
         target = job if ref is None else job.__class__(**{**job.__dict__, "reference": ref})
-        made = KeyframeGenerator(pipe, settings, ip_adapter=adapter_on).run([target])
+        made = KeyframeGenerator(pipe, settings, hooks=[ImagePrompt()] if adapter_on else []).run(
+            [target]
+        )
         return np.asarray(next(made)[0].image, dtype=np.int16)
 
     plain = image(adapter_on=False)
@@ -153,7 +155,7 @@ def test_controlnet_scenes_also_follow_the_reference_image(setup):
         control = Control(pipe, net, tiny_control(1.0), 64, 64)
 
         def image():
-            made = KeyframeGenerator(pipe, settings, control=control, ip_adapter=True).run([job])
+            made = KeyframeGenerator(pipe, settings, hooks=[ImagePrompt(), control]).run([job])
             return np.asarray(next(made)[0].image, dtype=np.int16)
 
         steered = image()

@@ -5,9 +5,13 @@ import pytest
 import torch
 
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
-from keyframes.generation.render import prompt_encoding
-from keyframes.pipeline.load import prompt_tokens
-from keyframes.pipeline.long_prompts import chunk_count, encode, text_inputs
+from keyframes.pipeline.long_prompts import (
+    chunk_count,
+    encode,
+    prompt_encoding,
+    prompt_tokens,
+    text_inputs,
+)
 from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
 
 LONG = ", ".join(f"detail number {n} of the old lighthouse keeper's coat" for n in range(20))

@@ -10,7 +10,7 @@ from keyframes.conditioning.loras import apply_loras, check_loras, lora_records,
 from keyframes.config.schema import LoraConfig
 from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
-from keyframes.outputs.records import a1111_parameters
+from keyframes.outputs.png import a1111_parameters
 from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
 
 

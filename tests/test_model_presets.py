@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from keyframes.config.schema import SamplerConfig, fit_to_model, validate
+from keyframes.config.plan import fit_to_model
+from keyframes.config.schema import SamplerConfig
+from keyframes.config.validate import validate
 from keyframes.errors import ModelUnavailableError
 from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
 from tests.helpers import tiny_model_config
@@ -16,7 +18,7 @@ CPU = resolve_placement("cpu", "float32")
 
 def test_turbo_gets_its_steps_guidance_and_size_with_a_warning_each():
     cfg = settings("model=sdxl_turbo", "steps=30", "cfg_scale=7")
-    notes = fit_to_model(cfg)
+    cfg, notes = fit_to_model(cfg)
     assert (cfg.steps, cfg.cfg_scale, cfg.quality.base_size) == (4, 0.0, 512)
     assert notes[:3] == [
         "steps=30 does not fit sdxl_turbo (1-4): using 4",
@@ -30,13 +32,14 @@ def test_turbo_gets_its_steps_guidance_and_size_with_a_warning_each():
 def test_settings_that_fit_give_no_warning():
     cfg = settings("model=sdxl_turbo", "steps=2", "cfg_scale=0", "sampler=euler_a", "width=512",
                    "height=512")  # fmt: skip
-    assert fit_to_model(cfg) == [] and (cfg.steps, cfg.cfg_scale) == (2, 0.0)
-    assert fit_to_model(settings()) == []  # SDXL base: nothing to fit
+    cfg, notes = fit_to_model(cfg)
+    assert notes == [] and (cfg.steps, cfg.cfg_scale) == (2, 0.0)
+    assert fit_to_model(settings())[1] == []  # SDXL base: nothing to fit
 
 
 def test_lightning_is_four_steps_trailing_with_its_own_unet():
     cfg = settings("model=sdxl_lightning", "sampler=euler")
-    assert fit_to_model(cfg) == [
+    assert fit_to_model(cfg)[1] == [
         "steps=30 does not fit sdxl_lightning (4-4): using 4",
         "cfg_scale=7 does not fit sdxl_lightning (distilled for 0): using 0",
     ]

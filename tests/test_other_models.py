@@ -8,14 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from keyframes.conditioning.upscale import Hires, Refiner, load_refiner
-from keyframes.config.schema import ModelConfig, UpscaleConfig, check_family, validate
+from keyframes.conditioning.hires import Hires
+from keyframes.conditioning.refiner import Refiner, load_refiner
+from keyframes.config.schema import ModelConfig, UpscaleConfig
 from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
-from keyframes.outputs.records import a1111_parameters
+from keyframes.outputs.png import a1111_parameters
 from keyframes.pipeline.load import load_pipeline, resolve_family, resolve_placement
 from keyframes.pipeline.long_prompts import chunk_count, encode, text_inputs
-from tests.helpers import demo_jobs, euler_tiny_pipe, tiny_model_config
+from tests.helpers import check_settings, demo_jobs, euler_tiny_pipe, tiny_model_config
 from tests.test_config import settings
 from tests.test_long_prompts import LONG
 
@@ -29,7 +30,8 @@ def sd15():
 
 def pixels(pipe, jobs, settings=None, **parts):
     settings = settings or GenerationSettings(3, 5.0, 64, 48, 2)
-    made = [g for b in KeyframeGenerator(pipe, settings, **parts).run(jobs) for g in b]
+    hooks = [hook for hook in parts.values() if hook is not None]
+    made = [g for b in KeyframeGenerator(pipe, settings, hooks=hooks).run(jobs) for g in b]
     assert all(g.error is None for g in made), [g.error for g in made]
     return [np.asarray(g.image, dtype=np.int16) for g in made]
 
@@ -93,10 +95,10 @@ def test_sdxl_only_parts_are_refused_for_sd15_before_loading():
     ]:
         cfg = settings("model=sd15", *overrides)
         with pytest.raises(ConfigError) as info:
-            check_family(cfg, cfg.model.family, controlled=True)
+            check_settings(cfg, controlled=True)
         assert any(message in p for p in info.value.problems), info.value.problems
-    check_family(settings("model=sd15", "controlnet=canny_sd15"), "sd15", controlled=True)
-    check_family(settings("upscale=refiner"), "sdxl", controlled=False)
+    check_settings(settings("model=sd15", "controlnet=canny_sd15"), controlled=True)
+    check_settings(settings("upscale=refiner"), controlled=False)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,7 @@ def test_refiner_loads_from_a_folder_with_the_base_encoder_and_vae(base, tmp_pat
 
 def test_refiner_settings_are_checked_and_recorded_as_image_browsers_read_them():
     with pytest.raises(ConfigError) as info:
-        validate(settings("upscale=refiner", "upscale.high_noise_frac=1"))
+        check_settings(settings("upscale=refiner", "upscale.high_noise_frac=1"))
     assert "upscale.high_noise_frac=1.0: must be between 0 and 1" in info.value.problems
     record = {
         "prompt": "a boat", "negative_prompt": "", "steps": 30, "sampler_label": "Euler",

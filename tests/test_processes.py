@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import keyframes.outputs.processes as processes
+from keyframes.outputs.png import read_png_metadata
 from keyframes.outputs.processes import claim_gpu
-from keyframes.outputs.records import read_png_metadata
 from tests.conftest import read_manifest
 from tests.helpers import assert_same_picture
 from tests.test_cli import DEMO_FILES, load_pixels, mlflow_runs

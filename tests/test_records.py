@@ -5,13 +5,9 @@ import pytest
 from PIL import Image
 
 from keyframes.config.schema import ScorerConfig
-from keyframes.outputs.records import (
-    a1111_parameters,
-    contact_sheet,
-    read_png_metadata,
-    save_png,
-    write_manifest,
-)
+from keyframes.outputs.contact_sheet import contact_sheet
+from keyframes.outputs.png import a1111_parameters, read_png_metadata, save_png
+from keyframes.outputs.records import write_manifest
 from keyframes.scoring.clip import load_scorer
 
 RECORD = {
@@ -101,8 +97,7 @@ def test_two_line_labels_fit_a_256_px_thumbnail():
     """The smoke run's thumbnails are 256 px wide: scene, seed and CLIP score must all show."""
     from PIL import ImageDraw
 
-    from keyframes.generation.render import _label
-    from keyframes.outputs.records import fit_text, load_font
+    from keyframes.outputs.contact_sheet import _label, fit_text, load_font
 
     record = {"scene_index": 1, "scene_id": "opening", "take": 1, "seed": 4064471231,
               "clip_score": 23.41}  # fmt: skip
@@ -113,7 +108,7 @@ def test_two_line_labels_fit_a_256_px_thumbnail():
 
 
 def test_a_long_run_gets_contact_sheet_pages_a_viewer_can_open(tmp_path):
-    from keyframes.generation.render import write_contact_sheets
+    from keyframes.outputs.contact_sheet import write_contact_sheets
 
     (tmp_path / "keyframes").mkdir()
     records = []

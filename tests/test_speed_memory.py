@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig, validate
+from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig
+from keyframes.config.validate import validate
 from keyframes.errors import ConfigError, ModelUnavailableError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.pipeline.architectures import (
@@ -186,12 +187,12 @@ def test_fixed_batch_pads_the_last_batch_to_one_shape():
 
 
 def test_warm_up_runs_once_per_batch_shape():
-    from keyframes.generation.render import warm_up
+    from keyframes.generation.warmup import warm_up
     from keyframes.pipeline.load import LoadedPipeline
 
     pipe = load_pipeline(tiny_model_config(), CPU)
     apply_sampler(pipe, EULER)
-    loaded = LoadedPipeline(pipe, pipe.scheduler.config, {}, key=())
+    loaded = LoadedPipeline(pipe, pipe.scheduler.config, {}, (), CPU, "none")
     settings = GenerationSettings(30, 5.0, 64, 64, 2, fixed_batch=True)
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from keyframes.config.schema import StyleConfig, validate
+from keyframes.config.schema import StyleConfig
 from keyframes.config.styles import read_style_file, resolve_style
+from keyframes.config.validate import validate
 from keyframes.errors import ConfigError
 from keyframes.shotlist.jobs import plan_jobs
 from keyframes.shotlist.load import load_shotlist

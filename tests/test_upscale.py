@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keyframes.conditioning.upscale import Hires
-from keyframes.config.schema import UpscaleConfig, upscaled_size, validate
+from keyframes.conditioning.hires import Hires
+from keyframes.config.schema import UpscaleConfig
+from keyframes.config.validate import upscaled_size
 from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
-from keyframes.outputs.records import a1111_parameters, read_png_metadata
+from keyframes.outputs.png import a1111_parameters, read_png_metadata
 from tests.conftest import read_manifest
-from tests.helpers import demo_jobs, euler_tiny_pipe
+from tests.helpers import check_settings, demo_jobs, euler_tiny_pipe
 from tests.test_config import settings
 
 
@@ -23,7 +24,11 @@ def setup():
 
 def make(pipe, jobs, hires=None):
     settings = GenerationSettings(4, 5.0, 64, 48, 2)
-    out = [g for batch in KeyframeGenerator(pipe, settings, hires=hires).run(jobs) for g in batch]
+    out = [
+        g
+        for batch in KeyframeGenerator(pipe, settings, hooks=[hires] if hires else []).run(jobs)
+        for g in batch
+    ]
     assert all(g.error is None for g in out)
     return [g.image for g in out]
 
@@ -50,7 +55,7 @@ def test_hires_settings_are_checked_and_the_final_size_is_limited():
         (["width=4096", "height=4096", "upscale.factor=2"], "size 8192x8192 (67.1 MP)"),
     ]:
         with pytest.raises(ConfigError) as info:
-            validate(settings("upscale=hires", *overrides))
+            check_settings(settings("upscale=hires", *overrides))
         assert any(message in p for p in info.value.problems), info.value.problems
 
 
@@ -95,9 +100,9 @@ def test_smoke_run_with_hires_says_nothing_seven_times(cli_in_process):
 
 def test_hires_that_would_redraw_no_step_is_refused():
     with pytest.raises(ConfigError) as info:
-        validate(settings("upscale=hires", "steps=2", "upscale.strength=0.35"))
+        check_settings(settings("upscale=hires", "steps=2", "upscale.strength=0.35"))
     assert info.value.problems == [
         "upscale=hires: strength 0.35 of 2 steps redraws no step at all; raise upscale.steps "
         "(or upscale.strength)"
     ]
-    validate(settings("upscale=hires", "steps=2", "upscale.steps=3"))  # 1 step: fine
+    check_settings(settings("upscale=hires", "steps=2", "upscale.steps=3"))  # 1 step: fine

@@ -8,13 +8,18 @@ with a control run through the model's ControlNet pipeline (SDXL or SD 1.5) made
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from PIL import Image
 
-from keyframes.config.schema import CONTROL_TYPES, ControlNetConfig
+from keyframes.conditioning.base import BatchHook, Method, register
+from keyframes.config.schema import CONTROL_TYPES, FAMILIES, ControlNetConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.shotlist.jobs import ImageJob
+
+log = logging.getLogger("keyframes")
 
 
 def canny(image: Image.Image, low: int, high: int) -> Image.Image:
@@ -79,8 +84,9 @@ def load_controlnet(control: ControlNetConfig, unet, dtype: torch.dtype):
         ) from None
 
 
-class Control:
-    """The ControlNet pipeline for the run, and the control images of its jobs."""
+class Control(BatchHook):
+    """The ControlNet pipeline for the run, and the control images of its jobs: batches with
+    a control run through it, the others through the plain pipeline."""
 
     def __init__(self, pipe, net, control: ControlNetConfig, width: int, height: int):
         from diffusers import AutoPipelineForText2Image
@@ -90,6 +96,81 @@ class Control:
         self.pipe.set_progress_bar_config(disable=True)
         self.config, self.width, self.height = control, width, height
 
-    def arguments(self, batch: list[ImageJob]) -> dict:
-        images = [control_image(job, self.config, self.width, self.height) for job in batch]
-        return {"image": images, "controlnet_conditioning_scale": self.config.conditioning_scale}
+    def split_key(self, job: ImageJob) -> bool:
+        return bool(job.control)
+
+    def call(self, pipe, batch: list[ImageJob], conditioning: dict, arguments: dict):
+        if not batch[0].control:
+            return pipe
+        arguments["image"] = [
+            control_image(job, self.config, self.width, self.height) for job in batch
+        ]
+        arguments["controlnet_conditioning_scale"] = self.config.conditioning_scale
+        return self.pipe
+
+
+@register("controlnet", "none")
+class NoControlNet(Method):
+    """controlnet=none: scenes' controls are ignored, with a note (the same shotlist serves runs
+    with and without)."""
+
+    def prepare(self, jobs: list[ImageJob], shotlist) -> list[ImageJob]:
+        for note in check_controls(jobs, self.settings):
+            log.warning(note)
+        return jobs
+
+
+@register("controlnet", "canny_sdxl", "depth_sdxl", "canny_sd15", "depth_sd15")
+class ControlNet(Method):
+    """controlnet=<type>_<family>: scenes with a control of that type follow it."""
+
+    name = "controlnet"
+
+    def prepare(self, jobs: list[ImageJob], shotlist) -> list[ImageJob]:
+        control, model = self.settings, self.plan.config.model
+        problems = []
+        if control.type not in CONTROL_TYPES:
+            problems.append(f"controlnet.type={control.type}: must be one of "
+                            f"{', '.join(CONTROL_TYPES)}")  # fmt: skip
+        if control.family not in FAMILIES[1:]:
+            problems.append(f"controlnet.family={control.family}: must be one of "
+                            f"{', '.join(FAMILIES[1:])}")  # fmt: skip
+        if not control.conditioning_scale >= 0:
+            problems.append(
+                f"controlnet.conditioning_scale={control.conditioning_scale}: must be >= 0"
+            )
+        if problems:
+            raise ConfigError("invalid settings:", problems)
+        check_controls(jobs, control)
+        if any(job.control for job in jobs) and control.family != model.family:
+            raise ConfigError("settings that do not fit the model:", [
+                f"controlnet={control.name} is a {control.family} ControlNet; {model.name} is "
+                f"{model.family} (controlnet=canny_{model.family} or depth_{model.family} fits)"
+            ])  # fmt: skip
+        return jobs
+
+    def install(self, loaded, todo: list[ImageJob]) -> None:
+        pipe = loaded.pipe
+        self.net = None
+        if any(job.control for job in todo):
+            self.net = load_controlnet(self.settings, pipe.unet, pipe.unet.dtype).to(pipe.device)
+
+    def begin_stage(self, pipe, stage: int) -> BatchHook | None:
+        # made per stage: from_pipe copies the components there are at that moment
+        if self.net is None:
+            return None
+        return Control(pipe, self.net, self.settings, self.plan.width, self.plan.height)
+
+    def record(self, job: ImageJob) -> dict:
+        if not job.control:
+            return {"control": None}
+        return {"control": {"type": job.control[0], "image": job.control[1],
+                            "controlnet": self.settings.name,
+                            "scale": self.settings.conditioning_scale}}  # fmt: skip
+
+    @classmethod
+    def png_settings(cls, record: dict) -> list[str]:
+        control = record.get("control")
+        if not control:
+            return []
+        return [f"ControlNet: {control['type']} (weight {control['scale']:g})"]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from keyframes.conditioning.base import BatchHook, Method, register
 from keyframes.config.schema import ConsistencyConfig
-from keyframes.errors import ModelUnavailableError, first_line
+from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.shotlist.jobs import ImageJob
 from keyframes.shotlist.load import Shotlist
 
@@ -86,3 +87,61 @@ def load_adapter(pipe, consistency: ConsistencyConfig) -> None:
 def reference_image(path: str) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+class ImagePrompt(BatchHook):
+    """Shows each batch its reference image (batches are split on it)."""
+
+    def split_key(self, job: ImageJob) -> str | None:
+        return job.reference
+
+    def call(self, pipe, batch: list[ImageJob], conditioning: dict, arguments: dict):
+        conditioning["ip_adapter_image"] = reference_image(batch[0].reference)
+        return pipe
+
+
+@register("consistency", "ip_adapter")
+class IpAdapter(Method):
+    """consistency=ip_adapter: an image prompt per image; where none is given, the run's first
+    keyframe, made before the adapter loads and then shown to every other image."""
+
+    def prepare(self, jobs: list[ImageJob], shotlist: Shotlist) -> list[ImageJob]:
+        family, model = self.plan.config.model.family, self.plan.config.model.name
+        if family != "sdxl":
+            raise ConfigError("settings that do not fit the model:", [
+                f"consistency=ip_adapter loads SDXL IP-Adapters; {model} is {family}. "
+                "Use consistency=style_aligned or none."])  # fmt: skip
+        image = self.settings.image
+        if image is not None and not Path(image).expanduser().is_file():
+            raise ConfigError(f"consistency.image={image}: no such file")
+        image = str(Path(image).expanduser().resolve()) if image else None
+        self.planned = assign_references(jobs, shotlist, image)
+        self.loaded = False
+        return self.planned
+
+    def missing_weights(self) -> str | None:
+        return missing_adapter(self.settings)
+
+    def stages(self, todo: list[ImageJob], planned: list[ImageJob], run_dir) -> list[list]:
+        first = planned[0]
+        plain = [j for j in todo if j.index == first.index and j.reference is None]
+        fallback = str(run_dir / first.file)
+        rest = [replace(j, reference=j.reference or fallback) for j in todo if j not in plain]
+        return [plain, rest]
+
+    def begin_stage(self, pipe, stage: int) -> BatchHook | None:
+        if stage == 0:
+            return None
+        load_adapter(pipe, self.settings)
+        self.loaded = True
+        return ImagePrompt()
+
+    def remove(self, pipe) -> None:
+        if self.loaded:
+            pipe.unload_ip_adapter()
+
+    def record(self, job: ImageJob) -> dict:
+        """The image prompt's path: the run's first keyframe where nothing else was given."""
+        first = self.planned[0]
+        reference = job.reference or (None if job.index == first.index else first.file)
+        return {"consistency": self.name, "consistency_reference": reference}

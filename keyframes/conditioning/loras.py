@@ -4,10 +4,14 @@ its scale, optionally fused into the weights. Files load from safetensors only."
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
+from keyframes.conditioning.base import Method, register
 from keyframes.config.schema import LoraConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
+
+log = logging.getLogger("keyframes")
 
 
 def lora_name(lora: LoraConfig) -> str:
@@ -79,3 +83,27 @@ def remove_loras(pipe, fused: bool) -> None:
 def prompt_tags(records: list[dict]) -> str:
     """The <lora:name:scale> tags image browsers read from a prompt."""
     return " ".join(f"<lora:{r['name']}:{r['scale']:g}>" for r in records)
+
+
+@register("loras", "loras")
+class Loras(Method):
+    """loras=[...]: every adapter at its scale, optionally fused into the weights."""
+
+    def prepare(self, jobs: list, shotlist) -> list:
+        check_loras(self.settings)
+        self.records = lora_records(self.settings)
+        return jobs
+
+    def install(self, loaded, todo) -> None:
+        fuse = self.plan.config.fuse_loras
+        apply_loras(loaded.pipe, self.settings, fuse)
+        log.info("LoRA: %s%s", prompt_tags(self.records), " (fused)" if fuse else "")
+
+    def remove(self, pipe) -> None:
+        remove_loras(pipe, self.plan.config.fuse_loras)
+
+    def record(self, job) -> dict:
+        return {"loras": self.records}
+
+    def run_record(self) -> dict:
+        return {"loras": self.records}

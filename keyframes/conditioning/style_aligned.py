@@ -10,8 +10,16 @@ The reference attends only to itself, exactly as without sharing, so it comes ou
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+from keyframes.conditioning.base import Method, register
+from keyframes.errors import ConfigError
+from keyframes.shotlist.jobs import ImageJob, reference_job
+
+log = logging.getLogger("keyframes")
 
 EPS = 1e-5
 
@@ -88,3 +96,33 @@ def share_attention(unet) -> tuple[dict, list[SharedAttentionProcessor]]:
             processors[name] = processor
     unet.set_attn_processor(processors)
     return previous, list(shared.values())
+
+
+@register("consistency", "style_aligned")
+class StyleAligned(Method):
+    """consistency=style_aligned: every image shares attention with one reference keyframe."""
+
+    def prepare(self, jobs: list[ImageJob], shotlist) -> list[ImageJob]:
+        if self.plan.config.controlnet.type and any(job.control for job in jobs):
+            raise ConfigError(
+                "consistency=style_aligned with ControlNet scenes is not supported: the "
+                "reference shares every batch, and a ControlNet batch steers all its rows with "
+                "one scale. Use one of them per run (consistency=ip_adapter works with ControlNet)."
+            )
+        self.reference = reference_job(jobs, self.settings.reference)
+        return jobs
+
+    def lead(self) -> ImageJob:
+        return self.reference
+
+    def install(self, loaded, todo) -> None:
+        self.restore, shared = share_attention(loaded.pipe.unet)
+        for processor in shared:  # diffusers doubles the batch for guidance above 1
+            processor.groups = 2 if self.plan.config.cfg_scale > 1 else 1
+        log.info("style_aligned: every image shares attention with %s", self.reference.file)
+
+    def remove(self, pipe) -> None:
+        pipe.unet.set_attn_processor(self.restore)
+
+    def record(self, job: ImageJob) -> dict:
+        return {"consistency": self.name, "consistency_reference": self.reference.file}

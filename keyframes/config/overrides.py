@@ -69,3 +69,11 @@ def _unwrap_optional(node: Any) -> Any:
         if len(args) == 1:
             return args[0]
     return node
+
+
+def override_keys(overrides: list[str], sweeps_only: bool = True) -> list[str]:
+    """The keys of the overrides that sweep (or of all of them)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.get_key_element() for o in parsed if o.is_sweep_override() or not sweeps_only]

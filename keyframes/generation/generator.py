@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from keyframes.conditioning.ip_adapter import reference_image
+from keyframes.conditioning.base import BatchHook
 from keyframes.pipeline.long_prompts import text_inputs
 from keyframes.pipeline.noise import seeded_generators
 from keyframes.shotlist.jobs import ImageJob
@@ -55,19 +55,12 @@ class Generation:
     notes: list[str] = field(default_factory=list)  # e.g. "vae_fp32_redecode"
 
 
-def batches(
-    jobs: list[ImageJob], size: int, split_controls: bool = False, split_references: bool = False
-) -> Iterator[list[ImageJob]]:
-    """Consecutive jobs, `size` at a time. split_controls: a batch holds only scenes with a
-    ControlNet control or only scenes without (they run through different pipelines);
-    split_references: only jobs with the same IP-Adapter reference image."""
-
-    def kind(job: ImageJob):
-        return (split_controls and bool(job.control), split_references and job.reference)
-
+def batches(jobs: list[ImageJob], size: int, key=lambda job: None) -> Iterator[list[ImageJob]]:
+    """Consecutive jobs, `size` at a time; a batch holds only jobs with the same key (the
+    conditioning hooks' split keys: e.g. with a ControlNet control or without)."""
     batch: list[ImageJob] = []
     for job in jobs:
-        if batch and (len(batch) == size or kind(job) != kind(batch[0])):
+        if batch and (len(batch) == size or key(job) != key(batch[0])):
             yield batch
             batch = []
         batch.append(job)
@@ -81,24 +74,20 @@ class KeyframeGenerator:
 
     With a `reference` job, every pipeline call starts with it (shared attention reads it
     from the first row); it is generated again in each batch, the same way from its seed, and
-    reported once, in the first batch, if it is among the jobs."""
+    reported once, in the first batch, if it is among the jobs. `hooks` are the conditioning
+    methods' BatchHooks: they split batches, choose the pipeline and add to its arguments,
+    and finish latents or run a second pass."""
 
     def __init__(
         self,
         pipe,
         settings: GenerationSettings,
         reference: ImageJob | None = None,
-        hires=None,  # upscale.Hires: a second, img2img pass at a larger size
-        refiner=None,  # upscale.Refiner: the SDXL refiner finishes the last steps
-        control=None,  # control.Control: the ControlNet pipeline for scenes with a control
-        ip_adapter: bool = False,  # an IP-Adapter is loaded: show each job its reference
+        hooks: tuple[BatchHook, ...] | list[BatchHook] = (),
         shard: tuple[int, int] = (0, 1),  # (process, processes): make every n-th batch only
     ):
         self.pipe = pipe
-        self.hires = hires
-        self.refiner = refiner
-        self.control = control
-        self.ip_adapter = ip_adapter
+        self.hooks = list(hooks)
         self.settings = settings
         self.batch_size = settings.batch_size
         self.fallbacks: list[dict] = []
@@ -116,8 +105,7 @@ class KeyframeGenerator:
             else:
                 self._report_reference = len(others) < len(jobs)
                 jobs = others
-        split = (self.control is not None, self.ip_adapter)
-        queue = deque(batches(jobs, self.batch_size, *split))
+        queue = deque(batches(jobs, self.batch_size, self._split_key))
         index, count = self.shard
         if count > 1:  # the batches a single process would make, dealt out in turn
             queue = deque(batch for k, batch in enumerate(queue) if k % count == index)
@@ -132,7 +120,7 @@ class KeyframeGenerator:
                     # Halve this batch and every later one: the size that failed will fail again.
                     self.batch_size = len(batch) // 2
                     rest = batch + [job for queued in queue for job in queued]
-                    queue = deque(batches(rest, self.batch_size, *split))
+                    queue = deque(batches(rest, self.batch_size, self._split_key))
                     self._note(
                         "halve_batch", batch, f"batch size {len(batch)} -> {self.batch_size}"
                     )
@@ -145,6 +133,9 @@ class KeyframeGenerator:
             except Exception as e:  # noqa: BLE001 - one bad batch must not end a long run
                 log.exception("batch of %s failed", ", ".join(j.file for j in batch))
                 yield self._failed(batch, f"{type(e).__name__}: {e}")
+
+    def _split_key(self, job: ImageJob) -> tuple:
+        return tuple(hook.split_key(job) for hook in self.hooks)
 
     def _next_memory_saver(self, batch: list[ImageJob]) -> bool:
         """Switch on the next memory saver; False when none is left."""
@@ -189,32 +180,32 @@ class KeyframeGenerator:
         prompts = [job.prompt for job in batch]
         negatives = [job.negative_prompt for job in batch]
         conditioning = text_inputs(self.pipe, prompts, negatives, self.settings.long_prompts)
-        seeds = [job.seed for job in batch]
-        steps, cfg_scale = self.settings.steps, self.settings.cfg_scale
-        pipe, extra = self.pipe, {}
-        if self.control is not None and batch[0].control:
-            pipe, extra = self.control.pipe, self.control.arguments(batch)
-        if self.ip_adapter:  # one reference per batch (batches split on it)
-            conditioning["ip_adapter_image"] = reference_image(batch[0].reference)
-        if self.refiner is not None:  # the base stops at high_noise_frac of the schedule
-            extra["denoising_end"] = self.refiner.denoising_end
+        inputs = {"conditioning": conditioning, "prompts": prompts, "negatives": negatives,
+                  "seeds": [job.seed for job in batch], "steps": self.settings.steps,
+                  "cfg_scale": self.settings.cfg_scale}  # fmt: skip
+        pipe, arguments = self.pipe, {}
+        for hook in self.hooks:  # conditioning: the second passes reuse it; arguments: not
+            pipe = hook.call(pipe, batch, conditioning, arguments)
         latents = pipe(
             **conditioning,
-            **extra,
-            num_inference_steps=steps,
-            guidance_scale=cfg_scale,
+            **arguments,
+            num_inference_steps=self.settings.steps,
+            guidance_scale=self.settings.cfg_scale,
             width=self.settings.width,
             height=self.settings.height,
             generator=generators,
             output_type="latent",
         ).images
-        if self.refiner is not None:
-            latents = self.refiner.refine(latents, prompts, negatives, seeds, steps, cfg_scale)
+        for hook in self.hooks:
+            latents = hook.after_latents(latents, batch, inputs)
         pixels, bad, redecoded = self._decode_checked(latents)
-        if self.hires is not None and not bad.all():
-            latents = self.hires.refine(pixels, conditioning, seeds, steps, cfg_scale)
-            pixels, bad_again, redecoded_again = self._decode_checked(latents)
-            bad, redecoded = bad | bad_again, redecoded or redecoded_again
+        for hook in self.hooks:
+            if bad.all():
+                break
+            latents = hook.second_pass(pixels, batch, inputs)
+            if latents is not None:
+                pixels, bad_again, redecoded_again = self._decode_checked(latents)
+                bad, redecoded = bad | bad_again, redecoded or redecoded_again
         batch, images, bad = batch[:size], to_pil(self.pipe, pixels[:size]), bad[:size]
         if self.cuda:
             torch.cuda.synchronize()

@@ -1,75 +1,24 @@
-"""What lands on disk: PNGs carrying their recipe, manifest.json, contact_sheet.png.
+"""The manifest: manifest.json and its journal, written as a run goes and read back.
 
 Files are written to a temporary name and renamed, so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
+import shlex
+import socket
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
-
-from keyframes.conditioning.loras import prompt_tags
+from keyframes.conditioning.base import record_fields
+from keyframes.pipeline.load import describe_source
+from keyframes.pipeline.long_prompts import prompt_encoding
 
 MANIFEST_VERSION = 1
-
-
-def a1111_parameters(record: dict[str, Any]) -> str:
-    """The `parameters` text that AUTOMATIC1111-compatible image browsers parse."""
-    settings = [
-        f"Steps: {record['steps']}",
-        f"Sampler: {record['sampler_label']}",
-        f"CFG scale: {_number(record['cfg_scale'])}",
-        f"Seed: {record['seed']}",
-        f"Size: {record['width']}x{record['height']}",
-        f"Model: {record['model']}",
-        f"Style: {record['style']}",
-    ]
-    if record.get("consistency") not in (None, "none"):
-        settings.append(f"Consistency: {record['consistency']} ({record['consistency_reference']})")
-    control = record.get("control")
-    if control:
-        settings.append(f"ControlNet: {control['type']} (weight {_number(control['scale'])})")
-    upscale = record.get("upscale")
-    if upscale and upscale["name"] == "refiner":  # A1111's own names for its refiner switch
-        settings.append(
-            f"Refiner: {upscale['model']}, Refiner switch at: {_number(upscale['high_noise_frac'])}"
-        )
-    elif upscale:
-        settings.append(
-            f"Hires upscale: {_number(upscale['factor'])}, Hires steps: {upscale['steps']}, "
-            f"Denoising strength: {_number(upscale['strength'])}"
-        )
-    loras = record.get("loras") or []
-    hashes = ", ".join(f"{r['name']}: {r['sha256']}" for r in loras if r.get("sha256"))
-    if hashes:
-        settings.append(f'Lora hashes: "{hashes}"')
-    tags = prompt_tags(loras)
-    lines = [f"{record['prompt']} {tags}" if tags else record["prompt"]]
-    if record["negative_prompt"]:
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
-    lines.append(", ".join(settings))
-    return "\n".join(lines)
-
-
-def _number(x: float) -> str:
-    return f"{x:g}"
-
-
-def save_png(image: Image.Image, path: Path, record: dict[str, Any], provenance: dict[str, Any]):
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", a1111_parameters(record))
-    info.add_text("keyframes", json.dumps(provenance, ensure_ascii=False, sort_keys=True))
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-
-
-def read_png_metadata(path: Path) -> dict[str, str]:
-    with Image.open(path) as im:
-        return dict(im.text)
 
 
 def write_manifest(
@@ -143,61 +92,107 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-SHEET_PAGE = 64  # keyframes per contact sheet page: at most 8 x 8, a picture a viewer opens
+def image_record(plan, g, scores: tuple, tokens: dict[str, int], scene_extra: dict[str, Any],
+                 methods: list, planned) -> dict[str, Any]:  # fmt: skip
+    """One manifest entry (g: a generation.Generation; scores: its two CLIP TextScores;
+    planned: its job as planned). The key set is the contract with the next stage: keep it
+    stable, and docs/manifest.md with it."""
+    cfg, job = plan.config, g.job
+    conditioning = record_fields(methods, planned)
+    asked, styled = scores
+    return {
+        "index": job.index,
+        "scene_id": job.scene_id,
+        "scene_index": job.scene_index,
+        "take": job.take,
+        "file": job.file,
+        "status": "ok" if g.image is not None else "failed",
+        "error": g.error,
+        "notes": g.notes,  # e.g. vae_fp32_redecode: NaN/Inf seen, batch decoded again in float32
+        "seed": job.seed,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "prompt_tokens": tokens[job.prompt],  # over 77: see prompt_encoding
+        "negative_prompt_tokens": tokens[job.negative_prompt],
+        "prompt_encoding": prompt_encoding(
+            max(tokens[job.prompt], tokens[job.negative_prompt]), cfg.long_prompts
+        ),
+        "description": job.description,
+        "scene_prompt": job.scene_prompt,
+        "steps": cfg.steps,
+        "cfg_scale": cfg.cfg_scale,
+        "sampler": cfg.sampler.name,
+        "sampler_label": cfg.sampler.label,
+        "width": plan.width,
+        "height": plan.height,
+        "model": cfg.model.name,
+        "style": cfg.style.name,
+        "negative": cfg.negative.name,
+        "consistency": conditioning.pop("consistency"),
+        "consistency_reference": conditioning.pop("consistency_reference"),
+        "loras": conditioning.pop("loras"),  # [{name, path, scale, sha256}]
+        "upscale": conditioning.pop("upscale"),
+        "control": conditioning.pop("control"),
+        **conditioning,  # a method's own fields
+        "seconds": round(g.seconds, 4),
+        "vram_peak_gb": None if g.vram_peak_gb is None else round(g.vram_peak_gb, 3),
+        "rss_peak_gb": round(g.rss_peak_gb, 3),
+        "clip_score": None if asked is None else round(asked.score, 4),
+        "clip_score_prompt": None if styled is None else round(styled.score, 4),
+        "clip_truncated": None
+        if asked is None
+        else {"description": asked.truncated, "prompt": styled.truncated},
+        "scene_extra": scene_extra,  # fields the shotlist format does not know, passed through
+    }
 
 
-def sheet_name(page: int) -> str:
-    """contact_sheet.png, then contact_sheet_002.png, ... for the pages of a long run."""
-    return "contact_sheet.png" if page == 1 else f"contact_sheet_{page:03d}.png"
+def run_info(ctx, session) -> dict[str, Any]:
+    """The manifest's run record (ctx: a generation.render.RunContext; session: its set-up
+    generation.session.Session)."""
+    cfg, scorer, loaded = ctx.plan.config, session.scorer, session.loaded
+    return {
+        "title": ctx.shotlist.title,
+        "shotlist": ctx.shotlist.path,
+        "shotlist_sha256": ctx.shotlist.sha256,
+        "shotlist_extra": ctx.shotlist.extra,
+        "characters": {c.name: c.description for c in ctx.shotlist.characters.values()},
+        "config_hash": ctx.plan.config_hash,
+        "model": cfg.model.name,
+        "model_source": describe_source(cfg.model),
+        "model_family": cfg.model.family,
+        "model_fit": list(ctx.plan.model_fit),
+        "style": cfg.style.name,
+        "style_template": cfg.style.prompt,
+        "negative": cfg.negative.name,
+        "loras": [],
+        "sampler": cfg.sampler.name,
+        "quality": cfg.quality.name,
+        "scorer": scorer.name if scorer else None,
+        "device": ctx.placement.device,
+        "dtype": str(ctx.placement.dtype).removeprefix("torch."),
+        "memory": ctx.memory.as_record(),
+        "versions": ctx.versions,
+        "overrides": ctx.overrides,
+        "command": "uv run python -m keyframes.run " + " ".join(map(shlex.quote, ctx.overrides)),
+        "started_at": iso(ctx.started),
+        "experiment": ctx.experiment,
+        "sweep": ctx.sweep,
+        "git_commit": ctx.git_commit,
+        "host": socket.gethostname(),  # where it ran: sweeps may spread over machines
+        "pid": os.getpid(),
+        "run_key": run_key(ctx),
+        "status": "running",
+        "pipeline_cache": "hit" if session.cache_hit else "miss",
+        "speed": {"preset": cfg.speed.name, **loaded.speed},
+        "timings": dict(session.timings),
+    } | {k: v for m in ctx.methods for k, v in m.run_record().items()}
 
 
-def contact_sheet(
-    images: list[Image.Image], labels: list[str], title: str, thumb_width: int = 384
-) -> Image.Image:
-    """Keyframes in a labelled grid, in shotlist order, for a look at the whole film: 4
-    columns, 8 from 17 images on. A label may have several lines (split on newlines)."""
-    columns = min(4 if len(images) <= 16 else 8, max(1, len(images)))
-    rows = math.ceil(len(images) / columns)
-    aspect = images[0].height / images[0].width
-    tw, th = thumb_width, max(1, round(thumb_width * aspect))
-    line_h = 18
-    pad, label_h, title_h = 8, 4 + line_h * max(label.count("\n") + 1 for label in labels), 34
-    sheet = Image.new(
-        "RGB",
-        (columns * (tw + pad) + pad, title_h + rows * (th + label_h + pad) + pad),
-        (24, 24, 24),
-    )
-    draw = ImageDraw.Draw(sheet)
-    font = load_font(14)
-    draw.text((pad, 8), title, fill=(240, 240, 240), font=load_font(18))
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        x = pad + (i % columns) * (tw + pad)
-        y = title_h + (i // columns) * (th + label_h + pad)
-        if image.size != (tw, th):
-            image = image.resize((tw, th), Image.Resampling.LANCZOS)
-        sheet.paste(image.convert("RGB"), (x, y))
-        for n, line in enumerate(label.split("\n")):
-            draw.text(
-                (x + 2, y + th + 3 + n * line_h),
-                fit_text(draw, line, font, tw - 4),
-                fill=(220, 220, 220),
-                font=font,
-            )
-    return sheet
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
-def save_contact_sheet(sheet: Image.Image, path: Path) -> None:
-    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
-
-
-def load_font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow built without FreeType: fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    while text and draw.textlength(text, font=font) > width:
-        text = text[:-2] + "…"
-    return text
+def run_key(ctx) -> str:
+    """Names this run in MLflow, so logging the same run directory twice changes nothing."""
+    text = f"{ctx.plan.config_hash}:{ctx.shotlist.sha256}:{ctx.started}:{ctx.run_dir.resolve()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -7,30 +7,20 @@ run stops, naming the settings that differ, unless `remake=true` asks for it to 
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from keyframes.config.schema import flatten
+from keyframes.config.plan import NOT_IN_HASH, config_hash, flatten
 from keyframes.errors import ConfigError
 from keyframes.outputs.processes import manifest_paths
+from keyframes.outputs.records import load_manifest
 
-# Settings that do not change what an existing image is: left out of the config hash that
-# resume matches on, so a run that ran out of memory can go on with memory=low_vram, and a
-# run can be given more takes (each image's own recipe is still checked).
-NOT_IN_HASH = (
-    "resume", "remake", "batch_size", "device", "mlflow", "memory", "speed", "takes", "objective",
-)  # fmt: skip
-
-
-def config_hash(resolved: dict[str, Any]) -> str:
-    recipe = {k: v for k, v in resolved.items() if k not in NOT_IN_HASH}
-    text = json.dumps(recipe, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+log = logging.getLogger("keyframes")
 
 
 @dataclass(frozen=True)
@@ -83,3 +73,37 @@ def _differences(old_config: Path, resolved: dict[str, Any]) -> list[str]:
     )
     keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     return [f"{k}: {before.get(k, '(unset)')} then, {after.get(k, '(unset)')} now" for k in keys]
+
+
+def previous_images(run_dir: Path, jobs: list, earlier: Earlier | None, run: dict[str, Any],
+                    recipe) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """Records of a manifest already in the run directory whose file exists and whose recipe
+    matches the job: those images are not made again. A continued run keeps its first start
+    time and key, so its MLflow run is replaced rather than doubled, also when no image was
+    finished before it stopped; a remade run names the key of the run it replaces."""
+    if earlier is not None and earlier.remade:
+        run["replaces_run_key"] = earlier.run.get("run_key")
+        return {}
+    if earlier is not None:
+        for key in ("started_at", "run_key"):
+            run[key] = earlier.run.get(key, run[key])
+    old_images = {}
+    for path in manifest_paths(run_dir):
+        if not path.is_file():
+            continue
+        try:
+            old = load_manifest(path)
+            old_images |= {r["file"]: r for r in old["images"] if r.get("status") == "ok"}
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s is unreadable; generating its images again", path)
+    done = {}
+    for job in jobs:
+        record = old_images.get(job.file)
+        if (
+            record
+            and record.get("status") == "ok"
+            and (run_dir / job.file).is_file()
+            and all(record.get(k) == v for k, v in recipe(job).items())
+        ):
+            done[job.index] = {**record, "index": job.index}
+    return done

@@ -15,15 +15,13 @@ from typing import Any
 
 import torch
 
+from keyframes.config.model_source import PIPELINES, check_source, resolve_family
 from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.pipeline.memory import apply_memory_mode
 from keyframes.pipeline.speed import apply_speed
 
 log = logging.getLogger(__name__)
-
-SAFE_SUFFIXES = (".safetensors",)
-PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
 
 
 @dataclass(frozen=True)
@@ -64,84 +62,6 @@ def describe_source(model: ModelConfig) -> str:
     return model.path or model.id or "?"
 
 
-def check_source(model: ModelConfig) -> None:
-    """Cheap checks that need no weights: run before anything is written."""
-    if model.tiny or model.architecture or not model.path:
-        return
-    path = Path(model.path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"model.path={model.path}: no such file or folder")
-    if path.is_file() and path.suffix.lower() not in SAFE_SUFFIXES and not model.allow_pickle:
-        raise ConfigError(
-            f"model.path={model.path}: only .safetensors checkpoints are loaded "
-            f"(a {path.suffix or 'suffix-less'} file is a pickle, which can run code when loaded). "
-            "Convert it to safetensors, or set model.allow_pickle=true if you trust its source."
-        )
-
-
-def resolve_family(model: ModelConfig) -> str:
-    """sdxl or sd15: model.family where given, else what the weights are, found without
-    loading them (a folder's model_index.json, a single file's tensor names, the cached
-    model_index.json of a hub id). Anything else is a ConfigError."""
-    if model.family != "auto":
-        return model.family
-    if model.tiny or model.architecture:
-        return "sdxl"
-    path = Path(model.path).expanduser() if model.path else None
-    if path is not None and path.is_dir():
-        return _family_of_index(path / "model_index.json", model.path)
-    if path is not None and path.suffix.lower() in SAFE_SUFFIXES:
-        return _family_of_checkpoint(path)
-    if path is None and model.id:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            index = hf_hub_download(model.id, "model_index.json", local_files_only=True)
-        except Exception:  # noqa: BLE001 - not cached: the loader says what is missing
-            return "sdxl"
-        return _family_of_index(Path(index), model.id)
-    return "sdxl"
-
-
-def _family_of_index(index: Path, source: str) -> str:
-    import json
-
-    try:
-        name = json.loads(index.read_text())["_class_name"]
-    except (OSError, ValueError, KeyError):
-        return "sdxl"  # not a pipeline folder: the loader explains
-    for family, pipeline in PIPELINES.items():
-        if name == pipeline:
-            return family
-    hint = " (an SDXL refiner: use it as upscale=refiner)" if "Img2Img" in name else ""
-    raise ConfigError(
-        f"model {source}: a {name}{hint}; keyframes runs SDXL and SD 1.5 text-to-image "
-        f"pipelines ({', '.join(PIPELINES.values())})"
-    )
-
-
-def _family_of_checkpoint(path: Path) -> str:
-    """The original (non-diffusers) checkpoint layouts: SD 1.x keeps its CLIP text model under
-    cond_stage_model.transformer, SDXL two encoders under conditioner.embedders.0/1."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:  # noqa: BLE001 - unreadable: the loader gives the full message
-        return "sdxl"
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd15"
-    if any(k.startswith(("conditioner.", "cond_stage_model.model.")) for k in keys):
-        raise ConfigError(
-            f"model.path={path}: an SDXL refiner or SD 2.x checkpoint; keyframes runs SDXL "
-            "and SD 1.5 text-to-image checkpoints (the SDXL refiner goes in upscale=refiner)"
-        )
-    return "sdxl"  # diffusers-named tensors or unknown: the SDXL loader tries
-
-
 def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "none"):
     """The model's text-to-image pipeline placed as the memory mode says, progress bars off."""
     check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
@@ -170,11 +90,6 @@ def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "
     pipe.set_progress_bar_config(disable=True)  # the run has one overall bar
     _quiet_truncation_warnings()
     return pipe
-
-
-def prompt_tokens(pipe, text: str) -> int:
-    """CLIP tokens in text, start and end included; SDXL's text encoders read 77."""
-    return len(pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
 
 
 NOISE = (
@@ -340,6 +255,8 @@ class LoadedPipeline:
     scheduler_config: Any  # the model's own scheduler config, before any sampler swap
     speed: dict  # what the speed settings did
     key: tuple
+    placement: Placement
+    memory_mode: str
     warmed_up: set = field(default_factory=set)  # (batch, width, height) already run once
     refiners: dict = field(default_factory=dict)  # upscale=refiner: its source -> pipeline
 
@@ -360,7 +277,7 @@ def cached_pipeline(
     release_pipeline()
     pipe = load_pipeline(model, placement, memory_mode)
     applied = apply_speed(pipe, speed, placement.device)
-    _loaded = LoadedPipeline(pipe, pipe.scheduler.config, applied, key)
+    _loaded = LoadedPipeline(pipe, pipe.scheduler.config, applied, key, placement, memory_mode)
     return _loaded, False
 
 

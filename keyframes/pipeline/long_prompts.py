@@ -12,6 +12,7 @@ exactly as diffusers does.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -80,3 +81,43 @@ def text_inputs(pipe, prompts: list[str], negatives: list[str], mode: str) -> di
     if pooled is not None:
         inputs |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
     return inputs
+
+
+log = logging.getLogger("keyframes")
+CLIP_TOKENS = 77
+
+
+def prompt_tokens(pipe, text: str) -> int:
+    """CLIP tokens in text, start and end included; SDXL's text encoders read 77."""
+    return len(pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
+
+
+def count_tokens(pipe, jobs: list, long_prompts: str) -> dict[str, int]:
+    """Token count of every distinct prompt; one note per prompt longer than SDXL's 77."""
+    counts = {}
+    for job in jobs:
+        for kind, text in (("prompt", job.prompt), ("negative prompt", job.negative_prompt)):
+            if text in counts:
+                continue
+            counts[text] = prompt_tokens(pipe, text)
+            if counts[text] <= CLIP_TOKENS:
+                continue
+            if long_prompts == "chunk":
+                log.info(
+                    "scene %s: %s is %d CLIP tokens; encoded in full, in %d chunks of 75",
+                    job.scene_id, kind, counts[text], chunk_count(pipe, text),
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "scene %s: %s is %d CLIP tokens; SDXL reads the first %d, the rest is cut "
+                    "(long_prompts=chunk reads it all)",
+                    job.scene_id, kind, counts[text], CLIP_TOKENS,
+                )  # fmt: skip
+    return counts
+
+
+def prompt_encoding(tokens: int, long_prompts: str) -> str:
+    """How a prompt of this many CLIP tokens (start and end included) reached the UNet."""
+    if tokens <= CLIP_TOKENS:
+        return "whole"
+    return "chunked" if long_prompts == "chunk" else f"cut to {CLIP_TOKENS} tokens"

@@ -4,16 +4,19 @@ run directory is the source of truth). Syncing twice does not create a second ru
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from keyframes.config.schema import TrackingConfig, flatten
-from keyframes.errors import KeyframesError
+from keyframes.config.plan import flatten
+from keyframes.config.schema import TrackingConfig
+from keyframes.errors import KeyframesError, first_line
 from keyframes.outputs.records import load_manifest, write_manifest
 from keyframes.tracking.store import RunRecord
 
+log = logging.getLogger("keyframes")
 PER_IMAGE = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_peak_gb")
 STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
@@ -121,3 +124,20 @@ def sync_run_dir(run_dir: Path, tracking: TrackingConfig) -> tuple[str, bool]:
     }
     write_manifest(run_dir, manifest["run"], manifest["images"])
     return run_id, created
+
+
+def track_run(run_dir: Path, tracking: TrackingConfig, experiment: str, in_sweep: bool) -> None:
+    """Mirror the run directory into MLflow. A store that cannot be reached costs a warning,
+    not the run: the images and manifest are on disk, and keyframes.sync logs them later."""
+    try:
+        run_id, _ = sync_run_dir(run_dir, tracking)
+    except Exception as e:  # noqa: BLE001 - any store failure; the run's files are safe
+        log.warning(
+            "MLflow store %s could not be written (%s). The keyframes and manifest are safe in "
+            "%s; log them later with: uv run python -m keyframes.sync %s",
+            tracking.tracking_uri, first_line(e), run_dir, run_dir,
+        )  # fmt: skip
+        return
+    log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking.tracking_uri)
+    if tracking.tracking_uri.startswith("sqlite:") and not in_sweep:
+        log.info("review: uv run mlflow ui --backend-store-uri %s", tracking.tracking_uri)

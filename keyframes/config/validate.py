@@ -1,0 +1,138 @@
+"""Checks of the composed settings that a type cannot express (ranges, consistency, sizes),
+all at once, before any model loads; and the size rules."""
+
+from __future__ import annotations
+
+import math
+
+from keyframes.config.schema import (
+    ARCHITECTURES,
+    COMPILE_MODES,
+    DEVICES,
+    DTYPES,
+    FAMILIES,
+    LONG_PROMPT_MODES,
+    MAX_PIXELS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_TAKES,
+    MEMORY_MODES,
+    OBJECTIVES,
+    OFFLOAD_MODES,
+    SEED_MODES,
+    Config,
+)  # fmt: skip
+from keyframes.errors import ConfigError
+
+# Resolutions SDXL was trained on (width, height), from the SDXL report's bucket table.
+SDXL_BUCKETS = (
+    (1024, 1024),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1536, 640),
+    (640, 1536),
+)
+
+
+def parse_aspect(aspect: str) -> float:
+    """'16:9' -> 1.777...; raises ConfigError for anything else."""
+    try:
+        w, h = (float(x) for x in aspect.split(":"))
+    except ValueError:
+        raise ConfigError(f"aspect={aspect!r}: expected W:H, e.g. 16:9") from None
+    if not (w > 0 and h > 0 and math.isfinite(w / h)):
+        raise ConfigError(f"aspect={aspect!r}: both sides must be positive")
+    return w / h
+
+
+def resolve_size(
+    aspect: str, base_size: int, width: int | None = None, height: int | None = None
+) -> tuple[int, int]:
+    """Explicit width/height win; a missing side follows the aspect; otherwise the SDXL
+    training bucket closest to the aspect, scaled so its long side fits base_size/1024."""
+    ratio = parse_aspect(aspect)
+    if width and height:
+        return width, height
+    if width:
+        return width, _multiple_of_8(width / ratio)
+    if height:
+        return _multiple_of_8(height * ratio), height
+    bw, bh = min(SDXL_BUCKETS, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(ratio)))
+    scale = base_size / 1024
+    return _multiple_of_8(bw * scale), _multiple_of_8(bh * scale)
+
+
+def upscaled_size(width: int, height: int, factor: float) -> tuple[int, int]:
+    return _multiple_of_8(width * factor), _multiple_of_8(height * factor)
+
+
+def _multiple_of_8(x: float) -> int:
+    return max(8, int(round(x / 8)) * 8)
+
+
+def size_problems(width: int, height: int) -> list[str]:
+    """An output size beyond what any machine should be asked for."""
+    if max(width, height) <= MAX_SIDE and width * height <= MAX_PIXELS:
+        return []
+    return [
+        f"size {width}x{height} ({width * height / 1e6:.1f} MP): at most {MAX_SIDE} per side "
+        f"and {MAX_PIXELS / 1e6:.1f} MP; SDXL is made for about 1 MP"
+    ]
+
+
+def validate(cfg: Config) -> tuple[int, int]:
+    """Check every value a type cannot; report all problems at once. Returns (width, height)."""
+    problems = []
+    if cfg.steps < 1:
+        problems.append(f"steps={cfg.steps}: must be at least 1")
+    if not (cfg.cfg_scale >= 0 and math.isfinite(cfg.cfg_scale)):
+        problems.append(f"cfg_scale={cfg.cfg_scale}: must be a number >= 0")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        problems.append(f"seed={cfg.seed}: must be between 0 and {MAX_SEED}")
+    if not 1 <= cfg.takes <= MAX_TAKES:
+        problems.append(f"takes={cfg.takes}: must be between 1 and {MAX_TAKES}")
+    if cfg.max_images < 1:
+        problems.append(f"max_images={cfg.max_images}: must be at least 1")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size={cfg.batch_size}: must be at least 1")
+    for key, value, allowed in (
+        ("device", cfg.device, DEVICES),
+        ("seed_mode", cfg.seed_mode, SEED_MODES),
+        ("objective", cfg.objective, OBJECTIVES),
+        ("model.dtype", cfg.model.dtype, DTYPES),
+        ("memory", cfg.memory.name, MEMORY_MODES),
+        ("long_prompts", cfg.long_prompts, LONG_PROMPT_MODES),
+        ("speed.compile_mode", cfg.speed.compile_mode, COMPILE_MODES),
+        ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
+        ("model.family", cfg.model.family, FAMILIES),
+    ):
+        if value not in allowed:
+            problems.append(f"{key}={value}: must be one of {', '.join(allowed)}")
+    for key, value in (("width", cfg.width), ("height", cfg.height)):
+        if value is not None and (value < 64 or value % 8):
+            problems.append(f"{key}={value}: must be a multiple of 8 and at least 64")
+    if "{prompt}" not in cfg.style.prompt:
+        problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
+    if cfg.speed.compile and cfg.memory.name in OFFLOAD_MODES:
+        problems.append(
+            f"speed.compile with memory={cfg.memory.name}: a compiled model stays on the GPU, "
+            "offloading moves it away; use memory=balanced (or auto) with compile"
+        )
+    if not (cfg.model.tiny or cfg.model.architecture or cfg.model.id or cfg.model.path):
+        problems.append(
+            "model: set model.path=/path/to/folder-or-file.safetensors (or model.id=org/repo)"
+        )
+    size = None
+    try:
+        size = resolve_size(cfg.aspect, cfg.quality.base_size, cfg.width, cfg.height)
+    except ConfigError as e:
+        problems.append(str(e))
+    if size:
+        problems += size_problems(*size)
+    if problems:
+        raise ConfigError("invalid settings:", problems)
+    return size

@@ -1,0 +1,103 @@
+"""Everything a run needs, checked in one pass before anything heavy loads: the shotlist and
+its jobs, each conditioning method's checks, every weight (model, scorer, adapters), the
+device, the memory mode. The result is the RunContext that render() runs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from keyframes.conditioning.base import Method, methods_for, prepare_all
+from keyframes.config.plan import RunPlan
+from keyframes.errors import ModelUnavailableError
+from keyframes.generation.render import RunContext
+from keyframes.outputs.processes import Processes
+from keyframes.outputs.resume import earlier_run
+from keyframes.shotlist.jobs import plan_for
+from keyframes.shotlist.load import load_shotlist
+
+log = logging.getLogger("keyframes")
+
+PACKAGES = ("keyframes", "torch", "diffusers", "transformers", "accelerate", "peft",
+            "open_clip_torch", "mlflow", "hydra-core")  # fmt: skip
+
+
+def prepare(plan: RunPlan, run_dir: Path, overrides: list[str], experiment: str | None,
+            sweep: dict | None = None, procs: Processes | None = None) -> RunContext:  # fmt: skip
+    """The checked run: raises a KeyframesError (exit 2) naming every problem it finds."""
+    started = time.time()
+    cfg = plan.config
+    for note in plan.notes:
+        log.warning(note)
+    shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
+    if shotlist.unknown_fields:
+        log.warning("shotlist %s: unknown fields kept as metadata: %s", shotlist.path,
+                    ", ".join(shotlist.unknown_fields))  # fmt: skip
+    methods = methods_for(plan)
+    jobs = prepare_all(methods, plan_for(cfg, shotlist), shotlist)
+    check_weights(plan, methods)
+    # torch and diffusers load only once the input has passed: bad input fails in a second.
+    from keyframes.pipeline.load import resolve_placement
+    from keyframes.pipeline.memory import plan_memory
+    from keyframes.pipeline.speed import check_speed
+
+    placement = resolve_placement(cfg.device, cfg.model.dtype)
+    check_speed(cfg.speed, placement.device)
+    memory = plan_memory(
+        cfg.memory.name, placement.device, placement.dtype, cfg.model, cfg.batch_size,
+        plan.width, plan.height, any(m.second_model for m in methods),
+    )  # fmt: skip
+    log.info(
+        "%s: %d scenes, %d images at %dx%d, %d steps, cfg %g, %s, style %s, on %s",
+        shotlist.title, len(shotlist.scenes), len(jobs), plan.width, plan.height,
+        cfg.steps, cfg.cfg_scale, cfg.sampler.name, cfg.style.name, placement.device,
+    )  # fmt: skip
+    log.info("memory mode %s (%s), speed %s", memory.mode, memory.reason, cfg.speed.name)
+    return RunContext(
+        plan=plan, shotlist=shotlist, jobs=jobs, methods=methods, placement=placement,
+        memory=memory, run_dir=run_dir, versions=package_versions(), overrides=overrides,
+        started=started, experiment=experiment or shotlist.title, sweep=sweep,
+        git_commit=git_commit(), processes=procs or Processes(),
+        earlier=earlier_run(run_dir, plan.resolved, cfg.remake),  # before config.yaml changes
+    )  # fmt: skip
+
+
+def check_weights(plan: RunPlan, methods: list[Method]) -> None:
+    """Every model, scorer and adapter weight the run needs, in one pass, before any loads:
+    one message lists all that is missing."""
+    from keyframes.pipeline import hub
+    from keyframes.pipeline.load import missing_model
+    from keyframes.scoring.clip import missing_scorer
+
+    cfg = plan.config
+    if not (cfg.model.tiny and cfg.scorer.model in (None, "tiny")):
+        hub.reachable()  # once: an unreachable hub puts the loaders in offline mode, no retries
+    problems = [missing_model(cfg.model), missing_scorer(cfg.scorer)]
+    problems += [method.missing_weights() for method in methods]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ModelUnavailableError("\n".join(problems))
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None

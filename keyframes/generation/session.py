@@ -1,0 +1,148 @@
+"""A generation session, in the spirit of torchtune's generate recipe: `setup` loads the
+pipeline and scorer once (memory and speed modes, sampler), `generate` runs jobs through the
+run's conditioning methods batch by batch, and `close` (or leaving the `with` block) leaves
+the process's cached pipeline exactly as it found it: methods removed, out-of-memory savers
+switched off again, an offloaded pipeline dropped from the cache. So the cache key and the
+recorded memory mode always describe what ran.
+
+    with Session(plan, placement, memory, methods) as session:
+        for batch in session.generate(todo, planned, run_dir):
+            ...
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from keyframes.conditioning.base import Method
+from keyframes.config.plan import RunPlan
+from keyframes.generation.generator import Generation, GenerationSettings, KeyframeGenerator
+from keyframes.generation.warmup import warm_up
+from keyframes.outputs.processes import Processes
+from keyframes.pipeline.load import (
+    LoadedPipeline,
+    Placement,
+    apply_sampler,
+    cached_pipeline,
+    describe_source,
+    release_pipeline,
+)
+from keyframes.pipeline.memory import MemoryPlan
+from keyframes.scoring.clip import ClipScorer, cached_scorer
+
+log = logging.getLogger("keyframes")
+
+
+@dataclass
+class Session:
+    plan: RunPlan
+    placement: Placement
+    memory: MemoryPlan
+    methods: list[Method] = field(default_factory=list)
+    processes: Processes = field(default_factory=Processes)
+    loaded: LoadedPipeline | None = None
+    scorer: ClipScorer | None = None
+    cache_hit: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    generators: list[KeyframeGenerator] = field(default_factory=list)
+    _installed: list[Method] = field(default_factory=list)
+
+    def __enter__(self) -> Session:
+        return self.setup()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def pipe(self):
+        return self.loaded.pipe
+
+    @property
+    def settings(self) -> GenerationSettings:
+        cfg = self.plan.config
+        return GenerationSettings(
+            steps=cfg.steps, cfg_scale=cfg.cfg_scale, width=self.plan.width,
+            height=self.plan.height, batch_size=cfg.batch_size, fixed_batch=cfg.speed.compile,
+            long_prompts=cfg.long_prompts,
+        )  # fmt: skip
+
+    @property
+    def fallbacks(self) -> list[dict]:
+        """Every out-of-memory step taken so far (halved batches, VAE tiling, offload)."""
+        return [f for generator in self.generators for f in generator.fallbacks]
+
+    def setup(self, scorer: bool = True) -> Session:
+        """The pipeline (from the process's cache when the settings match) with the run's
+        sampler, and the scorer (scorer=False: none, e.g. for a benchmark)."""
+        cfg = self.plan.config
+        start = time.perf_counter()
+        self.loaded, self.cache_hit = cached_pipeline(
+            cfg.model, self.placement, self.memory.mode, cfg.speed
+        )
+        apply_sampler(self.pipe, cfg.sampler, self.loaded.scheduler_config)
+        self.timings["model_load_seconds"] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+        self.scorer = cached_scorer(cfg.scorer, self.placement.device) if scorer else None
+        self.timings["scorer_load_seconds"] = round(time.perf_counter() - start, 3)
+        log.info(
+            "model %s (%s) %s in %.1f s%s",
+            cfg.model.name, describe_source(cfg.model), "reused" if self.cache_hit else "loaded",
+            self.timings["model_load_seconds"],
+            f", scorer {self.scorer.name} in {self.timings['scorer_load_seconds']:.1f} s"
+            if self.scorer else ", no scorer",
+        )  # fmt: skip
+        return self
+
+    def lead(self):
+        """The job every batch starts with, if a method asks for one (StyleAligned)."""
+        return next((m.lead() for m in self.methods if m.lead() is not None), None)
+
+    def warm_up(self, job) -> float:
+        """A throwaway generation at this batch shape; first-call costs are timed apart."""
+        seconds = round(warm_up(self.loaded, self.settings, job, self.lead()), 3)
+        self.timings["warmup_seconds"] = seconds
+        if self.plan.config.speed.compile:
+            self.timings["compile_seconds"] = seconds
+        return seconds
+
+    def generate(self, todo: list, planned: list, run_dir) -> Iterator[list[Generation]]:
+        """Every batch of `todo` as it finishes, in the methods' stages; between stages every
+        process waits, so that what one stage made is on disk for all."""
+        for method in self.methods:
+            method.install(self.loaded, todo)
+            self._installed.append(method)
+        stages = next(
+            (s for m in self.methods if len(s := m.stages(todo, planned, run_dir)) > 1), [todo]
+        )
+        procs = self.processes
+        for number, jobs in enumerate(stages):
+            if number:
+                procs.wait()
+            hooks = [h for m in self.methods if (h := m.begin_stage(self.pipe, number))]
+            generator = KeyframeGenerator(self.pipe, self.settings, self.lead(), hooks,
+                                          shard=(procs.index, procs.count))  # fmt: skip
+            self.generators.append(generator)
+            yield from generator.run(jobs)
+
+    def close(self) -> None:
+        """The cached pipeline as it was before this session: methods removed (last installed
+        first), out-of-memory savers off again."""
+        if self.loaded is None:
+            return
+        pipe = self.pipe
+        while self._installed:
+            self._installed.pop().remove(pipe)
+        undo_memory_fallbacks(pipe, [f["action"] for f in self.fallbacks])
+
+
+def undo_memory_fallbacks(pipe, actions: list[str]) -> None:
+    """Out-of-memory savers switched on during this job are this job's: the next job of a
+    sweep gets the pipeline in its configured memory mode. Offload hooks cannot be taken off
+    cleanly, so an offloaded pipeline leaves the cache and is loaded afresh."""
+    if "vae_tiling" in actions:
+        pipe.vae.disable_tiling()
+    if "model_cpu_offload" in actions:
+        release_pipeline()

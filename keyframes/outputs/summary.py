@@ -1,0 +1,31 @@
+"""A run's summary figures, from its image records: what MLflow shows and sweeps compare."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summarize(images: list[dict[str, Any]], model_load_seconds: float, total: float):
+    ok = [r for r in images if r["status"] == "ok"]
+
+    def mean(key):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    vram = [r["vram_peak_gb"] for r in ok if r.get("vram_peak_gb") is not None]
+    clip, seconds = mean("clip_score"), mean("seconds")
+    summary = {
+        "images": len(ok),
+        "images_failed": len(images) - len(ok),
+        "clip_score_mean": clip,
+        # what a sweep trades off: prompt adherence per second of generation
+        "clip_score_per_second": clip / seconds if clip is not None and seconds else None,
+        "clip_score_prompt_mean": mean("clip_score_prompt"),
+        "seconds_per_image_mean": seconds,
+        "vram_peak_gb_max": max(vram) if vram else None,  # absent on CPU, never 0
+        "rss_peak_gb": max((r["rss_peak_gb"] for r in images), default=None),
+        "vae_fp32_redecodes": sum("vae_fp32_redecode" in r.get("notes", []) for r in images),
+        "model_load_seconds": model_load_seconds,
+        "total_seconds": total,
+    }
+    return {k: round(v, 4) for k, v in summary.items() if v is not None}

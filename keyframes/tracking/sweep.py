@@ -1,0 +1,149 @@
+"""Around a multirun (`-m`): a parent MLflow run before the first job; the X/Y grids, the
+summary table, plots and best-job tags on it after the last. The callback is named in
+conf/config.yaml; each job finds its parent in the sweep folder's sweep.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from keyframes.config.overrides import override_keys
+from keyframes.errors import KeyframesError, first_line
+
+log = logging.getLogger("keyframes")
+
+SWEEP_FILE = "sweep.json"  # in a sweep's directory: the parent run its jobs nest under
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    parent_run_id: str | None  # None when the store was unreachable as the sweep began
+    experiment: str
+    sweep_dir: str
+    job_num: int
+
+
+def sweep_job(sweep_dir: str, job_num: int) -> SweepJob | None:
+    """This job's place in its sweep (None outside a sweep the callback began)."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    return SweepJob(info["parent_run_id"], info["experiment"], sweep_dir, job_num)
+
+
+class SweepCallback(Callback):
+    """Around a multirun (`-m`): a parent MLflow run before the first job; the X/Y grids, the
+    summary table, plots and best-job tags on it after the last. Named in conf/config.yaml."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            begin_sweep(config)
+        except KeyframesError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        end_sweep(config)
+
+
+def begin_sweep(config: DictConfig) -> None:
+    from keyframes.shotlist.load import load_shotlist
+    from keyframes.tracking.store import start_parent_run
+
+    tracking = OmegaConf.to_object(config.mlflow)
+    experiment = tracking.experiment_name or load_shotlist(config.shotlist, True).title
+    sweep_dir = Path(config.hydra.sweep.dir)
+    keys = override_keys(list(config.hydra.overrides.task))
+    keys += [k for k in config.hydra.sweeper.get("params") or {} if k not in keys]  # Optuna
+    try:
+        parent = start_parent_run(
+            tracking,
+            experiment,
+            run_name=f"sweep {sweep_dir.name}: {' x '.join(keys) or 'one job'}",
+            tags={
+                "keyframes.sweep_dir": str(sweep_dir.resolve()),
+                "keyframes.swept_keys": ",".join(keys),
+                "keyframes.overrides": json.dumps(list(config.hydra.overrides.task)),
+            },
+        )
+    except Exception as e:  # noqa: BLE001 - the sweep runs without its parent run
+        parent = None
+        log.warning("MLflow store %s unreachable (%s): sweep runs without a parent run",
+                    tracking.tracking_uri, first_line(e))  # fmt: skip
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    info = {"parent_run_id": parent, "experiment": experiment, "swept_keys": keys}
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("sweep over %s: MLflow parent run %s in %r", keys, parent, experiment)
+
+
+def end_sweep(config: DictConfig) -> None:
+    from keyframes.tracking.report import build_report
+    from keyframes.tracking.results import describe, job_from_manifest
+    from keyframes.tracking.store import finish_parent_run
+
+    sweep_dir = Path(config.hydra.sweep.dir)
+    info = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    manifests = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
+    jobs = [job_from_manifest(path) for path in manifests]
+    summary_dir = sweep_dir / "summary"
+    objective = config.objective  # what the sweeper optimised: the best is ranked by it too
+    report = build_report(jobs, summary_dir, objective)
+    log.info("sweep summary (%s):\n%s", summary_dir, report.text)
+    tags = {}
+    if report.best:
+        tags |= {"best_job": describe(report.best, report.keys), "best_run_id": report.best.run_id,
+                 "best_by": objective}  # fmt: skip
+        log.info("best by %s: %s", objective, tags["best_job"])
+    if report.fastest:
+        tags |= {
+            "fastest_good_job": describe(report.fastest, report.keys),
+            "fastest_good_run_id": report.fastest.run_id,
+        }
+        log.info("fastest within 1 CLIP point of the best: %s", tags["fastest_good_job"])
+    parent = info["parent_run_id"]
+    if parent is None:
+        log.warning("no MLflow parent run; the summary is in %s", summary_dir)
+        return
+    columns = {
+        name: [_number_or_text(row[i]) for row in report.rows]
+        for i, name in enumerate(report.header)
+    }
+    statuses = {json.loads(p.read_text())["run"].get("status") for p in manifests}
+    try:
+        finish_parent_run(
+            OmegaConf.to_object(config.mlflow),
+            parent,
+            tags={k: v for k, v in tags.items() if v},
+            metrics={"jobs": len(jobs)},
+            table=columns,
+            artifacts=[
+                (summary_dir / "summary.csv", None),
+                (summary_dir / "grids", "grids"),
+                (summary_dir / "plots", "plots"),
+            ],
+            status="FINISHED" if statuses <= {"finished"} else "FAILED",
+        )
+    except Exception as e:  # noqa: BLE001 - the summary is on disk either way
+        log.warning("could not log the sweep summary to MLflow (%s); it is in %s",
+                    first_line(e), summary_dir)  # fmt: skip
+        return
+    log.info("compare again: uv run python -m keyframes.compare --parent %s", parent)
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (1 << 30, name)
+
+
+def _number_or_text(cell: str) -> float | str:
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
