@@ -24,9 +24,7 @@ OFFLOAD_MODES = ("low_vram", "minimal")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHITECTURES = ("sdxl_base",)
 FAMILIES = ("auto", "sdxl", "sd15")
-CONSISTENCY_METHODS = ("none", "style_aligned", "ip_adapter")
 LONG_PROMPT_MODES = ("chunk", "truncate")
-UPSCALERS = ("none", "hires", "refiner")
 CONTROL_TYPES = ("canny", "depth")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 # The Hydra configs: inside the package where it is installed from a wheel (which ships conf/
@@ -139,6 +137,7 @@ class ConsistencyConfig:
     ip_adapter_weight: str = "ip-adapter_sdxl.safetensors"
     ip_adapter_scale: float = 0.6  # how strongly the reference image steers
     style_only: bool = False  # InstantStyle: only the style block reads the image
+    options: dict[str, Any] = field(default_factory=dict)  # a method added later: its settings
 
 
 @dataclass

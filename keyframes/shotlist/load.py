@@ -241,64 +241,14 @@ def _parse_scene(
         problems.append(f"{where}: expected an object, got {_kind(raw)}")
         return None
     start = len(problems)
-
-    scene_id = raw.get("id")
-    if scene_id is None:
-        problems.append(f"{where}.id: missing")
-    elif isinstance(scene_id, bool) or not isinstance(scene_id, (str, int)):
-        problems.append(f"{where}.id: expected a string, got {_kind(scene_id)}")
-    elif not str(scene_id).strip():
-        problems.append(f"{where}.id: must not be empty")
-
-    description = raw.get("description")
-    if description is None:
-        problems.append(f"{where}.description: missing")
-    elif not isinstance(description, str) or not description.strip():
-        problems.append(f"{where}.description: expected a non-empty string")
-    elif len(description) > MAX_TEXT:
-        problems.append(
-            f"{where}.description: {len(description)} characters, the limit is {MAX_TEXT}"
-        )
-
-    texts = {}
-    for key in SCENE_TEXT_FIELDS:
-        value = raw.get(key)
-        if value is not None and not isinstance(value, str):
-            problems.append(f"{where}.{key}: expected a string, got {_kind(value)}")
-        elif isinstance(value, str) and len(value) > MAX_TEXT:
-            problems.append(f"{where}.{key}: {len(value)} characters, the limit is {MAX_TEXT}")
-            value = None
-        texts[key] = (value.strip() or None) if isinstance(value, str) else None
-
-    names = raw.get("characters", [])
-    if isinstance(names, str):
-        names = [names]
-    if not isinstance(names, list):
-        problems.append(f"{where}.characters: expected a list of names, got {_kind(names)}")
-        names = []
-    for j, name in enumerate(names):
-        if not isinstance(name, str):
-            problems.append(f"{where}.characters[{j}]: expected a name, got {_kind(name)}")
-        elif name not in characters:
-            known = ", ".join(characters) or "none defined"
-            problems.append(
-                f"{where}.characters[{j}]: unknown character {name!r} (the sheet has: {known})"
-            )
-
+    scene_id, description = raw.get("id"), raw.get("description")
+    _check_id_and_description(scene_id, description, where, problems)
+    texts = _scene_texts(raw, where, problems)
+    names = _scene_characters(raw, where, characters, problems)
     reference = paths.image(raw.get("reference"), f"{where}.reference", problems)
-    control = raw.get("control")
-    if control is not None:
-        if not isinstance(control, dict) or not isinstance(control.get("type"), str):
-            problems.append(f'{where}.control: expected {{"type": ..., "image": path}}')
-            control = None
-        else:
-            image = paths.image(control.get("image"), f"{where}.control.image", problems)
-            control = {**control, "image": image}
-    if isinstance(scene_id, str) and len(scene_id) > 200:
-        problems.append(f"{where}.id: {len(scene_id)} characters, the limit is 200")
+    control = _scene_control(raw, where, paths, problems)
     seed = _int_field(raw, "seed", where, problems, low=0, high=MAX_SEED)
     takes = _int_field(raw, "takes", where, problems, low=1, high=MAX_TAKES)
-
     extra = {k: v for k, v in raw.items() if k not in SCENE_FIELDS}
     unknown += [f"scenes[*].{k}" for k in extra]
     if len(problems) > start:
@@ -314,6 +264,68 @@ def _parse_scene(
         extra=extra,
         **texts,
     )
+
+
+def _check_id_and_description(scene_id, description, where: str, problems: list[str]) -> None:
+    if scene_id is None:
+        problems.append(f"{where}.id: missing")
+    elif isinstance(scene_id, bool) or not isinstance(scene_id, (str, int)):
+        problems.append(f"{where}.id: expected a string, got {_kind(scene_id)}")
+    elif not str(scene_id).strip():
+        problems.append(f"{where}.id: must not be empty")
+    elif isinstance(scene_id, str) and len(scene_id) > 200:
+        problems.append(f"{where}.id: {len(scene_id)} characters, the limit is 200")
+    if description is None:
+        problems.append(f"{where}.description: missing")
+    elif not isinstance(description, str) or not description.strip():
+        problems.append(f"{where}.description: expected a non-empty string")
+    elif len(description) > MAX_TEXT:
+        problems.append(
+            f"{where}.description: {len(description)} characters, the limit is {MAX_TEXT}"
+        )
+
+
+def _scene_texts(raw: dict, where: str, problems: list[str]) -> dict[str, str | None]:
+    texts = {}
+    for key in SCENE_TEXT_FIELDS:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{where}.{key}: expected a string, got {_kind(value)}")
+        elif isinstance(value, str) and len(value) > MAX_TEXT:
+            problems.append(f"{where}.{key}: {len(value)} characters, the limit is {MAX_TEXT}")
+            value = None
+        texts[key] = (value.strip() or None) if isinstance(value, str) else None
+    return texts
+
+
+def _scene_characters(raw: dict, where: str, characters: dict, problems: list[str]) -> list:
+    names = raw.get("characters", [])
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list):
+        problems.append(f"{where}.characters: expected a list of names, got {_kind(names)}")
+        names = []
+    for j, name in enumerate(names):
+        if not isinstance(name, str):
+            problems.append(f"{where}.characters[{j}]: expected a name, got {_kind(name)}")
+        elif name not in characters:
+            known = ", ".join(characters) or "none defined"
+            problems.append(
+                f"{where}.characters[{j}]: unknown character {name!r} (the sheet has: {known})"
+            )
+    return names
+
+
+def _scene_control(raw: dict, where: str, paths: _PathRules, problems: list[str]):
+    control = raw.get("control")
+    if control is not None:
+        if not isinstance(control, dict) or not isinstance(control.get("type"), str):
+            problems.append(f'{where}.control: expected {{"type": ..., "image": path}}')
+            control = None
+        else:
+            image = paths.image(control.get("image"), f"{where}.control.image", problems)
+            control = {**control, "image": image}
+    return control
 
 
 def _int_field(raw: dict, key: str, where: str, problems: list[str], low: int, high: int | None):
