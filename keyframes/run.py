@@ -49,8 +49,9 @@ def main(cfg: DictConfig) -> float | None:
     sweep = sweep_job(hydra_cfg.sweep.dir, hydra_cfg.job.num) if multirun else None
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_name = f"{hydra_cfg.job.name}.log"
+    sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else None
     try:
-        result = run(cfg, run_dir, list(hydra_cfg.overrides.task), sweep, log_name, multirun)
+        result = run(cfg, run_dir, list(hydra_cfg.overrides.task), sweep, log_name, sweep_dir)
     except (KeyframesError, KeyboardInterrupt, DiskFull, Interrupted) as e:
         sys.exit(_stopped(e, run_dir, log_name))
     failed = [r for r in result.images if r["status"] != "ok"]
@@ -63,8 +64,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | None,
-        log_name: str, multirun: bool):  # fmt: skip
-    """One job: plan, pre-flight, render, track."""
+        log_name: str, sweep_dir: Path | None):  # fmt: skip
+    """One job: plan, pre-flight, render, track (sweep_dir: the multirun's folder)."""
     from keyframes.config.plan import make_plan
     from keyframes.generation.preflight import prepare
     from keyframes.generation.render import render
@@ -73,9 +74,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | 
 
     composed: Config = OmegaConf.to_object(cfg)
     procs = launched_processes(composed.device)  # accelerate launch: this process's place
-    if multirun and composed.device in ("auto", "cuda"):
-        claim_gpu(run_dir.parent)  # parallel sweep jobs: one GPU each
-    if procs.count > 1 and multirun:
+    if sweep_dir and composed.device in ("auto", "cuda"):
+        claim_gpu(sweep_dir)  # parallel sweep jobs: one GPU each
+    if procs.count > 1 and sweep_dir:
         raise ConfigError(
             "accelerate launch runs one job over several processes; for a sweep use "
             "hydra/launcher=local_gpus (one job per GPU) or hydra/launcher=slurm"
@@ -92,10 +93,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | 
     if procs.main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plan.resolved)))
     try:
-        return render(ctx)
-    finally:  # also a stopped run: the MLflow run shows what was finished (KILLED, FAILED)
-        if procs.main:  # only the main process talks to MLflow, once every part is merged
+        result = render(ctx)
+    except (Interrupted, DiskFull):
+        if procs.main:  # the MLflow run shows what was finished, marked KILLED or FAILED
             track_run(run_dir, plan.config.mlflow, ctx.experiment, sweep is not None)
+        raise
+    if procs.main:  # only the main process talks to MLflow, once every part is merged
+        track_run(run_dir, plan.config.mlflow, ctx.experiment, sweep is not None)
+    return result
 
 
 def _stopped(error: BaseException, run_dir: Path, log_name: str) -> int:
@@ -108,6 +113,7 @@ def _stopped(error: BaseException, run_dir: Path, log_name: str) -> int:
     if isinstance(error, KeyboardInterrupt):  # while checking, planning or loading
         print("interrupted before any keyframe was made", file=sys.stderr)
         return EXIT_INTERRUPTED
+    run_dir = error.result.run_dir  # the folder the run continued in (resume=true)
     if isinstance(error, DiskFull):
         done = len([r for r in error.result.images if r["status"] == "ok"])
         print(

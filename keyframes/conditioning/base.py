@@ -59,6 +59,7 @@ class Method:
 
     group: ClassVar[str]
     name: ClassVar[str]
+    second_model: ClassVar[bool] = False  # loads a second model beside the base (memory plan)
 
     def __init__(self, settings: Any, plan: Any):
         self.settings = settings
@@ -72,8 +73,6 @@ class Method:
 
     def install(self, loaded, todo: list) -> None:
         """`loaded`: the pipeline.load.LoadedPipeline; `todo`: the jobs this run still makes."""
-
-    second_model: ClassVar[bool] = False  # loads a second model beside the base (memory plan)
 
     def stages(self, todo: list, planned: list, run_dir) -> list[list]:
         return [todo]

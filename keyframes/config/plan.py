@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,8 +17,6 @@ from keyframes.config.model_source import check_source, resolve_family
 from keyframes.config.schema import Config
 from keyframes.config.styles import resolve_style
 from keyframes.config.validate import resolve_size, validate
-
-log = logging.getLogger("keyframes")
 
 # Settings that do not change what an existing image is: left out of the config hash that
 # resume matches on, so a run that ran out of memory can go on with memory=low_vram, and a

@@ -172,7 +172,8 @@ class KeyframeGenerator:
         size = len(batch)
         if self.settings.fixed_batch and size < rows:
             batch = batch + [batch[-1]] * (rows - size)  # dropped again below
-        generators = seeded_generators([job.seed for job in batch])
+        seeds = [job.seed for job in batch]
+        generators = seeded_generators(seeds)
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -181,7 +182,7 @@ class KeyframeGenerator:
         negatives = [job.negative_prompt for job in batch]
         conditioning = text_inputs(self.pipe, prompts, negatives, self.settings.long_prompts)
         inputs = {"conditioning": conditioning, "prompts": prompts, "negatives": negatives,
-                  "seeds": [job.seed for job in batch], "steps": self.settings.steps,
+                  "seeds": seeds, "steps": self.settings.steps,
                   "cfg_scale": self.settings.cfg_scale}  # fmt: skip
         pipe, arguments = self.pipe, {}
         for hook in self.hooks:  # conditioning: the second passes reuse it; arguments: not

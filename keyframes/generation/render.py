@@ -16,7 +16,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from keyframes.conditioning.base import Method
+from keyframes.conditioning.base import Method, record_fields
 from keyframes.config.plan import RunPlan
 from keyframes.errors import DiskFull, Interrupted, is_disk_full
 from keyframes.generation.generator import Generation
@@ -221,16 +221,12 @@ def finish(ctx: RunContext, result: RenderResult, scorer: ClipScorer | None = No
 
 def recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
     """What must match for an image on disk to count as done when a run is resumed."""
-    from keyframes.conditioning.base import record_fields
-
     cfg = ctx.plan.config
     fields = record_fields(ctx.methods, ctx.jobs[job.index])
     return {
         "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
         "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "sampler": cfg.sampler.name,
-        "width": ctx.plan.width, "height": ctx.plan.height, "model": cfg.model.name,
-        **{k: fields[k] for k in ("consistency", "consistency_reference", "loras", "upscale",
-                                  "control")},
+        "width": ctx.plan.width, "height": ctx.plan.height, "model": cfg.model.name, **fields,
     }  # fmt: skip
 
 

@@ -98,7 +98,7 @@ class Session:
 
     def lead(self):
         """The job every batch starts with, if a method asks for one (StyleAligned)."""
-        return next((m.lead() for m in self.methods if m.lead() is not None), None)
+        return next((job for m in self.methods if (job := m.lead()) is not None), None)
 
     def warm_up(self, job) -> float:
         """A throwaway generation at this batch shape; first-call costs are timed apart."""
