@@ -7,7 +7,6 @@ directory into MLflow; the run's objective goes back to the sweeper.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from keyframes.config.compose import register_schema
 from keyframes.config.overrides import override_keys
 from keyframes.config.schema import CONF_DIR, Config
 from keyframes.errors import ConfigError, DiskFull, Interrupted, KeyframesError
+from keyframes.outputs.manifest import read_run
 from keyframes.tracking.sweep import SweepJob, sweep_job
 
 log = logging.getLogger("keyframes")
@@ -54,9 +54,9 @@ def main(cfg: DictConfig) -> float | None:
         result = run(cfg, run_dir, list(hydra_cfg.overrides.task), sweep, log_name, sweep_dir)
     except (KeyframesError, KeyboardInterrupt, DiskFull, Interrupted) as e:
         sys.exit(_stopped(e, run_dir, log_name))
-    failed = [r for r in result.images if r["status"] != "ok"]
+    failed = [r for r in result.images if not r.ok]
     if failed:
-        lines = "\n".join(f"  {r['file']}: {r['error']}" for r in failed)
+        lines = "\n".join(f"  {r.file}: {r.error}" for r in failed)
         print(f"{len(failed)} of {len(result.images)} images failed:\n{lines}", file=sys.stderr)
         if not sweep:  # in a sweep the other jobs go on; the parent run lists the failures
             sys.exit(EXIT_IMAGES_FAILED)
@@ -115,7 +115,7 @@ def _stopped(error: BaseException, run_dir: Path, log_name: str) -> int:
         return EXIT_INTERRUPTED
     run_dir = error.result.run_dir  # the folder the run continued in (resume=true)
     if isinstance(error, DiskFull):
-        done = len([r for r in error.result.images if r["status"] == "ok"])
+        done = len([r for r in error.result.images if r.ok])
         print(
             f"error: disk full: no space left for {error.path}; {done} finished keyframes kept "
             f"in {run_dir}; the {error.left} still to make need about "
@@ -138,11 +138,8 @@ def _switch_to_unfinished_run(fresh_dir: Path, wanted_hash: str, log_name: str) 
     made with the same settings, and drop the empty directory Hydra just made."""
     candidates = []
     for manifest in fresh_dir.parent.glob("*/manifest.json"):
-        try:
-            run = json.loads(manifest.read_text())["run"]
-        except (ValueError, KeyError):
-            continue
-        if run.get("status") != "finished" and run.get("config_hash") == wanted_hash:
+        run = read_run(manifest)
+        if run and run.status != "finished" and run.config_hash == wanted_hash:
             candidates.append(manifest.parent)
     if not candidates:
         raise ConfigError(

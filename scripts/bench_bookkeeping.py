@@ -10,30 +10,29 @@ Real runs record the whole of it (scoring, PNGs, manifest) as timings.bookkeepin
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from keyframes.outputs.records import ManifestWriter, write_manifest
+from keyframes.outputs.manifest import ManifestWriter, load_manifest, write_manifest
+from keyframes.outputs.records import ImageRecord, Manifest, RunInfo
 
 
-def records(template: dict, count: int) -> list[dict]:
-    out = []
-    for i in range(count):
-        record = copy.deepcopy(template)
-        record |= {"index": i, "file": f"keyframes/{i:05d}_scene-{i}_t1.png", "seed": i}
-        out.append(record)
-    return out
+def records(template: ImageRecord, count: int) -> list[ImageRecord]:
+    return [
+        replace(template, index=i, file=f"keyframes/{i:05d}_scene-{i}_t1.png", seed=i)
+        for i in range(count)
+    ]
 
 
-def rewrite_every_batch(folder: Path, run: dict, images: list[dict]) -> None:
+def rewrite_every_batch(folder: Path, run: RunInfo, images: list[ImageRecord]) -> None:
     for n in range(1, len(images) + 1):
-        write_manifest(folder, run, images[:n])
+        write_manifest(folder, Manifest(run, images[:n]))
 
 
-def journal(folder: Path, run: dict, images: list[dict]) -> None:
+def journal(folder: Path, run: RunInfo, images: list[ImageRecord]) -> None:
     writer = ManifestWriter(folder / "manifest.json")
     writer.full(run, [])
     for n in range(1, len(images) + 1):
@@ -49,9 +48,10 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a finished run (its manifest gives records)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 2000])
     args = parser.parse_args()
-    manifest = json.loads((args.run_dir / "manifest.json").read_text())
-    run, template = manifest["run"], manifest["images"][0]
-    print(f"records from {args.run_dir}: {len(json.dumps(template))} bytes each, batch size 1")
+    manifest = load_manifest(args.run_dir / "manifest.json")
+    run, template = manifest.run, manifest.images[0]
+    size = len(json.dumps(template.to_json()))
+    print(f"records from {args.run_dir}: {size} bytes each, batch size 1")
     for size in args.sizes:
         images = records(template, size)
         for name, way in (("rewrite every batch", rewrite_every_batch), ("journal", journal)):

@@ -45,7 +45,8 @@ def pipe():
 
 
 def tiny_control(scale):
-    return ControlNetConfig(name="tiny", type="canny", tiny=True, conditioning_scale=scale)
+    return ControlNetConfig(name="tiny", type="canny", family="sdxl", tiny=True,
+                            conditioning_scale=scale, canny_low=100, canny_high=200)  # fmt: skip
 
 
 def control(pipe, scale):

@@ -57,7 +57,7 @@ def save_tiny_ip_adapter(folder, unet):
 def tiny_adapter(folder, **overrides):
     return ConsistencyConfig(
         name="ip_adapter", ip_adapter_path=str(folder), ip_adapter_subfolder="models",
-        ip_adapter_weight="ip.safetensors", **overrides,
+        ip_adapter_weight="ip.safetensors", **{"ip_adapter_scale": 0.6, **overrides},
     )  # fmt: skip
 
 

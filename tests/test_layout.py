@@ -108,3 +108,26 @@ def test_generation_core_imports_neither_hydra_nor_mlflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(source: str, name: str) -> list[str]:
+    return [
+        f"{name}::{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_no_function_is_longer_than_a_screen():
+    found = [
+        line
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line in long_functions(path.read_text(), str(path.relative_to(PACKAGE)))
+    ]
+    assert found == []
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(f"def f():\n{body}\n", "m.py") == ["m.py::f (61 lines)"]

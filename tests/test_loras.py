@@ -11,7 +11,7 @@ from keyframes.config.schema import LoraConfig
 from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.outputs.png import a1111_parameters
-from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
+from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe, image_record
 
 
 def save_tiny_lora(folder, seed):
@@ -90,7 +90,7 @@ def test_records_and_png_metadata_carry_name_scale_and_hash(setup):
         "cfg_scale": 5.0, "seed": 1, "width": 64, "height": 64, "model": "tiny",
         "style": "none", "loras": records,
     }  # fmt: skip
-    text = a1111_parameters(record)
+    text = a1111_parameters(image_record(**record))
     assert text.splitlines()[0] == "a lighthouse <lora:tiny_lora_1:0.8>"
     assert f'Lora hashes: "tiny_lora_1: {digest}"' in text
 

@@ -16,7 +16,13 @@ from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.outputs.png import a1111_parameters
 from keyframes.pipeline.load import load_pipeline, resolve_family, resolve_placement
 from keyframes.pipeline.long_prompts import chunk_count, encode, text_inputs
-from tests.helpers import check_settings, demo_jobs, euler_tiny_pipe, tiny_model_config
+from tests.helpers import (
+    check_settings,
+    demo_jobs,
+    euler_tiny_pipe,
+    image_record,
+    tiny_model_config,
+)
 from tests.test_config import settings
 from tests.test_long_prompts import LONG
 
@@ -142,5 +148,5 @@ def test_refiner_settings_are_checked_and_recorded_as_image_browsers_read_them()
         "style": "none", "upscale": {"name": "refiner", "high_noise_frac": 0.8,
                                      "model": "stabilityai/stable-diffusion-xl-refiner-1.0"},
     }  # fmt: skip
-    text = a1111_parameters(record)
+    text = a1111_parameters(image_record(**record))
     assert "Refiner: stabilityai/stable-diffusion-xl-refiner-1.0, Refiner switch at: 0.8" in text

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -6,22 +7,24 @@ from PIL import Image
 
 from keyframes.config.schema import ScorerConfig
 from keyframes.outputs.contact_sheet import contact_sheet
+from keyframes.outputs.manifest import load_manifest, write_manifest
 from keyframes.outputs.png import a1111_parameters, read_png_metadata, save_png
-from keyframes.outputs.records import write_manifest
+from keyframes.outputs.records import Manifest
 from keyframes.scoring.clip import load_scorer
+from tests.helpers import image_record, run_record
 
-RECORD = {
-    "prompt": "film still, a harbor",
-    "negative_prompt": "blurry, text",
-    "steps": 30,
-    "sampler_label": "DPM++ 2M Karras",
-    "cfg_scale": 7.0,
-    "seed": 123,
-    "width": 1344,
-    "height": 768,
-    "model": "sdxl_base",
-    "style": "cinematic",
-}
+RECORD = image_record(
+    prompt="film still, a harbor",
+    negative_prompt="blurry, text",
+    steps=30,
+    sampler_label="DPM++ 2M Karras",
+    cfg_scale=7.0,
+    seed=123,
+    width=1344,
+    height=768,
+    model="sdxl_base",
+    style="cinematic",
+)
 
 
 def test_parameters_follow_the_automatic1111_layout():
@@ -31,14 +34,16 @@ def test_parameters_follow_the_automatic1111_layout():
         "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 123, Size: 1344x768, "
         "Model: sdxl_base, Style: cinematic"
     )
-    assert "Negative prompt" not in a1111_parameters({**RECORD, "negative_prompt": ""})
-    assert "CFG scale: 5.5," in a1111_parameters({**RECORD, "cfg_scale": 5.5})
+    assert "Negative prompt" not in a1111_parameters(replace(RECORD, negative_prompt=""))
+    assert "CFG scale: 5.5," in a1111_parameters(replace(RECORD, cfg_scale=5.5))
 
 
 def test_png_carries_both_metadata_chunks_and_leaves_no_temp_file(tmp_path):
     image = Image.fromarray(np.full((8, 16, 3), 200, np.uint8))
     path = tmp_path / "keyframes" / "001_a_t1.png"
-    save_png(image, path, RECORD, {"record": RECORD, "scene": {"id": "a", "mood": "café"}})
+    save_png(
+        image, path, RECORD, {"record": RECORD.to_json(), "scene": {"id": "a", "mood": "café"}}
+    )
     text = read_png_metadata(path)
     assert text["parameters"] == a1111_parameters(RECORD)
     assert json.loads(text["keyframes"])["scene"]["mood"] == "café"
@@ -47,12 +52,18 @@ def test_png_carries_both_metadata_chunks_and_leaves_no_temp_file(tmp_path):
 
 
 def test_manifest_has_run_and_images(tmp_path):
-    path = write_manifest(tmp_path, {"title": "T"}, [{"scene_id": "a"}])
+    run, image = run_record(title="T"), image_record(scene_id="a", method_field=[1])
+    path = write_manifest(tmp_path, Manifest(run, [image]))
     assert json.loads(path.read_text()) == {
         "version": 1,
-        "run": {"title": "T"},
-        "images": [{"scene_id": "a"}],
+        "run": run.to_json(),
+        "images": [image.to_json()],
     }
+    assert json.loads(path.read_text())["run"]["title"] == "T"
+    assert json.loads(path.read_text())["images"][0]["scene_id"] == "a"
+    # read back typed, a field this version does not know kept as it was
+    assert load_manifest(path) == Manifest(run, [image])
+    assert load_manifest(path).images[0].extra == {"method_field": [1]}
 
 
 def test_contact_sheet_is_a_labelled_grid():
@@ -99,8 +110,8 @@ def test_two_line_labels_fit_a_256_px_thumbnail():
 
     from keyframes.outputs.contact_sheet import _label, fit_text, load_font
 
-    record = {"scene_index": 1, "scene_id": "opening", "take": 1, "seed": 4064471231,
-              "clip_score": 23.41}  # fmt: skip
+    record = image_record(scene_index=1, scene_id="opening", take=1, seed=4064471231,
+                          clip_score=23.41)  # fmt: skip
     draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), load_font(14)
     lines = _label(record).split("\n")
     assert lines == ["01 opening t1", "seed 4064471231 · CLIP 23.4"]
@@ -115,8 +126,8 @@ def test_a_long_run_gets_contact_sheet_pages_a_viewer_can_open(tmp_path):
     for i in range(130):
         file = f"keyframes/{i:03d}.png"
         Image.new("RGB", (64, 36), (i, 80, 160)).save(tmp_path / file)
-        records.append({"scene_index": i + 1, "scene_id": f"s{i}", "take": 1, "seed": i,
-                        "clip_score": None, "status": "ok", "file": file})  # fmt: skip
+        records.append(image_record(scene_index=i + 1, scene_id=f"s{i}", take=1, seed=i,
+                                    clip_score=None, status="ok", file=file))  # fmt: skip
     (tmp_path / "contact_sheet_009.png").write_bytes(b"a page of an earlier, longer run")
     pages = write_contact_sheets(tmp_path, records, "Title", 64, 36)
     assert [p.name for p in pages] == [
@@ -143,16 +154,16 @@ def test_quoted_library_errors_end_on_a_whole_word():
 def test_manifest_bookkeeping_grows_linearly_and_a_kill_loses_nothing(tmp_path):
     """2,000 images one per batch: the full manifest is rewritten 10 times (each time the
     image count doubles), not 2,000 times; the journal holds the rest, read back by load_manifest."""
-    from keyframes.outputs.records import ManifestWriter, journal_of, load_manifest
+    from keyframes.outputs.manifest import ManifestWriter, journal_of
 
     path, writer, full_writes = tmp_path / "manifest.json", None, 0
     writer = ManifestWriter(path)
-    writer.full({"status": "running"}, [])
+    writer.full(run_record(status="running"), [])
     images = []
     for i in range(2000):
-        images.append({"index": i, "file": f"keyframes/{i:04d}.png", "prompt": "p" * 200})
+        images.append(image_record(index=i, file=f"keyframes/{i:04d}.png", prompt="p" * 200))
         if writer.due(len(images)):
-            writer.full({"status": "running"}, images)
+            writer.full(run_record(status="running"), images)
             full_writes += 1
         else:
             writer.append(images[-1:])
@@ -161,6 +172,6 @@ def test_manifest_bookkeeping_grows_linearly_and_a_kill_loses_nothing(tmp_path):
     with open(journal_of(path), "a") as f:
         f.write('{"index": 2000, "file": "keyframes/20')  # a line cut off by SIGKILL
     doc = load_manifest(path)
-    assert [r["index"] for r in doc["images"]] == list(range(2000))
-    writer.full({"status": "finished"}, images)  # the end: one manifest, no journal
-    assert not journal_of(path).exists() and load_manifest(path)["run"]["status"] == "finished"
+    assert [r.index for r in doc.images] == list(range(2000))
+    writer.full(run_record(status="finished"), images)  # the end: one manifest, no journal
+    assert not journal_of(path).exists() and load_manifest(path).run.status == "finished"

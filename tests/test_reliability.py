@@ -522,3 +522,27 @@ def test_an_out_of_memory_fallback_is_undone_before_the_next_job(cli_in_process,
     run = read_manifest(next_dir)["run"]
     assert run["pipeline_cache"] == "hit" and run["fallbacks"] == []
     assert run["memory"]["mode"] == "none" and models._loaded.pipe.vae.use_tiling is False
+
+
+def test_an_out_of_memory_fallback_in_the_warm_up_is_recorded_and_undone(
+    cli_in_process, monkeypatch
+):
+    """The warm-up runs on the run's pipeline: a saver it switches on is the run's, in the
+    manifest and undone at the end, like one switched on for a batch."""
+    import keyframes.pipeline.load as models
+
+    calls = []
+
+    def call(self, *args, **kwargs):
+        calls.append(kwargs["num_inference_steps"])
+        if len(calls) == 1:  # the warm-up's first try (2 steps)
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return ORIGINAL_CALL(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
+    code, err, run_dir, _ = cli_in_process(*SMALL, "batch_size=1")
+    assert code == 0, err[-2000:]
+    assert calls[:2] == [2, 2]  # the warm-up, tried again with VAE tiling on
+    [fallback] = read_manifest(run_dir)["run"]["fallbacks"]
+    assert fallback["action"] == "vae_tiling" and fallback["detail"].endswith("(warm-up)")
+    assert models._loaded.pipe.vae.use_tiling is False

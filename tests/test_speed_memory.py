@@ -197,9 +197,9 @@ def test_warm_up_runs_once_per_batch_shape():
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     try:
-        assert warm_up(loaded, settings, demo_jobs(1)[0]) > 0
+        assert warm_up(loaded, settings, demo_jobs(1)[0])[0] > 0
         assert calls == [4, 4]  # the batch shape (2 x CFG), only 2 of the 30 steps
-        assert warm_up(loaded, settings, demo_jobs(1)[0]) == 0.0 and len(calls) == 2
+        assert warm_up(loaded, settings, demo_jobs(1)[0]) == (0.0, []) and len(calls) == 2
         assert loaded.warmed_up == {(2, 64, 64)}
     finally:
         hook.remove()

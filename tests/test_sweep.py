@@ -87,24 +87,21 @@ def test_formatted_table_aligns_columns():
 
 
 def test_job_from_manifest_reads_first_takes_and_scores(tmp_path: Path):
-    import json
-
+    from keyframes.outputs.manifest import write_manifest
+    from keyframes.outputs.records import Manifest
     from keyframes.tracking.results import job_from_manifest
+    from tests.helpers import image_record, run_record
 
-    manifest = {
-        "run": {
-            "overrides": ["steps=3"],
-            "summary": {"clip_score_mean": 1.5},
-            "mlflow": {"run_id": "r"},
-        },
-        "images": [
-            {"scene_id": "b", "take": 1, "file": "keyframes/001_b_t1.png", "clip_score": 2.0},
-            {"scene_id": "b", "take": 2, "file": "keyframes/001_b_t2.png", "clip_score": 9.0},
-            {"scene_id": "a", "take": 1, "file": "keyframes/002_a_t1.png", "clip_score": None},
+    manifest = Manifest(
+        run_record(overrides=["steps=3"], summary={"clip_score_mean": 1.5},
+                   mlflow={"run_id": "r"}),
+        [
+            image_record(scene_id="b", take=1, file="keyframes/001_b_t1.png", clip_score=2.0),
+            image_record(scene_id="b", take=2, file="keyframes/001_b_t2.png", clip_score=9.0),
+            image_record(scene_id="a", take=1, file="keyframes/002_a_t1.png", clip_score=None),
         ],
-    }
-    (tmp_path / "4").mkdir()
-    (tmp_path / "4" / "manifest.json").write_text(json.dumps(manifest))
+    )  # fmt: skip
+    write_manifest(tmp_path / "4", manifest)
     result = job_from_manifest(tmp_path / "4" / "manifest.json")
     assert (result.name, result.run_id, result.overrides) == ("4", "r", {"steps": "3"})
     assert result.scenes == ["b", "a"]

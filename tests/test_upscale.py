@@ -11,7 +11,7 @@ from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.outputs.png import a1111_parameters, read_png_metadata
 from tests.conftest import read_manifest
-from tests.helpers import check_settings, demo_jobs, euler_tiny_pipe
+from tests.helpers import check_settings, demo_jobs, euler_tiny_pipe, image_record
 from tests.test_config import settings
 
 
@@ -66,7 +66,7 @@ def test_hires_is_written_the_way_image_browsers_read_it():
         "style": "none", "upscale": {"name": "hires", "factor": 1.5, "strength": 0.35,
                                      "steps": 30, "width": 2016, "height": 1152},
     }  # fmt: skip
-    text = a1111_parameters(record)
+    text = a1111_parameters(image_record(**record))
     assert "Size: 1344x768" in text
     assert "Hires upscale: 1.5, Hires steps: 30, Denoising strength: 0.35" in text
 

@@ -96,7 +96,8 @@ class Method:
 
     @classmethod
     def png_settings(cls, record: dict[str, Any]) -> list[str]:
-        """AUTOMATIC1111 `parameters` entries, where the image record shows this method ran."""
+        """AUTOMATIC1111 `parameters` entries, where the image record (as JSON: the fields
+        `record` wrote, among the others) shows this method ran."""
         return []
 
 

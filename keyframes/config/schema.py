@@ -1,5 +1,9 @@
 """Typed settings. Types live here, values live in conf/*.yaml (Hydra composes them).
 
+A default here is only ever a neutral one: unset (None), off (False) or empty, for a field
+that an option of its group does not use, or for what a command line adds (a LoRA entry).
+Every real setting (an id, a number, a mode) is written once, in its YAML file.
+
 Every stage takes its own sub-config, never the whole tree. config.validate checks what a type
 cannot express; config.plan turns the composed settings into the frozen plan a run follows.
 """
@@ -104,22 +108,22 @@ class LoraConfig:
 class ControlNetConfig:
     name: str = MISSING  # none | canny_sdxl | depth_sdxl | canny_sd15 | depth_sd15
     type: str | None = None  # the scene control type it follows: canny | depth
-    family: str = "sdxl"  # the model family it was trained with: sdxl | sd15
+    family: str | None = None  # the model family it was trained with: sdxl | sd15
     id: str | None = None  # hub repo of the ControlNet
     path: str | None = None  # local diffusers ControlNet folder; wins over id
     tiny: bool = False  # tests: a ControlNet copied from the tiny UNet, random weights
-    conditioning_scale: float = 0.5  # how strongly the control steers (0: not at all)
-    canny_low: int = 100  # canny thresholds (OpenCV), as the canny ControlNets were trained
-    canny_high: int = 200
+    conditioning_scale: float | None = None  # how strongly the control steers (0: not at all)
+    canny_low: int | None = None  # canny: thresholds (OpenCV), as the ControlNets were trained
+    canny_high: int | None = None
 
 
 @dataclass
 class UpscaleConfig:
     name: str = MISSING  # none | hires | refiner
-    factor: float = 1.5  # hires: output size / generated size
-    strength: float = 0.35  # hires: how much of the upscaled image the img2img pass redraws
+    factor: float | None = None  # hires: output size / generated size
+    strength: float | None = None  # hires: how much of the upscaled image img2img redraws
     steps: int | None = None  # hires: img2img steps (null: the run's steps)
-    high_noise_frac: float = 0.8  # refiner: share of the steps the base model runs
+    high_noise_frac: float | None = None  # refiner: share of the steps the base model runs
     id: str | None = None  # refiner: hub repo of the SDXL refiner
     path: str | None = None  # refiner: local diffusers folder; wins over id
     variant: str | None = None  # refiner: weight variant to prefer, e.g. fp16
@@ -131,11 +135,11 @@ class ConsistencyConfig:
     name: str = MISSING  # none | style_aligned | ip_adapter
     reference: str | None = None  # style_aligned: scene id of the reference; null: the first
     image: str | None = None  # ip_adapter: the run's reference image; null: the first keyframe
-    ip_adapter_id: str = "h94/IP-Adapter"
+    ip_adapter_id: str | None = None  # ip_adapter: hub repo of the adapter weights
     ip_adapter_path: str | None = None  # a local copy of the repo; wins over the id
-    ip_adapter_subfolder: str = "sdxl_models"
-    ip_adapter_weight: str = "ip-adapter_sdxl.safetensors"
-    ip_adapter_scale: float = 0.6  # how strongly the reference image steers
+    ip_adapter_subfolder: str | None = None
+    ip_adapter_weight: str | None = None
+    ip_adapter_scale: float | None = None  # how strongly the reference image steers
     style_only: bool = False  # InstantStyle: only the style block reads the image
     options: dict[str, Any] = field(default_factory=dict)  # a method added later: its settings
 
@@ -149,11 +153,11 @@ class MemoryConfig:
 class SpeedConfig:
     name: str = MISSING
     compile: bool = False  # torch.compile the UNet (its repeated blocks) and the VAE decoder
-    compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    compile_mode: str | None = None  # torch.compile mode, e.g. max-autotune-no-cudagraphs
     channels_last: bool = False  # NHWC memory layout for the convolutions
     fuse_qkv: bool = False  # one projection for query, key and value
-    tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions (CUDA)
-    warm_up: bool = True  # a throwaway generation per batch shape (always on with compile)
+    tf32: bool = False  # TF32 tensor cores for float32 matmuls and convolutions (CUDA)
+    warm_up: bool = False  # a throwaway generation per batch shape (always on with compile)
 
 
 @dataclass
@@ -174,9 +178,9 @@ class Config:
     max_images: int = MISSING  # a run making more images than this stops before it starts
     batch_size: int = MISSING  # images per pipeline call, across scenes and takes
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
-    long_prompts: str = "chunk"  # over 77 CLIP tokens: chunk (encode it all) | truncate
+    long_prompts: str = MISSING  # over 77 CLIP tokens: chunk (encode it all) | truncate
     resume: bool = MISSING  # continue the newest unfinished run with the same settings
-    remake: bool = False  # a run folder made with other settings is made again, not refused
+    remake: bool = MISSING  # a run folder made with other settings is made again, not refused
     allow_external_paths: bool = MISSING  # shotlist image paths may point outside its folder
     device: str = MISSING
     aspect: str = MISSING  # W:H, mapped to an SDXL training resolution

@@ -99,6 +99,9 @@ def validate(cfg: Config) -> tuple[int, int]:
         problems.append(f"max_images={cfg.max_images}: must be at least 1")
     if cfg.batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size}: must be at least 1")
+    # Choices checked here rather than by Enum fields in the schema: OmegaConf would stop at
+    # the first bad value (this lists every problem at once), and enum members would reach
+    # config.yaml, the hash and MLflow as names (`reduce-overhead` cannot even be one).
     for key, value, allowed in (
         ("device", cfg.device, DEVICES),
         ("seed_mode", cfg.seed_mode, SEED_MODES),
@@ -106,7 +109,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         ("model.dtype", cfg.model.dtype, DTYPES),
         ("memory", cfg.memory.name, MEMORY_MODES),
         ("long_prompts", cfg.long_prompts, LONG_PROMPT_MODES),
-        ("speed.compile_mode", cfg.speed.compile_mode, COMPILE_MODES),
+        ("speed.compile_mode", cfg.speed.compile_mode or COMPILE_MODES[0], COMPILE_MODES),
         ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
         ("model.family", cfg.model.family, FAMILIES),
     ):

@@ -22,10 +22,11 @@ from keyframes.errors import DiskFull, Interrupted, is_disk_full
 from keyframes.generation.generator import Generation
 from keyframes.generation.session import Session
 from keyframes.outputs.contact_sheet import write_contact_sheets
+from keyframes.outputs.manifest import ManifestWriter, write_manifest
 from keyframes.outputs.parts import merge_parts
 from keyframes.outputs.png import save_png
 from keyframes.outputs.processes import Processes
-from keyframes.outputs.records import ManifestWriter, image_record, iso, run_info, write_manifest
+from keyframes.outputs.records import ImageRecord, Manifest, RunInfo, image_record, iso, run_info
 from keyframes.outputs.resume import Earlier, previous_images
 from keyframes.outputs.summary import summarize
 from keyframes.pipeline.load import Placement
@@ -61,19 +62,19 @@ class RunContext:
 @dataclass
 class RenderResult:
     run_dir: Path
-    manifest_run: dict[str, Any]
-    images: list[dict[str, Any]] = field(default_factory=list)
+    run: RunInfo
+    images: list[ImageRecord] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
 
     def write_manifest(self, name: str = "manifest.json") -> Path:
-        return write_manifest(self.run_dir, self.manifest_run, self.images, name)
+        return write_manifest(self.run_dir, Manifest(self.run, self.images), name)
 
 
 def render(ctx: RunContext) -> RenderResult:
     """Make every keyframe of the plan not already on disk; returns what the run made."""
     with Session(ctx.plan, ctx.placement, ctx.memory, ctx.methods, ctx.processes) as session:
-        result = RenderResult(ctx.run_dir, manifest_run=run_info(ctx, session))
-        done = previous_images(ctx.run_dir, ctx.jobs, ctx.earlier, result.manifest_run,
+        result = RenderResult(ctx.run_dir, run_info(ctx, session))
+        done = previous_images(ctx.run_dir, ctx.jobs, ctx.earlier, result.run,
                                lambda job: recipe(ctx, job))  # fmt: skip
         todo = [job for job in ctx.jobs if job.index not in done]
         ctx.processes.wait()  # every process has read the same finished work before any adds
@@ -83,13 +84,13 @@ def render(ctx: RunContext) -> RenderResult:
         cfg = ctx.plan.config
         if todo and (cfg.speed.warm_up or cfg.speed.compile):
             session.warm_up(todo[0])
-            result.manifest_run["timings"] = dict(session.timings)
+            result.run.timings = dict(session.timings)
         book = Bookkeeping(ctx, session, result, done, count_tokens(session.pipe, todo,
                                                                      cfg.long_prompts))  # fmt: skip
         try:
             book.run(session.generate(todo, ctx.jobs, ctx.run_dir))
         except KeyboardInterrupt:
-            result.manifest_run["status"] = "interrupted"
+            result.run.status = "interrupted"
             book.write_now()
             if ctx.processes.main:  # what every process has finished; resume reads parts too
                 merge_parts(ctx.run_dir, ctx.processes, result)
@@ -120,8 +121,8 @@ class Bookkeeping:
 
     def write_now(self) -> None:
         self.result.images = [self.records[i] for i in sorted(self.records)]
-        self.result.manifest_run["fallbacks"] = self.session.fallbacks
-        self.manifest.full(self.result.manifest_run, self.result.images)
+        self.result.run.fallbacks = self.session.fallbacks
+        self.manifest.full(self.result.run, self.result.images)
 
     def run(self, batches) -> None:
         procs, single = self.ctx.processes, self.ctx.processes.count == 1
@@ -147,9 +148,9 @@ class Bookkeeping:
             record = image_record(ctx.plan, generation, scores, self.tokens, scene.extra,
                                   ctx.methods, planned)  # fmt: skip
             if generation.image is not None:
-                provenance = {"record": record, "scene": asdict(scene),
-                              "run": self.result.manifest_run}  # fmt: skip
-                save_png(generation.image, ctx.run_dir / record["file"], record, provenance)
+                provenance = {"record": record.to_json(), "scene": asdict(scene),
+                              "run": self.result.run.to_json()}  # fmt: skip
+                save_png(generation.image, ctx.run_dir / record.file, record, provenance)
             self.records[generation.job.index] = record
             made.append(record)
         if self.manifest.due(len(self.records)):
@@ -157,7 +158,7 @@ class Bookkeeping:
         else:
             self.manifest.append(made)
         self.seconds += time.perf_counter() - start  # scoring, PNGs, manifest
-        self.result.manifest_run["timings"]["bookkeeping_seconds"] = round(self.seconds, 3)
+        self.result.run.timings["bookkeeping_seconds"] = round(self.seconds, 3)
 
 
 def conclude(ctx: RunContext, result: RenderResult, scorer) -> RenderResult:
@@ -166,8 +167,8 @@ def conclude(ctx: RunContext, result: RenderResult, scorer) -> RenderResult:
     if not ctx.processes.main:
         return result
     merge_parts(ctx.run_dir, ctx.processes, result)
-    failed = [r for r in result.images if r["status"] != "ok"]
-    result.manifest_run["status"] = "failed" if failed else "finished"
+    failed = [r for r in result.images if not r.ok]
+    result.run.status = "failed" if failed else "finished"
     finish(ctx, result, scorer)
     log.info(
         "%d keyframes in %s (%.2f s/image)%s",
@@ -183,8 +184,8 @@ def disk_full(ctx: RunContext, result: RenderResult, book: Bookkeeping, error: O
     small manifest fits where the half-written PNG was), summary for MLflow, no contact sheet;
     and an estimate of the space the rest needs."""
     logging.raiseExceptions = False  # run.log cannot grow either: no traceback per log line
-    result.manifest_run["status"] = "failed"
-    result.manifest_run["error"] = f"disk full: {error.filename or ctx.run_dir}"
+    result.run.status = "failed"
+    result.run.error = f"disk full: {error.filename or ctx.run_dir}"
     try:
         book.write_now()
         if ctx.processes.main:
@@ -192,7 +193,7 @@ def disk_full(ctx: RunContext, result: RenderResult, book: Bookkeeping, error: O
             finish(ctx, result, sheets=False)
     except OSError as again:  # not even that: the last manifest written stays as it was
         log.error("could not record the stop in the manifest either (%s)", again)
-    pngs = [ctx.run_dir / r["file"] for r in book.records.values() if r["status"] == "ok"]
+    pngs = [ctx.run_dir / r.file for r in book.records.values() if r.ok]
     sizes = [p.stat().st_size for p in pngs if p.is_file()]
     per_image = sum(sizes) / len(sizes) if sizes else ctx.plan.width * ctx.plan.height * 3
     left = len(ctx.jobs) - len(sizes)
@@ -203,19 +204,20 @@ def disk_full(ctx: RunContext, result: RenderResult, book: Bookkeeping, error: O
 def finish(ctx: RunContext, result: RenderResult, scorer: ClipScorer | None = None,
            sheets: bool = True) -> None:  # fmt: skip
     """Contact sheet, summary and the final manifest, for whatever images exist."""
-    cfg, timings = ctx.plan.config, result.manifest_run["timings"]
+    cfg, timings = ctx.plan.config, result.run.timings
     if sheets and result.images:
         title = f"{ctx.shotlist.title} · {cfg.style.name} · {cfg.model.name}"
         write_contact_sheets(ctx.run_dir, result.images, title, ctx.plan.width, ctx.plan.height)
     result.summary = summarize(result.images, timings["model_load_seconds"],
                                time.time() - ctx.started)  # fmt: skip
     if scorer is not None:
-        result.summary |= consistency_of(ctx.run_dir, result.images, scorer)
+        made = [(ctx.run_dir / r.file, r.scene_id) for r in result.images if r.ok]
+        result.summary |= consistency_of(made, scorer)
     for key in ("warmup_seconds", "compile_seconds"):
         if key in timings:
             result.summary[key] = timings[key]
-    result.manifest_run["finished_at"] = iso(time.time())
-    result.manifest_run["summary"] = result.summary
+    result.run.finished_at = iso(time.time())
+    result.run.summary = result.summary
     result.write_manifest()
 
 

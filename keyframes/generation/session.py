@@ -48,6 +48,7 @@ class Session:
     cache_hit: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     generators: list[KeyframeGenerator] = field(default_factory=list)
+    warmup_fallbacks: list[dict] = field(default_factory=list)
     _installed: list[Method] = field(default_factory=list)
 
     def __enter__(self) -> Session:
@@ -71,8 +72,9 @@ class Session:
 
     @property
     def fallbacks(self) -> list[dict]:
-        """Every out-of-memory step taken so far (halved batches, VAE tiling, offload)."""
-        return [f for generator in self.generators for f in generator.fallbacks]
+        """Every out-of-memory step taken so far (halved batches, VAE tiling, offload), the
+        warm-up's included."""
+        return self.warmup_fallbacks + [f for g in self.generators for f in g.fallbacks]
 
     def setup(self, scorer: bool = True) -> Session:
         """The pipeline (from the process's cache when the settings match) with the run's
@@ -102,7 +104,8 @@ class Session:
 
     def warm_up(self, job) -> float:
         """A throwaway generation at this batch shape; first-call costs are timed apart."""
-        seconds = round(warm_up(self.loaded, self.settings, job, self.lead()), 3)
+        seconds, self.warmup_fallbacks = warm_up(self.loaded, self.settings, job, self.lead())
+        seconds = round(seconds, 3)
         self.timings["warmup_seconds"] = seconds
         if self.plan.config.speed.compile:
             self.timings["compile_seconds"] = seconds

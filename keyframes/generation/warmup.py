@@ -19,23 +19,25 @@ def warm_up(
     settings: GenerationSettings,
     job: ImageJob,
     reference: ImageJob | None = None,
-) -> float:
+) -> tuple[float, list[dict]]:
     """A short throwaway generation at this batch shape: the first call's one-off costs (lazy
     set-up, kernel choice, and for speed=compile the compile) land here, kept out of every
     image's seconds, so that the first job of a sweep compares fairly with the others. Free
-    when this pipeline has run the shape already."""
+    when this pipeline has run the shape already. Returns (seconds, the out-of-memory steps
+    it took: they are the run's, to record and to undo)."""
     rows = settings.batch_size + (reference is not None)
     shape = (rows, settings.width, settings.height)
     if shape in loaded.warmed_up:
-        return 0.0
+        return 0.0, []
     what = "compiling" if settings.fixed_batch else "warming up"
     log.info("%s for batch %d at %dx%d (one-off)", what, *shape)
     start = time.perf_counter()
     short = replace(settings, steps=min(settings.steps, 2))
-    for batch in KeyframeGenerator(loaded.pipe, short, reference).run([job]):
+    generator = KeyframeGenerator(loaded.pipe, short, reference)
+    for batch in generator.run([job]):
         if batch[0].error:
             log.warning("warm-up failed: %s", batch[0].error)
     loaded.warmed_up.add(shape)
     seconds = time.perf_counter() - start
     log.info("%s took %.1f s", what, seconds)
-    return seconds
+    return seconds, [f | {"detail": f"{f['detail']} (warm-up)"} for f in generator.fallbacks]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from keyframes.outputs.records import atomic_write
+from keyframes.outputs.atomic import atomic_write
+from keyframes.outputs.records import ImageRecord
 
 THUMB_WIDTH = 384  # contact sheet cell width
 
@@ -75,7 +75,7 @@ def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 
 def write_contact_sheets(
-    run_dir: Path, images: list[dict[str, Any]], title: str, width: int, height: int
+    run_dir: Path, images: list[ImageRecord], title: str, width: int, height: int
 ) -> list[Path]:
     """The contact sheet in pages of SHEET_PAGE keyframes, one page in memory at a time, so a
     run of thousands makes pictures a viewer can open (and stays under Pillow's limits)."""
@@ -83,7 +83,7 @@ def write_contact_sheets(
     written = []
     for page in range(1, pages + 1):
         records = images[(page - 1) * SHEET_PAGE : page * SHEET_PAGE]
-        thumbs = [_thumbnail(run_dir / r["file"], r, width, height) for r in records]
+        thumbs = [_thumbnail(run_dir / r.file, r, width, height) for r in records]
         heading = title if pages == 1 else f"{title} · page {page} of {pages}"
         sheet = contact_sheet(thumbs, [_label(r) for r in records], heading, thumbs[0].width)
         written.append(run_dir / sheet_name(page))
@@ -94,11 +94,11 @@ def write_contact_sheets(
     return written
 
 
-def _thumbnail(path: Path, record: dict[str, Any], width: int, height: int) -> Image.Image:
+def _thumbnail(path: Path, record: ImageRecord, width: int, height: int) -> Image.Image:
     """The image scaled to the contact sheet's cell, or a dark cell saying why it is missing."""
     w = min(THUMB_WIDTH, width)
     h = max(1, round(w * height / width))
-    if record["status"] == "ok" and path.is_file():
+    if record.ok and path.is_file():
         with Image.open(path) as image:
             return image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
     cell = Image.new("RGB", (w, h), (60, 20, 20))
@@ -106,11 +106,10 @@ def _thumbnail(path: Path, record: dict[str, Any], width: int, height: int) -> I
     return cell
 
 
-def _label(record: dict[str, Any]) -> str:
+def _label(record: ImageRecord) -> str:
     """Two lines, so that a 256 px thumbnail shows all of it: the scene, then seed and score."""
-    label = (
-        f"{record['scene_index']:02d} {record['scene_id']} t{record['take']}\nseed {record['seed']}"
-    )
-    if record["clip_score"] is not None:
-        label += f" · CLIP {record['clip_score']:.1f}"
+    r = record
+    label = f"{r.scene_index:02d} {r.scene_id} t{r.take}\nseed {r.seed}"
+    if r.clip_score is not None:
+        label += f" · CLIP {r.clip_score:.1f}"
     return label

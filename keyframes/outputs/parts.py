@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from keyframes.outputs.manifest import journal_of, load_manifest
 from keyframes.outputs.processes import PART_GLOB, Processes
-from keyframes.outputs.records import journal_of, load_manifest
 
 log = logging.getLogger("keyframes")
 
@@ -18,21 +18,21 @@ def merge_parts(run_dir: Path, processes: Processes, result) -> None:
     parts = sorted(run_dir.glob(PART_GLOB))
     if not parts:
         return
-    records = {r["index"]: r for r in result.images}
-    fallbacks = list(result.manifest_run.get("fallbacks", []))
+    records = {r.index: r for r in result.images}
+    fallbacks = list(result.run.fallbacks)
     for part in parts:
         try:
             doc = load_manifest(part)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             log.warning("%s is unreadable; its images are left out", part)
             continue
-        for record in doc["images"]:  # this process's own records win over a leftover part's
-            records.setdefault(record["index"], record)
+        for record in doc.images:  # this process's own records win over a leftover part's
+            records.setdefault(record.index, record)
         if part.name != processes.part_name():
-            fallbacks += doc["run"].get("fallbacks", [])
+            fallbacks += doc.run.fallbacks
     result.images = [records[i] for i in sorted(records)]
-    result.manifest_run["fallbacks"] = fallbacks
-    result.manifest_run["processes"] = processes.count
+    result.run.fallbacks = fallbacks
+    result.run.processes = processes.count
     result.write_manifest()
     for part in parts:
         part.unlink()

@@ -11,31 +11,28 @@ from PIL import Image, PngImagePlugin
 
 from keyframes.conditioning.base import png_settings
 from keyframes.conditioning.loras import prompt_tags
-from keyframes.outputs.records import atomic_write
+from keyframes.outputs.atomic import atomic_write
+from keyframes.outputs.records import ImageRecord
 
 
-def a1111_parameters(record: dict[str, Any]) -> str:
+def a1111_parameters(record: ImageRecord) -> str:
     """The `parameters` text that AUTOMATIC1111-compatible image browsers parse."""
+    r = record
     settings = [
-        f"Steps: {record['steps']}",
-        f"Sampler: {record['sampler_label']}",
-        f"CFG scale: {_number(record['cfg_scale'])}",
-        f"Seed: {record['seed']}",
-        f"Size: {record['width']}x{record['height']}",
-        f"Model: {record['model']}",
-        f"Style: {record['style']}",
-    ]
-    if record.get("consistency") not in (None, "none"):
-        settings.append(f"Consistency: {record['consistency']} ({record['consistency_reference']})")
-    settings += png_settings(record)  # each conditioning method's own entries
-    loras = record.get("loras") or []
-    hashes = ", ".join(f"{r['name']}: {r['sha256']}" for r in loras if r.get("sha256"))
+        f"Steps: {r.steps}", f"Sampler: {r.sampler_label}", f"CFG scale: {_number(r.cfg_scale)}",
+        f"Seed: {r.seed}", f"Size: {r.width}x{r.height}", f"Model: {r.model}",
+        f"Style: {r.style}",
+    ]  # fmt: skip
+    if r.consistency != "none":
+        settings.append(f"Consistency: {r.consistency} ({r.consistency_reference})")
+    settings += png_settings(r.to_json())  # each conditioning method's own entries
+    hashes = ", ".join(f"{x['name']}: {x['sha256']}" for x in r.loras if x.get("sha256"))
     if hashes:
         settings.append(f'Lora hashes: "{hashes}"')
-    tags = prompt_tags(loras)
-    lines = [f"{record['prompt']} {tags}" if tags else record["prompt"]]
-    if record["negative_prompt"]:
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    tags = prompt_tags(r.loras)
+    lines = [f"{r.prompt} {tags}" if tags else r.prompt]
+    if r.negative_prompt:
+        lines.append(f"Negative prompt: {r.negative_prompt}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
@@ -44,7 +41,7 @@ def _number(x: float) -> str:
     return f"{x:g}"
 
 
-def save_png(image: Image.Image, path: Path, record: dict[str, Any], provenance: dict[str, Any]):
+def save_png(image: Image.Image, path: Path, record: ImageRecord, provenance: dict[str, Any]):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(record))
     info.add_text("keyframes", json.dumps(provenance, ensure_ascii=False, sort_keys=True))

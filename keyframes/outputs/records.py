@@ -1,18 +1,24 @@
-"""The manifest: manifest.json and its journal, written as a run goes and read back.
+"""The manifest's records, typed: `RunInfo` (one per run) and `ImageRecord` (one per image),
+the contract with the next pipeline stage. manifest.json, its journal, the PNGs' JSON and
+MLflow are all written from these, and everything that reads a manifest back (resume, sync,
+sweep tables, compare, merging process parts) reads these. docs/manifest.md documents every
+field; tests/test_manifest_docs.py keeps the two in step.
 
-Files are written to a temporary name and renamed, so a crash never leaves half a file.
+JSON keys are the field names. Keys are only ever added: fields added after the first
+manifest have defaults, so older manifests still read. Keys this version does not know (a
+conditioning method's own fields, or a newer keyframes') are kept in `extra` and written back
+unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shlex
 import socket
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from keyframes.conditioning.base import record_fields
 from keyframes.pipeline.load import describe_source
@@ -21,171 +27,225 @@ from keyframes.pipeline.long_prompts import prompt_encoding
 MANIFEST_VERSION = 1
 
 
-def write_manifest(
-    run_dir: Path, run: dict[str, Any], images: list[dict[str, Any]], name: str = "manifest.json"
-) -> Path:
-    """The whole manifest; its journal (see ManifestWriter) is then redundant and removed."""
-    path = run_dir / name
-    doc = {"version": MANIFEST_VERSION, "run": run, "images": images}
-    text = json.dumps(doc, indent=2, ensure_ascii=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
-    journal_of(path).unlink(missing_ok=True)
-    return path
+class _JsonRecord:
+    """Field names are the JSON keys; unknown keys round-trip through `extra`."""
 
+    OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset()
+    extra: dict[str, Any]
 
-def journal_of(manifest: Path) -> Path:
-    """manifest.json -> manifest.journal.jsonl: the image records written since the last
-    full manifest, one JSON line each."""
-    return manifest.with_suffix(".journal.jsonl")
+    def to_json(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and not (value is None and f.name in self.OMITTED_WHEN_NONE):
+                out[f.name] = value
+        return out | self.extra
 
-
-class ManifestWriter:
-    """Keeps a growing run's bookkeeping linear in its images. After each batch its records
-    are appended to the journal; the manifest itself is rewritten (and the journal dropped)
-    only when the run's image count has doubled since the last full write, and whenever the
-    caller asks (start, end, any stop). A kill between two full writes loses nothing:
-    load_manifest reads the journal too."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.full_at = 0  # images in the last full write
-
-    def due(self, images: int) -> bool:
-        return images >= 2 * max(self.full_at, 1)
-
-    def full(self, run: dict[str, Any], images: list[dict[str, Any]]) -> None:
-        write_manifest(self.path.parent, run, images, self.path.name)
-        self.full_at = len(images)
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(journal_of(self.path), "a", encoding="utf-8") as f:
-            f.write(lines)
-
-
-def load_manifest(path: Path) -> dict[str, Any]:
-    """A manifest with the records of its journal added (a record there replaces the one with
-    the same file). A journal line cut off by a kill is skipped. Raises OSError or ValueError
-    where there is no readable manifest."""
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    journal = journal_of(path)
-    if not journal.is_file():
-        return doc
-    images = {r["file"]: r for r in doc["images"]}
-    for line in journal.read_text(encoding="utf-8").splitlines():
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):
+        """ValueError where a field every manifest has is missing, or data is no object."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a {cls.__name__} is a JSON object, not {type(data).__name__}")
+        names = {f.name for f in fields(cls)} - {"extra"}
         try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        images[record["file"]] = record
-    return {**doc, "images": sorted(images.values(), key=lambda r: r["index"])}
+            return cls(
+                **{k: v for k, v in data.items() if k in names},
+                extra={k: v for k, v in data.items() if k not in names},
+            )
+        except TypeError as e:  # a missing required field
+            raise ValueError(f"not a keyframes {cls.__name__}: {e}") from None
 
 
-def atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: no half-written temp file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True, kw_only=True)
+class ImageRecord(_JsonRecord):
+    index: int
+    scene_id: str
+    scene_index: int
+    take: int
+    file: str
+    status: str  # "ok" | "failed"
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    seed: int
+    prompt: str
+    negative_prompt: str
+    prompt_tokens: int
+    negative_prompt_tokens: int
+    prompt_encoding: str | None = None
+    description: str
+    scene_prompt: str
+    steps: int
+    cfg_scale: float
+    sampler: str
+    sampler_label: str
+    width: int
+    height: int
+    model: str
+    style: str
+    negative: str
+    consistency: str = "none"
+    consistency_reference: str | None = None
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    upscale: dict[str, Any] | None = None
+    control: dict[str, Any] | None = None
+    seconds: float
+    vram_peak_gb: float | None
+    rss_peak_gb: float
+    clip_score: float | None
+    clip_score_prompt: float | None
+    clip_truncated: dict[str, bool] | None
+    scene_extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(kw_only=True)
+class RunInfo(_JsonRecord):
+    """Filled in as the run goes: status, timings, fallbacks, then summary and finished_at."""
+
+    OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"finished_at", "summary", "processes", "error", "replaces_run_key", "mlflow"}
+    )
+    title: str
+    shotlist: str
+    shotlist_sha256: str
+    shotlist_extra: dict[str, Any]
+    characters: dict[str, str]
+    config_hash: str
+    model: str
+    model_source: str
+    model_family: str | None = None
+    model_fit: list[str] = field(default_factory=list)
+    style: str
+    style_template: str
+    negative: str
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    sampler: str
+    quality: str
+    scorer: str | None
+    device: str
+    dtype: str
+    memory: dict[str, Any] | None = None
+    versions: dict[str, str]
+    overrides: list[str]
+    command: str
+    started_at: str
+    experiment: str | None = None
+    sweep: dict[str, Any] | None = None
+    git_commit: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    run_key: str | None = None
+    status: str = "finished"  # manifests older than the status field were written at the end
+    pipeline_cache: str | None = None
+    speed: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    processes: int | None = None
+    error: str | None = None
+    replaces_run_key: str | None = None
+    finished_at: str | None = None
+    summary: dict[str, float] | None = None
+    mlflow: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return (self.mlflow or {}).get("run_id")
+
+
+@dataclass
+class Manifest:
+    run: RunInfo
+    images: list[ImageRecord]
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "run": self.run.to_json(),
+            "images": [r.to_json() for r in self.images],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        if not isinstance(data, dict) or "run" not in data or "images" not in data:
+            raise ValueError("not a keyframes manifest: no run and images")
+        return cls(
+            RunInfo.from_json(data["run"]),
+            [ImageRecord.from_json(r) for r in data["images"]],
+            data.get("version", MANIFEST_VERSION),
+        )
 
 
 def image_record(plan, g, scores: tuple, tokens: dict[str, int], scene_extra: dict[str, Any],
-                 methods: list, planned) -> dict[str, Any]:  # fmt: skip
-    """One manifest entry (g: a generation.Generation; scores: its two CLIP TextScores;
-    planned: its job as planned). The key set is the contract with the next stage: keep it
-    stable, and docs/manifest.md with it."""
+                 methods: list, planned) -> ImageRecord:  # fmt: skip
+    """One image's record (g: a generation.Generation; scores: its two CLIP TextScores;
+    planned: its job as planned, with the conditioning methods' inputs)."""
     cfg, job = plan.config, g.job
-    conditioning = record_fields(methods, planned)
     asked, styled = scores
-    return {
-        "index": job.index,
-        "scene_id": job.scene_id,
-        "scene_index": job.scene_index,
-        "take": job.take,
-        "file": job.file,
-        "status": "ok" if g.image is not None else "failed",
-        "error": g.error,
-        "notes": g.notes,  # e.g. vae_fp32_redecode: NaN/Inf seen, batch decoded again in float32
-        "seed": job.seed,
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "prompt_tokens": tokens[job.prompt],  # over 77: see prompt_encoding
-        "negative_prompt_tokens": tokens[job.negative_prompt],
-        "prompt_encoding": prompt_encoding(
-            max(tokens[job.prompt], tokens[job.negative_prompt]), cfg.long_prompts
-        ),
-        "description": job.description,
-        "scene_prompt": job.scene_prompt,
-        "steps": cfg.steps,
-        "cfg_scale": cfg.cfg_scale,
-        "sampler": cfg.sampler.name,
-        "sampler_label": cfg.sampler.label,
-        "width": plan.width,
-        "height": plan.height,
-        "model": cfg.model.name,
-        "style": cfg.style.name,
-        "negative": cfg.negative.name,
-        "consistency": conditioning.pop("consistency"),
-        "consistency_reference": conditioning.pop("consistency_reference"),
-        "loras": conditioning.pop("loras"),  # [{name, path, scale, sha256}]
-        "upscale": conditioning.pop("upscale"),
-        "control": conditioning.pop("control"),
-        **conditioning,  # a method's own fields
-        "seconds": round(g.seconds, 4),
-        "vram_peak_gb": None if g.vram_peak_gb is None else round(g.vram_peak_gb, 3),
-        "rss_peak_gb": round(g.rss_peak_gb, 3),
-        "clip_score": None if asked is None else round(asked.score, 4),
-        "clip_score_prompt": None if styled is None else round(styled.score, 4),
-        "clip_truncated": None
-        if asked is None
-        else {"description": asked.truncated, "prompt": styled.truncated},
-        "scene_extra": scene_extra,  # fields the shotlist format does not know, passed through
-    }
+    longest = max(tokens[job.prompt], tokens[job.negative_prompt])
+    return ImageRecord.from_json(
+        {
+            "index": job.index, "scene_id": job.scene_id, "scene_index": job.scene_index,
+            "take": job.take, "file": job.file,
+            "status": "ok" if g.image is not None else "failed", "error": g.error,
+            "notes": g.notes, "seed": job.seed,
+            "prompt": job.prompt, "negative_prompt": job.negative_prompt,
+            "prompt_tokens": tokens[job.prompt],  # over 77: see prompt_encoding
+            "negative_prompt_tokens": tokens[job.negative_prompt],
+            "prompt_encoding": prompt_encoding(longest, cfg.long_prompts),
+            "description": job.description, "scene_prompt": job.scene_prompt,
+            "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
+            "sampler": cfg.sampler.name, "sampler_label": cfg.sampler.label,
+            "width": plan.width, "height": plan.height, "model": cfg.model.name,
+            "style": cfg.style.name, "negative": cfg.negative.name,
+            **record_fields(methods, planned),  # consistency, loras, upscale, control, ...
+            "seconds": round(g.seconds, 4),
+            "vram_peak_gb": None if g.vram_peak_gb is None else round(g.vram_peak_gb, 3),
+            "rss_peak_gb": round(g.rss_peak_gb, 3),
+            "clip_score": None if asked is None else round(asked.score, 4),
+            "clip_score_prompt": None if styled is None else round(styled.score, 4),
+            "clip_truncated": None if asked is None
+            else {"description": asked.truncated, "prompt": styled.truncated},
+            "scene_extra": scene_extra,  # fields the shotlist format does not know, passed on
+        }
+    )  # fmt: skip
 
 
-def run_info(ctx, session) -> dict[str, Any]:
-    """The manifest's run record (ctx: a generation.render.RunContext; session: its set-up
+def run_info(ctx, session) -> RunInfo:
+    """The run's record as it starts (ctx: a generation.render.RunContext; session: its set-up
     generation.session.Session)."""
     cfg, scorer, loaded = ctx.plan.config, session.scorer, session.loaded
-    return {
-        "title": ctx.shotlist.title,
-        "shotlist": ctx.shotlist.path,
-        "shotlist_sha256": ctx.shotlist.sha256,
-        "shotlist_extra": ctx.shotlist.extra,
-        "characters": {c.name: c.description for c in ctx.shotlist.characters.values()},
-        "config_hash": ctx.plan.config_hash,
-        "model": cfg.model.name,
-        "model_source": describe_source(cfg.model),
-        "model_family": cfg.model.family,
-        "model_fit": list(ctx.plan.model_fit),
-        "style": cfg.style.name,
-        "style_template": cfg.style.prompt,
-        "negative": cfg.negative.name,
-        "loras": [],
-        "sampler": cfg.sampler.name,
-        "quality": cfg.quality.name,
-        "scorer": scorer.name if scorer else None,
-        "device": ctx.placement.device,
-        "dtype": str(ctx.placement.dtype).removeprefix("torch."),
-        "memory": ctx.memory.as_record(),
-        "versions": ctx.versions,
-        "overrides": ctx.overrides,
-        "command": "uv run python -m keyframes.run " + " ".join(map(shlex.quote, ctx.overrides)),
-        "started_at": iso(ctx.started),
-        "experiment": ctx.experiment,
-        "sweep": ctx.sweep,
-        "git_commit": ctx.git_commit,
-        "host": socket.gethostname(),  # where it ran: sweeps may spread over machines
-        "pid": os.getpid(),
-        "run_key": run_key(ctx),
-        "status": "running",
-        "pipeline_cache": "hit" if session.cache_hit else "miss",
-        "speed": {"preset": cfg.speed.name, **loaded.speed},
-        "timings": dict(session.timings),
-    } | {k: v for m in ctx.methods for k, v in m.run_record().items()}
+    command = "uv run python -m keyframes.run " + " ".join(map(shlex.quote, ctx.overrides))
+    return RunInfo.from_json(
+        {
+            "title": ctx.shotlist.title, "shotlist": ctx.shotlist.path,
+            "shotlist_sha256": ctx.shotlist.sha256, "shotlist_extra": ctx.shotlist.extra,
+            "characters": {c.name: c.description for c in ctx.shotlist.characters.values()},
+            "config_hash": ctx.plan.config_hash,
+            "model": cfg.model.name, "model_source": describe_source(cfg.model),
+            "model_family": cfg.model.family, "model_fit": list(ctx.plan.model_fit),
+            "style": cfg.style.name, "style_template": cfg.style.prompt,
+            "negative": cfg.negative.name, "sampler": cfg.sampler.name,
+            "quality": cfg.quality.name, "scorer": scorer.name if scorer else None,
+            "device": ctx.placement.device,
+            "dtype": str(ctx.placement.dtype).removeprefix("torch."),
+            "memory": ctx.memory.as_record(), "versions": ctx.versions,
+            "overrides": ctx.overrides, "command": command,
+            "started_at": iso(ctx.started), "experiment": ctx.experiment, "sweep": ctx.sweep,
+            "git_commit": ctx.git_commit,
+            "host": socket.gethostname(),  # where it ran: sweeps may spread over machines
+            "pid": os.getpid(), "run_key": run_key(ctx), "status": "running",
+            "pipeline_cache": "hit" if session.cache_hit else "miss",
+            "speed": {"preset": cfg.speed.name, **loaded.speed},
+            "timings": dict(session.timings),
+        }
+        | {k: v for m in ctx.methods for k, v in m.run_record().items()}
+    )  # fmt: skip
 
 
 def iso(timestamp: float) -> str:

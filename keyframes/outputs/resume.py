@@ -7,9 +7,8 @@ run stops, naming the settings that differ, unless `remake=true` asks for it to 
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,9 @@ from omegaconf import OmegaConf
 
 from keyframes.config.plan import NOT_IN_HASH, config_hash, flatten
 from keyframes.errors import ConfigError
+from keyframes.outputs.manifest import load_manifest, read_run
 from keyframes.outputs.processes import manifest_paths
-from keyframes.outputs.records import load_manifest
+from keyframes.outputs.records import ImageRecord, RunInfo
 
 log = logging.getLogger("keyframes")
 
@@ -27,7 +27,7 @@ log = logging.getLogger("keyframes")
 class Earlier:
     """The run a folder already holds."""
 
-    run: dict[str, Any]  # its manifest's run record
+    run: RunInfo  # its manifest's run record
     remade: bool  # remake=true: it is replaced, not continued
 
 
@@ -37,7 +37,7 @@ def earlier_run(run_dir: Path, resolved: dict[str, Any], remake: bool) -> Earlie
     run = _manifest_run(run_dir)
     if run is None:
         return None
-    if run.get("config_hash") == config_hash(resolved):
+    if run.config_hash == config_hash(resolved):
         return Earlier(run, remade=False)
     if remake:
         return Earlier(run, remade=True)
@@ -53,13 +53,8 @@ def earlier_run(run_dir: Path, resolved: dict[str, Any], remake: bool) -> Earlie
     )
 
 
-def _manifest_run(run_dir: Path) -> dict[str, Any] | None:
-    for path in manifest_paths(run_dir):
-        try:
-            return json.loads(path.read_text())["run"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+def _manifest_run(run_dir: Path) -> RunInfo | None:
+    return next(filter(None, map(read_run, manifest_paths(run_dir))), None)
 
 
 def _differences(old_config: Path, resolved: dict[str, Any]) -> list[str]:
@@ -75,35 +70,33 @@ def _differences(old_config: Path, resolved: dict[str, Any]) -> list[str]:
     return [f"{k}: {before.get(k, '(unset)')} then, {after.get(k, '(unset)')} now" for k in keys]
 
 
-def previous_images(run_dir: Path, jobs: list, earlier: Earlier | None, run: dict[str, Any],
-                    recipe) -> dict[int, dict[str, Any]]:  # fmt: skip
+def previous_images(run_dir: Path, jobs: list, earlier: Earlier | None, run: RunInfo,
+                    recipe) -> dict[int, ImageRecord]:  # fmt: skip
     """Records of a manifest already in the run directory whose file exists and whose recipe
     matches the job: those images are not made again. A continued run keeps its first start
     time and key, so its MLflow run is replaced rather than doubled, also when no image was
     finished before it stopped; a remade run names the key of the run it replaces."""
     if earlier is not None and earlier.remade:
-        run["replaces_run_key"] = earlier.run.get("run_key")
+        run.replaces_run_key = earlier.run.run_key
         return {}
     if earlier is not None:
-        for key in ("started_at", "run_key"):
-            run[key] = earlier.run.get(key, run[key])
+        run.started_at = earlier.run.started_at
+        run.run_key = earlier.run.run_key or run.run_key
     old_images = {}
     for path in manifest_paths(run_dir):
         if not path.is_file():
             continue
         try:
-            old = load_manifest(path)
-            old_images |= {r["file"]: r for r in old["images"] if r.get("status") == "ok"}
-        except (ValueError, KeyError, TypeError):
+            old_images |= {r.file: r for r in load_manifest(path).images if r.ok}
+        except ValueError:
             log.warning("%s is unreadable; generating its images again", path)
     done = {}
     for job in jobs:
         record = old_images.get(job.file)
         if (
             record
-            and record.get("status") == "ok"
             and (run_dir / job.file).is_file()
-            and all(record.get(k) == v for k, v in recipe(job).items())
+            and all(record.to_json().get(k) == v for k, v in recipe(job).items())
         ):
-            done[job.index] = {**record, "index": job.index}
+            done[job.index] = replace(record, index=job.index)
     return done

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from keyframes.outputs.records import ImageRecord
 
 
-def summarize(images: list[dict[str, Any]], model_load_seconds: float, total: float):
-    ok = [r for r in images if r["status"] == "ok"]
+def summarize(images: list[ImageRecord], model_load_seconds: float, total: float):
+    ok = [r for r in images if r.ok]
 
     def mean(key):
-        values = [r[key] for r in ok if r.get(key) is not None]
+        values = [getattr(r, key) for r in ok if getattr(r, key) is not None]
         return sum(values) / len(values) if values else None
 
-    vram = [r["vram_peak_gb"] for r in ok if r.get("vram_peak_gb") is not None]
+    vram = [r.vram_peak_gb for r in ok if r.vram_peak_gb is not None]
     clip, seconds = mean("clip_score"), mean("seconds")
     summary = {
         "images": len(ok),
@@ -23,8 +23,8 @@ def summarize(images: list[dict[str, Any]], model_load_seconds: float, total: fl
         "clip_score_prompt_mean": mean("clip_score_prompt"),
         "seconds_per_image_mean": seconds,
         "vram_peak_gb_max": max(vram) if vram else None,  # absent on CPU, never 0
-        "rss_peak_gb": max((r["rss_peak_gb"] for r in images), default=None),
-        "vae_fp32_redecodes": sum("vae_fp32_redecode" in r.get("notes", []) for r in images),
+        "rss_peak_gb": max((r.rss_peak_gb for r in images), default=None),
+        "vae_fp32_redecodes": sum("vae_fp32_redecode" in r.notes for r in images),
         "model_load_seconds": model_load_seconds,
         "total_seconds": total,
     }

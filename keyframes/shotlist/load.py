@@ -139,31 +139,7 @@ def parse_shotlist(
     unknown += sorted(extra)
 
     characters = _parse_characters(data.get("characters", {}), problems, paths)
-    scenes_raw = data.get("scenes")
-    scenes: list[Scene] = []
-    if scenes_raw is None:
-        problems.append("scenes: missing")
-    elif not isinstance(scenes_raw, list):
-        problems.append(f"scenes: expected a list, got {_kind(scenes_raw)}")
-    elif not scenes_raw:
-        problems.append("scenes: empty, a shotlist needs at least one scene")
-    elif len(scenes_raw) > MAX_SCENES:
-        problems.append(f"scenes: {len(scenes_raw)} scenes, the limit is {MAX_SCENES}")
-    else:
-        first_index: dict[str, int] = {}
-        for i, raw in enumerate(scenes_raw):
-            scene = _parse_scene(raw, f"scenes[{i}]", characters, problems, unknown, paths)
-            if scene is None:
-                continue
-            if scene.id in first_index:
-                problems.append(
-                    f"scenes[{i}].id: duplicate id {scene.id!r} "
-                    f"(first used by scenes[{first_index[scene.id]}])"
-                )
-            else:
-                first_index[scene.id] = i
-            scenes.append(scene)
-
+    scenes = _parse_scenes(data.get("scenes"), characters, problems, unknown, paths)
     if problems:
         raise ShotlistError(f"shotlist {path} is invalid:", problems)
     return Shotlist(
@@ -175,6 +151,35 @@ def parse_shotlist(
         extra=extra,
         unknown_fields=tuple(dict.fromkeys(unknown)),
     )
+
+
+def _parse_scenes(raw: Any, characters: dict[str, Character], problems: list[str],
+                  unknown: list[str], paths: _PathRules) -> list[Scene]:  # fmt: skip
+    """The scene list, each scene checked, ids unique."""
+    if raw is None:
+        problems.append("scenes: missing")
+    elif not isinstance(raw, list):
+        problems.append(f"scenes: expected a list, got {_kind(raw)}")
+    elif not raw:
+        problems.append("scenes: empty, a shotlist needs at least one scene")
+    elif len(raw) > MAX_SCENES:
+        problems.append(f"scenes: {len(raw)} scenes, the limit is {MAX_SCENES}")
+    else:
+        scenes, first_index = [], {}
+        for i, item in enumerate(raw):
+            scene = _parse_scene(item, f"scenes[{i}]", characters, problems, unknown, paths)
+            if scene is None:
+                continue
+            if scene.id in first_index:
+                problems.append(
+                    f"scenes[{i}].id: duplicate id {scene.id!r} "
+                    f"(first used by scenes[{first_index[scene.id]}])"
+                )
+            else:
+                first_index[scene.id] = i
+            scenes.append(scene)
+        return scenes
+    return []
 
 
 def _parse_characters(raw: Any, problems: list[str], paths: _PathRules) -> dict[str, Character]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from keyframes.outputs.atomic import atomic_write
 from keyframes.outputs.contact_sheet import fit_text, load_font
-from keyframes.outputs.records import atomic_write
 from keyframes.shotlist.jobs import safe_name
 from keyframes.tracking.results import (
     JobResult,

@@ -6,10 +6,11 @@ tracking store (keyframes.compare); nothing here knows where.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from keyframes.outputs.manifest import load_manifest
 
 TABLE_METRICS = (
     "clip_score_mean",
@@ -62,21 +63,21 @@ def settings_used(params: dict[str, str], keys: list[str], typed: dict[str, str]
 
 def job_from_manifest(manifest_path: Path, name: str | None = None) -> JobResult:
     """A job as its run directory records it (name: the directory's, e.g. the job number)."""
-    manifest = json.loads(manifest_path.read_text())
-    run, images = manifest["run"], manifest["images"]
+    manifest = load_manifest(manifest_path)
+    run = manifest.run
     job = JobResult(
         name=name or manifest_path.parent.name,
-        overrides=parse_overrides(run.get("overrides", [])),
-        metrics=run.get("summary", {}),
-        run_id=(run.get("mlflow") or {}).get("run_id"),
+        overrides=parse_overrides(run.overrides),
+        metrics=run.summary or {},
+        run_id=run.mlflow_run_id,
     )
-    for record in images:
-        scene = record["scene_id"]
+    for record in manifest.images:
+        scene = record.scene_id
         if scene not in job.keyframes:  # the first take stands for the scene
             job.scenes.append(scene)
-            job.keyframes[scene] = manifest_path.parent / record["file"]
-            if record.get("clip_score") is not None:
-                job.scores[scene] = record["clip_score"]
+            job.keyframes[scene] = manifest_path.parent / record.file
+            if record.clip_score is not None:
+                job.scores[scene] = record.clip_score
     return job
 
 

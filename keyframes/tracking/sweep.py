@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from keyframes.config.overrides import override_keys
 from keyframes.errors import KeyframesError, first_line
+from keyframes.outputs.manifest import read_run
 
 log = logging.getLogger("keyframes")
 
@@ -116,7 +117,7 @@ def end_sweep(config: DictConfig) -> None:
         name: [_number_or_text(row[i]) for row in report.rows]
         for i, name in enumerate(report.header)
     }
-    statuses = {json.loads(p.read_text())["run"].get("status") for p in manifests}
+    statuses = {run.status if (run := read_run(p)) else None for p in manifests}
     try:
         finish_parent_run(
             OmegaConf.to_object(config.mlflow),

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from keyframes.config.plan import flatten
 from keyframes.config.schema import TrackingConfig
 from keyframes.errors import KeyframesError, first_line
-from keyframes.outputs.records import load_manifest, write_manifest
+from keyframes.outputs.manifest import load_manifest, write_manifest
+from keyframes.outputs.records import ImageRecord, Manifest, RunInfo
 from keyframes.tracking.store import RunRecord
 
 log = logging.getLogger("keyframes")
@@ -21,7 +22,7 @@ PER_IMAGE = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_
 STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
-def read_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_run_dir(run_dir: Path) -> tuple[Manifest, dict[str, Any]]:
     """(manifest, resolved config) of a run directory."""
     manifest_path, config_path = run_dir / "manifest.json", run_dir / "config.yaml"
     for path in (manifest_path, config_path):
@@ -29,63 +30,32 @@ def read_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise KeyframesError(
                 f"{run_dir} is not a keyframes run directory: {path.name} is missing"
             )
-    manifest = load_manifest(manifest_path)  # with its journal: a killed run loses nothing
+    try:
+        manifest = load_manifest(manifest_path)  # with its journal: a killed run loses nothing
+    except ValueError as e:
+        raise KeyframesError(f"{manifest_path} is unreadable: {first_line(e)}") from None
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     return manifest, config
 
 
-def record_from_run_dir(
-    run_dir: Path, manifest: dict[str, Any], config: dict[str, Any]
-) -> RunRecord:
+def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any]) -> RunRecord:
     """The MLflow run of a run directory, from its manifest and resolved config."""
-    run, images = manifest["run"], manifest["images"]
-    tags = {
-        "keyframes.model": run["model"],
-        "keyframes.model_source": run["model_source"],
-        "keyframes.style": run["style"],
-        "keyframes.sampler": run["sampler"],
-        "keyframes.quality": run["quality"],
-        "keyframes.device": run["device"],
-        "keyframes.dtype": run["dtype"],
-        "keyframes.shotlist": run["shotlist"],
-        "keyframes.run_dir": str(run_dir.resolve()),
-        "keyframes.config_hash": run["config_hash"],
-        "keyframes.overrides": json.dumps(run["overrides"]),
-        "pipeline_cache": run["pipeline_cache"],
-        **{f"version.{name}": v for name, v in run["versions"].items()},
-    }
-    if run.get("memory"):
-        tags["keyframes.memory_mode"] = run["memory"]["mode"]
-    if run.get("loras"):
-        tags["keyframes.loras"] = ", ".join(
-            f"{r['name']}:{r['scale']:g}" + (f" ({r['sha256']})" if r["sha256"] else "")
-            for r in run["loras"]
-        )
-    if run.get("speed"):
-        tags["keyframes.speed"] = run["speed"]["preset"]
-    if run.get("git_commit"):
-        tags["mlflow.source.git.commit"] = run["git_commit"]
-    failed = [r for r in images if r["status"] != "ok"]
-    if failed:
-        tags["failed_images"] = ", ".join(r["file"] for r in failed)[:5000]
-    if run.get("fallbacks"):
-        tags["fallbacks"] = json.dumps(run["fallbacks"])[:5000]
-    sweep = run.get("sweep") or {}
-    name = f"{run['style']}-{run['sampler']}-{config['steps']}steps-cfg{config['cfg_scale']:g}"
+    run, images = manifest.run, manifest.images
+    sweep = run.sweep or {}
+    name = f"{run.style}-{run.sampler}-{config['steps']}steps-cfg{config['cfg_scale']:g}"
     if sweep:
-        tags["keyframes.sweep_dir"] = sweep["sweep_dir"]
-        tags["keyframes.job_num"] = str(sweep["job_num"])
         name = f"#{sweep['job_num']} {name}"
-    ok = [r for r in images if r["status"] == "ok"]
     return RunRecord(
-        experiment=run["experiment"],
+        experiment=run.experiment,
         run_name=name,
         params=flatten(config),
-        tags=tags,
+        tags=run_tags(run_dir, run, images),
         image_metrics={
-            r["index"]: {k: r[k] for k in PER_IMAGE if r.get(k) is not None} for r in ok
+            r.index: {k: getattr(r, k) for k in PER_IMAGE if getattr(r, k) is not None}
+            for r in images
+            if r.ok
         },
-        summary=run.get("summary", {}),
+        summary=run.summary or {},
         artifacts=[
             (run_dir / "keyframes", "keyframes"),
             *((page, None) for page in sorted(run_dir.glob("contact_sheet*.png"))),
@@ -94,13 +64,48 @@ def record_from_run_dir(
             *((log, None) for log in sorted(run_dir.glob("*.log"))),  # run.log, as far as it got
             (run_dir / ".hydra", "hydra"),
         ],
-        start_ms=_ms(run["started_at"]),
-        end_ms=_ms(run.get("finished_at") or run["started_at"]),
+        start_ms=_ms(run.started_at),
+        end_ms=_ms(run.finished_at or run.started_at),
         parent_run_id=sweep.get("parent_run_id"),
-        status=STATUS.get(run.get("status", "finished"), "FINISHED"),
-        key=run["run_key"],
-        replaces=run.get("replaces_run_key"),
+        status=STATUS.get(run.status, "FINISHED"),
+        key=run.run_key,
+        replaces=run.replaces_run_key,
     )
+
+
+def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str, str]:
+    """What made the run and how it went, as MLflow tags (searchable, shown on the run page)."""
+    tags = {
+        "keyframes.model": run.model, "keyframes.model_source": run.model_source,
+        "keyframes.style": run.style, "keyframes.sampler": run.sampler,
+        "keyframes.quality": run.quality, "keyframes.device": run.device,
+        "keyframes.dtype": run.dtype, "keyframes.shotlist": run.shotlist,
+        "keyframes.run_dir": str(run_dir.resolve()), "keyframes.config_hash": run.config_hash,
+        "keyframes.overrides": json.dumps(run.overrides),
+        **{f"version.{name}": v for name, v in run.versions.items()},
+    }  # fmt: skip
+    if run.pipeline_cache:
+        tags["pipeline_cache"] = run.pipeline_cache
+    if run.memory:
+        tags["keyframes.memory_mode"] = run.memory["mode"]
+    if run.loras:
+        tags["keyframes.loras"] = ", ".join(
+            f"{r['name']}:{r['scale']:g}" + (f" ({r['sha256']})" if r["sha256"] else "")
+            for r in run.loras
+        )
+    if run.speed:
+        tags["keyframes.speed"] = run.speed["preset"]
+    if run.git_commit:
+        tags["mlflow.source.git.commit"] = run.git_commit
+    failed = [r.file for r in images if not r.ok]
+    if failed:
+        tags["failed_images"] = ", ".join(failed)[:5000]
+    if run.fallbacks:
+        tags["fallbacks"] = json.dumps(run.fallbacks)[:5000]
+    if run.sweep:
+        tags["keyframes.sweep_dir"] = run.sweep["sweep_dir"]
+        tags["keyframes.job_num"] = str(run.sweep["job_num"])
+    return tags
 
 
 def _ms(iso: str) -> int:
@@ -117,12 +122,12 @@ def sync_run_dir(run_dir: Path, tracking: TrackingConfig) -> tuple[str, bool]:
     manifest, config = read_run_dir(run_dir)
     record = record_from_run_dir(run_dir, manifest, config)
     run_id, created = log_run(tracking, record)
-    manifest["run"]["mlflow"] = {
+    manifest.run.mlflow = {
         "tracking_uri": tracking.tracking_uri,
         "experiment": record.experiment,
         "run_id": run_id,
     }
-    write_manifest(run_dir, manifest["run"], manifest["images"])
+    write_manifest(run_dir, manifest)
     return run_id, created
 
 
