@@ -5,53 +5,20 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from keyframes.conditioning.ip_adapter import ImagePrompt, assign_references, load_adapter
 from keyframes.config.schema import ConsistencyConfig
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator, batches
+from keyframes.pipeline import replicas
 from keyframes.shotlist.jobs import plan_jobs
 from keyframes.shotlist.load import load_shotlist
 from tests.helpers import assert_same_picture, euler_tiny_pipe
 
-IMAGE_EMBED = 32
-
 
 def save_tiny_ip_adapter(folder, unet):
     """folder/models/image_encoder (a tiny CLIP vision model) + folder/models/ip.safetensors."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=IMAGE_EMBED,
-        )  # fmt: skip
-    )
-    encoder.save_pretrained(folder / "models" / "image_encoder")
-    text_width = unet.config.cross_attention_dim
-    weights = {
-        "image_proj.proj.weight": torch.randn(text_width * 4, IMAGE_EMBED) * 0.2,
-        "image_proj.proj.bias": torch.zeros(text_width * 4),
-        "image_proj.norm.weight": torch.ones(text_width),
-        "image_proj.norm.bias": torch.zeros(text_width),
-    }
-    key = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            attn = unet.get_submodule(name.removesuffix(".processor"))
-            for kind in ("to_k_ip", "to_v_ip"):
-                weights[f"ip_adapter.{key}.{kind}.weight"] = torch.randn_like(attn.to_k.weight)
-            key += 2  # the original numbering: self- and cross-attention alternate
-    save_file(weights, folder / "models" / "ip.safetensors")
-    return folder
+    return replicas.save_tiny_ip_adapter(folder, unet, "models", "ip.safetensors")
 
 
 def tiny_adapter(folder, **overrides):

@@ -149,6 +149,15 @@ class ControlNet(Method):
             ])  # fmt: skip
         return jobs
 
+    def missing_weights(self) -> str | None:
+        from keyframes.pipeline import hub
+
+        control = self.settings
+        if control.tiny or control.path:
+            return None  # a local folder: the loader names what it lacks
+        return hub.missing(control.id, "config.json", f"controlnet={control.name}",
+                           '--include "*.json" "*.safetensors"')  # fmt: skip
+
     def install(self, loaded, todo: list[ImageJob]) -> None:
         pipe = loaded.pipe
         self.net = None

@@ -138,6 +138,16 @@ class SdxlRefiner(Method):
     def second_model(self) -> bool:
         return not self.settings.tiny
 
+    def missing_weights(self) -> str | None:
+        from keyframes.pipeline import hub
+
+        up = self.settings
+        if up.tiny or up.path:
+            return None  # a local folder: the loader names what it lacks
+        files = f'"unet/*.{up.variant}.safetensors"' if up.variant else '"unet/*.safetensors"'
+        return hub.missing(up.id, "model_index.json", "upscale=refiner",
+                           f'--include "*.json" "*.txt" {files}')  # fmt: skip
+
     def install(self, loaded, todo: list) -> None:
         self.hook = Refiner(cached_refiner(loaded, self.settings), self.settings,
                             self.plan.config.long_prompts)  # fmt: skip

@@ -69,3 +69,14 @@ def where() -> str:
     if offline():
         return cache + "; HF_HUB_OFFLINE is set, so nothing is downloaded"
     return cache + ("" if reachable() else "; the hub could not be reached")
+
+
+def missing(repo: str, filename: str, what: str, include: str) -> str | None:
+    """Pre-flight for one hub repo: None when `filename` is cached or the hub answers (the
+    loader then downloads); else what is missing and how to get it."""
+    if cached(repo, filename) is not None or reachable():
+        return None
+    return (
+        f"{what} ({repo}) is not available.\n  Looked for {filename} in {where()}.\n"
+        f"  Download it on a machine with network: uv run hf download {repo} {include}"
+    )

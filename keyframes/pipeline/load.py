@@ -189,15 +189,18 @@ def _has_variant(source: str, variant: str) -> bool:
 
 
 def missing_model(model: ModelConfig) -> str | None:
-    """Pre-flight, for a hub id: why its pipeline cannot be had (None: it is cached, or the hub
-    answers and the loader downloads it)."""
+    """Pre-flight, for a hub id and a hub UNet file: why they cannot be had (None: cached, or
+    the hub answers and the loader downloads them)."""
     from keyframes.pipeline import hub
 
-    if model.tiny or model.architecture or model.path or not model.id:
-        return None
-    if hub.cached(model.id, "model_index.json") is not None or hub.reachable():
-        return None
-    return _unavailable_message(model, None)
+    problems = []
+    if model.unet and not Path(model.unet).expanduser().is_file():  # org/repo/file on the hub
+        repo, _, name = model.unet.rpartition("/")
+        problems.append(hub.missing(repo, name, f"model.unet of {model.name}", name))
+    from_hub = model.id and not (model.tiny or model.architecture or model.path)
+    if from_hub and hub.cached(model.id, "model_index.json") is None and not hub.reachable():
+        problems.append(_unavailable_message(model, None))
+    return "\n".join(p for p in problems if p) or None
 
 
 def _unavailable_message(model: ModelConfig, error: Exception | None) -> str:
