@@ -75,12 +75,12 @@ def test_the_readme_default_command_runs_offline_from_the_replicas(run_cli, scor
     assert result.store.is_file()
 
 
-PRESETS = {
-    "model=sdxl_turbo": lambda run: run["model_source"] == replicas.SDXL_TURBO,
-    "model=sdxl_lightning": lambda run: run["model"] == "sdxl_lightning",
-    "model=sd15": lambda run: run["model_family"] == "sd15",
-    "upscale=refiner": lambda run: True,
-    "consistency=ip_adapter": lambda run: True,
+PRESETS = {  # what each manifest shows of the preset
+    "model=sdxl_turbo": lambda m: m["run"]["model_source"] == replicas.SDXL_TURBO,
+    "model=sdxl_lightning": lambda m: m["run"]["model"] == "sdxl_lightning",
+    "model=sd15": lambda m: m["run"]["model_family"] == "sd15",
+    "upscale=refiner": lambda m: m["images"][0]["upscale"]["model"] == replicas.SDXL_REFINER,
+    "consistency=ip_adapter": lambda m: m["images"][1]["consistency"] == "ip_adapter",
 }
 
 
@@ -93,12 +93,8 @@ def test_each_preset_loads_from_its_real_repo_offline(run_cli, replica_home, pre
     )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(result.run_dir)
-    assert PRESETS[preset](manifest["run"])
+    assert PRESETS[preset](manifest)
     assert all(r["status"] == "ok" for r in manifest["images"])
-    if preset == "upscale=refiner":
-        assert manifest["images"][0]["upscale"]["model"] == replicas.SDXL_REFINER
-    if preset == "consistency=ip_adapter":
-        assert manifest["images"][1]["consistency"] == "ip_adapter"
 
 
 @pytest.mark.slow
@@ -144,10 +140,8 @@ def test_an_empty_cache_offline_names_every_missing_repo_before_loading(run_cli,
 
 
 def test_a_repo_is_written_as_blobs_a_snapshot_and_refs_main(tmp_path):
-    from keyframes.pipeline.replicas import repo_folder
-
     snapshot = replicas.write_repo(tmp_path / "hub", "org/name", _folder(tmp_path / "src"))
-    root = repo_folder(tmp_path / "hub", "org/name")
+    root = replicas.repo_folder(tmp_path / "hub", "org/name")
     assert (root / "refs" / "main").read_text() == snapshot.name
     assert json.loads((snapshot / "sub" / "config.json").read_text()) == {"a": 1}
 

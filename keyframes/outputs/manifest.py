@@ -69,8 +69,9 @@ def load_manifest(path: Path) -> Manifest:
 
 
 def read_run(path: Path) -> RunInfo | None:
-    """The run record of a manifest, without its images' journal; None where unreadable."""
+    """The run record of a manifest (its images are not read); None where unreadable."""
     try:
-        return Manifest.from_json(json.loads(path.read_text(encoding="utf-8"))).run
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return RunInfo.from_json(data["run"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -93,10 +93,9 @@ def previous_images(run_dir: Path, jobs: list, earlier: Earlier | None, run: Run
     done = {}
     for job in jobs:
         record = old_images.get(job.file)
-        if (
-            record
-            and (run_dir / job.file).is_file()
-            and all(record.to_json().get(k) == v for k, v in recipe(job).items())
-        ):
+        if record is None or not (run_dir / job.file).is_file():
+            continue
+        fields = record.to_json()  # the method fields too, which live in `extra`
+        if all(fields.get(k) == v for k, v in recipe(job).items()):
             done[job.index] = replace(record, index=job.index)
     return done

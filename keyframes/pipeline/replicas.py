@@ -12,6 +12,7 @@ them; its weights are random, so its images are noise and say nothing about qual
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -87,8 +88,7 @@ def _save_with_fp16_variant(pipe_or_model, folder: Path) -> None:
     """As the SDXL repos ship: full-precision files and `.fp16.safetensors` ones beside them,
     and the CLIP tokenizers as the slow-tokenizer files the real repos hold."""
     pipe_or_model.save_pretrained(folder)
-    pipe_or_model.to(torch.float16).save_pretrained(folder, variant="fp16")
-    pipe_or_model.to(torch.float32)
+    copy.deepcopy(pipe_or_model).to(torch.float16).save_pretrained(folder, variant="fp16")
     for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
         if (folder / name).is_dir():
             shutil.rmtree(folder / name)
@@ -119,13 +119,13 @@ def write_tiny_replicas(hf_home: Path) -> Path:
     for repo in (SDXL_BASE, SDXL_TURBO):
         _staged(hub_cache, repo, lambda folder: _save_with_fp16_variant(base, folder))
     _staged(hub_cache, SDXL_LIGHTNING, lambda folder: _save_unet_file(base.unet, folder))
-    _staged(hub_cache, SD15, lambda folder: _save_with_fp16_variant(build_tiny_sd15(), folder))
+    sd15 = build_tiny_sd15()
+    _staged(hub_cache, SD15, lambda folder: _save_with_fp16_variant(sd15, folder))
     refiner = build_tiny_refiner(base)
     _staged(hub_cache, SDXL_REFINER, lambda folder: _save_with_fp16_variant(refiner, folder))
     _staged(hub_cache, IP_ADAPTER, lambda folder: save_tiny_ip_adapter(folder, base.unet))
-    sd15_unet = build_tiny_sd15().unet
     for repo, family in CONTROLNETS.items():
-        unet = base.unet if family == "sdxl" else sd15_unet
+        unet = base.unet if family == "sdxl" else sd15.unet
         _staged(hub_cache, repo, lambda folder, unet=unet: _save_controlnet(unet, folder))
     return hub_cache
 
