@@ -12,6 +12,7 @@ from keyframes.pipeline.long_prompts import (
     prompt_tokens,
     text_inputs,
 )
+from keyframes.pipeline.tiny import TEXT_WIDTH, TEXT_WIDTH_2
 from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
 
 LONG = ", ".join(f"detail number {n} of the old lighthouse keeper's coat" for n in range(20))
@@ -28,8 +29,9 @@ def test_long_prompt_embeddings_have_77_tokens_per_75_token_chunk(pipe):
     chunks = chunk_count(pipe, LONG)
     assert tokens > 150 and chunks == -(-tokens // 75)
     embeds, pooled = encode(pipe, [LONG, "short"], chunks)
-    assert embeds.shape == (2, 77 * chunks, 64)  # both tiny encoders (32 + 32) side by side
-    assert pooled.shape == (2, 32)
+    # both tiny encoders side by side; pooled from encoder 2 alone, as in SDXL
+    assert embeds.shape == (2, 77 * chunks, TEXT_WIDTH + TEXT_WIDTH_2)
+    assert pooled.shape == (2, TEXT_WIDTH_2)
 
 
 def test_first_chunk_is_what_diffusers_makes_of_the_cut_prompt(pipe):

@@ -16,6 +16,7 @@ from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.outputs.png import a1111_parameters
 from keyframes.pipeline.load import load_pipeline, resolve_family, resolve_placement
 from keyframes.pipeline.long_prompts import chunk_count, encode, text_inputs
+from keyframes.pipeline.tiny import TEXT_WIDTH_2
 from tests.helpers import (
     check_settings,
     demo_jobs,
@@ -123,9 +124,9 @@ def test_refiner_finishes_the_base_latents_and_shares_its_encoder_and_vae(base):
     refined, again = pixels(base, jobs, refiner=refiner), pixels(base, jobs, refiner=refiner)
     assert all((a == b).all() for a, b in zip(refined, again, strict=True))
     assert all(np.abs(a - b).mean() > 1 for a, b in zip(refined, plain, strict=True))
-    # the refiner reads long prompts in full too (encoder 2 only: 32 wide, with pooled)
+    # the refiner reads long prompts in full too (encoder 2 only, with pooled)
     inputs = text_inputs(pipe, [LONG], [""], "chunk")
-    assert inputs["prompt_embeds"].shape[-1] == 32 and "pooled_prompt_embeds" in inputs
+    assert inputs["prompt_embeds"].shape[-1] == TEXT_WIDTH_2 and "pooled_prompt_embeds" in inputs
     long_job = [jobs[0].__class__(**{**jobs[0].__dict__, "prompt": LONG})]
     assert pixels(base, long_job, refiner=refiner)[0].shape == (48, 64, 3)
 

@@ -17,7 +17,11 @@ from pathlib import Path
 import torch
 
 INIT_SEED = 0
-TEXT_WIDTH = 32  # hidden size of each text encoder; the UNet sees both, concatenated
+# Hidden sizes of the two text encoders (SDXL: CLIP ViT-L 768 and OpenCLIP bigG 1280). They
+# differ, as in SDXL, so that a swapped encoder, a clip_l/clip_g mix-up in an embedding or a
+# wrong single-file mapping fails on shapes instead of passing unnoticed.
+TEXT_WIDTH = 32
+TEXT_WIDTH_2 = 48
 TIME_EMBED_DIM = 8
 
 
@@ -93,17 +97,17 @@ def _tiny_vae(scaling_factor: float):
     )
 
 
-def _tiny_text_config():
+def _tiny_text_config(width: int = TEXT_WIDTH):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=TEXT_WIDTH,
+        hidden_size=width,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=TEXT_WIDTH,
+        projection_dim=width,
         hidden_act="gelu",
         bos_token_id=49406,
         eos_token_id=49407,
@@ -131,15 +135,15 @@ def build_tiny_pipeline():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
         unet = _tiny_unet(
-            cross_attention_dim=2 * TEXT_WIDTH,
+            cross_attention_dim=TEXT_WIDTH + TEXT_WIDTH_2,
             addition_embed_type="text_time",
             addition_time_embed_dim=TIME_EMBED_DIM,
             # pooled text embedding of encoder 2 + 6 size/crop conditioning numbers
-            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=TEXT_WIDTH_2 + 6 * TIME_EMBED_DIM,
         )
         vae = _tiny_vae(scaling_factor=0.13025)
         text_encoder = CLIPTextModel(_tiny_text_config())
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config())
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(TEXT_WIDTH_2))
     # the VAE stays in train mode, as it always was here (no dropout; its decode path differs)
     return assemble_sdxl(unet, vae, text_encoder.eval(), text_encoder_2.eval(), _tiny_scheduler())
 
@@ -153,10 +157,10 @@ def build_tiny_refiner(base):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED + 1)
         unet = _tiny_unet(
-            cross_attention_dim=TEXT_WIDTH,
+            cross_attention_dim=TEXT_WIDTH_2,
             addition_embed_type="text_time",
             addition_time_embed_dim=TIME_EMBED_DIM,
-            projection_class_embeddings_input_dim=TEXT_WIDTH + 5 * TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=TEXT_WIDTH_2 + 5 * TIME_EMBED_DIM,
         )
     return StableDiffusionXLImg2ImgPipeline(
         vae=base.vae,
