@@ -38,21 +38,25 @@ class CliResult:
         return self.stdout + self.stderr
 
 
+def run_keyframes(tmp_path: Path, overrides, run_dir: Path | None = None,
+                  env: dict | None = None) -> CliResult:  # fmt: skip
+    """`python -m keyframes.run` as a user would run it, writing only under tmp_path."""
+    run_dir = run_dir or tmp_path / "run"
+    store = tmp_path / "store" / "mlflow.db"
+    args = [sys.executable, "-m", "keyframes.run", *overrides, f"hydra.run.dir={run_dir}"]
+    if not any(o.startswith("mlflow.tracking_uri=") for o in overrides):
+        args.append(f"mlflow.tracking_uri=sqlite:///{store}")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(
+        args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir, store)
+
+
 @pytest.fixture
 def run_cli(tmp_path):
-    """Run `python -m keyframes.run` as a user would, writing only under tmp_path."""
-
     def run(*overrides: str, run_dir: Path | None = None, env: dict | None = None) -> CliResult:
-        run_dir = run_dir or tmp_path / "run"
-        store = tmp_path / "store" / "mlflow.db"
-        args = [sys.executable, "-m", "keyframes.run", *overrides, f"hydra.run.dir={run_dir}"]
-        if not any(o.startswith("mlflow.tracking_uri=") for o in overrides):
-            args.append(f"mlflow.tracking_uri=sqlite:///{store}")
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        proc = subprocess.run(
-            args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600
-        )
-        return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir, store)
+        return run_keyframes(tmp_path, overrides, run_dir, env)
 
     return run
 

@@ -6,12 +6,13 @@ scorer, which open_clip builds at its one size)."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from keyframes.pipeline import replicas
-from tests.conftest import read_manifest
-from tests.helpers import write_json
+from tests.conftest import read_manifest, run_keyframes
+from tests.helpers import assert_same_picture, pixel_gap, write_json
 
 SMALL = ("width=64", "height=64", "steps=2")  # the README's command, only these lowered
 
@@ -59,9 +60,30 @@ def offline(home: Path) -> dict:
     return {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.fixture(scope="session")
+def replica_run(tmp_path_factory, scorer_home):
+    """The CLI offline on the replicas; each distinct command runs once per session (the
+    round trips compare against the preset runs)."""
+    made = {}
+
+    def run(*overrides: str):
+        if overrides not in made:
+            tmp = tmp_path_factory.mktemp("replica_run")
+            made[overrides] = run_keyframes(tmp, overrides, env=offline(scorer_home))
+        return made[overrides]
+
+    return run
+
+
+def pictures(result) -> list[np.ndarray]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = read_manifest(result.run_dir)["images"]
+    return [np.asarray(Image.open(result.run_dir / r["file"]), dtype=np.int16) for r in images]
+
+
 @pytest.mark.slow
-def test_the_readme_default_command_runs_offline_from_the_replicas(run_cli, scorer_home):
-    result = run_cli(*SMALL, env=offline(scorer_home))
+def test_the_readme_default_command_runs_offline_from_the_replicas(replica_run):
+    result = replica_run(*SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     run = read_manifest(result.run_dir)["run"]
     assert run["model"] == "sdxl_base"
@@ -84,17 +106,68 @@ PRESETS = {  # what each manifest shows of the preset
 }
 
 
+def preset_command(preset: str) -> tuple[str, ...]:
+    steps = () if "lightning" in preset or "turbo" in preset else ("steps=2",)
+    return (preset, "width=64", "height=64", *steps, "scorer=tiny")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
-def test_each_preset_loads_from_its_real_repo_offline(run_cli, replica_home, preset):
-    steps = () if "lightning" in preset or "turbo" in preset else ("steps=2",)
-    result = run_cli(
-        preset, "width=64", "height=64", *steps, "scorer=tiny", env=offline(replica_home)
-    )
+def test_each_preset_loads_from_its_real_repo_offline(replica_run, preset):
+    result = replica_run(*preset_command(preset))
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(result.run_dir)
     assert PRESETS[preset](manifest)
     assert all(r["status"] == "ok" for r in manifest["images"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, preset_run", [
+    ("SDXL", lambda run: run(*SMALL)),  # the README's default command: sdxl_base
+    ("SD 1.5", lambda run: run(*preset_command("model=sd15"))),
+], ids=["sdxl", "sd15"])  # fmt: skip
+def test_a_single_file_checkpoint_loads_offline_and_makes_the_pipelines_pixels(
+    replica_run, scorer_home, kind, preset_run
+):
+    """model=local model.path=<original-layout file>: the family is read from the tensor names
+    and the configs come from the family's cached base repo. The file holds the replica's fp16
+    weights, so the images are those of the preset that loads the repo."""
+    name = replicas.SDXL_SINGLE_FILE if kind == "SDXL" else replicas.SD15_SINGLE_FILE
+    single = replica_run("model=local", f"model.path={scorer_home / 'files' / name}",
+                         *SMALL, "scorer=tiny")  # fmt: skip
+    preset = preset_run(replica_run)
+    run = read_manifest(single.run_dir)["run"] if single.returncode == 0 else {}
+    assert run.get("model_family") == ("sdxl" if kind == "SDXL" else "sd15"), single.stderr[-3000:]
+    for a, b in zip(pictures(single), pictures(preset), strict=True):
+        assert_same_picture(a, b, f"{kind} single file vs its repo")
+
+
+def test_a_kohya_lora_makes_the_pixels_of_the_same_lora_in_diffusers_format(replica_home):
+    """UNet blocks in the original numbering, both text encoders, alpha = rank / 2."""
+    from safetensors.torch import load_file, save_file
+
+    from keyframes.config.schema import LoraConfig
+    from tests.helpers import demo_jobs, euler_tiny_pipe
+    from tests.test_loras import image, with_loras
+
+    files = replica_home / "files"
+    keys = load_file(files / replicas.LORA_KOHYA)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_") for k in keys)
+    no_alpha = files.parent / "kohya_without_alpha.safetensors"
+    save_file({k: v for k, v in keys.items() if not k.endswith(".alpha")}, no_alpha)
+
+    pipe, job = euler_tiny_pipe(), demo_jobs(1)[0]
+    plain = image(pipe, job)
+    made = {
+        path.name: with_loras(pipe, job, [LoraConfig(path=str(path), scale=1.0)])
+        for path in (files / replicas.LORA_DIFFUSERS, files / replicas.LORA_KOHYA, no_alpha)
+    }
+    diffusers, kohya = made[replicas.LORA_DIFFUSERS], made[replicas.LORA_KOHYA]
+    assert_same_picture(kohya, diffusers, "kohya vs diffusers")
+    # how far a real bug would be: the LoRA itself, and the alphas ignored (updates doubled)
+    assert pixel_gap(diffusers, plain).mean > 0.5
+    assert pixel_gap(made[no_alpha.name], diffusers).mean > 0.5
 
 
 @pytest.mark.slow

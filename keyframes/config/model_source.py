@@ -12,6 +12,12 @@ from keyframes.errors import ConfigError
 
 SAFE_SUFFIXES = (".safetensors",)
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
+# Where a single-file checkpoint's pipeline configs (not weights) come from unless model.config
+# says otherwise: the family's base repo, the one diffusers itself infers for full-size files.
+CONFIG_REPOS = {
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
 
 
 def check_source(model: ModelConfig) -> None:

@@ -42,7 +42,7 @@ class ModelConfig:
     name: str = MISSING  # label used in tags, metadata and the A1111 "Model:" field
     id: str | None = None  # Hugging Face hub repo id
     path: str | None = None  # local diffusers folder or single .safetensors file; wins over id
-    config: str | None = None  # single files only: folder or hub id holding the pipeline configs
+    config: str | None = None  # single files: folder or hub id with configs (default: base repo)
     variant: str | None = None  # weight variant to prefer, e.g. fp16
     dtype: str = "auto"  # auto: bfloat16 on CUDA where supported, else float16; CPU float32
     family: str = "auto"  # sdxl | sd15 | auto: read from the weights (the pipeline class follows)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from keyframes.config.model_source import PIPELINES, check_source, resolve_family
+from keyframes.config.model_source import CONFIG_REPOS, PIPELINES, check_source, resolve_family
 from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.pipeline.memory import apply_memory_mode
@@ -146,9 +146,10 @@ def _load_weights(model: ModelConfig, family: str, dtype: torch.dtype):
                 "(e.g. madebyollin/sdxl-vae-fp16-fix), or drop model.vae."
             ) from None
     try:
-        if model.path and Path(model.path).expanduser().is_file():
+        if _single_file(model):
+            configs = model.config or CONFIG_REPOS[family]
             return pipeline.from_single_file(
-                str(Path(model.path).expanduser()), dtype=dtype, config=model.config, **extra
+                str(Path(model.path).expanduser()), dtype=dtype, config=configs, **extra
             )
         kwargs = dict(dtype=dtype, use_safetensors=safe, **extra)
         if model.variant and _has_variant(source, model.variant):
@@ -188,12 +189,21 @@ def _has_variant(source: str, variant: str) -> bool:
     return any(path.glob(f"*/*.{variant}.safetensors"))
 
 
+def _single_file(model: ModelConfig) -> bool:
+    return bool(model.path) and Path(model.path).expanduser().is_file()
+
+
 def missing_model(model: ModelConfig) -> str | None:
-    """Pre-flight, for a hub id and a hub UNet file: why they cannot be had (None: cached, or
-    the hub answers and the loader downloads them)."""
+    """Pre-flight, for a hub id, a single file's config repo and a hub UNet file: why they
+    cannot be had (None: cached, or the hub answers and the loader downloads them)."""
     from keyframes.pipeline import hub
 
     problems = []
+    if _single_file(model):
+        configs = model.config or CONFIG_REPOS[resolve_family(model)]
+        local = Path(configs).expanduser().is_dir()
+        if not local and hub.cached(configs, "model_index.json") is None and not hub.reachable():
+            problems.append(_unavailable_message(model, None))
     if model.unet and not Path(model.unet).expanduser().is_file():  # org/repo/file on the hub
         repo, _, name = model.unet.rpartition("/")
         problems.append(hub.missing(repo, name, f"model.unet of {model.name}", name))
@@ -206,14 +216,17 @@ def missing_model(model: ModelConfig) -> str | None:
 def _unavailable_message(model: ModelConfig, error: Exception | None) -> str:
     from keyframes.pipeline import hub
 
-    if model.path and Path(model.path).expanduser().is_file():
-        where = f"the checkpoint file {model.path} and the configs it needs"
-        sd15 = model.family == "sd15"
-        kind, repo = ("SD 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5") if sd15 else (
-            "SDXL", "stabilityai/stable-diffusion-xl-base-1.0")  # fmt: skip
+    if _single_file(model):
+        family = resolve_family(model)
+        kind, repo = (
+            ("SD 1.5" if family == "sd15" else "SDXL"),
+            model.config or CONFIG_REPOS[family],
+        )
+        where = hub.where()
         fix = (
-            f"A single-file {kind} checkpoint needs the pipeline's configs: set model.config "
-            f"to a local diffusers {kind} folder or a cached hub id ({repo})."
+            f"A single-file {kind} checkpoint takes the pipeline's configs (not its weights) "
+            f'from {repo}: uv run hf download {repo} --include "*.json" "*.txt" on a machine '
+            f"with network, or set model.config to a local diffusers {kind} folder."
         )
     elif model.path:
         where = f"the local folder {model.path}"

@@ -110,7 +110,8 @@ def write_clip_tokenizer(folder: Path, pad_token: str) -> None:
 
 
 def write_tiny_replicas(hf_home: Path) -> Path:
-    """Every repo a preset or README command names, with the tiny configs. Returns the hub
+    """Every repo a preset or README command names, with the tiny configs, and the community
+    files of the same models in HF_HOME/files (see write_community_files). Returns the hub
     cache folder (HF_HOME/hub)."""
     from keyframes.pipeline.tiny import build_tiny_pipeline, build_tiny_refiner, build_tiny_sd15
 
@@ -127,7 +128,72 @@ def write_tiny_replicas(hf_home: Path) -> Path:
     for repo, family in CONTROLNETS.items():
         unet = base.unet if family == "sdxl" else sd15.unet
         _staged(hub_cache, repo, lambda folder, unet=unet: _save_controlnet(unet, folder))
+    write_community_files(hf_home / "files", base, sd15)
     return hub_cache
+
+
+# The files of the forms users have on disk, made from the replicas' own models
+SDXL_SINGLE_FILE = "sdxl_single_file.safetensors"  # original (SGM) layout, float16
+SD15_SINGLE_FILE = "sd15_single_file.safetensors"
+LORA_KOHYA = "sdxl_lora_kohya.safetensors"  # the same LoRA in kohya's layout ...
+LORA_DIFFUSERS = "sdxl_lora_diffusers.safetensors"  # ... and in diffusers'
+EMBEDDING = "sdxl_embedding.safetensors"  # textual inversion: clip_l and clip_g, 2 vectors
+
+
+def write_community_files(folder: Path, base, sd15) -> None:
+    """Single-file checkpoints of the SDXL and SD 1.5 replicas (their weights are those of the
+    repos' fp16 files), one LoRA in kohya's and diffusers' layouts, an SDXL embedding."""
+    from keyframes.pipeline.sgm_layout import write_single_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_single_file(base, folder / SDXL_SINGLE_FILE)
+    write_single_file(sd15, folder / SD15_SINGLE_FILE)
+    _write_lora_pair(base, folder)
+    write_sdxl_embedding(base, folder / EMBEDDING)
+
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def _write_lora_pair(base, folder: Path) -> None:
+    """A random rank-4 LoRA of the UNet and both text encoders, saved by diffusers and by the
+    kohya writer from the same tensors."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from keyframes.pipeline.kohya_layout import write_kohya_lora
+
+    layers = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        for part, targets in (("unet", UNET_LORA_TARGETS), ("text_encoder", TEXT_LORA_TARGETS),
+                              ("text_encoder_2", TEXT_LORA_TARGETS)):  # fmt: skip
+            model = inject_adapter_in_model(
+                LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False),
+                copy.deepcopy(getattr(base, part)),
+            )
+            # small updates, as trained LoRAs make: the image changes but stays an image
+            layers[part] = {k: v * 0.3 for k, v in get_peft_model_state_dict(model).items()}
+    StableDiffusionXLPipeline.save_lora_weights(  # PEFT's names (lora_A / lora_B): today's format
+        folder, weight_name=LORA_DIFFUSERS,
+        **{f"{part}_lora_layers": state for part, state in layers.items()},
+    )  # fmt: skip
+    write_kohya_lora(layers, base.unet.config, folder / LORA_KOHYA)
+
+
+def write_sdxl_embedding(base, path: Path, vectors: int = 2, seed: int = 4) -> Path:
+    """An SDXL textual-inversion file as A1111 and diffusers read it: `clip_l` for the first
+    text encoder, `clip_g` for the second, one row per vector."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    widths = {"clip_l": base.text_encoder.config.hidden_size,
+              "clip_g": base.text_encoder_2.config.hidden_size}  # fmt: skip
+    save_file({name: torch.randn(vectors, width, generator=generator)
+               for name, width in widths.items()}, path)  # fmt: skip
+    return path
 
 
 def _save_unet_file(unet, folder: Path) -> None:
