@@ -1,6 +1,6 @@
 """The one interface every conditioning method implements, and the registry that finds them.
 
-A method (StyleAligned, IP-Adapter, ControlNet, LoRAs, the hires and refiner second passes) is
+A method (StyleAligned, IP-Adapter, ControlNet, LoRAs, embeddings, the hires and refiner passes) is
 one module in this package holding a `Method` subclass registered under its config group and
 option name (`consistency=style_aligned` -> ("consistency", "style_aligned")). Its life in a
 run, in order:
@@ -120,11 +120,13 @@ def method_class(group: str, name: str) -> type[Method] | None:
 
 
 def methods_for(plan) -> list[Method]:
-    """The methods a plan selects, in a fixed order: LoRAs, then the groups of GROUPS."""
+    """The methods a plan selects, in a fixed order: LoRAs, embeddings, then the groups of
+    GROUPS."""
     _discover()
     chosen = []
-    if plan.config.loras:
-        chosen.append(_REGISTRY[("loras", "loras")](plan.config.loras, plan))
+    for listed in ("loras", "embeddings"):  # lists of files rather than one option
+        if getattr(plan.config, listed):
+            chosen.append(_REGISTRY[(listed, listed)](getattr(plan.config, listed), plan))
     for group in GROUPS:
         settings = getattr(plan.config, group)
         cls = _REGISTRY.get((group, settings.name))
@@ -159,7 +161,7 @@ def prepare_all(methods: list[Method], jobs: list, shotlist) -> list:
 
 # An image record's conditioning fields where no method fills them (the manifest's contract).
 RECORD_DEFAULTS = {"consistency": "none", "consistency_reference": None, "loras": [],
-                   "upscale": None, "control": None}  # fmt: skip
+                   "embeddings": [], "upscale": None, "control": None}  # fmt: skip
 
 
 def record_fields(methods: list[Method], job) -> dict[str, Any]:

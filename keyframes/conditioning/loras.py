@@ -36,6 +36,11 @@ def check_loras(loras: list[LoraConfig]) -> None:
             raise ConfigError(f"loras: {lora.path}: only .safetensors LoRA files are loaded")
 
 
+def short_sha256(path: Path) -> str:
+    """The first 12 hex digits of the file's SHA-256: the short hash image browsers show."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
 def lora_records(loras: list[LoraConfig]) -> list[dict]:
     """What made the images: name, source, scale, and the file's SHA-256 (first 12 hex
     digits, the short hash image browsers show) where the file is local."""
@@ -44,9 +49,7 @@ def lora_records(loras: list[LoraConfig]) -> list[dict]:
         path = _local(lora)
         if path is not None and path.is_dir():
             path = path / (lora.weight_name or "pytorch_lora_weights.safetensors")
-        digest = None
-        if path is not None and path.is_file():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        digest = short_sha256(path) if path is not None and path.is_file() else None
         records.append(
             {"name": lora_name(lora), "path": lora.path, "scale": lora.scale, "sha256": digest}
         )

@@ -105,6 +105,12 @@ class LoraConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    path: str = MISSING  # a textual-inversion .safetensors file (SDXL: clip_l + clip_g tensors)
+    token: str | None = None  # the word prompts use for it; default: the file's stem, as in A1111
+
+
+@dataclass
 class ControlNetConfig:
     name: str = MISSING  # none | canny_sdxl | depth_sdxl | canny_sd15 | depth_sd15
     type: str | None = None  # the scene control type it follows: canny | depth
@@ -188,6 +194,7 @@ class Config:
     height: int | None = None
     loras: list[LoraConfig] = field(default_factory=list)  # LoRA adapters, all applied at once
     fuse_loras: bool = False  # fold the LoRAs into the weights: faster steps, slower to swap
+    embeddings: list[EmbeddingConfig] = field(default_factory=list)  # textual inversions
     model: ModelConfig = field(default_factory=ModelConfig)
     style: StyleConfig = field(default_factory=StyleConfig)
     negative: NegativeConfig = field(default_factory=NegativeConfig)

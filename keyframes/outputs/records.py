@@ -86,6 +86,7 @@ class ImageRecord(_JsonRecord):
     consistency: str = "none"
     consistency_reference: str | None = None
     loras: list[dict[str, Any]] = field(default_factory=list)
+    embeddings: list[dict[str, Any]] = field(default_factory=list)
     upscale: dict[str, Any] | None = None
     control: dict[str, Any] | None = None
     seconds: float
@@ -123,6 +124,7 @@ class RunInfo(_JsonRecord):
     style_template: str
     negative: str
     loras: list[dict[str, Any]] = field(default_factory=list)
+    embeddings: list[dict[str, Any]] = field(default_factory=list)
     sampler: str
     quality: str
     scorer: str | None

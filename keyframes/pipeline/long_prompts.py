@@ -32,16 +32,24 @@ def text_encoders(pipe) -> list[tuple]:
 
 def chunk_count(pipe, text: str) -> int:
     tokenizer = text_encoders(pipe)[0][0]
-    return max(1, math.ceil(len(_ids(tokenizer, text)) / CHUNK))
+    return max(1, math.ceil(len(_ids(pipe, tokenizer, text)) / CHUNK))
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def expand_embeddings(pipe, tokenizer, text: str) -> str:
+    """A multi-vector textual-inversion token as the run of tokens it stands for ("neg" ->
+    "neg neg_1 neg_2"), as diffusers' own encode_prompt does before tokenizing."""
+    convert = getattr(pipe, "maybe_convert_prompt", None)
+    return convert(text, tokenizer) if convert is not None else text
+
+
+def _ids(pipe, tokenizer, text: str) -> list[int]:
+    text = expand_embeddings(pipe, tokenizer, text)
     return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
 
 
-def _chunks(tokenizer, text: str, count: int) -> torch.Tensor:
+def _chunks(pipe, tokenizer, text: str, count: int) -> torch.Tensor:
     """(count, 77) token ids: start, up to 75 tokens, end, padding; empty chunks at the end."""
-    ids = _ids(tokenizer, text)
+    ids = _ids(pipe, tokenizer, text)
     rows = []
     for n in range(count):
         part = [tokenizer.bos_token_id, *ids[n * CHUNK : (n + 1) * CHUNK], tokenizer.eos_token_id]
@@ -59,7 +67,7 @@ def encode(pipe, texts: list[str], count: int) -> tuple[torch.Tensor, torch.Tens
     hidden, pooled = [], None
     encoders = text_encoders(pipe)
     for tokenizer, encoder in encoders:
-        ids = torch.cat([_chunks(tokenizer, text, count) for text in texts])
+        ids = torch.cat([_chunks(pipe, tokenizer, text, count) for text in texts])
         out = encoder(ids.to(device), output_hidden_states=True)
         states = out.hidden_states[-2] if sdxl else out[0]  # (batch * count, 77, width)
         hidden.append(states.reshape(len(texts), count * (CHUNK + 2), -1))
@@ -89,6 +97,7 @@ CLIP_TOKENS = 77
 
 def prompt_tokens(pipe, text: str) -> int:
     """CLIP tokens in text, start and end included; SDXL's text encoders read 77."""
+    text = expand_embeddings(pipe, pipe.tokenizer, text)
     return len(pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
 
 

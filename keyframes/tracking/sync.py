@@ -93,6 +93,9 @@ def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str
             f"{r['name']}:{r['scale']:g}" + (f" ({r['sha256']})" if r["sha256"] else "")
             for r in run.loras
         )
+    if run.embeddings:
+        tags["keyframes.embeddings"] = ", ".join(f"{r['token']} ({r['sha256']})"
+                                                 for r in run.embeddings)  # fmt: skip
     if run.speed:
         tags["keyframes.speed"] = run.speed["preset"]
     if run.git_commit:

@@ -1,0 +1,131 @@
+"""Textual-inversion embeddings on the tiny SDXL: loaded into both encoders, they change the
+image where a prompt names their token, leave the model plain when removed, are refused before
+anything loads when they cannot fit, and are recorded in the manifest, PNG and MLflow."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from keyframes.conditioning.embeddings import check_embeddings, load_embeddings, unload_embeddings
+from keyframes.config.schema import EmbeddingConfig
+from keyframes.errors import ModelUnavailableError
+from keyframes.outputs.png import read_png_metadata
+from keyframes.pipeline.long_prompts import prompt_tokens
+from keyframes.pipeline.replicas import write_sdxl_embedding
+from tests.conftest import read_manifest
+from tests.helpers import demo_jobs, euler_tiny_pipe, pixel_gap
+from tests.test_loras import image
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    pipe = euler_tiny_pipe()
+    path = write_sdxl_embedding(pipe, tmp_path_factory.mktemp("emb") / "kfneg.safetensors")
+    return pipe, path
+
+
+def job_with(negative: str):
+    job = demo_jobs(1)[0]
+    return job.__class__(**{**job.__dict__, "negative_prompt": negative})
+
+
+def test_an_embedding_in_the_negative_prompt_changes_the_image_and_unloads_cleanly(setup):
+    pipe, path = setup
+    plain = image(pipe, job_with("blurry, kfneg"))  # not loaded: "kfneg" is ordinary text
+    load_embeddings(pipe, [EmbeddingConfig(path=str(path))])
+    try:
+        assert len(pipe.tokenizer_2.encode("kfneg", add_special_tokens=False)) == 1
+        # two vectors: the token expands to "kfneg kfneg_1" in both encoders
+        assert pipe.maybe_convert_prompt("kfneg", pipe.tokenizer_2) == "kfneg kfneg_1"
+        assert prompt_tokens(pipe, "kfneg") == 4  # counted (and chunked) as the vectors it is
+        with_embedding = image(pipe, job_with("blurry, kfneg"))
+        unused = image(pipe, job_with("blurry"))
+    finally:
+        unload_embeddings(pipe)
+    assert pixel_gap(with_embedding, plain).mean > 0.5
+    assert (image(pipe, job_with("blurry")) == unused).all()  # other prompts: untouched
+    again = image(pipe, job_with("blurry, kfneg"))
+    assert (again == plain).all()  # unloaded: the tokenizers and encoders are plain again
+
+
+def test_an_sd15_embedding_in_a1111s_form_loads_into_its_one_encoder(tmp_path):
+    from keyframes.config.schema import ModelConfig
+    from keyframes.pipeline.load import load_pipeline, resolve_placement
+
+    pipe = load_pipeline(ModelConfig(name="tiny", tiny=True, family="sd15"),
+                         resolve_placement("cpu", "float32"))  # fmt: skip
+    path = tmp_path / "kfsd.safetensors"
+    save_file({"emb_params": torch.randn(3, pipe.text_encoder.config.hidden_size)}, path)
+    plain = image(pipe, job_with("kfsd"))
+    load_embeddings(pipe, [EmbeddingConfig(path=str(path))])
+    try:
+        assert pipe.maybe_convert_prompt("kfsd", pipe.tokenizer) == "kfsd kfsd_1 kfsd_2"
+        loaded = image(pipe, job_with("kfsd"))
+    finally:
+        unload_embeddings(pipe)
+    assert pixel_gap(loaded, plain).mean > 0.5
+    assert (image(pipe, job_with("kfsd")) == plain).all()
+
+
+def test_clip_l_and_clip_g_go_to_their_own_encoders(setup, tmp_path):
+    """The encoders differ in width (as in SDXL), so swapped tensors cannot load."""
+    pipe, path = setup
+    tensors = load_file(path)
+    swapped = tmp_path / "swapped.safetensors"
+    save_file({"clip_l": tensors["clip_g"], "clip_g": tensors["clip_l"]}, swapped)
+    plain = image(pipe, job_with("kfneg"))
+    with pytest.raises(ModelUnavailableError, match="swapped.safetensors could not be loaded"):
+        load_embeddings(pipe, [EmbeddingConfig(path=str(swapped))])
+    assert (image(pipe, job_with("kfneg")) == plain).all()  # nothing left half-loaded
+
+
+def test_files_that_cannot_fit_are_all_named_before_anything_loads(setup, tmp_path):
+    _, path = setup
+    (tmp_path / "old.pt").write_bytes(b"pickle")
+    sd15_file = tmp_path / "sd15.safetensors"  # A1111's SD 1.x form: one tensor
+    save_file({"emb_params": load_file(path)["clip_l"]}, sd15_file)
+    problems = check_embeddings([
+        EmbeddingConfig(path=str(tmp_path / "missing.safetensors")),
+        EmbeddingConfig(path=str(tmp_path / "old.pt")),
+        EmbeddingConfig(path=str(tmp_path / "sd15.safetensors")),
+        EmbeddingConfig(path=str(path), token="sd15"),
+    ], "sdxl")  # fmt: skip
+    assert problems == [
+        "embeddings: two embeddings share a token (missing, old, sd15, sd15); set token=",
+        f"embeddings: {tmp_path}/missing.safetensors: no such file",
+        f"embeddings: {tmp_path}/old.pt: only .safetensors embeddings are loaded",
+        f"embeddings: {tmp_path}/sd15.safetensors: not an SDXL one, for a sdxl model",
+    ]
+    assert check_embeddings([EmbeddingConfig(path=str(path))], "sd15") == [
+        f"embeddings: {path}: an SDXL embedding (clip_l, clip_g), for a sd15 model"
+    ]
+
+
+def test_a_run_records_the_embedding_in_manifest_png_and_mlflow(setup, cli_in_process):
+    import mlflow
+
+    _, path = setup
+    code, err, run_dir, store = cli_in_process(
+        f"+embeddings=[{{path: {path}}}]", "negative.prompt=kfneg", "takes=1"
+    )
+    assert code == 0, err
+    manifest = read_manifest(run_dir)
+    record = manifest["images"][0]["embeddings"][0]
+    assert record["token"] == "kfneg" and record["vectors"] == 2
+    assert len(record["sha256"]) == 12 and manifest["run"]["embeddings"] == [record]
+    assert "kfneg" in manifest["images"][0]["negative_prompt"]
+    png = read_png_metadata(run_dir / manifest["images"][0]["file"])
+    assert f'TI hashes: "kfneg: {record["sha256"]}"' in png["parameters"]
+    assert json.loads(png["keyframes"])["record"]["embeddings"] == [record]
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.data.tags["keyframes.embeddings"] == f"kfneg ({record['sha256']})"
+
+
+def test_an_sdxl_embedding_for_an_sd15_model_stops_with_exit_2(setup, cli_in_process):
+    _, path = setup
+    code, err, run_dir, _ = cli_in_process("model.family=sd15", f"+embeddings=[{{path: {path}}}]")
+    assert code == 2 and "an SDXL embedding (clip_l, clip_g), for a sd15 model" in err
+    assert not run_dir.exists()
