@@ -171,11 +171,11 @@ def test_a_kohya_lora_makes_the_pixels_of_the_same_lora_in_diffusers_format(repl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["controlnet=canny_sdxl", "controlnet=depth_sdxl"])
-def test_each_sdxl_controlnet_loads_from_its_real_repo_offline(
-    run_cli, replica_home, tmp_path, preset
-):
-    kind = preset.split("=")[1].split("_")[0]
+@pytest.mark.parametrize("preset", ["controlnet=canny_sdxl", "controlnet=depth_sdxl",
+                                    "controlnet=canny_sd15", "controlnet=depth_sd15"])  # fmt: skip
+def test_each_controlnet_loads_from_its_real_repo_offline(run_cli, replica_home, tmp_path, preset):
+    kind, family = preset.split("=")[1].split("_")
+    model = ("model=sd15",) if family == "sd15" else ()
     Image.new("RGB", (64, 64), (200, 200, 200)).save(tmp_path / "control.png")
     shotlist = write_json(
         tmp_path / "shots.json",
@@ -189,7 +189,7 @@ def test_each_sdxl_controlnet_loads_from_its_real_repo_offline(
         },
     )  # fmt: skip
     result = run_cli(
-        preset, f"shotlist={shotlist}", *SMALL, "scorer=tiny", env=offline(replica_home)
+        *model, preset, f"shotlist={shotlist}", *SMALL, "scorer=tiny", env=offline(replica_home)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     images = read_manifest(result.run_dir)["images"]
