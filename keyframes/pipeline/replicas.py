@@ -84,11 +84,14 @@ def _staged(hub_cache: Path, repo_id: str, write: Callable[[Path], None]) -> Pat
         return write_repo(hub_cache, repo_id, Path(tmp))
 
 
-def _save_with_fp16_variant(pipe_or_model, folder: Path) -> None:
+def _save_with_fp16_variant(pipe_or_model, folder: Path, full_precision: bool = True) -> None:
     """As the SDXL repos ship: full-precision files and `.fp16.safetensors` ones beside them,
-    and the CLIP tokenizers as the slow-tokenizer files the real repos hold."""
-    pipe_or_model.save_pretrained(folder)
-    copy.deepcopy(pipe_or_model).to(torch.float16).save_pretrained(folder, variant="fp16")
+    and the CLIP tokenizers as the slow-tokenizer files the real repos hold. Without
+    full_precision, only the fp16 files (what the presets load; the model is already fp16)."""
+    if full_precision:
+        pipe_or_model.save_pretrained(folder)
+        pipe_or_model = copy.deepcopy(pipe_or_model).to(torch.float16)
+    pipe_or_model.save_pretrained(folder, variant="fp16")
     for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
         if (folder / name).is_dir():
             shutil.rmtree(folder / name)
@@ -130,6 +133,23 @@ def write_tiny_replicas(hf_home: Path) -> Path:
         _staged(hub_cache, repo, lambda folder, unet=unet: _save_controlnet(unet, folder))
     write_community_files(hf_home / "files", base, sd15)
     return hub_cache
+
+
+def write_full_replicas(hf_home: Path) -> Path:
+    """stabilityai/stable-diffusion-xl-base-1.0 at full size (the published configs packaged in
+    keyframes/data/sdxl_base), random weights drawn directly in float16 and written as the
+    repo's fp16 variant files only: one 7 GB copy in memory, 7 GB on disk, minutes on 2 cores.
+    The other repos' full configs are not packaged; their tiny replicas serve for loading."""
+    from diffusers import EulerDiscreteScheduler
+
+    from keyframes.pipeline.architectures import architecture_configs, build_components
+    from keyframes.pipeline.tiny import assemble_sdxl
+
+    scheduler = EulerDiscreteScheduler.from_config(architecture_configs("sdxl_base")["scheduler"])
+    pipe = assemble_sdxl(*build_components("sdxl_base", "cpu", torch.float16), scheduler)
+    write = lambda folder: _save_with_fp16_variant(pipe, folder, full_precision=False)  # noqa: E731
+    _staged(hf_home / "hub", SDXL_BASE, write)
+    return hf_home / "hub"
 
 
 # The files of the forms users have on disk, made from the replicas' own models
