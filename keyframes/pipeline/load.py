@@ -65,6 +65,7 @@ def describe_source(model: ModelConfig) -> str:
 def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "none"):
     """The model's text-to-image pipeline placed as the memory mode says, progress bars off."""
     check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
+    _quiet_truncation_warnings()
     family = resolve_family(model)
     if model.tiny:
         from keyframes.pipeline.tiny import build_tiny_pipeline, build_tiny_sd15
@@ -88,7 +89,6 @@ def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "
         )
     pipe = apply_memory_mode(pipe, memory_mode, placement.device)
     pipe.set_progress_bar_config(disable=True)  # the run has one overall bar
-    _quiet_truncation_warnings()
     return pipe
 
 
@@ -97,6 +97,7 @@ NOISE = (
     "Token indices sequence length",
     "No LoRA keys associated",  # a LoRA for the UNet only: normal, and said per encoder
     "should be kept in float32: [].",  # said at every VAE cast (img2img passes), of no module
+    "offline mode is enabled",  # HF_HUB_OFFLINE: the cache is meant; said twice per repo
 )
 
 
@@ -108,8 +109,11 @@ class _DropTruncationNotes(logging.Filter):
 
 def _quiet_truncation_warnings() -> None:
     """The run reports long prompts once per scene (and in the manifest); the libraries would
-    repeat it for every image, through the progress bar. Likewise LoRA loading notes."""
+    repeat it for every image, through the progress bar. Likewise LoRA loading notes, and the
+    hub's "could not reach" when offline mode is what the user asked for."""
     for name in (
+        "huggingface_hub.hf_api",
+        "diffusers.pipelines.pipeline_utils",
         "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
         "transformers.tokenization_utils_base",
         "diffusers.loaders.lora_base",
