@@ -98,6 +98,7 @@ NOISE = (
     "No LoRA keys associated",  # a LoRA for the UNet only: normal, and said per encoder
     "should be kept in float32: [].",  # said at every VAE cast (img2img passes), of no module
     "offline mode is enabled",  # HF_HUB_OFFLINE: the cache is meant; said twice per repo
+    "The new embeddings will be initialized",  # an embedding's rows, overwritten as it loads
 )
 
 
@@ -114,6 +115,7 @@ def _quiet_truncation_warnings() -> None:
     for name in (
         "huggingface_hub.hf_api",
         "diffusers.pipelines.pipeline_utils",
+        "transformers.modeling_utils",
         "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
         "transformers.tokenization_utils_base",
         "diffusers.loaders.lora_base",
