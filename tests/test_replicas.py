@@ -103,6 +103,7 @@ PRESETS = {  # what each manifest shows of the preset
     "model=sd15": lambda m: m["run"]["model_family"] == "sd15",
     "upscale=refiner": lambda m: m["images"][0]["upscale"]["model"] == replicas.SDXL_REFINER,
     "consistency=ip_adapter": lambda m: m["images"][1]["consistency"] == "ip_adapter",
+    f"model.vae={replicas.SDXL_VAE_FP16_FIX}": lambda m: m["run"]["model"] == "sdxl_base",
 }
 
 
@@ -201,13 +202,14 @@ def test_each_controlnet_loads_from_its_real_repo_offline(run_cli, replica_home,
 def test_an_empty_cache_offline_names_every_missing_repo_before_loading(run_cli, tmp_path):
     result = run_cli(
         *SMALL, "model=sdxl_lightning", "upscale=refiner", "consistency=ip_adapter",
-        "controlnet=canny_sdxl", env=offline(tmp_path / "empty"),
+        "controlnet=canny_sdxl", f"model.vae={replicas.SDXL_VAE_FP16_FIX}",
+        env=offline(tmp_path / "empty"),
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     for repo in (replicas.SDXL_BASE, replicas.CLIP_L14_OPENAI, replicas.IP_ADAPTER,
                  replicas.SDXL_REFINER, replicas.SDXL_LIGHTNING, replicas.LIGHTNING_UNET,
-                 "diffusers/controlnet-canny-sdxl-1.0"):  # fmt: skip
+                 "diffusers/controlnet-canny-sdxl-1.0", replicas.SDXL_VAE_FP16_FIX):  # fmt: skip
         assert repo in result.stderr, result.stderr
     assert not (result.run_dir / "keyframes").exists()
 

@@ -200,8 +200,8 @@ def _single_file(model: ModelConfig) -> bool:
 
 
 def missing_model(model: ModelConfig) -> str | None:
-    """Pre-flight, for a hub id, a single file's config repo and a hub UNet file: why they
-    cannot be had (None: cached, or the hub answers and the loader downloads them)."""
+    """Pre-flight, for a hub id, a single file's config repo, a hub VAE and a hub UNet file:
+    why they cannot be had (None: cached, or the hub answers and the loader downloads them)."""
     from keyframes.pipeline import hub
 
     problems = []
@@ -213,6 +213,9 @@ def missing_model(model: ModelConfig) -> str | None:
     if model.unet and not Path(model.unet).expanduser().is_file():  # org/repo/file on the hub
         repo, _, name = model.unet.rpartition("/")
         problems.append(hub.missing(repo, name, f"model.unet of {model.name}", name))
+    if model.vae and not Path(model.vae).expanduser().is_dir():  # a hub id
+        include = '"*.json" "*.safetensors"'
+        problems.append(hub.missing(model.vae, "config.json", "model.vae", include))
     from_hub = model.id and not (model.tiny or model.architecture or model.path)
     if from_hub and hub.cached(model.id, "model_index.json") is None and not hub.reachable():
         problems.append(_unavailable_message(model, None))

@@ -37,6 +37,7 @@ CONTROLNETS = {
     "lllyasviel/control_v11p_sd15_canny": "sd15",
     "lllyasviel/control_v11f1p_sd15_depth": "sd15",
 }
+SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"  # the README's model.vae example
 CLIP_L14_OPENAI = "timm/vit_large_patch14_clip_224.openai"
 CLIP_WEIGHTS = "open_clip_model.safetensors"
 
@@ -123,6 +124,7 @@ def write_tiny_replicas(hf_home: Path) -> Path:
     for repo in (SDXL_BASE, SDXL_TURBO):
         _staged(hub_cache, repo, lambda folder: _save_with_fp16_variant(base, folder))
     _staged(hub_cache, SDXL_LIGHTNING, lambda folder: _save_unet_file(base.unet, folder))
+    _staged(hub_cache, SDXL_VAE_FP16_FIX, lambda folder: base.vae.save_pretrained(folder))
     sd15 = build_tiny_sd15()
     _staged(hub_cache, SD15, lambda folder: _save_with_fp16_variant(sd15, folder))
     refiner = build_tiny_refiner(base)
