@@ -84,11 +84,15 @@ def test_tiny_scorer_scores_in_range_and_flags_truncation():
     scorer = load_scorer(ScorerConfig(name="tiny", model="tiny"), "cpu")
     images = [Image.new("RGB", (64, 36), (i * 40, 90, 200)) for i in range(3)]
     texts = ["a harbor", "a red door", "word " * 90]
-    scores = scorer.score(images, texts)
+    (scores,) = scorer.score(images, texts)
     assert all(0 <= s.score <= 100 for s in scores)
     assert [s.truncated for s in scores] == [False, False, True]
-    again = scorer.score(images, texts)
-    assert [s.score for s in scores] == [s.score for s in again]
+    assert [s.score for s in scores] == [s.score for s in scorer.score(images, texts)[0]]
+    # two text lists in one call (another batch: equal within float noise, not to the bit)
+    both, reversed_texts = scorer.score(images, texts, texts[::-1])
+    assert [s.score for s in both] == pytest.approx([s.score for s in scores], abs=1e-3)
+    assert reversed_texts[1].score == pytest.approx(scores[1].score, abs=1e-3)
+    assert [s.truncated for s in reversed_texts] == [True, False, False]
 
 
 def test_scorer_none_turns_scoring_off():

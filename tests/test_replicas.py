@@ -61,29 +61,19 @@ def offline(home: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def replica_run(tmp_path_factory, scorer_home):
-    """The CLI offline on the replicas; each distinct command runs once per session (the
-    round trips compare against the preset runs)."""
-    made = {}
-
-    def run(*overrides: str):
-        if overrides not in made:
-            tmp = tmp_path_factory.mktemp("replica_run")
-            made[overrides] = run_keyframes(tmp, overrides, env=offline(scorer_home))
-        return made[overrides]
-
-    return run
+def default_run(tmp_path_factory, scorer_home):
+    """The README's default command, offline on the replicas (the real ViT-L-14 layout)."""
+    return run_keyframes(tmp_path_factory.mktemp("default"), SMALL, env=offline(scorer_home))
 
 
-def pictures(result) -> list[np.ndarray]:
-    assert result.returncode == 0, result.stderr[-3000:]
-    images = read_manifest(result.run_dir)["images"]
-    return [np.asarray(Image.open(result.run_dir / r["file"]), dtype=np.int16) for r in images]
+def pictures(run_dir: Path) -> list[np.ndarray]:
+    images = read_manifest(run_dir)["images"]
+    return [np.asarray(Image.open(run_dir / r["file"]), dtype=np.int16) for r in images]
 
 
 @pytest.mark.slow
-def test_the_readme_default_command_runs_offline_from_the_replicas(replica_run):
-    result = replica_run(*SMALL)
+def test_the_readme_default_command_runs_offline_from_the_replicas(default_run):
+    result = default_run
     assert result.returncode == 0, result.stderr[-3000:]
     run = read_manifest(result.run_dir)["run"]
     assert run["model"] == "sdxl_base"
@@ -97,50 +87,95 @@ def test_the_readme_default_command_runs_offline_from_the_replicas(replica_run):
     assert result.store.is_file()
 
 
-PRESETS = {  # what each manifest shows of the preset
-    "model=sdxl_turbo": lambda m: m["run"]["model_source"] == replicas.SDXL_TURBO,
-    "model=sdxl_lightning": lambda m: m["run"]["model"] == "sdxl_lightning",
-    "model=sd15": lambda m: m["run"]["model_family"] == "sd15",
-    "upscale=refiner": lambda m: m["images"][0]["upscale"]["model"] == replicas.SDXL_REFINER,
-    "consistency=ip_adapter": lambda m: m["images"][1]["consistency"] == "ip_adapter",
-    f"model.vae={replicas.SDXL_VAE_FP16_FIX}": lambda m: m["run"]["model"] == "sdxl_base",
-}
+# Every other preset and model path is one job of a single sweep: the CLI's start-up (about
+# 10 s of imports) is paid once, and each job loads its repos from the replicas by their real
+# ids, as a run of its own would. The jobs are experiment files in a test-only config folder:
+# case -> (config groups chosen, other settings, control type of the shotlist, manifest check).
+CASES = {
+    "sdxl_turbo": ({"model": "sdxl_turbo"}, {}, None,
+                   lambda m: m["run"]["model_source"] == replicas.SDXL_TURBO),
+    "sdxl_lightning": ({"model": "sdxl_lightning"}, {}, None,
+                       lambda m: m["run"]["model"] == "sdxl_lightning"),
+    "sd15": ({"model": "sd15"}, {}, None, lambda m: m["run"]["model_family"] == "sd15"),
+    "refiner": ({"upscale": "refiner"}, {}, None,
+                lambda m: m["images"][0]["upscale"]["model"] == replicas.SDXL_REFINER),
+    "ip_adapter": ({"consistency": "ip_adapter"}, {}, None,
+                   lambda m: m["images"][1]["consistency"] == "ip_adapter"),
+    "vae_fp16_fix": ({}, {"model": {"vae": replicas.SDXL_VAE_FP16_FIX}}, None,
+                     lambda m: m["run"]["model"] == "sdxl_base"),
+    **{f"{kind}_{family}": (
+        {"controlnet": f"{kind}_{family}", **({"model": "sd15"} if family == "sd15" else {})},
+        {}, kind,
+        lambda m, name=f"{kind}_{family}": m["images"][0]["control"]["controlnet"] == name
+        and m["images"][1]["control"] is None,
+    ) for kind in ("canny", "depth") for family in ("sdxl", "sd15")},
+    "sdxl_single_file": ({"model": "local"}, {"model": {"path": replicas.SDXL_SINGLE_FILE}}, None,
+                         lambda m: m["run"]["model_family"] == "sdxl"),
+    "sd15_single_file": ({"model": "local"}, {"model": {"path": replicas.SD15_SINGLE_FILE}}, None,
+                         lambda m: m["run"]["model_family"] == "sd15"),
+}  # fmt: skip
 
 
-def preset_command(preset: str) -> tuple[str, ...]:
-    steps = () if "lightning" in preset or "turbo" in preset else ("steps=2",)
-    return (preset, "width=64", "height=64", *steps, "scorer=tiny")
+def _case_configs(folder: Path, files: Path) -> Path:
+    """One experiment file per case (like conf/experiment/smoke.yaml), and the shotlists."""
+    (folder / "experiment").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(folder / "control.png")
+    for case, (groups, values, control, _) in CASES.items():
+        if control:
+            scenes = [{"id": "a", "description": "a harbor at dawn",
+                       "control": {"type": control, "image": "control.png"}},
+                      {"id": "b", "description": "a lighthouse"}]  # fmt: skip
+            values = {**values, "shotlist": str(write_json(
+                folder / f"{control}.json", {"title": "control", "scenes": scenes}))}  # fmt: skip
+        if "path" in values.get("model", {}):
+            values = {**values, "model": {"path": str(files / values["model"]["path"])}}
+        config = {"defaults": [{f"override /{g}": option} for g, option in groups.items()],
+                  **values}  # fmt: skip
+        text = "# @package _global_\n" + json.dumps(config)  # JSON is YAML
+        (folder / "experiment" / f"replica_{case}.yaml").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def case_runs(tmp_path_factory, scorer_home) -> dict:
+    """case -> (exit code of the sweep, the job's manifest or None)."""
+    tmp = tmp_path_factory.mktemp("cases")
+    configs = _case_configs(tmp / "conf", scorer_home / "files")
+    overrides = ["-m", f"hydra.searchpath=[file://{configs}]", f"hydra.sweep.dir={tmp / 'sweep'}",
+                 "experiment=" + ",".join(f"replica_{case}" for case in CASES), *SMALL,
+                 "scorer=tiny"]  # fmt: skip
+    result = run_keyframes(tmp, overrides, env=offline(scorer_home))
+    assert result.returncode == 0, result.stderr[-5000:]
+    jobs = {}
+    for manifest in (tmp / "sweep").glob("*/manifest.json"):
+        run_dir = manifest.parent
+        case = next(o for o in read_manifest(run_dir)["run"]["overrides"]
+                    if o.startswith("experiment=")).removeprefix("experiment=replica_")  # fmt: skip
+        jobs[case] = run_dir
+    return jobs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", PRESETS)
-def test_each_preset_loads_from_its_real_repo_offline(replica_run, preset):
-    result = replica_run(*preset_command(preset))
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = read_manifest(result.run_dir)
-    assert PRESETS[preset](manifest)
+@pytest.mark.parametrize("case", CASES)
+def test_each_preset_and_model_file_loads_from_its_real_repo_offline(case_runs, case):
+    manifest = read_manifest(case_runs[case])
+    assert CASES[case][3](manifest)
     assert all(r["status"] == "ok" for r in manifest["images"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, preset_run", [
-    ("SDXL", lambda run: run(*SMALL)),  # the README's default command: sdxl_base
-    ("SD 1.5", lambda run: run(*preset_command("model=sd15"))),
-], ids=["sdxl", "sd15"])  # fmt: skip
-def test_a_single_file_checkpoint_loads_offline_and_makes_the_pipelines_pixels(
-    replica_run, scorer_home, kind, preset_run
+@pytest.mark.parametrize("family", ["sdxl", "sd15"])
+def test_a_single_file_checkpoint_makes_the_pixels_of_the_repo_it_was_written_from(
+    case_runs, default_run, family
 ):
     """model=local model.path=<original-layout file>: the family is read from the tensor names
     and the configs come from the family's cached base repo. The file holds the replica's fp16
-    weights, so the images are those of the preset that loads the repo."""
-    name = replicas.SDXL_SINGLE_FILE if kind == "SDXL" else replicas.SD15_SINGLE_FILE
-    single = replica_run("model=local", f"model.path={scorer_home / 'files' / name}",
-                         *SMALL, "scorer=tiny")  # fmt: skip
-    preset = preset_run(replica_run)
-    run = read_manifest(single.run_dir)["run"] if single.returncode == 0 else {}
-    assert run.get("model_family") == ("sdxl" if kind == "SDXL" else "sd15"), single.stderr[-3000:]
-    for a, b in zip(pictures(single), pictures(preset), strict=True):
-        assert_same_picture(a, b, f"{kind} single file vs its repo")
+    weights, so the images are those of the preset that loads the repo (for SDXL the README's
+    default command: sdxl_base)."""
+    single = pictures(case_runs[f"{family}_single_file"])
+    preset = pictures(default_run.run_dir if family == "sdxl" else case_runs["sd15"])
+    for a, b in zip(single, preset, strict=True):
+        assert_same_picture(a, b, f"{family} single file vs its repo")
 
 
 def test_a_kohya_lora_makes_the_pixels_of_the_same_lora_in_diffusers_format(replica_home):
@@ -169,33 +204,6 @@ def test_a_kohya_lora_makes_the_pixels_of_the_same_lora_in_diffusers_format(repl
     # how far a real bug would be: the LoRA itself, and the alphas ignored (updates doubled)
     assert pixel_gap(diffusers, plain).mean > 0.5
     assert pixel_gap(made[no_alpha.name], diffusers).mean > 0.5
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["controlnet=canny_sdxl", "controlnet=depth_sdxl",
-                                    "controlnet=canny_sd15", "controlnet=depth_sd15"])  # fmt: skip
-def test_each_controlnet_loads_from_its_real_repo_offline(run_cli, replica_home, tmp_path, preset):
-    kind, family = preset.split("=")[1].split("_")
-    model = ("model=sd15",) if family == "sd15" else ()
-    Image.new("RGB", (64, 64), (200, 200, 200)).save(tmp_path / "control.png")
-    shotlist = write_json(
-        tmp_path / "shots.json",
-        {
-            "title": "control",
-            "scenes": [
-                {"id": "a", "description": "a harbor at dawn",
-                 "control": {"type": kind, "image": "control.png"}},
-                {"id": "b", "description": "a lighthouse"},
-            ],
-        },
-    )  # fmt: skip
-    result = run_cli(
-        *model, preset, f"shotlist={shotlist}", *SMALL, "scorer=tiny", env=offline(replica_home)
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    images = read_manifest(result.run_dir)["images"]
-    assert images[0]["control"]["controlnet"] == preset.split("=")[1]
-    assert images[1]["control"] is None
 
 
 @pytest.mark.slow

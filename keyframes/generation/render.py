@@ -238,7 +238,8 @@ def score_batch(scorer: ClipScorer | None, batch: list[Generation]):
     if scorer is None or not made:
         return [(None, None)] * len(batch)
     images = [g.image for g in made]
-    asked = scorer.score(images, [g.job.description for g in made])
-    styled = scorer.score(images, [g.job.prompt for g in made])
+    asked, styled = scorer.score(
+        images, [g.job.description for g in made], [g.job.prompt for g in made]
+    )
     scores = dict(zip(map(id, made), zip(asked, styled, strict=True), strict=True))
     return [scores.get(id(g), (None, None)) for g in batch]
