@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from keyframes.config.schema import ScorerConfig
@@ -93,6 +94,23 @@ def test_tiny_scorer_scores_in_range_and_flags_truncation():
     assert [s.score for s in both] == pytest.approx([s.score for s in scores], abs=1e-3)
     assert reversed_texts[1].score == pytest.approx(scores[1].score, abs=1e-3)
     assert [s.truncated for s in reversed_texts] == [True, False, False]
+
+
+def test_a_keyframe_is_encoded_once_for_its_scores_and_the_runs_consistency(tmp_path):
+    scorer = load_scorer(ScorerConfig(name="tiny", model="tiny"), "cpu")
+    encoded = []
+    encode = scorer.model.encode_image
+    scorer.model.encode_image = lambda pixels: encoded.append(len(pixels)) or encode(pixels)
+    images = [Image.new("RGB", (64, 36), (i * 40, 90, 200)) for i in range(3)]
+    scorer.score(images, ["a", "b", "c"], ["d", "e", "f"])
+    for n, image in enumerate(images):
+        image.save(tmp_path / f"{n}.png")
+    from_disk = [Image.open(tmp_path / f"{n}.png") for n in range(3)]  # the same pixels
+    features = scorer.image_features(from_disk)
+    assert encoded == [3]  # one pass, for both texts and the consistency
+    scorer.image_features([Image.new("RGB", (64, 36), (1, 2, 3))])
+    assert encoded == [3, 1]  # a new picture is encoded
+    assert torch.allclose(features.norm(dim=-1), torch.ones(3))
 
 
 def test_scorer_none_turns_scoring_off():

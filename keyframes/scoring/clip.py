@@ -6,6 +6,7 @@ numbers are comparable with published CLIP scores. Weights load from safetensors
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ class ClipScorer:
         self.tokenizer = tokenizer
         self.device = device
         self.name = name
+        # unit image embeddings by picture content: a run's scores and its style consistency
+        # (read back from the PNGs, which hold the same pixels) encode each keyframe once
+        self._embedded: dict[str, torch.Tensor] = {}
 
     def truncated(self, text: str) -> bool:
         return len(self.tokenizer.encode(text)) + 2 > CONTEXT_LENGTH  # + start and end tokens
@@ -38,17 +42,21 @@ class ClipScorer:
     @torch.inference_mode()
     def image_features(self, images) -> torch.Tensor:
         """Unit-length CLIP image embeddings, one row per image (float32, on the CPU)."""
-        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
-        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
+        rgb = [im.convert("RGB") for im in images]
+        keys = [hashlib.sha1(im.tobytes() + repr(im.size).encode()).hexdigest() for im in rgb]
+        new = {key: im for key, im in zip(keys, rgb, strict=True) if key not in self._embedded}
+        if new:
+            pixels = torch.stack([self.preprocess(im) for im in new.values()]).to(self.device)
+            features = self.model.encode_image(pixels).float()
+            features = torch.nn.functional.normalize(features, dim=-1).cpu()
+            self._embedded.update(zip(new, features, strict=True))
+        return torch.stack([self._embedded[key] for key in keys])
 
     @torch.inference_mode()
     def score(self, images, *texts: list[str]) -> list[list[TextScore]]:
         """For each list of texts, image i scored against text i. The images are encoded once
         (the costly part: ViT-L/14 is about 80 GFLOP per image), the texts in one batch."""
-        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
-        image_features = torch.nn.functional.normalize(
-            self.model.encode_image(pixels).float(), dim=-1
-        )
+        image_features = self.image_features(images).to(self.device)
         flat = [text for text_list in texts for text in text_list]
         text_features = torch.nn.functional.normalize(
             self.model.encode_text(self.tokenizer(flat).to(self.device)).float(), dim=-1
