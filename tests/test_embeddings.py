@@ -96,10 +96,11 @@ def test_files_that_cannot_fit_are_all_named_before_anything_loads(setup, tmp_pa
         "embeddings: two embeddings share a token (missing, old, sd15, sd15); set token=",
         f"embeddings: {tmp_path}/missing.safetensors: no such file",
         f"embeddings: {tmp_path}/old.pt: only .safetensors embeddings are loaded",
-        f"embeddings: {tmp_path}/sd15.safetensors: not an SDXL one, for a sdxl model",
+        f"embeddings: {tmp_path}/sd15.safetensors: an SD 1.x embedding (no clip_l and clip_g), "
+        "but the model is SDXL",
     ]
     assert check_embeddings([EmbeddingConfig(path=str(path))], "sd15") == [
-        f"embeddings: {path}: an SDXL embedding (clip_l, clip_g), for a sd15 model"
+        f"embeddings: {path}: an SDXL embedding (clip_l, clip_g), but the model is SD 1.5"
     ]
 
 
@@ -127,5 +128,5 @@ def test_a_run_records_the_embedding_in_manifest_png_and_mlflow(setup, cli_in_pr
 def test_an_sdxl_embedding_for_an_sd15_model_stops_with_exit_2(setup, cli_in_process):
     _, path = setup
     code, err, run_dir, _ = cli_in_process("model.family=sd15", f"+embeddings=[{{path: {path}}}]")
-    assert code == 2 and "an SDXL embedding (clip_l, clip_g), for a sd15 model" in err
+    assert code == 2 and "an SDXL embedding (clip_l, clip_g), but the model is SD 1.5" in err
     assert not run_dir.exists()

@@ -49,8 +49,10 @@ def check_embeddings(embeddings: list[EmbeddingConfig], family: str) -> list[str
             tensors = _tensors(path)
             sdxl_file = all(part in tensors for part in SDXL_PARTS)
             if sdxl_file != (family == "sdxl"):
-                kind = "an SDXL embedding (clip_l, clip_g)" if sdxl_file else "not an SDXL one"
-                problems.append(f"{embedding.path}: {kind}, for a {family} model")
+                kind = "an SDXL embedding (clip_l, clip_g)" if sdxl_file else (
+                    "an SD 1.x embedding (no clip_l and clip_g)")  # fmt: skip
+                model = "SDXL" if family == "sdxl" else "SD 1.5"
+                problems.append(f"{embedding.path}: {kind}, but the model is {model}")
     return [f"embeddings: {p}" for p in problems]
 
 
