@@ -286,7 +286,7 @@ def test_a_folder_made_with_other_settings_is_refused_unless_remade(cli_in_proce
 # --- tracking outages ----------------------------------------------------------------------
 
 
-def test_unreachable_store_keeps_the_run_and_sync_logs_it_once(run_cli, tmp_path):
+def test_unreachable_store_keeps_the_run_and_sync_logs_it_once(run_cli, tmp_path, capsys):
     import socket
 
     with socket.socket() as s:
@@ -305,15 +305,15 @@ def test_unreachable_store_keeps_the_run_and_sync_logs_it_once(run_cli, tmp_path
 
     store = tmp_path / "later.db"
 
-    def sync():
-        return subprocess.run(
-            [sys.executable, "-m", "keyframes.sync", str(result.run_dir), "--tracking-uri", f"sqlite:///{store}"],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+    def sync():  # its main in this process (the command itself: the next test)
+        from keyframes.sync import main
 
-    first, second = sync(), sync()
-    assert first.returncode == 0 and first.stdout.startswith("logged MLflow run "), first.stderr
-    assert second.returncode == 0 and second.stdout.startswith("already logged"), second.stderr
+        code = main([str(result.run_dir), "--tracking-uri", f"sqlite:///{store}"])
+        return code, capsys.readouterr()
+
+    (first, first_out), (second, second_out) = sync(), sync()
+    assert first == 0 and first_out.out.startswith("logged MLflow run "), first_out.err
+    assert second == 0 and second_out.out.startswith("already logged"), second_out.err
     [run] = store_runs(store)
     assert run.data.metrics["images"] == 7
     assert read_manifest(result.run_dir)["run"]["mlflow"]["run_id"] == run.info.run_id

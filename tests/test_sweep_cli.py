@@ -26,11 +26,14 @@ def runs_of(sweep):
     return client, parents, children
 
 
-def compare(sweep, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "keyframes.compare", "--tracking-uri", sweep.uri, *args],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def compare(sweep, capsys, *args) -> subprocess.CompletedProcess:
+    """keyframes.compare's main in this process (the `python -m keyframes.compare` command
+    itself runs in tests/test_mlflow_ui.py): a start-up of MLflow and matplotlib less."""
+    from keyframes.compare import main
+
+    code = main(["--tracking-uri", sweep.uri, *args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def test_sweep_logs_one_parent_with_four_nested_children(smoke_sweep):
@@ -92,8 +95,8 @@ def test_sweep_summary_files_on_disk(smoke_sweep):
     assert table["swept_keys"] == ["steps", "cfg_scale"]
 
 
-def test_compare_prints_the_newest_sweep_sorted_by_clip_score(smoke_sweep):
-    result = compare(smoke_sweep)
+def test_compare_prints_the_newest_sweep_sorted_by_clip_score(smoke_sweep, capsys):
+    result = compare(smoke_sweep, capsys)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("sweep ") and "4 runs, best first by clip_score_mean" in lines[0]
@@ -107,11 +110,12 @@ def test_compare_prints_the_newest_sweep_sorted_by_clip_score(smoke_sweep):
     assert any(line.startswith("fastest within 1 point of the best: ") for line in lines)
 
 
-def test_compare_by_parent_and_metric_and_rewrites_the_pictures(smoke_sweep, tmp_path):
+def test_compare_by_parent_and_metric_and_rewrites_the_pictures(smoke_sweep, tmp_path, capsys):
     _, [parent], _ = runs_of(smoke_sweep)
     out = tmp_path / "again"
     result = compare(
         smoke_sweep,
+        capsys,
         "--parent",
         parent.info.run_id,
         "--metric",
@@ -129,8 +133,8 @@ def test_compare_by_parent_and_metric_and_rewrites_the_pictures(smoke_sweep, tmp
     assert (out / "plots" / "steps.png").is_file() and (out / "summary.csv").is_file()
 
 
-def test_compare_unknown_experiment_is_a_clear_error(smoke_sweep):
-    result = compare(smoke_sweep, "--experiment", "nope")
+def test_compare_unknown_experiment_is_a_clear_error(smoke_sweep, capsys):
+    result = compare(smoke_sweep, capsys, "--experiment", "nope")
     assert result.returncode == 2
     assert (
         result.stderr.strip()
