@@ -109,7 +109,8 @@ CASES = {
         lambda m, name=f"{kind}_{family}": m["images"][0]["control"]["controlnet"] == name
         and m["images"][1]["control"] is None,
     ) for kind in ("canny", "depth") for family in ("sdxl", "sd15")},
-    "sdxl_single_file": ({"model": "local"}, {"model": {"path": replicas.SDXL_SINGLE_FILE}}, None,
+    "sdxl_single_file": ({"model": "local"}, {"model": {"path": replicas.SDXL_SINGLE_FILE},
+                                              "shotlist": "demo"}, None,  # as the default command
                          lambda m: m["run"]["model_family"] == "sdxl"),
     "sd15_single_file": ({"model": "local"}, {"model": {"path": replicas.SD15_SINGLE_FILE}}, None,
                          lambda m: m["run"]["model_family"] == "sd15"),
@@ -121,12 +122,14 @@ def _case_configs(folder: Path, files: Path) -> Path:
     (folder / "experiment").mkdir(parents=True)
     Image.new("RGB", (64, 64), (200, 200, 200)).save(folder / "control.png")
     for case, (groups, values, control, _) in CASES.items():
+        # two scenes (IP-Adapter shows the first to the second); a control on the first
+        scenes = [{"id": "a", "description": "a harbor at dawn"},
+                  {"id": "b", "description": "a lighthouse"}]  # fmt: skip
         if control:
-            scenes = [{"id": "a", "description": "a harbor at dawn",
-                       "control": {"type": control, "image": "control.png"}},
-                      {"id": "b", "description": "a lighthouse"}]  # fmt: skip
-            values = {**values, "shotlist": str(write_json(
-                folder / f"{control}.json", {"title": "control", "scenes": scenes}))}  # fmt: skip
+            scenes[0] = {**scenes[0], "control": {"type": control, "image": "control.png"}}
+        shotlist = write_json(folder / f"{control or 'plain'}.json",
+                              {"title": "replicas", "scenes": scenes})  # fmt: skip
+        values = {"shotlist": str(shotlist), **values}
         if "path" in values.get("model", {}):
             values = {**values, "model": {"path": str(files / values["model"]["path"])}}
         config = {"defaults": [{f"override /{g}": option} for g, option in groups.items()],
