@@ -6,7 +6,8 @@ Face cache lays them out (`hub/models--org--name/` with `blobs/`, `snapshots/<re
 A replica proves loading, placement and the pipeline path exactly as a user's machine runs
 them; its weights are random, so its images are noise and say nothing about quality.
 
-    python -m keyframes.replicas --tiny DIR    # the tests' fixtures: seconds, a few MB
+    python -m keyframes.replicas DIR           # tiny: the tests' fixtures, seconds, a few MB
+    python -m keyframes.replicas DIR --full    # SDXL base at full size, 6.5 GB
     HF_HOME=DIR HF_HUB_OFFLINE=1 uv run python -m keyframes.run width=64 height=64 steps=2
 """
 
