@@ -242,3 +242,28 @@ def _folder(path: Path) -> Path:
     (path / "sub").mkdir(parents=True)
     (path / "sub" / "config.json").write_text('{"a": 1}')
     return path
+
+
+def test_the_full_size_replica_holds_only_fp16_variant_files(tmp_path, monkeypatch):
+    """write_full_replicas on the tiny components (the full ones take a minute and 8 GB; that
+    run is in docs/benchmarks.md): the repo's layout with fp16 files only, built in fp16."""
+    import torch
+
+    from keyframes.pipeline import architectures
+    from keyframes.pipeline.tiny import build_tiny_pipeline
+
+    built = []
+
+    def tiny_components(name, device, dtype):
+        built.append((name, device, dtype))
+        pipe = build_tiny_pipeline().to(dtype=dtype)
+        return pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2
+
+    monkeypatch.setattr(architectures, "build_components", tiny_components)
+    hub = replicas.write_full_replicas(tmp_path)
+    assert built == [("sdxl_base", "cpu", torch.float16)]  # drawn in fp16: one copy in memory
+    snapshot = replicas.repo_folder(hub, replicas.SDXL_BASE) / "snapshots"
+    files = {p.relative_to(p.parents[1]).as_posix() for p in snapshot.glob("*/*/*")}
+    assert {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
+            "text_encoder_2/model.fp16.safetensors", "tokenizer_2/merges.txt"} <= files  # fmt: skip
+    assert not any(f.endswith(".safetensors") and ".fp16." not in f for f in files)
