@@ -41,7 +41,10 @@ def two_processes(tmp_path_factory):
             "-m", "keyframes.run", "experiment=smoke",
             f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{store}",
         ],
-        cwd=tmp, env=ENV, capture_output=True, text=True, timeout=600,
+        # 2 processes x the single process's threads on 2 cores: idle OpenMP threads yield
+        # instead of spinning (the same arithmetic; only the waiting changes)
+        cwd=tmp, env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, store
