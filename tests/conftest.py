@@ -64,18 +64,9 @@ def run_cli(tmp_path):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """One real smoke run shared by the tests that only read its outputs."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    run_dir, store = tmp / "run", tmp / "store" / "mlflow.db"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "keyframes.run", "experiment=smoke",
-            f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{store}",
-        ],
-        cwd=tmp, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return CliResult(proc.returncode, proc.stdout, proc.stderr, run_dir, store)
+    result = run_keyframes(tmp_path_factory.mktemp("smoke"), ["experiment=smoke"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from keyframes.pipeline.sgm_layout import unet_original_name
+from keyframes.pipeline.sgm_layout import clip_full_name, unet_original_name
 
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
@@ -23,8 +23,8 @@ def kohya_name(part: str, module: str, unet_config) -> str:
     """kohya's name for a LoRA-wrapped module of one part of the pipeline."""
     if part == "unet":
         module = unet_original_name(module, unet_config)
-    elif not module.startswith("text_model."):
-        module = "text_model." + module  # recent transformers drop this level from CLIPTextModel
+    else:
+        module = clip_full_name(module)
     return PREFIXES[part] + module.replace(".", "_")
 
 

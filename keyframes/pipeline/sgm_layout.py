@@ -132,15 +132,16 @@ def _vae_state(vae) -> dict[str, torch.Tensor]:
     return state
 
 
+def clip_full_name(name: str) -> str:
+    """A CLIP text model's module or parameter name in full (text_model.*), as the originals
+    and kohya's LoRAs have them: recent transformers drop that level from CLIPTextModel."""
+    if name.startswith(("text_model.", "text_projection")):
+        return name
+    return "text_model." + name
+
+
 def _clip_state(encoder) -> dict[str, torch.Tensor]:
-    """transformers' CLIP text model with its full names (text_model.*), as the originals have
-    them (recent transformers drop the text_model. level from CLIPTextModel)."""
-    state = {}
-    for key, value in encoder.state_dict().items():
-        if not key.startswith(("text_model.", "text_projection.")):
-            key = "text_model." + key
-        state[key] = value
-    return state
+    return {clip_full_name(key): value for key, value in encoder.state_dict().items()}
 
 
 def _open_clip_state(encoder) -> dict[str, torch.Tensor]:
