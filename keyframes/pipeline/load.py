@@ -65,7 +65,7 @@ def describe_source(model: ModelConfig) -> str:
 def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "none"):
     """The model's text-to-image pipeline placed as the memory mode says, progress bars off."""
     check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
-    _quiet_truncation_warnings()
+    _quiet_library_notes()
     family = resolve_family(model)
     if model.tiny:
         from keyframes.pipeline.tiny import build_tiny_pipeline, build_tiny_sd15
@@ -102,13 +102,13 @@ NOISE = (
 )
 
 
-class _DropTruncationNotes(logging.Filter):
+class _DropLibraryNotes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(text in message for text in NOISE)
 
 
-def _quiet_truncation_warnings() -> None:
+def _quiet_library_notes() -> None:
     """The run reports long prompts once per scene (and in the manifest); the libraries would
     repeat it for every image, through the progress bar. Likewise LoRA loading notes, and the
     hub's "could not reach" when offline mode is what the user asked for."""
@@ -124,8 +124,8 @@ def _quiet_truncation_warnings() -> None:
         "diffusers.models.modeling_utils",
     ):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropTruncationNotes) for f in logger.filters):
-            logger.addFilter(_DropTruncationNotes())
+        if not any(isinstance(f, _DropLibraryNotes) for f in logger.filters):
+            logger.addFilter(_DropLibraryNotes())
 
 
 def _load_weights(model: ModelConfig, family: str, dtype: torch.dtype):
