@@ -1,5 +1,6 @@
 """Review in a real browser: `mlflow server` over the store of a real smoke sweep, its REST
-API, and the parent run's page rendered by headless Chromium."""
+API, and the pages a person opens, driven in headless Chromium: the runs table, a run's image
+table, the chart view's image grids."""
 
 import json
 import os
@@ -16,11 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1400,1000", "--virtual-time-budget=20000",
-]  # fmt: skip
+from keyframes.tracking.review import review_url
+from tests.browser import Browser
 
 
 def free_port() -> int:
@@ -84,7 +82,8 @@ def test_server_serves_parent_children_metrics_and_images(server):
     assert len(children) == 4
     for child in children:
         metrics = {m["key"] for m in child["data"]["metrics"]}
-        assert {"clip_score_mean", "seconds_per_image_mean", "model_load_seconds"} <= metrics
+        assert {"clip_score_mean", "aesthetic_score_mean", "seconds_per_image_mean",
+                "model_load_seconds"} <= metrics  # fmt: skip
     parent_id = parent["info"]["run_id"]
     listing = json.loads(
         call(server, f"/ajax-api/2.0/mlflow/artifacts/list?run_uuid={parent_id}&path=grids")
@@ -97,30 +96,89 @@ def test_server_serves_parent_children_metrics_and_images(server):
     assert keyframe[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_parent_run_page_renders_in_chromium(server, tmp_path):
+@pytest.fixture
+def browser():  # a fresh profile each: what one test unfolds stays unfolded in a profile
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip(
             "Chromium is not installed (.ci/run installs Debian's chromium package where it can)"
         )
+    driver = Browser(chromium)
+    yield driver
+    driver.close()
+
+
+def shot(browser, name: str, tmp_path: Path) -> Path:
+    """A screenshot as a test artifact; KEYFRAMES_SCREENSHOTS=DIR keeps a copy (the README's
+    picture comes from there)."""
+    path = browser.screenshot(tmp_path / name)
+    if keep := os.environ.get("KEYFRAMES_SCREENSHOTS"):
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / name)
+    pixels = np.asarray(Image.open(path).convert("L"))
+    assert pixels.std() > 10  # a rendered page, not a blank one
+    return path
+
+
+EXPAND_SWEEP = '[data-component-id$="runnamecellrenderer.tsx_46"]'  # the +/- beside a parent
+CLOSE_ASSISTANT = '[data-component-id="mlflow.assistant.chat_panel.close"]'
+
+
+def open_runs(browser, url: str) -> None:
+    """The page keyframes links to, with the sweep's jobs unfolded as a person does."""
+    browser.open(url)
+    browser.wait_for("document.body.innerText.includes('matching runs')")
+    browser.js(f"document.querySelector({json.dumps(CLOSE_ASSISTANT)})?.click()")
+    browser.click(EXPAND_SWEEP)
+
+
+def test_the_experiment_opens_on_its_runs_table_with_names_that_differ(
+    server, browser, smoke_sweep, tmp_path
+):
     experiment_id, parent, children = sweep_runs(server)
-    url = f"{server}/#/experiments/{experiment_id}/runs/{parent['info']['run_id']}"
-    flags = [chromium, *CHROMIUM_FLAGS]
-    dom = subprocess.run(
-        [*flags, f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
-    assert parent["info"]["run_name"] in dom
-    assert "Child runs" in dom
-    for child in children:
-        assert child["info"]["run_name"] in dom
-    screenshot = tmp_path / "parent_run.png"
-    subprocess.run(
-        [*flags, f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={screenshot}", url],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    pixels = np.asarray(Image.open(screenshot).convert("L"))
-    assert pixels.shape == (1000, 1400) and pixels.std() > 10  # a rendered page, not a blank one
+    url = review_url(server, experiment_id)
+    assert review_url("http://127.0.0.1:5000", experiment_id, chart=True) in smoke_sweep.output
+    open_runs(browser, url)
+    names = [c["info"]["run_name"] for c in children]
+    text = browser.wait_for(
+        f"(t => {json.dumps(names)}.every(n => t.includes(n)) && t)(document.body.innerText)"
+    )
+    assert "Detect Issues" not in text and "Traces\n0" not in text  # not the GenAI overview
+    assert parent["info"]["run_name"] == "steps x cfg_scale, 4 jobs"
+    assert len({name[:16] for name in names}) == 4  # told apart in what the column shows
+    shot(browser, "runs_table.png", tmp_path)
+
+
+def test_a_run_page_shows_the_image_table_with_thumbnails(server, browser, tmp_path):
+    experiment_id, _, children = sweep_runs(server)
+    run_id = children[0]["info"]["run_id"]
+    page = review_url(server, experiment_id, run_id).replace(
+        "?", "/artifacts/keyframes_table.json?"
+    )
+    browser.open(page)
+    loaded = "Array.from(document.querySelectorAll('img[src*=\"table_images\"]'))"
+    count = browser.wait_for(f"{loaded}.filter(i => i.complete && i.naturalWidth > 0).length")
+    text = browser.js("document.body.innerText")
+    assert count >= 3 and "clip_score" in text and "aesthetic_score" in text
+    assert "001_opening_t1.png" in text  # the rows name their files
+    shot(browser, "image_table.png", tmp_path)
+
+
+def test_the_chart_view_shows_each_scene_once_per_run_of_the_sweep(server, browser, tmp_path):
+    experiment_id, _, children = sweep_runs(server)
+    open_runs(browser, review_url(server, experiment_id, chart=True))
+    images = (  # the scene's key as MLflow names its file: images/keyframes~opening+step+0+...
+        "Array.from(document.images).filter(i => "
+        "decodeURIComponent(i.src).includes('images/keyframes~opening+'))"
+    )
+    runs = browser.wait_for(
+        f"(l => l.length === 4 && l)({images}.filter(i => i.complete && i.naturalWidth > 0)"
+        ".map(i => new URL(i.src).searchParams.get('run_uuid')))"
+    )
+    assert sorted(runs) == sorted(c["info"]["run_id"] for c in children)
+    sections = browser.js("document.body.innerText")
+    assert sections.index("keyframes") < sections.index("Model metrics")  # pictures first
+    shot(browser, "chart_view.png", tmp_path)
 
 
 def test_compare_reads_the_same_sweep_from_a_tracking_server(server, smoke_sweep, tmp_path):

@@ -213,11 +213,12 @@ def test_a_kohya_lora_makes_the_pixels_of_the_same_lora_in_diffusers_format(repl
 @pytest.mark.parametrize("overrides, repos", [
     (("model=sdxl_lightning", "upscale=refiner", "consistency=ip_adapter", "controlnet=canny_sdxl",
       f"model.vae={replicas.SDXL_VAE_FP16_FIX}"),
-     (replicas.SDXL_BASE, replicas.CLIP_L14_OPENAI, replicas.IP_ADAPTER, replicas.SDXL_REFINER,
+     (replicas.SDXL_BASE, replicas.CLIP_L14_OPENAI, replicas.AESTHETIC, replicas.IP_ADAPTER, replicas.SDXL_REFINER,
       replicas.SDXL_LIGHTNING, replicas.LIGHTNING_UNET, "diffusers/controlnet-canny-sdxl-1.0",
       replicas.SDXL_VAE_FP16_FIX)),
     (("model=sd15", "controlnet=depth_sd15"),
-     (replicas.SD15, replicas.CLIP_L14_OPENAI, "lllyasviel/control_v11f1p_sd15_depth")),
+     (replicas.SD15, replicas.CLIP_L14_OPENAI, replicas.AESTHETIC,
+      "lllyasviel/control_v11f1p_sd15_depth")),
 ], ids=["sdxl", "sd15"])  # fmt: skip
 def test_an_empty_cache_offline_names_every_missing_repo_before_loading(
     run_cli, tmp_path, overrides, repos

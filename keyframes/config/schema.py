@@ -22,7 +22,7 @@ MAX_SIDE = 8192
 MAX_TAKES = 1000
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SEED_MODES = ("derived", "fixed")
-OBJECTIVES = ("clip_score_mean", "clip_score_per_second")
+OBJECTIVES = ("clip_score_mean", "clip_score_per_second", "aesthetic_score_mean")
 MEMORY_MODES = ("auto", "none", "balanced", "low_vram", "minimal")
 OFFLOAD_MODES = ("low_vram", "minimal")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -94,6 +94,7 @@ class ScorerConfig:
     name: str = MISSING
     model: str | None = None  # open_clip architecture, "tiny", or null for no scoring
     pretrained: str | None = None  # open_clip pretrained tag, e.g. openai
+    aesthetic: str | None = None  # LAION aesthetic head: owner/repo/file, a local file, tiny
 
 
 @dataclass

@@ -233,13 +233,16 @@ def recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
 
 
 def score_batch(scorer: ClipScorer | None, batch: list[Generation]):
-    """Per image: (score vs the scene description, score vs the full styled prompt)."""
+    """Per image: (CLIP score vs the scene description, vs the full styled prompt, aesthetic
+    score); one image embedding serves all three."""
     made = [g for g in batch if g.image is not None]
     if scorer is None or not made:
-        return [(None, None)] * len(batch)
+        return [(None, None, None)] * len(batch)
     images = [g.image for g in made]
     asked, styled = scorer.score(
         images, [g.job.description for g in made], [g.job.prompt for g in made]
     )
-    scores = dict(zip(map(id, made), zip(asked, styled, strict=True), strict=True))
-    return [scores.get(id(g), (None, None)) for g in batch]
+    aesthetic = scorer.aesthetic(images) or [None] * len(made)
+    triples = zip(asked, styled, aesthetic, strict=True)
+    scores = dict(zip(map(id, made), triples, strict=True))
+    return [scores.get(id(g), (None, None, None)) for g in batch]

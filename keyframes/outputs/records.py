@@ -95,6 +95,7 @@ class ImageRecord(_JsonRecord):
     clip_score: float | None
     clip_score_prompt: float | None
     clip_truncated: dict[str, bool] | None
+    aesthetic_score: float | None = None  # LAION aesthetic predictor, about 1-10
     scene_extra: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -185,10 +186,10 @@ class Manifest:
 
 def image_record(plan, g, scores: tuple, tokens: dict[str, int], scene_extra: dict[str, Any],
                  methods: list, planned) -> ImageRecord:  # fmt: skip
-    """One image's record (g: a generation.Generation; scores: its two CLIP TextScores;
-    planned: its job as planned, with the conditioning methods' inputs)."""
+    """One image's record (g: a generation.Generation; scores: its two CLIP TextScores and
+    its aesthetic score; planned: its job as planned, with the conditioning methods' inputs)."""
     cfg, job = plan.config, g.job
-    asked, styled = scores
+    asked, styled, aesthetic = scores
     longest = max(tokens[job.prompt], tokens[job.negative_prompt])
     return ImageRecord.from_json(
         {
@@ -213,6 +214,7 @@ def image_record(plan, g, scores: tuple, tokens: dict[str, int], scene_extra: di
             "clip_score_prompt": None if styled is None else round(styled.score, 4),
             "clip_truncated": None if asked is None
             else {"description": asked.truncated, "prompt": styled.truncated},
+            "aesthetic_score": None if aesthetic is None else round(aesthetic, 4),
             "scene_extra": scene_extra,  # fields the shotlist format does not know, passed on
         }
     )  # fmt: skip

@@ -21,6 +21,7 @@ def summarize(images: list[ImageRecord], model_load_seconds: float, total: float
         # what a sweep trades off: prompt adherence per second of generation
         "clip_score_per_second": clip / seconds if clip is not None and seconds else None,
         "clip_score_prompt_mean": mean("clip_score_prompt"),
+        "aesthetic_score_mean": mean("aesthetic_score"),
         "seconds_per_image_mean": seconds,
         "vram_peak_gb_max": max(vram) if vram else None,  # absent on CPU, never 0
         "rss_peak_gb": max((r.rss_peak_gb for r in images), default=None),

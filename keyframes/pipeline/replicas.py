@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -40,6 +41,8 @@ CONTROLNETS = {
 }
 SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"  # the README's model.vae example
 CLIP_L14_OPENAI = "timm/vit_large_patch14_clip_224.openai"
+AESTHETIC = "metric-space/aesthetic"  # conf/scorer/clip.yaml's aesthetic head
+AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
@@ -278,9 +281,9 @@ def save_tiny_ip_adapter(folder: Path, unet, subfolder: str = "sdxl_models",
 
 
 def write_scorer_replica(hf_home: Path) -> Path:
-    """The default scorer's repo (open_clip ViT-L-14 `openai`): the full-size architecture,
-    since open_clip builds ViT-L-14 whatever the file holds; random weights in float16
-    (0.86 GB, about 20 s to write on 2 cores)."""
+    """The default scorer's repos: open_clip ViT-L-14 `openai` at full size, since open_clip
+    builds ViT-L-14 whatever the file holds, random weights in float16 (0.86 GB, about 20 s
+    to write on 2 cores); and the LAION aesthetic head, random, as a .pth like the real one."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -292,4 +295,21 @@ def write_scorer_replica(hf_home: Path) -> Path:
         del model
         save_file(state, folder / CLIP_WEIGHTS)
 
+    def write_aesthetic(folder: Path) -> None:
+        """As published: a torch.save'd state dict of Linear layers at Sequential indices
+        0, 2, 4 (dropout between), 6 and 7, from the 768-wide embedding down to one score."""
+        sizes, state = (768, 1024, 128, 64, 16, 1), {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for index, (n_in, n_out) in zip(
+                (0, 2, 4, 6, 7), itertools.pairwise(sizes), strict=True
+            ):
+                layer = torch.nn.Linear(n_in, n_out)
+                state[f"layers.{index}.weight"], state[f"layers.{index}.bias"] = (
+                    layer.weight.detach(),
+                    layer.bias.detach(),
+                )
+        torch.save(state, folder / AESTHETIC_FILE)
+
+    _staged(hf_home / "hub", AESTHETIC, write_aesthetic)
     return _staged(hf_home / "hub", CLIP_L14_OPENAI, write)

@@ -14,6 +14,7 @@ import torch
 
 from keyframes.config.schema import ScorerConfig
 from keyframes.errors import ModelUnavailableError
+from keyframes.scoring.aesthetic import load_aesthetic, missing_aesthetic
 
 CONTEXT_LENGTH = 77
 SAFETENSORS_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
@@ -26,8 +27,9 @@ class TextScore:
 
 
 class ClipScorer:
-    def __init__(self, model, preprocess, tokenizer, device: str, name: str):
+    def __init__(self, model, preprocess, tokenizer, device: str, name: str, aesthetic=None):
         self.model = model.eval().to(device)
+        self.aesthetic_head = aesthetic.to(device) if aesthetic is not None else None
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
@@ -67,6 +69,15 @@ class ClipScorer:
             for row, text_list in zip(cosines, texts, strict=True)
         ]
 
+    @torch.inference_mode()
+    def aesthetic(self, images) -> list[float] | None:
+        """The LAION aesthetic score of each image (None without an aesthetic head): from the
+        image embeddings scoring already made."""
+        if self.aesthetic_head is None:
+            return None
+        features = self.image_features(images).to(self.device)
+        return [float(v) for v in self.aesthetic_head(features).float().cpu()]
+
 
 _cached: tuple[tuple, ClipScorer | None] | None = None
 
@@ -74,7 +85,7 @@ _cached: tuple[tuple, ClipScorer | None] | None = None
 def cached_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
     """Load once per process; jobs of a sweep with the same scorer settings share it."""
     global _cached
-    key = (cfg.name, cfg.model, cfg.pretrained, device)
+    key = (cfg.name, cfg.model, cfg.pretrained, cfg.aesthetic, device)
     if _cached is None or _cached[0] != key:
         _cached = None  # drop the old one before loading the next
         _cached = (key, load_scorer(cfg, device))
@@ -90,25 +101,31 @@ def load_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT_LENGTH)
     if cfg.model == "tiny":
         model, preprocess = _tiny_clip()
-        return ClipScorer(model, preprocess, tokenizer, device, "tiny random-weight CLIP")
+        aesthetic = load_aesthetic(cfg.aesthetic, model.visual.output_dim)
+        return ClipScorer(model, preprocess, tokenizer, device, "tiny random-weight CLIP",
+                          aesthetic)  # fmt: skip
     path = _weights_file(cfg)
     quick_gelu = (open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}).get("quick_gelu")
     model, _, preprocess = open_clip.create_model_and_transforms(
         cfg.model, pretrained=path, force_quick_gelu=bool(quick_gelu)
     )
-    return ClipScorer(model, preprocess, tokenizer, device, f"{cfg.model}/{cfg.pretrained}")
+    aesthetic = load_aesthetic(cfg.aesthetic, model.visual.output_dim)
+    return ClipScorer(model, preprocess, tokenizer, device, f"{cfg.model}/{cfg.pretrained}",
+                      aesthetic)  # fmt: skip
 
 
 def missing_scorer(cfg: ScorerConfig) -> str | None:
     """Pre-flight: why the scorer's weights cannot be had (None: they can, or none are needed).
     Downloads them when they are not cached and the hub answers."""
-    if cfg.model in (None, "tiny"):
+    if cfg.model is None:
         return None
-    try:
-        _weights_file(cfg)
-    except ModelUnavailableError as e:
-        return str(e)
-    return None
+    problems = [missing_aesthetic(cfg.aesthetic)]
+    if cfg.model != "tiny":
+        try:
+            _weights_file(cfg)
+        except ModelUnavailableError as e:
+            problems.insert(0, str(e))
+    return "\n".join(p for p in problems if p) or None
 
 
 def _weights_file(cfg: ScorerConfig) -> str:

@@ -27,6 +27,7 @@ from keyframes.tracking.results import (
 CELL_WIDTH = 320
 PLOT_METRICS = (
     ("clip_score_mean", "CLIP score (mean)"),
+    ("aesthetic_score_mean", "aesthetic score (mean)"),
     ("seconds_per_image_mean", "seconds per image"),
 )
 
@@ -88,7 +89,7 @@ def xy_grid(
     jobs: list[JobResult], scene: str, col_key: str | None, row_key: str | None, fixed: dict
 ) -> Image.Image:
     """Columns: values of col_key; rows: values of row_key; each cell the job's keyframe of
-    this scene (first take) with its CLIP score."""
+    this scene (first take) with its CLIP and aesthetic scores."""
     cols = sort_values(j.overrides.get(col_key, "") for j in jobs) if col_key else [""]
     rows = sort_values(j.overrides.get(row_key, "") for j in jobs) if row_key else [""]
     sample = next((j.keyframes[scene] for j in jobs if scene in j.keyframes), None)
@@ -126,9 +127,10 @@ def xy_grid(
                 continue
             with Image.open(path) as im:
                 grid.paste(im.convert("RGB").resize((cw, ch), Image.Resampling.LANCZOS), (x, y))
-            score = job.scores.get(scene)
+            score, aesthetic = job.scores.get(scene), job.aesthetics.get(scene)
             text = describe(job, [k for k in (col_key, row_key) if k]) if col_key else job.name
             text += f" · CLIP {score:.1f}" if score is not None else ""
+            text += f" · aes {aesthetic:.2f}" if aesthetic is not None else ""
             draw.text(
                 (x + 2, y + ch + 2),
                 fit_text(draw, text, small, cw),
@@ -148,8 +150,8 @@ def _cell_job(jobs, col_key, col, row_key, row) -> JobResult | None:
 
 
 def write_plots(jobs: list[JobResult], keys: list[str], out_dir: Path) -> list[Path]:
-    """For each varying numeric key: CLIP score and seconds per image against it, one line per
-    combination of the other varying keys."""
+    """For each varying numeric key: CLIP score, aesthetic score and seconds per image against
+    it, one line per combination of the other varying keys."""
     import matplotlib
 
     matplotlib.use("Agg")

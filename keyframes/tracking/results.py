@@ -14,11 +14,12 @@ from keyframes.outputs.manifest import load_manifest
 
 TABLE_METRICS = (
     "clip_score_mean",
+    "aesthetic_score_mean",
     "style_consistency",
     "seconds_per_image_mean",
     "vram_peak_gb_max",
 )
-HIGHER_IS_BETTER = ("clip_score",)  # metric name prefixes to sort descending
+HIGHER_IS_BETTER = ("clip_score", "aesthetic_score")  # metric name prefixes, sorted descending
 GOOD_ENOUGH_POINTS = 1.0  # "fastest good job": within this many CLIP points of the best
 
 
@@ -31,6 +32,7 @@ class JobResult:
     scenes: list[str] = field(default_factory=list)  # scene ids in shotlist order
     keyframes: dict[str, Path] = field(default_factory=dict)  # scene id -> first take's PNG
     scores: dict[str, float] = field(default_factory=dict)  # scene id -> that PNG's CLIP score
+    aesthetics: dict[str, float] = field(default_factory=dict)  # scene id -> its aesthetic score
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -78,6 +80,8 @@ def job_from_manifest(manifest_path: Path, name: str | None = None) -> JobResult
             job.keyframes[scene] = manifest_path.parent / record.file
             if record.clip_score is not None:
                 job.scores[scene] = record.clip_score
+            if record.aesthetic_score is not None:
+                job.aesthetics[scene] = record.aesthetic_score
     return job
 
 

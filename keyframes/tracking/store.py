@@ -7,15 +7,23 @@ import fcntl
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyframes.config.schema import TrackingConfig
 from keyframes.errors import TrackingError
+from keyframes.tracking.review import TABLE_FILE
 
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"  # what nests a run under another in the MLflow UI
+NOTE_TAG = "mlflow.note.content"  # the run page's description, rendered as Markdown
+COLOUR_TAG = "mlflow.runColor"  # the run's colour in the runs table and charts
+KIND_TAG = "mlflow.experimentKind"  # model development: the UI's runs, not GenAI traces
+KIND = "custom_model_development"
+THUMBNAIL = 384  # px, longest side, of the keyed images (MLflow adds a 256 px webp)
+TABLE_THUMBNAIL = 256
 SWEEP_TAG = "keyframes.sweep"  # marks a sweep's parent run
 KEY_TAG = "keyframes.run_key"  # one MLflow run per run directory
 
@@ -37,6 +45,10 @@ class RunRecord:
     status: str = "FINISHED"  # FINISHED | FAILED (some images failed) | KILLED (interrupted)
     key: str = ""  # identifies the run directory's run: logging it again changes nothing
     replaces: str | None = None  # remake=true: the key of the run this one replaces
+    description: str = ""  # Markdown, on the run page
+    colour: str | None = None  # "#rrggbb"; None: MLflow's own
+    keyed_images: list[tuple[str, int, Path]] = field(default_factory=list)  # (key, step, PNG)
+    table: dict[str, list] | None = None  # column -> values; Path values become thumbnails
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -77,6 +89,10 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     tags = {**record.tags, KEY_TAG: record.key} if record.key else dict(record.tags)
     if record.parent_run_id:
         tags[PARENT_TAG] = record.parent_run_id
+    if record.description:
+        tags[NOTE_TAG] = record.description
+    if record.colour:
+        tags[COLOUR_TAG] = record.colour
     run = client.create_run(
         experiment_id, start_time=record.start_ms, tags=tags, run_name=record.run_name
     )
@@ -93,6 +109,7 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     params = [Param(k, str(v)) for k, v in sorted(record.params.items())]
     client.log_batch(run_id, params=params, metrics=metrics)
     _log_artifacts(client, run_id, record.artifacts)
+    _log_pictures(client, run_id, record, now)
     # Terminated last: a run that is not FINISHED/FAILED/KILLED was cut off while logging.
     client.set_terminated(run_id, status=record.status, end_time=record.end_ms or None)
     return run_id, True
@@ -140,10 +157,44 @@ def _client(uri: str):
 
 
 def _experiment_id(client, cfg: TrackingConfig, name: str) -> str:
+    """The experiment's id; made if new, and marked as model development either way."""
     experiment = client.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(cfg))
+    if experiment is None:
+        return client.create_experiment(
+            name, artifact_location=_artifact_location(cfg), tags={KIND_TAG: KIND}
+        )
+    if experiment.tags.get(KIND_TAG) != KIND:
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
+    return experiment.experiment_id
+
+
+def experiment_id(uri: str, name: str) -> str | None:
+    experiment = _client(uri).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else None
+
+
+def _log_pictures(client, run_id: str, record: RunRecord, now: int) -> None:
+    """Each keyframe as a keyed image (the chart view's image grid lines one key up across
+    runs), and the per-image table with a thumbnail per row. Small copies: the full PNGs are
+    the artifacts under keyframes/."""
+    from PIL import Image
+
+    def thumbnail(path: Path, size: int):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            return image
+
+    for key, step, path in record.keyed_images:
+        client.log_image(run_id, thumbnail(path, THUMBNAIL), key=key, step=step, timestamp=now)
+    if record.table:
+        table = {
+            column: [thumbnail(v, TABLE_THUMBNAIL) if isinstance(v, Path) else v for v in values]
+            for column, values in record.table.items()
+        }
+        with warnings.catch_warnings():  # pandas' notes on MLflow's own dtype checks
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client.log_table(run_id, data=table, artifact_file=TABLE_FILE)
 
 
 def _log_artifacts(client, run_id: str, artifacts: list[tuple[Path, str | None]]) -> None:
@@ -155,13 +206,12 @@ def _log_artifacts(client, run_id: str, artifacts: list[tuple[Path, str | None]]
 
 
 def start_parent_run(
-    cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str]
+    cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str], colour: str
 ) -> str:
     """The run a sweep's jobs nest under; it stays RUNNING until finish_parent_run."""
     client = _client(cfg.tracking_uri)
-    run = client.create_run(
-        _experiment_id(client, cfg, experiment), tags={SWEEP_TAG: "true", **tags}, run_name=run_name
-    )
+    tags = {SWEEP_TAG: "true", COLOUR_TAG: colour, **tags}
+    run = client.create_run(_experiment_id(client, cfg, experiment), tags=tags, run_name=run_name)
     return run.info.run_id
 
 
@@ -173,10 +223,16 @@ def finish_parent_run(
     table: dict[str, list] | None,
     artifacts: list[tuple[Path, str | None]],
     status: str = "FINISHED",
+    run_name: str | None = None,
+    description: str = "",
 ) -> None:
     from mlflow.entities import Metric, RunTag
 
     client = _client(cfg.tracking_uri)
+    if run_name:
+        client.update_run(run_id, name=run_name)
+    if description:
+        tags = {**tags, NOTE_TAG: description}
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from keyframes.config.overrides import override_keys
 from keyframes.errors import KeyframesError, first_line
 from keyframes.outputs.manifest import read_run
+from keyframes.tracking import review
 
 log = logging.getLogger("keyframes")
 
@@ -29,6 +30,7 @@ class SweepJob:
     experiment: str
     sweep_dir: str
     job_num: int
+    swept_keys: list[str]  # what the sweep varies: the jobs' run names say these values
 
 
 def sweep_job(sweep_dir: str, job_num: int) -> SweepJob | None:
@@ -37,7 +39,8 @@ def sweep_job(sweep_dir: str, job_num: int) -> SweepJob | None:
     if not path.is_file():
         return None
     info = json.loads(path.read_text())
-    return SweepJob(info["parent_run_id"], info["experiment"], sweep_dir, job_num)
+    return SweepJob(info["parent_run_id"], info["experiment"], sweep_dir, job_num,
+                    info.get("swept_keys", []))  # fmt: skip
 
 
 class SweepCallback(Callback):
@@ -68,7 +71,8 @@ def begin_sweep(config: DictConfig) -> None:
         parent = start_parent_run(
             tracking,
             experiment,
-            run_name=f"sweep {sweep_dir.name}: {' x '.join(keys) or 'one job'}",
+            run_name=review.sweep_run_name(keys),
+            colour=review.SWEEP_COLOUR,
             tags={
                 "keyframes.sweep_dir": str(sweep_dir.resolve()),
                 "keyframes.swept_keys": ",".join(keys),
@@ -89,6 +93,7 @@ def end_sweep(config: DictConfig) -> None:
     from keyframes.tracking.report import build_report
     from keyframes.tracking.results import describe, job_from_manifest
     from keyframes.tracking.store import finish_parent_run
+    from keyframes.tracking.sync import log_review
 
     sweep_dir = Path(config.hydra.sweep.dir)
     info = json.loads((sweep_dir / SWEEP_FILE).read_text())
@@ -118,6 +123,7 @@ def end_sweep(config: DictConfig) -> None:
         for i, name in enumerate(report.header)
     }
     statuses = {run.status if (run := read_run(p)) else None for p in manifests}
+    description = _parent_description(info, report, tags, objective, summary_dir / "grids")
     try:
         finish_parent_run(
             OmegaConf.to_object(config.mlflow),
@@ -131,12 +137,26 @@ def end_sweep(config: DictConfig) -> None:
                 (summary_dir / "plots", "plots"),
             ],
             status="FINISHED" if statuses <= {"finished"} else "FAILED",
+            run_name=review.sweep_run_name(info["swept_keys"], len(jobs)),
+            description=description,
         )
     except Exception as e:  # noqa: BLE001 - the summary is on disk either way
         log.warning("could not log the sweep summary to MLflow (%s); it is in %s",
                     first_line(e), summary_dir)  # fmt: skip
         return
     log.info("compare again: uv run python -m keyframes.compare --parent %s", parent)
+    log_review(OmegaConf.to_object(config.mlflow), info["experiment"])
+
+
+def _parent_description(info: dict, report, tags: dict, objective: str, grids: Path) -> str:
+    described = {name: {"settings": tags[f"{name}_job"], "run_id": tags[f"{name}_run_id"]}
+                 for name in ("best", "fastest_good") if tags.get(f"{name}_job")}  # fmt: skip
+    return review.sweep_description(
+        info["experiment"], report.keys or info["swept_keys"], objective,
+        [dict(zip(report.header, row, strict=True)) for row in report.rows],
+        described.get("best"), described.get("fastest_good"),
+        sorted(p.name for p in grids.glob("*.png")), info["parent_run_id"],
+    )  # fmt: skip
 
 
 def _job_order(name: str) -> tuple[int, str]:

@@ -15,10 +15,19 @@ from keyframes.config.schema import TrackingConfig
 from keyframes.errors import KeyframesError, first_line
 from keyframes.outputs.manifest import load_manifest, write_manifest
 from keyframes.outputs.records import ImageRecord, Manifest, RunInfo
+from keyframes.tracking import review
+from keyframes.tracking.results import parse_overrides, settings_used
 from keyframes.tracking.store import RunRecord
 
 log = logging.getLogger("keyframes")
-PER_IMAGE = ("clip_score", "clip_score_prompt", "seconds", "vram_peak_gb", "rss_peak_gb")
+PER_IMAGE = (
+    "clip_score",
+    "clip_score_prompt",
+    "aesthetic_score",
+    "seconds",
+    "vram_peak_gb",
+    "rss_peak_gb",
+)
 STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
@@ -42,13 +51,17 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
     """The MLflow run of a run directory, from its manifest and resolved config."""
     run, images = manifest.run, manifest.images
     sweep = run.sweep or {}
-    name = f"{run.style}-{run.sampler}-{config['steps']}steps-cfg{config['cfg_scale']:g}"
-    if sweep:
-        name = f"#{sweep['job_num']} {name}"
+    ok = [r for r in images if r.ok and (run_dir / r.file).is_file()]
     return RunRecord(
         experiment=run.experiment,
-        run_name=name,
-        params=flatten(config),
+        run_name=run_name(run, config),
+        description=review.run_description(run, images, config),
+        colour=review.JOB_COLOURS[sweep["job_num"] % len(review.JOB_COLOURS)] if sweep else None,
+        keyed_images=[(review.image_key(r), r.index, run_dir / r.file) for r in ok],
+        table=image_table(run_dir, ok),
+        # unset (null) settings left out: the UI lists every param beside each run's name,
+        # in image grids too; config.yaml keeps them all
+        params={k: v for k, v in flatten(config).items() if v != "null"},
         tags=run_tags(run_dir, run, images),
         image_metrics={
             r.index: {k: getattr(r, k) for k in PER_IMAGE if getattr(r, k) is not None}
@@ -71,6 +84,31 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
         key=run.run_key,
         replaces=run.replaces_run_key,
     )
+
+
+def run_name(run: RunInfo, config: dict[str, Any]) -> str:
+    """A sweep job by the values its sweep varies; any other run by its main settings."""
+    if not run.sweep:
+        return review.single_run_name(run, config["steps"], config["cfg_scale"], config["seed"])
+    keys = run.sweep.get("swept_keys", [])  # absent in older manifests
+    values = settings_used(flatten(config), keys, parse_overrides(run.overrides))
+    return review.job_run_name(values, run.sweep["job_num"])
+
+
+def image_table(run_dir: Path, images: list[ImageRecord]) -> dict[str, list] | None:
+    """One row per keyframe: a thumbnail (the PNG's path; the store makes it small), what it
+    shows and how it scored."""
+    if not images:
+        return None
+    columns: dict[str, list] = {
+        "image": [run_dir / r.file for r in images],
+        "scene": [r.scene_id for r in images], "take": [r.take for r in images],
+        "seed": [r.seed for r in images],
+        "clip_score": [r.clip_score for r in images],
+        "aesthetic_score": [r.aesthetic_score for r in images],
+        "seconds": [r.seconds for r in images], "file": [r.file for r in images],
+    }  # fmt: skip
+    return {k: v for k, v in columns.items() if any(x is not None for x in v)}
 
 
 def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str, str]:
@@ -147,5 +185,21 @@ def track_run(run_dir: Path, tracking: TrackingConfig, experiment: str, in_sweep
         )  # fmt: skip
         return
     log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking.tracking_uri)
-    if tracking.tracking_uri.startswith("sqlite:") and not in_sweep:
+    if not in_sweep:
+        log_review(tracking, experiment, run_id)
+
+
+def log_review(tracking: TrackingConfig, experiment: str, run_id: str | None = None) -> None:
+    """How to look at it: the UI command for a local store, and the page to open."""
+    from keyframes.tracking.store import experiment_id
+
+    try:
+        ident = experiment_id(tracking.tracking_uri, experiment)
+    except Exception:  # noqa: BLE001 - a link is a courtesy; the run is logged
+        return
+    local = tracking.tracking_uri.startswith("sqlite:")
+    ui = "http://127.0.0.1:5000" if local else tracking.tracking_uri
+    if local:
         log.info("review: uv run mlflow ui --backend-store-uri %s", tracking.tracking_uri)
+    if ident is not None:
+        log.info("then open %s", review.review_url(ui, ident, run_id, chart=run_id is None))

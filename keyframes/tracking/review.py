@@ -1,0 +1,118 @@
+"""What a person sees first in the MLflow UI: run names that differ in their first characters,
+a colour per sweep job, the image keys that line one scene up across runs, and the run's
+description in Markdown. Pure functions over the run directory's records."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from keyframes.outputs.records import ImageRecord, RunInfo
+
+# Tableau 10: ten colours people tell apart, for the jobs of a sweep in charts and the table
+JOB_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+               "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")  # fmt: skip
+SWEEP_COLOUR = "#555555"
+SHORT_KEYS = {"cfg_scale": "cfg", "batch_size": "batch", "consistency": "look"}
+IMAGE_SECTION = "keyframes"  # MLflow's chart view puts keys "keyframes/<scene>" in one section
+TABLE_FILE = "keyframes_table.json"
+MAX_VALUE = 16  # characters of one value in a run name
+
+
+def short_value(value: str) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value if len(value) <= MAX_VALUE else value[: MAX_VALUE - 1] + "…"
+
+
+def job_run_name(values: dict[str, str], job_num: int) -> str:
+    """A sweep job by what it changed: 'steps=30 cfg=5 · #3'."""
+    parts = [f"{SHORT_KEYS.get(k, k)}={short_value(v)}" for k, v in values.items()]
+    return " ".join(parts + [f"· #{job_num}"]) if parts else f"job #{job_num}"
+
+
+def single_run_name(run: RunInfo, steps: int, cfg_scale: float, seed: int) -> str:
+    """A run outside a sweep: 'cinematic 30st cfg5 dpmpp_2m_karras s1234'."""
+    return f"{run.style} {steps}st cfg{cfg_scale:g} {run.sampler} s{seed}"
+
+
+def sweep_run_name(keys: list[str], jobs: int | None = None) -> str:
+    """A sweep's parent: 'steps x cfg_scale, 4 jobs'."""
+    name = " x ".join(keys) or "one job"
+    return f"{name}, {jobs} job{'s' * (jobs != 1)}" if jobs is not None else name
+
+
+def image_key(record: ImageRecord) -> str:
+    """One scene (and take) across runs: the chart view's image grid compares runs per key.
+    MLflow allows letters, digits, _ - . space and / in a key."""
+    scene = re.sub(r"[^A-Za-z0-9_.\- ]", "_", record.scene_id)
+    take = f"_t{record.take}" if record.take > 1 else ""
+    return f"{IMAGE_SECTION}/{scene}{take}"
+
+
+def _figure(value, unit: str = "", digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def run_description(run: RunInfo, images: list[ImageRecord], config: dict) -> str:
+    """The run page's description (Markdown): what made the run, how it went, how to make it
+    again, and where its pictures are."""
+    summary, ok = run.summary or {}, [r for r in images if r.ok]
+    size = f"{ok[0].width}x{ok[0].height}" if ok else "–"
+    lines = [
+        f"**{run.title}**: {len(ok)} keyframes, {run.status}",
+        "",
+        "| model | style | sampler | steps | cfg | size | seed |",
+        "|---|---|---|---|---|---|---|",
+        f"| {run.model} | {run.style} | {run.sampler} | {config.get('steps')} "
+        f"| {config.get('cfg_scale')} | {size} | {config.get('seed')} |",
+        "",
+        "| CLIP score | aesthetic | s/image | VRAM peak | style consistency | failed |",
+        "|---|---|---|---|---|---|",
+        f"| {_figure(summary.get('clip_score_mean'))} "
+        f"| {_figure(summary.get('aesthetic_score_mean'))} "
+        f"| {_figure(summary.get('seconds_per_image_mean'), ' s')} "
+        f"| {_figure(summary.get('vram_peak_gb_max'), ' GB')} "
+        f"| {_figure(summary.get('style_consistency'), '', 1)} "
+        f"| {summary.get('images_failed', 0)} |",
+        "",
+        f"Make it again: `{run.command}`",
+        "",
+        f"Every keyframe with its scores: Artifacts → `{TABLE_FILE}`. The same scene across "
+        f"runs: the chart view (select runs), section `{IMAGE_SECTION}`.",
+    ]
+    return "\n".join(lines)
+
+
+def sweep_description(title: str, keys: list[str], objective: str, rows: list[dict],
+                      best: dict | None, fastest: dict | None, grids: list[str],
+                      run_id: str) -> str:  # fmt: skip
+    """The sweep parent's description: best and fastest job, the grids, the table.
+    rows: the summary table as dicts; best/fastest: {'settings', 'run_id'}."""
+    lines = [f"**{title}**: sweep over {' x '.join(keys) or 'one job'}, {len(rows)} jobs", ""]
+    if best:
+        lines.append(f"- best by `{objective}`: **{best['settings']}** (run `{best['run_id']}`)")
+    if fastest:
+        lines.append(
+            f"- fastest within 1 point of the best: **{fastest['settings']}** "
+            f"(run `{fastest['run_id']}`)"
+        )
+    if rows:
+        header = list(rows[0])
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
+    for name in grids:
+        url = f"get-artifact?path={quote('grids/' + name)}&run_uuid={run_id}"
+        lines += ["", f"![{name}]({url})"]
+    return "\n".join(lines)
+
+
+def review_url(ui: str, experiment_id: str, run_id: str | None = None, chart: bool = False) -> str:
+    """A page of `mlflow ui`: the experiment's runs (or one run), opened in its model-training
+    view; MLflow 3's UI otherwise opens on the GenAI overview, whatever the experiment's kind."""
+    base = f"{ui.rstrip('/')}/#/experiments/{experiment_id}"
+    if run_id:
+        return f"{base}/runs/{run_id}?workflowType=machine_learning"
+    mode = "&compareRunsMode=CHART" if chart else ""
+    return f"{base}/runs?workflowType=machine_learning{mode}"
