@@ -140,3 +140,16 @@ def test_all_bad_numbers_are_reported_together():
 def test_style_without_prompt_placeholder_is_rejected():
     with pytest.raises(ConfigError, match="lacks \\{prompt\\}"):
         validate(settings("style.prompt=just words"))
+
+
+def test_an_objective_needs_the_score_it_ranks_by():
+    validate(settings("objective=aesthetic_score_mean"))  # the default scorer has the head
+    for overrides, needs in (
+        (("objective=aesthetic_score_mean", "scorer.aesthetic=null"), "scorer.aesthetic set"),
+        (("objective=aesthetic_score_mean", "scorer=none"), "scorer.aesthetic set"),
+        (("objective=clip_score_per_second", "scorer=none"), "needs a scorer"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            validate(settings(*overrides))
+        assert [p for p in info.value.problems if needs in p], info.value.problems
+    validate(settings("scorer=none"))  # the default objective: a grid sweep needs no value

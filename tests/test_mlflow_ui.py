@@ -120,30 +120,31 @@ def shot(browser, name: str, tmp_path: Path) -> Path:
     return path
 
 
-EXPAND_SWEEP = '[data-component-id$="runnamecellrenderer.tsx_46"]'  # the +/- beside a parent
 CLOSE_ASSISTANT = '[data-component-id="mlflow.assistant.chat_panel.close"]'
 
 
-def open_runs(browser, url: str) -> None:
-    """The page keyframes links to, with the sweep's jobs unfolded as a person does."""
+def open_review(browser, url: str) -> str:
+    """The page a run's log links to, as a person sees it; its text."""
     browser.open(url)
     browser.wait_for("document.body.innerText.includes('matching runs')")
     browser.js(f"document.querySelector({json.dumps(CLOSE_ASSISTANT)})?.click()")
-    browser.click(EXPAND_SWEEP)
+    return browser.js("document.body.innerText")
 
 
-def test_the_experiment_opens_on_its_runs_table_with_names_that_differ(
+def test_the_link_opens_the_runs_table_with_the_scores_and_names_that_differ(
     server, browser, smoke_sweep, tmp_path
 ):
     experiment_id, parent, children = sweep_runs(server)
-    url = review_url(server, experiment_id)
     assert review_url("http://127.0.0.1:5000", experiment_id, chart=True) in smoke_sweep.output
-    open_runs(browser, url)
+    open_review(browser, review_url(server, experiment_id))
     names = [c["info"]["run_name"] for c in children]
+    header = "Array.from(document.querySelectorAll('[role=columnheader]')).map(h => h.innerText)"
+    columns = browser.wait_for(f"(h => h.includes('clip_score_mean') && h)({header})")
+    assert {"clip_score_mean", "aesthetic_score_mean", "seconds_per_image_mean"} <= set(columns)
     text = browser.wait_for(
         f"(t => {json.dumps(names)}.every(n => t.includes(n)) && t)(document.body.innerText)"
-    )
-    assert "Detect Issues" not in text and "Traces\n0" not in text  # not the GenAI overview
+    )  # every job in view, not folded away
+    assert "Detect Issues" not in text and "Sort: clip_score_mean" in text  # not GenAI's page
     assert parent["info"]["run_name"] == "steps x cfg_scale, 4 jobs"
     assert len({name[:16] for name in names}) == 4  # told apart in what the column shows
     shot(browser, "runs_table.png", tmp_path)
@@ -156,17 +157,19 @@ def test_a_run_page_shows_the_image_table_with_thumbnails(server, browser, tmp_p
         "?", "/artifacts/keyframes_table.json?"
     )
     browser.open(page)
-    loaded = "Array.from(document.querySelectorAll('img[src*=\"table_images\"]'))"
-    count = browser.wait_for(f"{loaded}.filter(i => i.complete && i.naturalWidth > 0).length")
+    browser.js(f"document.querySelector({json.dumps(CLOSE_ASSISTANT)})?.click()")
+    loaded = "Array.from(document.querySelectorAll('img[src*=table_images]'))"
+    browser.wait_for(  # the first page of rows, each with its picture drawn
+        f"(n => n >= 3 && n)({loaded}.filter(i => i.complete && i.naturalWidth > 0).length)"
+    )
     text = browser.js("document.body.innerText")
-    assert count >= 3 and "clip_score" in text and "aesthetic_score" in text
-    assert "001_opening_t1.png" in text  # the rows name their files
+    assert "clip_score" in text and "aesthetic_score" in text and "opening" in text
     shot(browser, "image_table.png", tmp_path)
 
 
 def test_the_chart_view_shows_each_scene_once_per_run_of_the_sweep(server, browser, tmp_path):
     experiment_id, _, children = sweep_runs(server)
-    open_runs(browser, review_url(server, experiment_id, chart=True))
+    text = open_review(browser, review_url(server, experiment_id, chart=True))
     images = (  # the scene's key as MLflow names its file: images/keyframes~opening+step+0+...
         "Array.from(document.images).filter(i => "
         "decodeURIComponent(i.src).includes('images/keyframes~opening+'))"
@@ -176,8 +179,9 @@ def test_the_chart_view_shows_each_scene_once_per_run_of_the_sweep(server, brows
         ".map(i => new URL(i.src).searchParams.get('run_uuid')))"
     )
     assert sorted(runs) == sorted(c["info"]["run_id"] for c in children)
-    sections = browser.js("document.body.innerText")
-    assert sections.index("keyframes") < sections.index("Model metrics")  # pictures first
+    text = browser.js("document.body.innerText")
+    assert text.index("keyframes/opening") < text.index("Model metrics")  # pictures first
+    assert "allow_external_paths" not in text  # no wall of parameters above each picture
     shot(browser, "chart_view.png", tmp_path)
 
 

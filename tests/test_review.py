@@ -143,3 +143,32 @@ def test_the_aesthetic_head_loads_the_published_layout_and_refuses_others(tmp_pa
     torch.save({"layers.0.weight": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         load_aesthetic(str(tmp_path / "evil.pth"), 768)
+
+
+def test_the_experiment_carries_keyframes_saved_view_of_scores_and_pictures(stored):
+    import base64
+    import zlib
+
+    from keyframes.tracking.review import VIEW_TAG, view_keys
+
+    _, experiment, _, _ = stored
+    view = json.loads(experiment.tags[VIEW_TAG])
+    assert view["name"] == "keyframes" and view["state"].startswith("deflate;")
+    state = json.loads(zlib.decompress(base64.b64decode(view["state"].removeprefix("deflate;"))))
+    assert state["selectedColumns"][:2] == [
+        "metrics.`clip_score_mean`",
+        "metrics.`aesthetic_score_mean`",
+    ]
+    assert state["orderByKey"] == "metrics.`clip_score_mean`" and state["orderByAsc"] is False
+    scenes = ["opening", "lamp-room", "the-boat", "signal", "rescue", "kitchen", "morning-after"]
+    assert view_keys(experiment.tags[VIEW_TAG]) == [f"keyframes/{s}" for s in scenes]
+    assert not any(chart["showRunParams"] for chart in state["compareRunCharts"])
+
+
+def test_a_saved_view_too_big_for_mlflow_keeps_the_first_keys():
+    from keyframes.tracking.review import MAX_VIEW_CHARS, saved_view, view_keys
+
+    keys = [f"keyframes/scene-{i:05d}-{'x' * 40}" for i in range(3000)]
+    view = saved_view(keys, "clip_score_mean", 0)
+    kept = view_keys(view)
+    assert len(view) <= MAX_VIEW_CHARS and 0 < len(kept) < 3000 and kept == keys[: len(kept)]

@@ -53,6 +53,17 @@ def test_ranking_puts_high_clip_first_and_low_seconds_first():
     assert [j.name for j in ranked(JOBS, "seconds_per_image_mean")] == ["3", "0", "2", "1"]
 
 
+def test_the_aesthetic_score_ranks_high_first_and_can_be_the_objective():
+    aesthetic = {"0": 5.1, "1": 4.2, "2": 6.3, "3": 5.9}
+    jobs = [JobResult(j.name, j.overrides, {**j.metrics, "aesthetic_score_mean": aesthetic[j.name]})
+            for j in JOBS]  # fmt: skip
+    assert [j.name for j in ranked(jobs, "aesthetic_score_mean")] == ["2", "3", "0", "1"]
+    best, fastest = best_and_fastest(jobs, "aesthetic_score_mean")
+    assert (best.name, fastest.name) == ("2", "3")  # 5.9 is within a point, in 1 s, not 3 s
+    header, rows = table(jobs, "aesthetic_score_mean")
+    assert header.index("aesthetic_score_mean") == 5 and rows[0][0] == "2"
+
+
 def test_best_and_fastest_within_one_point():
     best, fastest = best_and_fastest(JOBS)
     assert best.name == "1"  # 25.0

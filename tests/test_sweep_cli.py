@@ -126,7 +126,7 @@ def test_compare_by_parent_and_metric_and_rewrites_the_pictures(smoke_sweep, tmp
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     column = lines[2].split().index("seconds_per_image_mean")
-    assert lines[2].split()[4] == "style_consistency"  # every sweep table shows it
+    assert lines[2].split()[4:6] == ["aesthetic_score_mean", "style_consistency"]  # always shown
     seconds = [float(line.split()[column]) for line in lines[4:8]]
     assert seconds == sorted(seconds)
     assert len(list((out / "grids").glob("*.png"))) == 7

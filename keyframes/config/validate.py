@@ -118,6 +118,10 @@ def validate(cfg: Config) -> tuple[int, int]:
     for key, value in (("width", cfg.width), ("height", cfg.height)):
         if value is not None and (value < 64 or value % 8):
             problems.append(f"{key}={value}: must be a multiple of 8 and at least 64")
+    if cfg.objective.startswith("aesthetic") and not (cfg.scorer.model and cfg.scorer.aesthetic):
+        problems.append(f"objective={cfg.objective}: needs a scorer with scorer.aesthetic set")
+    elif cfg.scorer.model is None and cfg.objective != OBJECTIVES[0]:
+        problems.append(f"objective={cfg.objective}: needs a scorer (scorer=none scores nothing)")
     if "{prompt}" not in cfg.style.prompt:
         problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
     if cfg.speed.compile and cfg.memory.name in OFFLOAD_MODES:

@@ -20,7 +20,7 @@ TABLE_METRICS = (
     "vram_peak_gb_max",
 )
 HIGHER_IS_BETTER = ("clip_score", "aesthetic_score")  # metric name prefixes, sorted descending
-GOOD_ENOUGH_POINTS = 1.0  # "fastest good job": within this many CLIP points of the best
+GOOD_ENOUGH_POINTS = 1.0  # "fastest good job": within this many points of the best (ranked metric)
 
 
 @dataclass

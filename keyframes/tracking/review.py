@@ -4,7 +4,11 @@ description in Markdown. Pure functions over the run directory's records."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import re
+import zlib
 from urllib.parse import quote
 
 from keyframes.outputs.records import ImageRecord, RunInfo
@@ -17,6 +21,12 @@ SHORT_KEYS = {"cfg_scale": "cfg", "batch_size": "batch", "consistency": "look"}
 IMAGE_SECTION = "keyframes"  # MLflow's chart view puts keys "keyframes/<scene>" in one section
 TABLE_FILE = "keyframes_table.json"
 MAX_VALUE = 16  # characters of one value in a run name
+VIEW = "keyframes"  # the experiment's saved view in MLflow's "Views" menu, and the link's key
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW}"  # where MLflow 3.17's UI keeps saved views
+VIEW_COLUMNS = ("clip_score_mean", "aesthetic_score_mean", "seconds_per_image_mean",
+                "vram_peak_gb_max", "style_consistency")  # fmt: skip
+MAX_VIEW_CHARS = 20_000  # MLflow's limit on an experiment tag's value
+MAX_NOTE_CHARS = 8_000  # and on a run tag's (the description)
 
 
 def short_value(value: str) -> str:
@@ -101,18 +111,78 @@ def sweep_description(title: str, keys: list[str], objective: str, rows: list[di
     if rows:
         header = list(rows[0])
         lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
-    for name in grids:
+        lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows[:20]]
+        if len(rows) > 20:
+            lines.append(f"\n{len(rows) - 20} more jobs: Artifacts → summary.csv")
+    for name in grids[:8]:  # a run tag holds 8000 characters
         url = f"get-artifact?path={quote('grids/' + name)}&run_uuid={run_id}"
         lines += ["", f"![{name}]({url})"]
+    if len(grids) > 8:
+        lines.append(f"\n{len(grids) - 8} more grids: Artifacts → grids/")
     return "\n".join(lines)
 
 
 def review_url(ui: str, experiment_id: str, run_id: str | None = None, chart: bool = False) -> str:
-    """A page of `mlflow ui`: the experiment's runs (or one run), opened in its model-training
-    view; MLflow 3's UI otherwise opens on the GenAI overview, whatever the experiment's kind."""
+    """A page of `mlflow ui`: one run, or the experiment's runs in keyframes' saved view
+    (chart: its chart view), opened in the model-training UI; MLflow 3's UI otherwise opens on
+    the GenAI overview, whatever the experiment's kind."""
     base = f"{ui.rstrip('/')}/#/experiments/{experiment_id}"
     if run_id:
         return f"{base}/runs/{run_id}?workflowType=machine_learning"
     mode = "&compareRunsMode=CHART" if chart else ""
-    return f"{base}/runs?workflowType=machine_learning{mode}"
+    return f"{base}/runs?viewStateShareKey={VIEW}&workflowType=machine_learning{mode}"
+
+
+def saved_view(image_keys: list[str], sort_by: str, now_ms: int) -> str:
+    """The experiment tag that is keyframes' view in MLflow's UI: the scores as the runs
+    table's columns, best first by `sort_by`, and in the chart view one image grid per key,
+    first, without each run's parameters listed under its name (the UI's default for image
+    grids, which buries the pictures under the whole config). Deflated and base64-coded, as
+    the UI stores its own views; image keys are dropped from the end until it fits."""
+    keys = list(image_keys)
+    while True:
+        state = json.dumps(_view_state(keys, sort_by), separators=(",", ":")).encode()
+        packed = "deflate;" + base64.b64encode(zlib.compress(state, 9)).decode()
+        view = json.dumps({"name": VIEW, "createdAt": now_ms, "state": packed})
+        if len(view) <= MAX_VIEW_CHARS or not keys:
+            return view
+        keys = keys[: len(keys) * 3 // 4]  # the UI adds a grid of its own for any key left out
+
+
+def view_keys(view: str | None) -> list[str]:
+    """The image keys of a saved view written by saved_view (none for anything else)."""
+    try:
+        packed = json.loads(view)["state"].removeprefix("deflate;")
+        state = json.loads(zlib.decompress(base64.b64decode(packed)))
+        return [k for chart in state["compareRunCharts"] for k in chart.get("imageKeys", [])]
+    except (TypeError, ValueError, KeyError, zlib.error):
+        return []
+
+
+def _view_state(image_keys: list[str], sort_by: str) -> dict:
+    def uuid(text: str) -> str:  # stable: the same key keeps its chart as the view grows
+        return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+    section, metrics = uuid(IMAGE_SECTION), uuid("Model metrics")
+    charts = [
+        {"uuid": uuid(key), "type": "IMAGE", "imageKeys": [key], "step": 0,
+         "showRunParams": False, "metricSectionId": section, "deleted": False,
+         "isGenerated": True, "runsCountToCompare": 10}
+        for key in image_keys
+    ]  # fmt: skip
+    sections = [
+        {"uuid": uid, "name": name, "display": True, "isReordered": False, "deleted": False,
+         "isGenerated": True}
+        for uid, name in ((section, IMAGE_SECTION), (metrics, "Model metrics"))
+    ]  # fmt: skip
+    return {
+        "selectedColumns": [f"metrics.`{m}`" for m in VIEW_COLUMNS],
+        "orderByKey": f"metrics.`{sort_by}`",
+        "orderByAsc": sort_by.startswith("seconds"),
+        "compareRunCharts": charts,
+        "compareRunSections": sections,
+    }
+
+
+def cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 30] + "\n\n… (cut: too long for MLflow)"

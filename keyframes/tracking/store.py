@@ -13,6 +13,7 @@ from pathlib import Path
 
 from keyframes.config.schema import TrackingConfig
 from keyframes.errors import TrackingError
+from keyframes.tracking import review
 from keyframes.tracking.review import TABLE_FILE
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class RunRecord:
     colour: str | None = None  # "#rrggbb"; None: MLflow's own
     keyed_images: list[tuple[str, int, Path]] = field(default_factory=list)  # (key, step, PNG)
     table: dict[str, list] | None = None  # column -> values; Path values become thumbnails
+    view_sort: str | None = None  # update the experiment's saved view, sorted by this metric
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -90,7 +92,7 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     if record.parent_run_id:
         tags[PARENT_TAG] = record.parent_run_id
     if record.description:
-        tags[NOTE_TAG] = record.description
+        tags[NOTE_TAG] = review.cut(record.description, review.MAX_NOTE_CHARS)
     if record.colour:
         tags[COLOUR_TAG] = record.colour
     run = client.create_run(
@@ -110,6 +112,9 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     client.log_batch(run_id, params=params, metrics=metrics)
     _log_artifacts(client, run_id, record.artifacts)
     _log_pictures(client, run_id, record, now)
+    if record.keyed_images and record.view_sort:
+        keys = [key for key, _, _ in record.keyed_images]
+        _update_view(client, experiment_id, keys, record.view_sort, now)
     # Terminated last: a run that is not FINISHED/FAILED/KILLED was cut off while logging.
     client.set_terminated(run_id, status=record.status, end_time=record.end_ms or None)
     return run_id, True
@@ -173,6 +178,16 @@ def experiment_id(uri: str, name: str) -> str | None:
     return experiment.experiment_id if experiment else None
 
 
+def _update_view(client, experiment_id: str, keys: list[str], sort_by: str, now: int) -> None:
+    """keyframes' saved view of the experiment, grown by this run's image keys. Jobs logging
+    at once may each miss the other's new keys; the UI then shows those with its defaults."""
+    old = client.get_experiment(experiment_id).tags.get(review.VIEW_TAG)
+    known = review.view_keys(old)
+    merged = known + [k for k in keys if k not in known]
+    view = review.saved_view(merged, sort_by, now)
+    client.set_experiment_tag(experiment_id, review.VIEW_TAG, view)
+
+
 def _log_pictures(client, run_id: str, record: RunRecord, now: int) -> None:
     """Each keyframe as a keyed image (the chart view's image grid lines one key up across
     runs), and the per-image table with a thumbnail per row. Small copies: the full PNGs are
@@ -232,7 +247,7 @@ def finish_parent_run(
     if run_name:
         client.update_run(run_id, name=run_name)
     if description:
-        tags = {**tags, NOTE_TAG: description}
+        tags = {**tags, NOTE_TAG: review.cut(description, review.MAX_NOTE_CHARS)}
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,

@@ -113,7 +113,7 @@ def end_sweep(config: DictConfig) -> None:
             "fastest_good_job": describe(report.fastest, report.keys),
             "fastest_good_run_id": report.fastest.run_id,
         }
-        log.info("fastest within 1 CLIP point of the best: %s", tags["fastest_good_job"])
+        log.info("fastest within 1 point of the best: %s", tags["fastest_good_job"])
     parent = info["parent_run_id"]
     if parent is None:
         log.warning("no MLflow parent run; the summary is in %s", summary_dir)

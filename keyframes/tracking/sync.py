@@ -59,6 +59,7 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
         colour=review.JOB_COLOURS[sweep["job_num"] % len(review.JOB_COLOURS)] if sweep else None,
         keyed_images=[(review.image_key(r), r.index, run_dir / r.file) for r in ok],
         table=image_table(run_dir, ok),
+        view_sort=config.get("objective", "clip_score_mean"),
         # unset (null) settings left out: the UI lists every param beside each run's name,
         # in image grids too; config.yaml keeps them all
         params={k: v for k, v in flatten(config).items() if v != "null"},
