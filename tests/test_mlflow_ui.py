@@ -183,6 +183,10 @@ def test_the_chart_view_shows_each_scene_once_per_run_of_the_sweep(server, brows
     assert text.index("keyframes/opening") < text.index("Model metrics")  # pictures first
     assert "allow_external_paths" not in text  # no wall of parameters above each picture
     shot(browser, "chart_view.png", tmp_path)
+    browser.click('[data-component-id="fullscreen_button_chartcard"]')  # the first: opening
+    in_dialog = "Array.from(document.querySelectorAll('[role=dialog] img'))"
+    browser.wait_for(f"{in_dialog}.filter(i => i.complete && i.naturalWidth > 0).length === 4")
+    shot(browser, "scene_across_runs.png", tmp_path)  # one scene, every job side by side
 
 
 def test_compare_reads_the_same_sweep_from_a_tracking_server(server, smoke_sweep, tmp_path):

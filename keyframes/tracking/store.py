@@ -191,14 +191,22 @@ def _update_view(client, experiment_id: str, keys: list[str], sort_by: str, now:
 def _log_pictures(client, run_id: str, record: RunRecord, now: int) -> None:
     """Each keyframe as a keyed image (the chart view's image grid lines one key up across
     runs), and the per-image table with a thumbnail per row. Small copies: the full PNGs are
-    the artifacts under keyframes/."""
+    the artifacts under keyframes/. Each PNG is decoded once (most of the cost)."""
     from PIL import Image
 
+    thumbnails: dict[Path, Image.Image] = {}
+
     def thumbnail(path: Path, size: int):
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-            return image
+        if path not in thumbnails:
+            with Image.open(path) as image:
+                small = image.convert("RGB")
+                small.thumbnail((THUMBNAIL, THUMBNAIL))
+                thumbnails[path] = small
+        if size == THUMBNAIL:
+            return thumbnails[path]
+        smaller = thumbnails[path].copy()
+        smaller.thumbnail((size, size))
+        return smaller
 
     for key, step, path in record.keyed_images:
         client.log_image(run_id, thumbnail(path, THUMBNAIL), key=key, step=step, timestamp=now)
