@@ -78,13 +78,18 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 60):
+        """The expression's value once it is truthy. Errors while the page is still loading
+        (no document.body yet) count as not yet."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.js(expression)
+            try:
+                value, error = self.js(expression), None
+            except RuntimeError as e:
+                value, error = None, e
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise TimeoutError(f"not true after {timeout} s: {expression}")
+                raise TimeoutError(f"not true after {timeout} s: {expression}") from error
             time.sleep(0.25)
 
     def click(self, selector: str) -> None:
