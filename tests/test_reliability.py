@@ -332,23 +332,32 @@ def test_sync_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_locked_sqlite_store_is_retried(tmp_path, caplog):
+def test_locked_sqlite_store_is_retried(tmp_path, caplog, monkeypatch):
+    from mlflow.store.db import utils as mlflow_db
+
     from keyframes.config.schema import TrackingConfig
     from keyframes.tracking.store import RunRecord, log_run
 
+    # MLflow makes SQLite wait up to 20 s for a lock (a fixed PRAGMA); 2 s here, so that the
+    # wait runs out and keyframes' retry is what gets the run logged, in seconds, not 22
+    text = mlflow_db.sql.text
+    monkeypatch.setattr(
+        mlflow_db.sql,
+        "text",
+        lambda s, *a: text(s.replace("busy_timeout = 20000", "busy_timeout = 2000"), *a),
+    )
     cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     record = RunRecord("locked", "r", {"a": "1"}, {}, {0: {"x": 1.0}}, {"images": 1.0}, key="k1")
     log_run(cfg, RunRecord("locked", "warm-up", {}, {}, {}, {}, key="k0"))  # tables exist
 
     lock = sqlite3.connect(tmp_path / "mlflow.db", check_same_thread=False)
     lock.execute("BEGIN EXCLUSIVE")
-    # MLflow makes SQLite wait up to 20 s for a lock; hold it longer so that wait runs out
-    release = threading.Timer(22.0, lock.rollback)
+    release = threading.Timer(3.0, lock.rollback)  # longer than the 2 s wait
     release.start()
     start = time.time()
     run_id, created = log_run(cfg, record)
     release.join()
-    assert created and time.time() - start > 20
+    assert created and time.time() - start > 2
     assert "tracking store is locked; retrying" in caplog.text
     run = MlflowClient(cfg.tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
