@@ -153,3 +153,15 @@ def test_an_objective_needs_the_score_it_ranks_by():
             validate(settings(*overrides))
         assert [p for p in info.value.problems if needs in p], info.value.problems
     validate(settings("scorer=none"))  # the default objective: a grid sweep needs no value
+
+
+def test_a_guidance_interval_is_a_share_of_the_steps_and_not_with_style_aligned():
+    validate(settings("guidance_interval=[0.2,0.8]"))
+    for overrides, problem in (
+        (("guidance_interval=[0.6,0.2]",), "must be [start, end] with 0 <= start <= end <= 1"),
+        (("guidance_interval=[0.5]",), "must be [start, end]"),
+        (("guidance_interval=[0,0.5]", "consistency=style_aligned"), "use one or the other"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            validate(settings(*overrides))
+        assert [p for p in info.value.problems if problem in p], info.value.problems

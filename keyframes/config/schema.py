@@ -186,6 +186,7 @@ class Config:
     batch_size: int = MISSING  # images per pipeline call, across scenes and takes
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
     long_prompts: str = MISSING  # over 77 CLIP tokens: chunk (encode it all) | truncate
+    guidance_interval: list[float] | None = None  # guided share of the schedule [start, end]
     resume: bool = MISSING  # continue the newest unfinished run with the same settings
     remake: bool = MISSING  # a run folder made with other settings is made again, not refused
     allow_external_paths: bool = MISSING  # shotlist image paths may point outside its folder

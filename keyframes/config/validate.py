@@ -122,6 +122,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         problems.append(f"objective={cfg.objective}: needs a scorer with scorer.aesthetic set")
     elif cfg.scorer.model is None and cfg.objective != OBJECTIVES[0]:
         problems.append(f"objective={cfg.objective}: needs a scorer (scorer=none scores nothing)")
+    problems += _interval_problems(cfg)
     if "{prompt}" not in cfg.style.prompt:
         problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
     if cfg.speed.compile and cfg.memory.name in OFFLOAD_MODES:
@@ -143,3 +144,20 @@ def validate(cfg: Config) -> tuple[int, int]:
     if problems:
         raise ConfigError("invalid settings:", problems)
     return size
+
+
+def _interval_problems(cfg: Config) -> list[str]:
+    interval = cfg.guidance_interval
+    if interval is None:
+        return []
+    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1:
+        return [
+            f"guidance_interval={list(interval)}: must be [start, end] with "
+            "0 <= start <= end <= 1 (shares of the steps)"
+        ]
+    if cfg.consistency.name == "style_aligned":
+        return [
+            "guidance_interval with consistency=style_aligned: its shared attention reads the "
+            "reference from each guidance half of the batch; use one or the other"
+        ]
+    return []

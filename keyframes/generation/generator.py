@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from keyframes.conditioning.base import BatchHook
+from keyframes.generation.unet_calls import unet_calls
 from keyframes.pipeline.long_prompts import text_inputs
 from keyframes.pipeline.noise import seeded_generators
 from keyframes.shotlist.jobs import ImageJob
@@ -42,6 +43,7 @@ class GenerationSettings:
     batch_size: int
     fixed_batch: bool = False  # pad a short last batch: a compiled model sees one shape only
     long_prompts: str = "chunk"  # chunk: encode past 77 tokens in 75-token chunks | truncate
+    guidance_interval: tuple[float, float] | None = None  # guided steps, fractions [start, end)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Generation:
     rss_peak_gb: float  # peak resident memory of this process so far
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "vae_fp32_redecode"
+    unet_evaluations: float | None = None  # the base UNet's, one per sample; batch share
 
 
 def batches(jobs: list[ImageJob], size: int, key=lambda job: None) -> Iterator[list[ImageJob]]:
@@ -166,7 +169,8 @@ class KeyframeGenerator:
             return out
         # the reference's second making is a cost of the images it served
         share = len(out) / (len(out) - 1)
-        return [replace(g, seconds=g.seconds * share) for g in out[1:]]
+        return [replace(g, seconds=g.seconds * share, unet_evaluations=g.unet_evaluations * share)
+                for g in out[1:]]  # fmt: skip
 
     def _generate_rows(self, batch: list[ImageJob], rows: int) -> list[Generation]:
         size = len(batch)
@@ -187,6 +191,34 @@ class KeyframeGenerator:
         pipe, arguments = self.pipe, {}
         for hook in self.hooks:  # conditioning: the second passes reuse it; arguments: not
             pipe = hook.call(pipe, batch, conditioning, arguments)
+        guided = self.settings.cfg_scale > 1  # as the pipelines decide classifier-free guidance
+        interval = self.settings.guidance_interval if guided else None
+        with unet_calls(self.pipe.unet, self.settings.steps, interval) as calls:
+            pixels, bad, redecoded = self._denoise_and_decode(
+                pipe, batch, conditioning, arguments, generators, inputs
+            )
+        batch, images, bad = batch[:size], to_pil(self.pipe, pixels[:size]), bad[:size]
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / size
+        vram = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
+        rss = peak_rss_gb()
+        out = []
+        for job, image, is_bad in zip(batch, images, bad.tolist(), strict=True):
+            notes = ["vae_fp32_redecode"] if redecoded else []
+            evaluations = calls.samples / size
+            if is_bad:
+                error = "NaN/Inf in the latents or the decoded image, also after a float32 decode"
+                out.append(Generation(job, None, seconds, vram, rss, error=error, notes=notes,
+                                      unet_evaluations=evaluations))  # fmt: skip
+            else:
+                out.append(Generation(job, image, seconds, vram, rss, notes=notes,
+                                      unet_evaluations=evaluations))  # fmt: skip
+        return out
+
+    def _denoise_and_decode(self, pipe, batch, conditioning, arguments, generators, inputs):
+        """The pipeline to latents, the hooks' finishing and second passes, each decode
+        checked: (pixels, per-image NaN/Inf flags, decoded again in float32?)"""
         latents = pipe(
             **conditioning,
             **arguments,
@@ -207,21 +239,7 @@ class KeyframeGenerator:
             if latents is not None:
                 pixels, bad_again, redecoded_again = self._decode_checked(latents)
                 bad, redecoded = bad | bad_again, redecoded or redecoded_again
-        batch, images, bad = batch[:size], to_pil(self.pipe, pixels[:size]), bad[:size]
-        if self.cuda:
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / size
-        vram = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
-        rss = peak_rss_gb()
-        out = []
-        for job, image, is_bad in zip(batch, images, bad.tolist(), strict=True):
-            notes = ["vae_fp32_redecode"] if redecoded else []
-            if is_bad:
-                error = "NaN/Inf in the latents or the decoded image, also after a float32 decode"
-                out.append(Generation(job, None, seconds, vram, rss, error=error, notes=notes))
-            else:
-                out.append(Generation(job, image, seconds, vram, rss, notes=notes))
-        return out
+        return pixels, bad, redecoded
 
     def _decode_checked(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(pixels, per-image NaN/Inf flags, decoded again in float32?)"""

@@ -68,6 +68,7 @@ class Session:
             steps=cfg.steps, cfg_scale=cfg.cfg_scale, width=self.plan.width,
             height=self.plan.height, batch_size=cfg.batch_size, fixed_batch=cfg.speed.compile,
             long_prompts=cfg.long_prompts,
+            guidance_interval=tuple(cfg.guidance_interval) if cfg.guidance_interval else None,
         )  # fmt: skip
 
     @property

@@ -23,6 +23,9 @@ def a1111_parameters(record: ImageRecord) -> str:
         f"Seed: {r.seed}", f"Size: {r.width}x{r.height}", f"Model: {r.model}",
         f"Style: {r.style}",
     ]  # fmt: skip
+    if r.guidance_interval:
+        start, end = r.guidance_interval
+        settings.append(f"Guidance interval: {_number(start)}-{_number(end)}")
     if r.consistency != "none":
         settings.append(f"Consistency: {r.consistency} ({r.consistency_reference})")
     settings += png_settings(r.to_json())  # each conditioning method's own entries

@@ -96,6 +96,8 @@ class ImageRecord(_JsonRecord):
     clip_score_prompt: float | None
     clip_truncated: dict[str, bool] | None
     aesthetic_score: float | None = None  # LAION aesthetic predictor, about 1-10
+    guidance_interval: list[float] | None = None  # guided share of the steps; None: all
+    unet_evaluations: float | None = None  # the base UNet's, one per sample; batch share
     scene_extra: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -215,6 +217,9 @@ def image_record(plan, g, scores: tuple, tokens: dict[str, int], scene_extra: di
             "clip_truncated": None if asked is None
             else {"description": asked.truncated, "prompt": styled.truncated},
             "aesthetic_score": None if aesthetic is None else round(aesthetic, 4),
+            "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None,
+            "unet_evaluations": None if g.unet_evaluations is None
+            else round(g.unet_evaluations, 2),
             "scene_extra": scene_extra,  # fields the shotlist format does not know, passed on
         }
     )  # fmt: skip

@@ -24,6 +24,7 @@ PER_IMAGE = (
     "clip_score",
     "clip_score_prompt",
     "aesthetic_score",
+    "unet_evaluations",
     "seconds",
     "vram_peak_gb",
     "rss_peak_gb",
