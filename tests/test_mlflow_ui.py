@@ -189,15 +189,17 @@ def test_the_chart_view_shows_each_scene_once_per_run_of_the_sweep(server, brows
     shot(browser, "scene_across_runs.png", tmp_path)  # one scene, every job side by side
 
 
-def test_compare_reads_the_same_sweep_from_a_tracking_server(server, smoke_sweep, tmp_path):
-    def compare(uri, *extra):
-        return subprocess.run(
-            [sys.executable, "-m", "keyframes.compare", "--tracking-uri", uri, *extra],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+def test_compare_reads_the_same_sweep_from_a_tracking_server(server, smoke_sweep, tmp_path, capsys):
+    from keyframes.compare import main
 
-    local, remote = compare(smoke_sweep.uri), compare(server, "--out", str(tmp_path / "out"))
+    assert main(["--tracking-uri", smoke_sweep.uri]) == 0  # the local store, in this process
+    local = capsys.readouterr().out
+    remote = subprocess.run(  # the command itself, against the server
+        [sys.executable, "-m", "keyframes.compare", "--tracking-uri", server,
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert remote.returncode == 0, remote.stderr
     table = remote.stdout.split("\n\nwrote")[0]
-    assert table == local.stdout.rstrip("\n")
+    assert table == local.rstrip("\n")
     assert len(list((tmp_path / "out" / "grids").glob("*.png"))) == 7
