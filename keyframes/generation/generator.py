@@ -32,6 +32,7 @@ from keyframes.pipeline.noise import seeded_generators
 from keyframes.shotlist.jobs import ImageJob
 
 log = logging.getLogger("keyframes")
+BAD_IMAGE = "NaN/Inf in the latents or the decoded image, also after a float32 decode"
 
 
 @dataclass(frozen=True)
@@ -203,18 +204,20 @@ class KeyframeGenerator:
         seconds = (time.perf_counter() - start) / size
         vram = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
         rss = peak_rss_gb()
-        out = []
-        for job, image, is_bad in zip(batch, images, bad.tolist(), strict=True):
-            notes = ["vae_fp32_redecode"] if redecoded else []
-            evaluations = calls.samples / size
-            if is_bad:
-                error = "NaN/Inf in the latents or the decoded image, also after a float32 decode"
-                out.append(Generation(job, None, seconds, vram, rss, error=error, notes=notes,
-                                      unet_evaluations=evaluations))  # fmt: skip
-            else:
-                out.append(Generation(job, image, seconds, vram, rss, notes=notes,
-                                      unet_evaluations=evaluations))  # fmt: skip
-        return out
+        notes, evaluations = ["vae_fp32_redecode"] if redecoded else [], calls.samples / size
+        return [
+            Generation(
+                job,
+                None if is_bad else image,
+                seconds,
+                vram,
+                rss,
+                error=BAD_IMAGE if is_bad else None,
+                notes=list(notes),
+                unet_evaluations=evaluations,
+            )
+            for job, image, is_bad in zip(batch, images, bad.tolist(), strict=True)
+        ]
 
     def _denoise_and_decode(self, pipe, batch, conditioning, arguments, generators, inputs):
         """The pipeline to latents, the hooks' finishing and second passes, each decode

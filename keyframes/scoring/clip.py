@@ -101,17 +101,16 @@ def load_scorer(cfg: ScorerConfig, device: str) -> ClipScorer | None:
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT_LENGTH)
     if cfg.model == "tiny":
         model, preprocess = _tiny_clip()
-        aesthetic = load_aesthetic(cfg.aesthetic, model.visual.output_dim)
-        return ClipScorer(model, preprocess, tokenizer, device, "tiny random-weight CLIP",
-                          aesthetic)  # fmt: skip
-    path = _weights_file(cfg)
-    quick_gelu = (open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}).get("quick_gelu")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        cfg.model, pretrained=path, force_quick_gelu=bool(quick_gelu)
-    )
+        name = "tiny random-weight CLIP"
+    else:
+        path = _weights_file(cfg)
+        pretrained = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.model, pretrained=path, force_quick_gelu=bool(pretrained.get("quick_gelu"))
+        )
+        name = f"{cfg.model}/{cfg.pretrained}"
     aesthetic = load_aesthetic(cfg.aesthetic, model.visual.output_dim)
-    return ClipScorer(model, preprocess, tokenizer, device, f"{cfg.model}/{cfg.pretrained}",
-                      aesthetic)  # fmt: skip
+    return ClipScorer(model, preprocess, tokenizer, device, name, aesthetic)
 
 
 def missing_scorer(cfg: ScorerConfig) -> str | None:
