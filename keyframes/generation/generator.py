@@ -292,10 +292,13 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def _execution_device(module: torch.nn.Module) -> torch.device:
-    """Where the module runs, also under CPU offload hooks (which keep weights on the CPU)."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
+    """Where the module runs, also under CPU offload hooks: model offload hooks the module
+    itself and keeps its weights on the CPU; sequential offload hooks its layers and leaves
+    the weights on `meta` (found on an H200: memory=minimal sent the latents there)."""
+    for part in module.modules():
+        hook = getattr(part, "_hf_hook", None)
+        if hook is not None and getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
     return next(module.parameters()).device
 
 
