@@ -111,16 +111,19 @@ def bare_call(pipe, jobs, settings) -> None:
         )
 
 
-def project_path(pipe, jobs, settings) -> list[str]:
+def project_path(pipe, jobs, settings) -> tuple[list[str], list[float]]:
     """keyframes' generation path (KeyframeGenerator, as `keyframes.run` uses it); returns
-    the notes and errors it reported, so a benchmark on NaN-prone weights says so."""
+    the notes and errors it reported, so a benchmark on NaN-prone weights says so, and the
+    base-UNet evaluations each image cost."""
     from keyframes.generation.generator import KeyframeGenerator
 
-    notes = []
+    notes, evaluations = [], []
     for batch in KeyframeGenerator(pipe, settings).run(jobs):
         for generation in batch:
             notes += generation.notes + ([generation.error] if generation.error else [])
-    return notes
+            if generation.unet_evaluations is not None:  # None: the image failed
+                evaluations.append(generation.unet_evaluations)
+    return notes, evaluations
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -176,11 +179,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         f"memory {memory.mode} ({memory.reason}), speed {cfg.speed.name}",
         flush=True,
     )
-    print(f"FLOPs per image: {per_image_flops / 1e12:.4g} TFLOP ({flops_source})", flush=True)
+    print(f"FLOPs per image: {per_image_flops / 1e12:.4g} TFLOP ({flops_source}), every "
+          "step guided", flush=True)
     for size in sizes:
         settings = GenerationSettings(
-            cfg.steps, cfg.cfg_scale, width, height, size, fixed_batch=cfg.speed.compile
-        )
+            cfg.steps, cfg.cfg_scale, width, height, size, fixed_batch=cfg.speed.compile,
+            guidance_interval=tuple(cfg.guidance_interval) if cfg.guidance_interval else None,
+        )  # fmt: skip
         count = math.ceil(args.images / size) * size  # whole batches: one shape for compile
         jobs = benchmark_jobs(cfg, count)
         with Timer(cuda) as warm:
@@ -189,7 +194,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         print(f"batch {size}: warm-up {warm.seconds:.1f} s", flush=True)
         timings = {"bare": [], "keyframes": []}
         vram = {"bare": [], "keyframes": []}
-        notes = []
+        notes, evaluations = [], []
         for round_ in range(args.repeats):
             order = ("bare", "keyframes") if round_ % 2 == 0 else ("keyframes", "bare")
             for path in order:
@@ -197,17 +202,28 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     if path == "bare":
                         bare_call(pipe, jobs, settings)
                     else:
-                        notes += project_path(pipe, jobs, settings)
+                        more_notes, more_evaluations = project_path(pipe, jobs, settings)
+                        notes, evaluations = notes + more_notes, evaluations + more_evaluations
                 timings[path].append(t.seconds / count)
                 vram[path].append(t.vram_gb)
         result = {"batch_size": size, "images": count, "repeats": args.repeats}
         result["compile_seconds" if cfg.speed.compile else "warmup_seconds"] = round(
             warm.seconds, 3
         )
+        # the bare call guides every step; the keyframes path spends what it evaluated
+        unet_evaluations = statistics.mean(evaluations) if evaluations else None
+        spent = {
+            "bare": per_image_flops,
+            "keyframes": flops.spent(unet_evaluations, cfg.cfg_scale)
+            if evaluations
+            else per_image_flops,
+        }
+        result["unet_evaluations_per_image"] = unet_evaluations and round(unet_evaluations, 3)
         for path in ("bare", "keyframes"):
             seconds = statistics.median(timings[path])
-            tflops = per_image_flops / seconds / 1e12
+            tflops = spent[path] / seconds / 1e12
             result[path] = {
+                "flops_per_image": spent[path],
                 "seconds_per_image": round(seconds, 6),
                 "seconds_per_image_rounds": [round(s, 6) for s in timings[path]],
                 "images_per_hour": round(3600 / seconds, 1),
@@ -222,6 +238,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         result["notes"] = sorted(set(notes))
         if notes:
             print(f"  note: the keyframes path reported {sorted(set(notes))}", flush=True)
+        print(f"UNet evaluations per image (keyframes path): {unet_evaluations}", flush=True)
         print(f"ratio: {result['ratio']:.2f}", flush=True)
         report["results"].append(result)
     return report

@@ -43,7 +43,17 @@ class ImageFlops:
         """FLOPs to make one image: guidance > 1 runs the UNet and the text encoders on the
         prompt and the negative prompt (classifier-free guidance), as diffusers does."""
         guided = 2 if cfg_scale > 1 else 1
-        return guided * (steps * self.unet_per_sample_step + self.text_encoders) + self.vae_decode
+        return self.spent(guided * steps, cfg_scale)
+
+    def spent(self, unet_evaluations: float, cfg_scale: float) -> float:
+        """FLOPs one image cost, from the base-UNet evaluations it really made (a guidance
+        interval or feature reuse makes fewer than steps x 2)."""
+        prompts = 2 if cfg_scale > 1 else 1  # the negative prompt is encoded when guiding
+        return (
+            unet_evaluations * self.unet_per_sample_step
+            + prompts * self.text_encoders
+            + self.vae_decode
+        )
 
 
 def count_flops(unet, vae, text_encoders, width: int, height: int) -> ImageFlops:
