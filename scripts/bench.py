@@ -94,12 +94,12 @@ class Timer:
         self.reserved_gb = torch.cuda.max_memory_reserved() / 1e9 if self.cuda else None
 
 
-def bare_call(pipe, jobs, settings) -> None:
+def bare_call(pipe, jobs, settings) -> list:
     """What a diffusers user writes: one pipeline call per batch, PIL images out."""
-    size = settings.batch_size
+    size, images = settings.batch_size, []
     for start in range(0, len(jobs), size):
         batch = jobs[start : start + size]
-        pipe(
+        images += pipe(
             prompt=[j.prompt for j in batch],
             negative_prompt=[j.negative_prompt for j in batch],
             num_inference_steps=settings.steps,
@@ -108,22 +108,37 @@ def bare_call(pipe, jobs, settings) -> None:
             height=settings.height,
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
             output_type="pil",
-        )
+        ).images
+    return images
 
 
-def project_path(pipe, jobs, settings) -> tuple[list[str], list[float]]:
+def project_path(pipe, jobs, settings) -> tuple[list, list[str], list[tuple[float, float]]]:
     """keyframes' generation path (KeyframeGenerator, as `keyframes.run` uses it); returns
-    the notes and errors it reported, so a benchmark on NaN-prone weights says so, and the
-    base-UNet evaluations each image cost."""
+    the images, the notes and errors it reported (so a benchmark on NaN-prone weights says
+    so), and the base-UNet evaluations each image cost (whole, shallow branch only)."""
     from keyframes.generation.generator import KeyframeGenerator
 
-    notes, evaluations = [], []
+    images, notes, evaluations = [], [], []
     for batch in KeyframeGenerator(pipe, settings).run(jobs):
         for generation in batch:
+            images.append(generation.image)
             notes += generation.notes + ([generation.error] if generation.error else [])
             if generation.unet_evaluations is not None:  # None: the image failed
-                evaluations.append(generation.unet_evaluations)
-    return notes, evaluations
+                shallow = generation.unet_shallow_evaluations or 0
+                evaluations.append((generation.unet_evaluations, shallow))
+    return images, notes, evaluations
+
+
+def pixel_difference(ours: list, theirs: list) -> dict | None:
+    """Mean and largest absolute difference in 8-bit RGB values between the two paths' images
+    of the same jobs (a failed image leaves the comparison out)."""
+    import numpy as np
+
+    pairs = [(a, b) for a, b in zip(ours, theirs, strict=True) if a is not None]
+    if not pairs:
+        return None
+    gaps = [np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)) for a, b in pairs]
+    return {"mean": round(float(np.mean(gaps)), 3), "max": int(max(g.max() for g in gaps))}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -151,6 +166,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     cuda = placement.device == "cuda"
     device_name = torch.cuda.get_device_name() if cuda else _cpu_name()
     flops, flops_source = image_flops(pipe, width, height)
+    if cfg.speed.deepcache:
+        from dataclasses import replace
+
+        from keyframes.generation.feature_reuse import shallow_branch_flops
+
+        shallow = shallow_branch_flops(pipe.unet, width, height, cfg.speed.deepcache_branch)
+        flops = replace(flops, unet_shallow_per_sample_step=shallow)
     per_image_flops = flops.per_image(cfg.steps, cfg.cfg_scale)
     peak = peak_tflops(device_name) if cuda else None
     report = {
@@ -169,6 +191,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "speed": {"preset": cfg.speed.name, **speed},
         "model_load_seconds": round(load_seconds, 3),
         "flops_per_image": per_image_flops,
+        "unet_shallow_flops_per_sample_step": flops.unet_shallow_per_sample_step,
         "flops_source": flops_source,
         "peak_tflops": peak,
         "results": [],
@@ -179,12 +202,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         f"memory {memory.mode} ({memory.reason}), speed {cfg.speed.name}",
         flush=True,
     )
-    print(f"FLOPs per image: {per_image_flops / 1e12:.4g} TFLOP ({flops_source}), every "
-          "step guided", flush=True)
+    print(
+        f"FLOPs per image: {per_image_flops / 1e12:.4g} TFLOP ({flops_source}), every step guided",
+        flush=True,
+    )
     for size in sizes:
         settings = GenerationSettings(
             cfg.steps, cfg.cfg_scale, width, height, size, fixed_batch=cfg.speed.compile,
             guidance_interval=tuple(cfg.guidance_interval) if cfg.guidance_interval else None,
+            deepcache=cfg.speed.deepcache,
         )  # fmt: skip
         count = math.ceil(args.images / size) * size  # whole batches: one shape for compile
         jobs = benchmark_jobs(cfg, count)
@@ -194,15 +220,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         print(f"batch {size}: warm-up {warm.seconds:.1f} s", flush=True)
         timings = {"bare": [], "keyframes": []}
         vram = {"bare": [], "keyframes": []}
-        notes, evaluations = [], []
+        notes, evaluations, pictures = [], [], {}
         for round_ in range(args.repeats):
             order = ("bare", "keyframes") if round_ % 2 == 0 else ("keyframes", "bare")
             for path in order:
                 with Timer(cuda) as t:
                     if path == "bare":
-                        bare_call(pipe, jobs, settings)
+                        pictures[path] = bare_call(pipe, jobs, settings)
                     else:
-                        more_notes, more_evaluations = project_path(pipe, jobs, settings)
+                        pictures[path], more_notes, more_evaluations = project_path(
+                            pipe, jobs, settings
+                        )
                         notes, evaluations = notes + more_notes, evaluations + more_evaluations
                 timings[path].append(t.seconds / count)
                 vram[path].append(t.vram_gb)
@@ -211,14 +239,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             warm.seconds, 3
         )
         # the bare call guides every step; the keyframes path spends what it evaluated
-        unet_evaluations = statistics.mean(evaluations) if evaluations else None
+        unet_evaluations = statistics.mean(e for e, _ in evaluations) if evaluations else None
+        shallow = statistics.mean(s for _, s in evaluations) if evaluations else 0
         spent = {
             "bare": per_image_flops,
-            "keyframes": flops.spent(unet_evaluations, cfg.cfg_scale)
+            "keyframes": flops.spent(unet_evaluations, cfg.cfg_scale, shallow)
             if evaluations
             else per_image_flops,
         }
         result["unet_evaluations_per_image"] = unet_evaluations and round(unet_evaluations, 3)
+        result["unet_shallow_evaluations_per_image"] = round(shallow, 3)
+        # 0 where keyframes reproduces the bare call; a guidance interval or feature reuse
+        # changes the picture, and this says by how much (on random weights: not quality)
+        result["pixel_difference"] = pixel_difference(pictures["keyframes"], pictures["bare"])
         for path in ("bare", "keyframes"):
             seconds = statistics.median(timings[path])
             tflops = spent[path] / seconds / 1e12
@@ -238,7 +271,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         result["notes"] = sorted(set(notes))
         if notes:
             print(f"  note: the keyframes path reported {sorted(set(notes))}", flush=True)
-        print(f"UNet evaluations per image (keyframes path): {unet_evaluations}", flush=True)
+        print(f"UNet evaluations per image (keyframes path): {unet_evaluations} whole, "
+              f"{shallow:g} shallow branch only", flush=True)  # fmt: skip
+        print(f"pixels, keyframes path vs bare call: {result['pixel_difference']}", flush=True)
         print(f"ratio: {result['ratio']:.2f}", flush=True)
         report["results"].append(result)
     return report

@@ -120,6 +120,37 @@ def empty_store(tmp_path_factory) -> Path:
     return path
 
 
+def cli_here(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python -m keyframes.run ARGV` through its real entry point, in this process:
+    (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["keyframes.run", *argv])
+    monkeypatch.setattr(keyframes.run, "_task_started", False)
+    code = 0
+    try:
+        keyframes.run.cli()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def refused_cli(tmp_path, monkeypatch, capsys):
+    """For input the command must refuse before anything loads: the real entry point in this
+    process (no interpreter start-up), run from tmp_path as run_cli runs it. Returns a
+    CliResult. Where the environment matters (HF_HOME, offline), use run_cli: the hub reads
+    it once, at import."""
+
+    def run(*overrides: str) -> CliResult:
+        run_dir, store = tmp_path / "run", tmp_path / "store" / "mlflow.db"
+        monkeypatch.chdir(tmp_path)
+        argv = [*overrides, f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{store}"]
+        code, out, err = cli_here(argv, monkeypatch, capsys)
+        return CliResult(code, out, err, run_dir, store)
+
+    return run
+
+
 @pytest.fixture
 def cli_in_process(tmp_path, monkeypatch, capsys, empty_store):
     """The real `python -m keyframes.run` entry point, in this process, so faults can be
@@ -136,16 +167,10 @@ def cli_in_process(tmp_path, monkeypatch, capsys, empty_store):
         run_dir, store = run_dir or tmp_path / "run", tmp_path / "mlflow.db"
         if not fresh_store and not store.exists():
             shutil.copyfile(empty_store, store)
-        argv = ["keyframes.run", "experiment=smoke", *overrides, f"hydra.run.dir={run_dir}",
+        argv = ["experiment=smoke", *overrides, f"hydra.run.dir={run_dir}",
                 f"mlflow.tracking_uri=sqlite:///{store}"]  # fmt: skip
-        monkeypatch.setattr(sys, "argv", argv)
-        monkeypatch.setattr(keyframes.run, "_task_started", False)
-        code = 0
-        try:
-            keyframes.run.cli()
-        except SystemExit as e:
-            code = e.code
-        return code, capsys.readouterr().err, run_dir, store
+        code, _, err = cli_here(argv, monkeypatch, capsys)
+        return code, err, run_dir, store
 
     yield run
     release_pipeline(collect=False)  # faults (VAE tiling, wrapped methods) must not leak

@@ -164,18 +164,18 @@ BAD_SHOTLISTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SHOTLISTS))
-def test_bad_shotlist_fails_with_one_message_and_writes_nothing(run_cli, tmp_path, case):
+def test_bad_shotlist_fails_with_one_message_and_writes_nothing(refused_cli, tmp_path, case):
     text, message = BAD_SHOTLISTS[case]
     path = tmp_path / "shots.json"
     path.write_text(text)
-    result = run_cli("experiment=smoke", f"shotlist={path}")
+    result = refused_cli("experiment=smoke", f"shotlist={path}")
     assert_nothing_written(result)
     assert result.stderr.startswith(f"error: shotlist {path}")
     assert message in result.stderr
 
 
-def test_missing_shotlist_file(run_cli, tmp_path):
-    result = run_cli("experiment=smoke", f"shotlist={tmp_path}/nope.json")
+def test_missing_shotlist_file(refused_cli, tmp_path):
+    result = refused_cli("experiment=smoke", f"shotlist={tmp_path}/nope.json")
     assert_nothing_written(result)
     assert result.stderr.strip() == f"error: shotlist not found: {tmp_path}/nope.json"
 
@@ -201,8 +201,8 @@ def test_missing_shotlist_file(run_cli, tmp_path):
         ),
     ],
 )
-def test_bad_numbers_fail_before_any_model_loads(run_cli, overrides, message):
-    result = run_cli("experiment=smoke", *overrides)
+def test_bad_numbers_fail_before_any_model_loads(refused_cli, overrides, message):
+    result = refused_cli("experiment=smoke", *overrides)
     assert_nothing_written(result)
     assert message in result.stderr
 
@@ -212,8 +212,8 @@ def test_bad_numbers_fail_before_any_model_loads(run_cli, overrides, message):
     [("steps=many", "could not be converted to Integer"),
      ("style=vaporwave", "Could not find 'style/vaporwave'")],
 )  # fmt: skip
-def test_config_errors_keep_hydras_message_and_exit_2(run_cli, override, message):
-    result = run_cli("experiment=smoke", override)
+def test_config_errors_keep_hydras_message_and_exit_2(refused_cli, override, message):
+    result = refused_cli("experiment=smoke", override)
     assert_nothing_written(result)
     assert message in result.output
 

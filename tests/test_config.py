@@ -21,7 +21,7 @@ GROUPS = {
     "quality": {"draft", "standard", "high"},
     "scorer": {"clip", "tiny", "none"},
     "memory": {"auto", "none", "balanced", "low_vram", "minimal"},
-    "speed": {"sdpa", "fast", "compile"},
+    "speed": {"sdpa", "fast", "compile", "deepcache"},
     "consistency": {"none", "style_aligned", "ip_adapter"},
     "upscale": {"none", "hires", "refiner"},
     "controlnet": {"none", "canny_sdxl", "depth_sdxl", "canny_sd15", "depth_sd15"},
@@ -165,3 +165,24 @@ def test_a_guidance_interval_is_a_share_of_the_steps_and_not_with_style_aligned(
         with pytest.raises(ConfigError) as info:
             validate(settings(*overrides))
         assert [p for p in info.value.problems if problem in p], info.value.problems
+
+
+def test_deepcache_settings_are_checked_and_change_the_resume_hash():
+    from keyframes.config.plan import make_plan
+
+    validate(settings("speed=deepcache", "speed.deepcache_branch=1"))  # SDXL: three levels
+    for overrides, problem in (
+        (("speed.deepcache_interval=0",), "speed.deepcache_interval=0: must be at least 1"),
+        (("model=tiny", "speed=deepcache", "speed.deepcache_branch=1"), "must be 0..0"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            validate(settings(*overrides))
+        assert [p for p in info.value.problems if problem in p], info.value.problems
+
+    def hash_of(*overrides):
+        return make_plan(settings("experiment=smoke", *overrides)).config_hash
+
+    plain = hash_of()
+    # speed settings that keep the picture leave resume alone; feature reuse changes it
+    assert hash_of("speed=fast") == hash_of("speed.deepcache_interval=1") == plain
+    assert len({plain, hash_of("speed=deepcache"), hash_of("speed.deepcache_interval=2")}) == 3

@@ -95,8 +95,8 @@ def test_adapter_loads_and_the_reference_image_changes_the_picture(setup):
     assert (image(adapter_on=False) == plain).all()  # unloaded: the plain model again
 
 
-def test_a_missing_adapter_stops_the_run_before_anything_is_made(run_cli, tmp_path):
-    result = run_cli("experiment=smoke", "consistency=ip_adapter",
+def test_a_missing_adapter_stops_the_run_before_anything_is_made(refused_cli, tmp_path):
+    result = refused_cli("experiment=smoke", "consistency=ip_adapter",
                      f"consistency.ip_adapter_path={tmp_path / 'nowhere'}")  # fmt: skip
     assert result.returncode == 2, result.output
     assert "has no sdxl_models/ip-adapter_sdxl.safetensors" in result.stderr

@@ -175,7 +175,7 @@ def test_pickle_checkpoints_load_only_when_allowed_explicitly(tmp_path):
     check_source(ModelConfig(name="local", path=str(checkpoint), allow_pickle=True))  # passes
 
 
-def test_fifty_megapixels_is_refused(run_cli):
-    result = run_cli("experiment=smoke", "width=8192", "height=6144")
+def test_fifty_megapixels_is_refused(refused_cli):
+    result = refused_cli("experiment=smoke", "width=8192", "height=6144")
     assert result.returncode == 2 and not result.run_dir.exists()
     assert "size 8192x6144 (50.3 MP): at most 8192 per side and 16.8 MP" in result.stderr

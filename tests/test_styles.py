@@ -102,8 +102,8 @@ def test_styles_command_lists_file_and_builtin_presets(files):
     assert "8 presets" in builtin
 
 
-def test_cli_unknown_style_name_exits_2_before_loading(run_cli, files):
-    result = run_cli("experiment=smoke", "style=file", f"style.file={files / 'styles.json'}",
+def test_cli_unknown_style_name_exits_2_before_loading(refused_cli, files):
+    result = refused_cli("experiment=smoke", "style=file", f"style.file={files / 'styles.json'}",
                      "style.name=Pastel")  # fmt: skip
     assert result.returncode == 2, result.output
     assert "style.name=Pastel: not in" in result.stderr and "base, Film Noir" in result.stderr

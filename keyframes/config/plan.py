@@ -103,6 +103,9 @@ def typed_aspect_wins(cfg: Config, typed: set[str]) -> tuple[Config, list[str]]:
 
 def config_hash(resolved: dict[str, Any]) -> str:
     recipe = {k: v for k, v in resolved.items() if k not in NOT_IN_HASH}
+    speed = resolved.get("speed") or {}
+    if speed.get("deepcache_interval", 1) > 1:  # the one speed setting that changes the picture
+        recipe["deepcache"] = [speed["deepcache_interval"], speed.get("deepcache_branch", 0)]
     text = json.dumps(recipe, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -165,6 +165,16 @@ class SpeedConfig:
     fuse_qkv: bool = False  # one projection for query, key and value
     tf32: bool = False  # TF32 tensor cores for float32 matmuls and convolutions (CUDA)
     warm_up: bool = False  # a throwaway generation per batch shape (always on with compile)
+    # DeepCache: the whole UNet every N-th step, only its shallow branch in between (1: off)
+    deepcache_interval: int = 1
+    deepcache_branch: int = 0  # which down/up level the shallow branch reaches: 0 = shallowest
+
+    @property
+    def deepcache(self) -> tuple[int, int] | None:
+        """(interval, branch) where feature reuse is on."""
+        if self.deepcache_interval <= 1:
+            return None
+        return self.deepcache_interval, self.deepcache_branch
 
 
 @dataclass

@@ -122,7 +122,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         problems.append(f"objective={cfg.objective}: needs a scorer with scorer.aesthetic set")
     elif cfg.scorer.model is None and cfg.objective != OBJECTIVES[0]:
         problems.append(f"objective={cfg.objective}: needs a scorer (scorer=none scores nothing)")
-    problems += _interval_problems(cfg)
+    problems += _interval_problems(cfg) + _deepcache_problems(cfg)
     if "{prompt}" not in cfg.style.prompt:
         problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
     if cfg.speed.compile and cfg.memory.name in OFFLOAD_MODES:
@@ -144,6 +144,20 @@ def validate(cfg: Config) -> tuple[int, int]:
     if problems:
         raise ConfigError("invalid settings:", problems)
     return size
+
+
+def _deepcache_problems(cfg: Config) -> list[str]:
+    interval, branch = cfg.speed.deepcache_interval, cfg.speed.deepcache_branch
+    deepest = 0 if cfg.model.tiny else 1  # the tiny UNet has two levels; SDXL three, SD 1.5 four
+    problems = []
+    if interval < 1:
+        problems.append(f"speed.deepcache_interval={interval}: must be at least 1 (1: off)")
+    if not 0 <= branch <= deepest:
+        problems.append(
+            f"speed.deepcache_branch={branch}: must be 0..{deepest} for this model "
+            "(0: the shallowest branch, the most saved)"
+        )
+    return problems
 
 
 def _interval_problems(cfg: Config) -> list[str]:

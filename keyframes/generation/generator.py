@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from keyframes.conditioning.base import BatchHook
+from keyframes.generation.feature_reuse import feature_reuse
 from keyframes.generation.unet_calls import unet_calls
 from keyframes.pipeline.long_prompts import text_inputs
 from keyframes.pipeline.noise import seeded_generators
@@ -45,6 +46,7 @@ class GenerationSettings:
     fixed_batch: bool = False  # pad a short last batch: a compiled model sees one shape only
     long_prompts: str = "chunk"  # chunk: encode past 77 tokens in 75-token chunks | truncate
     guidance_interval: tuple[float, float] | None = None  # guided steps, fractions [start, end)
+    deepcache: tuple[int, int] | None = None  # (interval, branch): UNet feature reuse
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Generation:
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "vae_fp32_redecode"
     unet_evaluations: float | None = None  # the base UNet's, one per sample; batch share
+    unet_shallow_evaluations: float | None = None  # DeepCache: shallow branch only; likewise
 
 
 def batches(jobs: list[ImageJob], size: int, key=lambda job: None) -> Iterator[list[ImageJob]]:
@@ -170,7 +173,8 @@ class KeyframeGenerator:
             return out
         # the reference's second making is a cost of the images it served
         share = len(out) / (len(out) - 1)
-        return [replace(g, seconds=g.seconds * share, unet_evaluations=g.unet_evaluations * share)
+        return [replace(g, seconds=g.seconds * share, unet_evaluations=g.unet_evaluations * share,
+                        unet_shallow_evaluations=_times(g.unet_shallow_evaluations, share))
                 for g in out[1:]]  # fmt: skip
 
     def _generate_rows(self, batch: list[ImageJob], rows: int) -> list[Generation]:
@@ -194,7 +198,12 @@ class KeyframeGenerator:
             pipe = hook.call(pipe, batch, conditioning, arguments)
         guided = self.settings.cfg_scale > 1  # as the pipelines decide classifier-free guidance
         interval = self.settings.guidance_interval if guided else None
-        with unet_calls(self.pipe.unet, self.settings.steps, interval) as calls:
+        unet, steps, deepcache = self.pipe.unet, self.settings.steps, self.settings.deepcache
+        # feature reuse innermost: it sees the rows the guidance interval leaves
+        with (
+            feature_reuse(unet, steps, *(deepcache or (1, 0))) as reused,
+            unet_calls(unet, steps, interval) as calls,
+        ):
             pixels, bad, redecoded = self._denoise_and_decode(
                 pipe, batch, conditioning, arguments, generators, inputs
             )
@@ -204,7 +213,9 @@ class KeyframeGenerator:
         seconds = (time.perf_counter() - start) / size
         vram = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
         rss = peak_rss_gb()
-        notes, evaluations = ["vae_fp32_redecode"] if redecoded else [], calls.samples / size
+        notes = ["vae_fp32_redecode"] if redecoded else []
+        evaluations = (calls.samples - reused.shallow_samples) / size
+        shallow = reused.shallow_samples / size if deepcache else None
         return [
             Generation(
                 job,
@@ -215,6 +226,7 @@ class KeyframeGenerator:
                 error=BAD_IMAGE if is_bad else None,
                 notes=list(notes),
                 unet_evaluations=evaluations,
+                unet_shallow_evaluations=shallow,
             )
             for job, image, is_bad in zip(batch, images, bad.tolist(), strict=True)
         ]
@@ -285,6 +297,10 @@ def to_pil(pipe, pixels: torch.Tensor) -> list[Image.Image]:
     if getattr(pipe, "watermark", None) is not None:
         pixels = pipe.watermark.apply_watermark(pixels)
     return pipe.image_processor.postprocess(torch.nan_to_num(pixels), output_type="pil")
+
+
+def _times(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

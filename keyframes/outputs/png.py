@@ -26,6 +26,9 @@ def a1111_parameters(record: ImageRecord) -> str:
     if r.guidance_interval:
         start, end = r.guidance_interval
         settings.append(f"Guidance interval: {_number(start)}-{_number(end)}")
+    if r.deepcache:
+        interval, branch = r.deepcache
+        settings.append(f"DeepCache: interval {interval}, branch {branch}")
     if r.consistency != "none":
         settings.append(f"Consistency: {r.consistency} ({r.consistency_reference})")
     settings += png_settings(r.to_json())  # each conditioning method's own entries

@@ -98,6 +98,8 @@ class ImageRecord(_JsonRecord):
     aesthetic_score: float | None = None  # LAION aesthetic predictor, about 1-10
     guidance_interval: list[float] | None = None  # guided share of the steps; None: all
     unet_evaluations: float | None = None  # the base UNet's, one per sample; batch share
+    deepcache: list[int] | None = None  # [interval, branch] of UNet feature reuse; None: off
+    unet_shallow_evaluations: float | None = None  # DeepCache: shallow branch only
     scene_extra: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -220,6 +222,9 @@ def image_record(plan, g, scores: tuple, tokens: dict[str, int], scene_extra: di
             "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None,
             "unet_evaluations": None if g.unet_evaluations is None
             else round(g.unet_evaluations, 2),
+            "deepcache": list(cfg.speed.deepcache) if cfg.speed.deepcache else None,
+            "unet_shallow_evaluations": None if g.unet_shallow_evaluations is None
+            else round(g.unet_shallow_evaluations, 2),
             "scene_extra": scene_extra,  # fields the shotlist format does not know, passed on
         }
     )  # fmt: skip

@@ -26,8 +26,12 @@ def summarize(images: list[ImageRecord], model_load_seconds: float, total: float
         "vram_peak_gb_max": max(vram) if vram else None,  # absent on CPU, never 0
         "rss_peak_gb": max((r.rss_peak_gb for r in images), default=None),
         "vae_fp32_redecodes": sum("vae_fp32_redecode" in r.notes for r in images),
-        "unet_evaluations": sum(r.unet_evaluations or 0 for r in images) or None,
+        # "_total": the per-image MLflow metrics carry the plain names
+        "unet_evaluations_total": sum(r.unet_evaluations or 0 for r in images) or None,
         "unet_evaluations_per_image_mean": mean("unet_evaluations"),
+        "unet_shallow_evaluations_total": sum(r.unet_shallow_evaluations or 0 for r in images)
+        or None,
+        "unet_shallow_evaluations_per_image_mean": mean("unet_shallow_evaluations"),
         "model_load_seconds": model_load_seconds,
         "total_seconds": total,
     }

@@ -38,6 +38,7 @@ class ImageFlops:
     unet_per_sample_step: float  # one UNet forward, one sample (CFG runs two per step)
     vae_decode: float  # one image
     text_encoders: float  # one prompt through both text encoders
+    unet_shallow_per_sample_step: float | None = None  # DeepCache's shallow branch, if counted
 
     def per_image(self, steps: int, cfg_scale: float) -> float:
         """FLOPs to make one image: guidance > 1 runs the UNet and the text encoders on the
@@ -45,12 +46,13 @@ class ImageFlops:
         guided = 2 if cfg_scale > 1 else 1
         return self.spent(guided * steps, cfg_scale)
 
-    def spent(self, unet_evaluations: float, cfg_scale: float) -> float:
+    def spent(self, unet_evaluations: float, cfg_scale: float, shallow: float = 0) -> float:
         """FLOPs one image cost, from the base-UNet evaluations it really made (a guidance
-        interval or feature reuse makes fewer than steps x 2)."""
+        interval or feature reuse makes fewer than steps x 2) and the shallow-branch ones."""
         prompts = 2 if cfg_scale > 1 else 1  # the negative prompt is encoded when guiding
         return (
             unet_evaluations * self.unet_per_sample_step
+            + shallow * (self.unet_shallow_per_sample_step or 0)
             + prompts * self.text_encoders
             + self.vae_decode
         )
@@ -62,16 +64,8 @@ def count_flops(unet, vae, text_encoders, width: int, height: int) -> ImageFlops
     from torch.utils.flop_counter import FlopCounterMode
 
     first = next(unet.parameters())
-    c, like = unet.config, dict(device=first.device, dtype=first.dtype)
-    latent = torch.zeros(1, c.in_channels, height // 8, width // 8, **like)
-    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    unet_kwargs = dict(
-        encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, c.cross_attention_dim, **like),
-        added_cond_kwargs={
-            "text_embeds": torch.zeros(1, pooled, **like),
-            "time_ids": torch.zeros(1, 6, **like),
-        },
-    )
+    inputs = unet_inputs(unet, width, height)
+    latent = inputs["sample"]
     ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device=first.device)
 
     def flops(call) -> float:
@@ -80,9 +74,25 @@ def count_flops(unet, vae, text_encoders, width: int, height: int) -> ImageFlops
         return float(counter.get_total_flops())
 
     return ImageFlops(
-        unet_per_sample_step=flops(lambda: unet(latent, torch.tensor(500.0), **unet_kwargs)),
+        unet_per_sample_step=flops(lambda: unet(**inputs)),
         vae_decode=flops(lambda: vae.decode(latent.to(vae.dtype))),
         text_encoders=sum(flops(lambda e=e: e(ids)) for e in text_encoders),
+    )
+
+
+def unet_inputs(unet, width: int, height: int) -> dict:
+    """One sample's UNet arguments at this size, SDXL's added conditioning included."""
+    first = next(unet.parameters())
+    c, like = unet.config, dict(device=first.device, dtype=first.dtype)
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return dict(
+        sample=torch.zeros(1, c.in_channels, height // 8, width // 8, **like),
+        timestep=torch.tensor(500.0),
+        encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, c.cross_attention_dim, **like),
+        added_cond_kwargs={
+            "text_embeds": torch.zeros(1, pooled, **like),
+            "time_ids": torch.zeros(1, 6, **like),
+        },
     )
 
 

@@ -25,6 +25,7 @@ PER_IMAGE = (
     "clip_score_prompt",
     "aesthetic_score",
     "unet_evaluations",
+    "unet_shallow_evaluations",
     "seconds",
     "vram_peak_gb",
     "rss_peak_gb",
