@@ -104,3 +104,26 @@ def test_control_types_are_checked_before_loading(shotlist):
         ConfigError, match=r"follows depth controls; scenes cliff \(canny\), boat \(canny\)"
     ):
         check_controls(jobs, ControlNetConfig(name="depth_sdxl", type="depth"))
+
+
+@pytest.mark.parametrize(
+    "option, work",
+    [({"guidance_interval": (0.0, 0.5)}, (9.0, None)), ({"deepcache": (3, 0)}, (4.0, 8.0))],
+    ids=["guidance interval", "deepcache"],
+)  # fmt: skip
+def test_fewer_unet_evaluations_keep_the_control_working(shotlist, pipe, option, work):
+    """The residuals are cut to the conditional rows outside the interval, and added to the
+    shallow branch's skips under DeepCache: the control still steers, at the same work."""
+    jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1)
+    settings = GenerationSettings(6, 5.0, 64, 64, 2, **option)
+
+    def made(control):
+        out = KeyframeGenerator(pipe, settings, hooks=[control] if control else []).run(jobs)
+        return {g.job.scene_id: g for batch in out for g in batch}
+
+    plain, steered = made(None), made(control(pipe, 1.0))
+    for scene in ("cliff", "boat"):
+        g = steered[scene]
+        assert g.error is None and (g.unet_evaluations, g.unet_shallow_evaluations) == work
+        gap = np.abs(np.asarray(g.image, np.int16) - np.asarray(plain[scene].image, np.int16))
+        assert gap.mean() > 0.5

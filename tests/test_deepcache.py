@@ -150,6 +150,18 @@ def test_a_run_records_deepcache_and_the_guidance_interval_everywhere(cli_in_pro
         3 * images,
         6 * images,
     )
+    # the work spent: 3 whole evaluations and 6 of the shallow branch, each counted on meta
+    from keyframes.generation.feature_reuse import shallow_branch_flops
+    from keyframes.pipeline.flops import image_flops
+
+    pipe = euler_tiny_pipe()
+    flops, _ = image_flops(pipe, 256, 144)
+    shallow = shallow_branch_flops(pipe.unet, 256, 144, 0)
+    assert 0 < shallow < flops.unet_per_sample_step / 2
+    spent = flops.spent(3, 5.0) + 6 * shallow
+    assert first["tflops"] == pytest.approx(spent / 1e12, rel=1e-3)
+    assert first["tflops"] < flops.per_image(6, 5.0) / 1e12  # fewer than 12 whole ones
+    assert summary["tflops_total"] == pytest.approx(images * first["tflops"], abs=1e-4)  # 4 places
     text = Image.open(run_dir / first["file"]).text["parameters"]
     assert "Guidance interval: 0-0.5, DeepCache: interval 3, branch 0" in text
     _, runs = mlflow_runs(store)

@@ -131,3 +131,32 @@ def test_controlnet_scenes_also_follow_the_reference_image(setup):
     finally:
         pipe.unload_ip_adapter()
     assert np.abs(steered - without).mean() > 0.5  # the reference image still counts
+
+
+@pytest.mark.parametrize(
+    "option, work",
+    [({"guidance_interval": (0.0, 0.5)}, (9.0, None)), ({"deepcache": (3, 0)}, (4.0, 8.0))],
+    ids=["guidance interval", "deepcache"],
+)  # fmt: skip
+def test_fewer_unet_evaluations_keep_the_reference_image_working(setup, option, work):
+    """The image tokens are cut with the conditional rows, and the shallow branch reads them
+    through the same attention processors: the reference still changes the picture."""
+    pipe, folder, shotlist = setup
+    jobs = assign_references(
+        plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1), shotlist, None
+    )
+    settings = GenerationSettings(6, 5.0, 64, 64, 1, **option)
+
+    def made(ref):
+        job = jobs[2].__class__(**{**jobs[2].__dict__, "reference": str(folder / ref)})
+        return next(KeyframeGenerator(pipe, settings, hooks=[ImagePrompt()]).run([job]))[0]
+
+    load_adapter(pipe, tiny_adapter(folder, ip_adapter_scale=1.0))
+    try:
+        red, blue = made("red.png"), made("mara.png")
+    finally:
+        pipe.unload_ip_adapter()
+    for g in (red, blue):
+        assert g.error is None and (g.unet_evaluations, g.unet_shallow_evaluations) == work
+    gap = np.abs(np.asarray(red.image, np.int16) - np.asarray(blue.image, np.int16))
+    assert gap.mean() > 0.5

@@ -62,7 +62,7 @@ def test_missing_cell_is_drawn_empty_not_skipped(tmp_path):
     assert grid.getpixel(centre) == (24, 24, 24)
 
 
-def test_report_writes_csv_a_grid_per_scene_and_fold_and_numeric_plots(tmp_path):
+def test_report_writes_csv_a_grid_per_scene_and_fold_and_a_plot_per_key(tmp_path):
     jobs = make_jobs(tmp_path, "noir") + make_jobs(tmp_path, "anime")
     for i, job in enumerate(jobs):
         job.name = str(i)
@@ -71,7 +71,7 @@ def test_report_writes_csv_a_grid_per_scene_and_fold_and_numeric_plots(tmp_path)
     names = sorted(p.relative_to(tmp_path / "out").as_posix() for p in report.files)
     assert names == [
         "grids/harbor__style-anime.png", "grids/harbor__style-noir.png",
-        "plots/cfg_scale.png", "plots/steps.png", "summary.csv",
+        "plots/cfg_scale.png", "plots/steps.png", "plots/style.png", "summary.csv",
     ]  # fmt: skip
     rows = list(csv.reader(open(tmp_path / "out" / "summary.csv")))
     assert rows[0][:4] == ["job", "steps", "cfg_scale", "style"]

@@ -285,6 +285,14 @@ def test_packaged_flops_match_a_fresh_count_and_the_issue_figures():
     assert fresh.per_image(30, 1.0) < fresh.per_image(30, 5.0) / 1.9  # no guidance, no CFG
 
 
+def test_flops_of_an_sd15_pipeline_are_counted_without_sdxls_added_conditioning():
+    from keyframes.pipeline.tiny import build_tiny_sd15
+
+    flops, source = image_flops(build_tiny_sd15(), 64, 64)
+    assert source == "counted now on meta (this model)"
+    assert flops.unet_per_sample_step > 0 and flops.text_encoders > 0 and flops.vae_decode > 0
+
+
 def test_flops_spent_follow_the_unet_evaluations_made():
     flops = packaged_flops("sdxl_base", 1024, 1024)
     assert flops.spent(60, 5.0) == flops.per_image(30, 5.0)  # every step guided

@@ -60,6 +60,7 @@ class Generation:
     notes: list[str] = field(default_factory=list)  # e.g. "vae_fp32_redecode"
     unet_evaluations: float | None = None  # the base UNet's, one per sample; batch share
     unet_shallow_evaluations: float | None = None  # DeepCache: shallow branch only; likewise
+    tflops: float | None = None  # the work spent, from the evaluations (Session sets it)
 
 
 def batches(jobs: list[ImageJob], size: int, key=lambda job: None) -> Iterator[list[ImageJob]]:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from keyframes.conditioning.base import Method
 from keyframes.config.plan import RunPlan
 from keyframes.generation.generator import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.generation.warmup import warm_up
 from keyframes.outputs.processes import Processes
+from keyframes.pipeline.flops import ImageFlops, image_flops
 from keyframes.pipeline.load import (
     LoadedPipeline,
     Placement,
@@ -130,7 +132,35 @@ class Session:
             generator = KeyframeGenerator(self.pipe, self.settings, self.lead(), hooks,
                                           shard=(procs.index, procs.count))  # fmt: skip
             self.generators.append(generator)
-            yield from generator.run(jobs)
+            for batch in generator.run(jobs):
+                yield [replace(g, tflops=self.tflops_spent(g)) for g in batch]
+
+    def tflops_spent(self, g: Generation) -> float | None:
+        """TFLOP the image cost: its UNet evaluations (whole and shallow-branch), the prompts
+        through the text encoders, one VAE decode (second passes are not counted)."""
+        if g.unet_evaluations is None or self.flops is None:
+            return None
+        cfg = self.plan.config
+        return self.flops.spent(g.unet_evaluations, cfg.cfg_scale,
+                                g.unet_shallow_evaluations or 0) / 1e12  # fmt: skip
+
+    @cached_property
+    def flops(self) -> ImageFlops | None:
+        """This model's FLOPs at this size (packaged for SDXL; counted on the meta device,
+        once per process, for others), with DeepCache's shallow branch where it is on."""
+        from keyframes.generation.feature_reuse import shallow_branch_flops
+
+        plan, deepcache = self.plan, self.plan.config.speed.deepcache
+        try:
+            flops, _ = image_flops(self.pipe, plan.width, plan.height)
+            if deepcache:
+                shallow = shallow_branch_flops(self.pipe.unet, plan.width, plan.height,
+                                               deepcache[1])  # fmt: skip
+                flops = replace(flops, unet_shallow_per_sample_step=shallow)
+        except Exception as e:  # noqa: BLE001 - a count is a record, never a reason to stop
+            log.warning("could not count this model's FLOPs (%s): none recorded", e)
+            return None
+        return flops
 
     def close(self) -> None:
         """The cached pipeline as it was before this session: methods removed (last installed

@@ -100,6 +100,7 @@ class ImageRecord(_JsonRecord):
     unet_evaluations: float | None = None  # the base UNet's, one per sample; batch share
     deepcache: list[int] | None = None  # [interval, branch] of UNet feature reuse; None: off
     unet_shallow_evaluations: float | None = None  # DeepCache: shallow branch only
+    tflops: float | None = None  # TFLOP spent, counted from the evaluations made
     scene_extra: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -225,6 +226,7 @@ def image_record(plan, g, scores: tuple, tokens: dict[str, int], scene_extra: di
             "deepcache": list(cfg.speed.deepcache) if cfg.speed.deepcache else None,
             "unet_shallow_evaluations": None if g.unet_shallow_evaluations is None
             else round(g.unet_shallow_evaluations, 2),
+            "tflops": None if g.tflops is None else float(f"{g.tflops:.4g}"),
             "scene_extra": scene_extra,  # fields the shotlist format does not know, passed on
         }
     )  # fmt: skip

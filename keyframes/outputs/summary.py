@@ -32,6 +32,8 @@ def summarize(images: list[ImageRecord], model_load_seconds: float, total: float
         "unet_shallow_evaluations_total": sum(r.unet_shallow_evaluations or 0 for r in images)
         or None,
         "unet_shallow_evaluations_per_image_mean": mean("unet_shallow_evaluations"),
+        "tflops_total": sum(r.tflops or 0 for r in images) or None,
+        "tflops_per_image_mean": mean("tflops"),
         "model_load_seconds": model_load_seconds,
         "total_seconds": total,
     }

@@ -29,6 +29,7 @@ PLOT_METRICS = (
     ("clip_score_mean", "CLIP score (mean)"),
     ("aesthetic_score_mean", "aesthetic score (mean)"),
     ("seconds_per_image_mean", "seconds per image"),
+    ("tflops_per_image_mean", "TFLOP per image (counted)"),
 )
 
 
@@ -150,8 +151,9 @@ def _cell_job(jobs, col_key, col, row_key, row) -> JobResult | None:
 
 
 def write_plots(jobs: list[JobResult], keys: list[str], out_dir: Path) -> list[Path]:
-    """For each varying numeric key: CLIP score, aesthetic score and seconds per image against
-    it, one line per combination of the other varying keys."""
+    """For each varying key: the PLOT_METRICS against it, one line per combination of the
+    other varying keys. Numbers on a numeric axis; anything else (speed=sdpa,deepcache,
+    guidance_interval=[0,1],[0,0.5]) as categories in sorted order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,26 +161,31 @@ def write_plots(jobs: list[JobResult], keys: list[str], out_dir: Path) -> list[P
 
     paths = []
     for key in keys:
-        values = {job.overrides.get(key) for job in jobs}
-        if any(as_number(v) is None for v in values):
-            continue  # not numeric: the table and grids show it
+        values = {job.overrides.get(key, "") for job in jobs}
+        numeric = all(as_number(v) is not None for v in values)
+        order = sorted(values, key=as_number if numeric else str)
+
+        def x_of(value, numeric=numeric, order=order):
+            return as_number(value) if numeric else order.index(value)
+
         others = [k for k in keys if k != key]
         fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(5 * len(PLOT_METRICS), 3.6))
         for ax, (metric, label) in zip(axes, PLOT_METRICS, strict=True):
             groups: dict[str, list[tuple[float, float]]] = {}
             for job in jobs:
                 if job.metrics.get(metric) is not None:
-                    point = (as_number(job.overrides[key]), job.metrics[metric])
+                    point = (x_of(job.overrides.get(key, "")), job.metrics[metric])
                     groups.setdefault(describe(job, others) if others else "all", []).append(point)
             for name, points in sorted(groups.items()):
                 xs, ys = zip(*sorted(points), strict=True)
                 ax.plot(xs, ys, marker="o", label=name)
-            ax.set_xticks(sorted({as_number(v) for v in values}))
+            ax.set_xticks([x_of(v) for v in order], None if numeric else order)
             ax.set_xlabel(key)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-        if others:
-            axes[-1].legend(fontsize=7, loc="best")
+        drawn = [ax for ax in axes if ax.lines]  # a metric no job has draws nothing
+        if others and drawn:
+            drawn[-1].legend(fontsize=7, loc="best")
         fig.suptitle(f"{' / '.join(label for _, label in PLOT_METRICS)} against {key}")
         fig.tight_layout()
         path = out_dir / f"{safe_name(key)}.png"

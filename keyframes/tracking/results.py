@@ -17,6 +17,8 @@ TABLE_METRICS = (
     "aesthetic_score_mean",
     "style_consistency",
     "seconds_per_image_mean",
+    "unet_evaluations_per_image_mean",  # the work a guidance interval or DeepCache saves
+    "tflops_per_image_mean",  # the same, DeepCache's shallow steps included
     "vram_peak_gb_max",
 )
 HIGHER_IS_BETTER = ("clip_score", "aesthetic_score")  # metric name prefixes, sorted descending

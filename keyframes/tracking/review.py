@@ -24,7 +24,8 @@ MAX_VALUE = 16  # characters of one value in a run name
 VIEW = "keyframes"  # the experiment's saved view in MLflow's "Views" menu, and the link's key
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW}"  # where MLflow 3.17's UI keeps saved views
 VIEW_COLUMNS = ("clip_score_mean", "aesthetic_score_mean", "seconds_per_image_mean",
-                "vram_peak_gb_max", "style_consistency")  # fmt: skip
+                "tflops_per_image_mean", "vram_peak_gb_max",
+                "style_consistency")  # fmt: skip
 MAX_VIEW_CHARS = 20_000  # MLflow's limit on an experiment tag's value
 MAX_NOTE_CHARS = 8_000  # and on a run tag's (the description)
 

@@ -26,6 +26,7 @@ PER_IMAGE = (
     "aesthetic_score",
     "unet_evaluations",
     "unet_shallow_evaluations",
+    "tflops",
     "seconds",
     "vram_peak_gb",
     "rss_peak_gb",
