@@ -69,3 +69,19 @@ def test_the_interval_is_a_share_of_the_schedule():
     assert [guided_step(i, 10, (0.0, 0.5)) for i in range(10)] == [True] * 5 + [False] * 5
     assert [guided_step(i, 4, (0.25, 0.75)) for i in range(4)] == [False, True, True, False]
     assert all(guided_step(i, 7, None) for i in range(7))
+
+
+def test_the_papers_sdxl_band_is_the_documented_share_of_the_default_samplers_steps():
+    """README: guidance_interval=[0.23,0.73] is the paper's SDXL interval, sigma in
+    (0.28, 5.42], for DPM++ 2M Karras (the default sampler) at 30 steps: the same steps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from keyframes.pipeline.architectures import architecture_configs
+
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        architecture_configs("sdxl_base")["scheduler"], use_karras_sigmas=True
+    )
+    scheduler.set_timesteps(30)
+    in_band = [0.28 < sigma <= 5.42 for sigma in scheduler.sigmas[:-1].tolist()]
+    assert [guided_step(i, 30, (0.23, 0.73)) for i in range(30)] == in_band
+    assert sum(in_band) == 15  # 45 UNet evaluations instead of 60
