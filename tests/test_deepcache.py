@@ -32,16 +32,17 @@ def three_level_unet() -> UNet2DConditionModel:
 
 
 def unet_inputs(unet, rows=2, controlnet=False):
-    g = torch.Generator().manual_seed(1)
+    g, config = torch.Generator().manual_seed(1), unet.config
     inputs = {
         "sample": torch.randn(rows, 4, 16, 16, generator=g),
         "timestep": torch.tensor(500.0),
-        "encoder_hidden_states": torch.randn(rows, 7, 16, generator=g),
-        "added_cond_kwargs": {
+        "encoder_hidden_states": torch.randn(rows, 7, config.cross_attention_dim, generator=g),
+    }
+    if config.addition_embed_type == "text_time":  # SDXL's; SD 1.5 has none
+        inputs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(rows, 16, generator=g),
             "time_ids": torch.randn(rows, 6, generator=g),
-        },
-    }
+        }
     if controlnet:  # a residual for every skip and for the mid block, shaped like them
         sizes = [(8, 16), (8, 16), (8, 16), (8, 8), (16, 8), (16, 8), (16, 4), (16, 4), (16, 4)]
         skips = [torch.randn(rows, c, s, s, generator=g) for c, s in sizes]
@@ -50,12 +51,23 @@ def unet_inputs(unet, rows=2, controlnet=False):
     return inputs
 
 
-@pytest.mark.parametrize("branch", [0, 1])
-@pytest.mark.parametrize("controlnet", [False, True], ids=["plain", "controlnet"])
-def test_the_shallow_path_is_the_full_forward_given_the_same_deep_feature(branch, controlnet):
+def sd15_unet():
+    from keyframes.pipeline.tiny import build_tiny_sd15
+
+    return build_tiny_sd15().unet
+
+
+@pytest.mark.parametrize(
+    "make, branch, controlnet",
+    [(three_level_unet, 0, False), (three_level_unet, 1, False), (three_level_unet, 0, True),
+     (three_level_unet, 1, True), (sd15_unet, 0, False)],
+    ids=["sdxl-like-0", "sdxl-like-1", "sdxl-like-0-controlnet", "sdxl-like-1-controlnet",
+         "sd15-0"],
+)  # fmt: skip
+def test_the_shallow_path_is_the_full_forward_given_the_same_deep_feature(make, branch, controlnet):
     """The same blocks in the same order on the same inputs: bit-exact in this process. A
     wrong skip connection or embedding would differ by the size of the output itself."""
-    unet = three_level_unet()
+    unet = make()
     inputs = unet_inputs(unet, controlnet=controlnet)
     kept = {}
     entry = unet.up_blocks[len(unet.up_blocks) - 1 - branch]

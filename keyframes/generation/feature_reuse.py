@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from keyframes.generation.unet_calls import wrapped_forward
+
 FULL_ONLY_ARGUMENTS = ("down_intrablock_additional_residuals", "class_labels")
 
 
@@ -50,8 +52,6 @@ def feature_reuse(unet, steps: int, interval: int, branch: int = 0):
         return
     if not 0 <= branch <= deepest_branch(unet):
         raise ValueError(f"branch {branch}: this UNet has branches 0..{deepest_branch(unet)}")
-    own = "forward" in unet.__dict__  # an offload hook's wrapper, kept as it is
-    inner = unet.forward
     kept: dict[str, torch.Tensor] = {}
     keeper = unet.up_blocks[len(unet.up_blocks) - 1 - branch]
 
@@ -60,38 +60,35 @@ def feature_reuse(unet, steps: int, interval: int, branch: int = 0):
         feature = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         kept["feature"] = feature.clone()
 
-    def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
-        step, rows = counts.calls, sample.shape[0]
-        counts.calls += 1
-        feature = _feature_for(kept.get("feature"), rows)
-        shallow = (
-            step < steps
-            and step % interval != 0
-            and feature is not None
-            and not args
-            and not any(kwargs.get(name) is not None for name in FULL_ONLY_ARGUMENTS)
-            and not (kwargs.get("cross_attention_kwargs") or {}).get("gligen")
-        )
-        if shallow:
-            counts.shallow_samples += rows
-            return _shallow_forward(
-                unet, branch, feature, sample, timestep, encoder_hidden_states, **kwargs
+    def wrap(inner):
+        def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
+            step, rows = counts.calls, sample.shape[0]
+            counts.calls += 1
+            feature = _feature_for(kept.get("feature"), rows)
+            shallow = (
+                step < steps
+                and step % interval != 0
+                and feature is not None
+                and not args
+                and not any(kwargs.get(name) is not None for name in FULL_ONLY_ARGUMENTS)
+                and not (kwargs.get("cross_attention_kwargs") or {}).get("gligen")
             )
-        counts.full_samples += rows
-        handle = keeper.register_forward_pre_hook(keep, with_kwargs=True)
-        try:
-            return inner(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        finally:
-            handle.remove()
+            if shallow:
+                counts.shallow_samples += rows
+                return _shallow_forward(
+                    unet, branch, feature, sample, timestep, encoder_hidden_states, **kwargs
+                )
+            counts.full_samples += rows
+            handle = keeper.register_forward_pre_hook(keep, with_kwargs=True)
+            try:
+                return inner(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            finally:
+                handle.remove()
 
-    unet.forward = forward
-    try:
+        return forward
+
+    with wrapped_forward(unet, wrap):
         yield counts
-    finally:
-        if own:
-            unet.forward = inner
-        else:
-            del unet.forward
 
 
 def _feature_for(feature: torch.Tensor | None, rows: int) -> torch.Tensor | None:

@@ -35,32 +35,43 @@ def guided_step(step: int, steps: int, interval: tuple[float, float] | None) -> 
 
 
 @contextmanager
-def unet_calls(unet, steps: int, interval: tuple[float, float] | None = None):
-    """Counts every UNet call while active; the first `steps` calls (the main pass) follow
-    the guidance interval (pass None where the pipeline does not guide: cfg_scale <= 1).
-    Restores the UNet's forward afterwards."""
-    counts = UnetCalls()
-    own = "forward" in unet.__dict__  # an offload hook's wrapper, kept as it is
+def wrapped_forward(unet, wrap):
+    """unet.forward = wrap(its current forward) while active, then as it was: an offload
+    hook's own wrapper (an instance attribute) is put back, a class method uncovered."""
+    own = "forward" in unet.__dict__
     inner = unet.forward
-
-    def forward(sample, *args, **kwargs):
-        step, rows = counts.calls, sample.shape[0]
-        counts.calls += 1
-        if step < steps and not guided_step(step, steps, interval) and rows % 2 == 0:
-            counts.samples += rows // 2
-            out = inner(*_cond_half(rows, (sample, *args)), **_cond_half(rows, kwargs))
-            return _doubled(out)
-        counts.samples += rows
-        return inner(sample, *args, **kwargs)
-
-    unet.forward = forward
+    unet.forward = wrap(inner)
     try:
-        yield counts
+        yield
     finally:
         if own:
             unet.forward = inner
         else:
             del unet.forward
+
+
+@contextmanager
+def unet_calls(unet, steps: int, interval: tuple[float, float] | None = None):
+    """Counts every UNet call while active; the first `steps` calls (the main pass) follow
+    the guidance interval (pass None where the pipeline does not guide: cfg_scale <= 1).
+    Restores the UNet's forward afterwards."""
+    counts = UnetCalls()
+
+    def wrap(inner):
+        def forward(sample, *args, **kwargs):
+            step, rows = counts.calls, sample.shape[0]
+            counts.calls += 1
+            if step < steps and not guided_step(step, steps, interval) and rows % 2 == 0:
+                counts.samples += rows // 2
+                out = inner(*_cond_half(rows, (sample, *args)), **_cond_half(rows, kwargs))
+                return _doubled(out)
+            counts.samples += rows
+            return inner(sample, *args, **kwargs)
+
+        return forward
+
+    with wrapped_forward(unet, wrap):
+        yield counts
 
 
 def _cond_half(rows: int, value):
