@@ -168,7 +168,7 @@ def test_a_guidance_interval_is_a_share_of_the_steps_and_not_with_style_aligned(
 
 
 def test_deepcache_settings_are_checked_and_change_the_resume_hash():
-    from keyframes.config.plan import make_plan
+    from keyframes.config.plan import config_hash
 
     validate(settings("speed=deepcache", "speed.deepcache_branch=1"))  # SDXL: three levels
     for overrides, problem in (
@@ -179,8 +179,9 @@ def test_deepcache_settings_are_checked_and_change_the_resume_hash():
             validate(settings(*overrides))
         assert [p for p in info.value.problems if problem in p], info.value.problems
 
-    def hash_of(*overrides):
-        return make_plan(settings("experiment=smoke", *overrides)).config_hash
+    def hash_of(*overrides):  # the plan's hash of these settings, without making a plan
+        cfg = settings("experiment=smoke", *overrides)
+        return config_hash(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
     plain = hash_of()
     # speed settings that keep the picture leave resume alone; feature reuse changes it

@@ -147,9 +147,12 @@ def test_a_branch_the_unet_does_not_have_is_refused():
     assert "forward" not in pipe.unet.__dict__
 
 
-def test_a_run_records_deepcache_and_the_guidance_interval_everywhere(cli_in_process):
+def test_a_run_records_deepcache_and_the_guidance_interval_everywhere(cli_in_process, tmp_path):
+    shots = tmp_path / "shots.json"  # two scenes are enough
+    shots.write_text(json.dumps([{"id": "a", "description": "a red door"},
+                                 {"id": "b", "description": "a calm sea"}]))  # fmt: skip
     code, err, run_dir, store = cli_in_process(
-        "speed=deepcache", "guidance_interval=[0,0.5]", "steps=6", "takes=1"
+        f"shotlist={shots}", "speed=deepcache", "guidance_interval=[0,0.5]", "steps=6"
     )
     assert code == 0, err[-2000:]
     manifest = read_manifest(run_dir)
