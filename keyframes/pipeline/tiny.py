@@ -8,9 +8,12 @@ Its images are noise-like: it tests the machinery, not the look.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gzip
 import importlib.util
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,11 +61,20 @@ def clip_tokenizers():
     """The two SDXL tokenizers: identical BPE, padded with <|endoftext|> and "!" like SDXL's."""
     from transformers import CLIPTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = clip_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
-        tokenizer_2 = CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!")
+    folder = _tokenizer_folder()
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!")
     return tokenizer, tokenizer_2
+
+
+@functools.cache
+def _tokenizer_folder() -> Path:
+    """The BPE files, written once per process: a process (the tests, a sweep) may build the
+    tiny pipeline many times, and writing them is most of its 0.6 s. New tokenizers are made
+    from them each time, since embeddings add tokens to a pipeline's own."""
+    folder = Path(tempfile.mkdtemp(prefix="keyframes-clip-bpe-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return clip_tokenizer_files(folder)
 
 
 def _tiny_unet(**conditioning):
