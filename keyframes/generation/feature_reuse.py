@@ -11,7 +11,8 @@ most saved); interval 1 runs the whole UNet at every step (the plain forward, un
 The shallow path calls the UNet's own embedding helpers and blocks, so LoRAs, attention
 processors (SDPA, IP-Adapter, shared attention) and compiled transformer blocks apply to it as
 they do to the full forward: with speed=compile (compile_repeated_blocks) the shallow branch
-runs compiled blocks too; a UNet compiled whole runs its shallow steps eagerly. ControlNet
+runs the compiled transformer blocks it holds (none at SDXL's branch 0) and the rest eagerly;
+a UNet compiled whole runs its shallow steps eagerly. ControlNet
 residuals are added to the shallow skip connections they belong to. Anything the shallow path
 does not know (T2I-Adapter residuals, class labels, GLIGEN) gets the full forward at every
 step.
