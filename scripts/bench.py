@@ -23,6 +23,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -144,9 +145,9 @@ def pixel_difference(ours: list, theirs: list) -> dict | None:
 def run_benchmark(args: argparse.Namespace) -> dict:
     from keyframes.config.compose import compose
     from keyframes.config.plan import make_plan
-    from keyframes.generation.generator import GenerationSettings
+    from keyframes.generation.feature_reuse import run_flops
     from keyframes.generation.session import Session
-    from keyframes.pipeline.flops import image_flops, peak_tflops
+    from keyframes.pipeline.flops import peak_tflops
     from keyframes.pipeline.load import resolve_placement
     from keyframes.pipeline.memory import plan_memory
     from keyframes.pipeline.speed import check_speed
@@ -165,14 +166,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     cuda = placement.device == "cuda"
     device_name = torch.cuda.get_device_name() if cuda else _cpu_name()
-    flops, flops_source = image_flops(pipe, width, height)
-    if cfg.speed.deepcache:
-        from dataclasses import replace
-
-        from keyframes.generation.feature_reuse import shallow_branch_flops
-
-        shallow = shallow_branch_flops(pipe.unet, width, height, cfg.speed.deepcache_branch)
-        flops = replace(flops, unet_shallow_per_sample_step=shallow)
+    flops, flops_source = run_flops(pipe, width, height, cfg.speed.deepcache)
     per_image_flops = flops.per_image(cfg.steps, cfg.cfg_scale)
     peak = peak_tflops(device_name) if cuda else None
     report = {
@@ -207,11 +201,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         flush=True,
     )
     for size in sizes:
-        settings = GenerationSettings(
-            cfg.steps, cfg.cfg_scale, width, height, size, fixed_batch=cfg.speed.compile,
-            guidance_interval=tuple(cfg.guidance_interval) if cfg.guidance_interval else None,
-            deepcache=cfg.speed.deepcache,
-        )  # fmt: skip
+        settings = replace(session.settings, batch_size=size)  # what keyframes.run would use
         count = math.ceil(args.images / size) * size  # whole batches: one shape for compile
         jobs = benchmark_jobs(cfg, count)
         with Timer(cuda) as warm:

@@ -44,7 +44,7 @@ def image_ok(image) -> bool:
     return bool(np.isfinite(pixels).all() and pixels.std() > 1.0)
 
 
-def reset_memory_mode(pipe, device: str) -> None:
+def reset_memory_mode(pipe) -> None:
     """Undo the savers a previous mode switched on (offload hooks are removed by the next
     offload call itself, which moves the pipeline to the CPU first)."""
     pipe.vae.disable_slicing()
@@ -90,7 +90,7 @@ def memory_modes(pipe, cfg, plan, placement, jobs_for, report: dict, names) -> N
         if mode in OFFLOAD and not cuda:
             report["memory_modes"].append({**entry, "skipped": "needs CUDA"})
             continue
-        reset_memory_mode(pipe, placement.device)
+        reset_memory_mode(pipe)
         apply_memory_mode(pipe, mode, placement.device)
         settings = settings_for(cfg, plan, batch)
         generate_once(pipe, replace(settings, steps=2), jobs_for(batch), cuda)  # warm-up

@@ -32,7 +32,6 @@ FULL_ONLY_ARGUMENTS = ("down_intrablock_additional_residuals", "class_labels")
 
 @dataclass
 class FeatureReuse:
-    full_samples: int = 0  # rows through the whole UNet
     shallow_samples: int = 0  # rows through the shallow branch only, from the kept feature
     calls: int = 0
 
@@ -41,6 +40,11 @@ def deepest_branch(unet) -> int:
     """The deepest branch the UNet has: the up block paired with the innermost down block
     must still be skipped."""
     return len(unet.down_blocks) - 2
+
+
+def outer_up_blocks(unet, branch: int):
+    """The up blocks the shallow branch runs; the first of them receives the kept feature."""
+    return unet.up_blocks[len(unet.up_blocks) - 1 - branch :]
 
 
 @contextmanager
@@ -54,7 +58,7 @@ def feature_reuse(unet, steps: int, interval: int, branch: int = 0):
     if not 0 <= branch <= deepest_branch(unet):
         raise ValueError(f"branch {branch}: this UNet has branches 0..{deepest_branch(unet)}")
     kept: dict[str, torch.Tensor] = {}
-    keeper = unet.up_blocks[len(unet.up_blocks) - 1 - branch]
+    keeper = outer_up_blocks(unet, branch)[0]
 
     def keep(module, args, kwargs):
         # a copy: under torch.compile with CUDA graphs the next replay reuses the output memory
@@ -79,7 +83,6 @@ def feature_reuse(unet, steps: int, interval: int, branch: int = 0):
                 return _shallow_forward(
                     unet, branch, feature, sample, timestep, encoder_hidden_states, **kwargs
                 )
-            counts.full_samples += rows
             handle = keeper.register_forward_pre_hook(keep, with_kwargs=True)
             try:
                 return inner(sample, timestep, encoder_hidden_states, *args, **kwargs)
@@ -126,7 +129,7 @@ def _shallow_forward(unet, branch, feature, sample, timestep, encoder_hidden_sta
         else:
             sample, more = block(hidden_states=sample, temb=emb)
         skips += more
-    outer = unet.up_blocks[len(unet.up_blocks) - 1 - branch :]
+    outer = outer_up_blocks(unet, branch)
     # the outer up blocks read the first skips, as in the full forward (its deeper up blocks
     # take theirs from the end first); the innermost down block's last output goes unused
     skips = skips[: sum(len(block.resnets) for block in outer)]
@@ -178,24 +181,42 @@ def _embeddings(unet, sample, timestep, encoder_hidden_states, timestep_cond, at
     )
 
 
+def run_flops(pipe, width: int, height: int, deepcache: tuple[int, int] | None):
+    """(FLOPs of this pipeline at this size, where they come from), with the shallow branch's
+    FLOPs per sample where feature reuse is on."""
+    from dataclasses import replace
+
+    from keyframes.pipeline.flops import image_flops
+
+    flops, source = image_flops(pipe, width, height)
+    if deepcache:
+        shallow = shallow_branch_flops(pipe.unet, width, height, deepcache[1])
+        flops = replace(flops, unet_shallow_per_sample_step=shallow)
+    return flops, source
+
+
 def shallow_branch_flops(unet, width: int, height: int, branch: int) -> float:
-    """FLOPs of one sample through the shallow branch at this size, counted on a meta copy of
-    the UNet (shapes only): the deep feature's shape comes from one meta forward."""
+    """FLOPs of one sample through the shallow branch at this size: feature reuse itself run
+    on a meta copy of the UNet (shapes only), a whole call to keep the feature, then a shallow
+    one counted. Once per process for each UNet configuration, size and branch."""
+    import json
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from keyframes.pipeline.flops import unet_inputs
 
-    with torch.device("meta"):
-        unet = type(unet).from_config(unet.config)
-    inputs = unet_inputs(unet, width, height)
-    kept = {}
-    entry = unet.up_blocks[len(unet.up_blocks) - 1 - branch]
-    hook = entry.register_forward_pre_hook(
-        lambda m, a, k: kept.update(feature=k["hidden_states"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        unet(**inputs)
-        hook.remove()
-        with FlopCounterMode(display=False) as counter:
-            _shallow_forward(unet, branch, kept["feature"], **inputs)
-    return float(counter.get_total_flops())
+    key = (json.dumps(dict(unet.config), sort_keys=True, default=str), width, height, branch)
+    if key not in _SHALLOW_FLOPS:
+        with torch.device("meta"):
+            unet = type(unet).from_config(unet.config)
+        inputs = unet_inputs(unet, width, height)
+        with torch.no_grad(), feature_reuse(unet, steps=2, interval=2, branch=branch) as reused:
+            unet(**inputs)
+            with FlopCounterMode(display=False) as counter:
+                unet(**inputs)
+        assert reused.shallow_samples == 1, "the counted call was not the shallow branch"
+        _SHALLOW_FLOPS[key] = float(counter.get_total_flops())
+    return _SHALLOW_FLOPS[key]
+
+
+_SHALLOW_FLOPS: dict[tuple[str, int, int, int], float] = {}

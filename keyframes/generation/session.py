@@ -20,10 +20,11 @@ from functools import cached_property
 
 from keyframes.conditioning.base import Method
 from keyframes.config.plan import RunPlan
+from keyframes.generation.feature_reuse import run_flops
 from keyframes.generation.generator import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.generation.warmup import warm_up
 from keyframes.outputs.processes import Processes
-from keyframes.pipeline.flops import ImageFlops, image_flops
+from keyframes.pipeline.flops import ImageFlops
 from keyframes.pipeline.load import (
     LoadedPipeline,
     Placement,
@@ -148,19 +149,12 @@ class Session:
     def flops(self) -> ImageFlops | None:
         """This model's FLOPs at this size (packaged for SDXL; counted on the meta device,
         once per process, for others), with DeepCache's shallow branch where it is on."""
-        from keyframes.generation.feature_reuse import shallow_branch_flops
-
-        plan, deepcache = self.plan, self.plan.config.speed.deepcache
+        plan = self.plan
         try:
-            flops, _ = image_flops(self.pipe, plan.width, plan.height)
-            if deepcache:
-                shallow = shallow_branch_flops(self.pipe.unet, plan.width, plan.height,
-                                               deepcache[1])  # fmt: skip
-                flops = replace(flops, unet_shallow_per_sample_step=shallow)
+            return run_flops(self.pipe, plan.width, plan.height, plan.config.speed.deepcache)[0]
         except Exception as e:  # noqa: BLE001 - a count is a record, never a reason to stop
             log.warning("could not count this model's FLOPs (%s): none recorded", e)
             return None
-        return flops
 
     def close(self) -> None:
         """The cached pipeline as it was before this session: methods removed (last installed

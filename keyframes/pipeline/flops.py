@@ -142,7 +142,7 @@ def image_flops(pipe, width: int, height: int) -> tuple[ImageFlops, str]:
         default=str,
     )
     if (key, width, height) not in _COUNTED:
-        _COUNTED[key, width, height] = _count_on_meta(pipe, width, height)
+        _COUNTED[key, width, height] = _count_on_meta(pipe, encoders, width, height)
     return _COUNTED[key, width, height], "counted now on meta (this model)"
 
 
@@ -151,14 +151,11 @@ def image_flops(pipe, width: int, height: int) -> tuple[ImageFlops, str]:
 _COUNTED: dict[tuple[str, int, int], ImageFlops] = {}
 
 
-def _count_on_meta(pipe, width: int, height: int) -> ImageFlops:
+def _count_on_meta(pipe, encoders: list, width: int, height: int) -> ImageFlops:
     with torch.device("meta"):
         unet = type(pipe.unet).from_config(pipe.unet.config)
         vae = type(pipe.vae).from_config(pipe.vae.config)
-        encoders = [
-            type(e)(e.config) for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-            if e
-        ]  # fmt: skip
+        encoders = [type(e)(e.config) for e in encoders]
     return count_flops(unet, vae, encoders, width, height)
 
 
