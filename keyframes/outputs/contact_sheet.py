@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from keyframes.outputs.atomic import atomic_write
+from keyframes.outputs.files import keyframe_file
 from keyframes.outputs.records import ImageRecord
 
 THUMB_WIDTH = 384  # contact sheet cell width
@@ -83,7 +84,7 @@ def write_contact_sheets(
     written = []
     for page in range(1, pages + 1):
         records = images[(page - 1) * SHEET_PAGE : page * SHEET_PAGE]
-        thumbs = [_thumbnail(run_dir / r.file, r, width, height) for r in records]
+        thumbs = [_thumbnail(run_dir, r, width, height) for r in records]
         heading = title if pages == 1 else f"{title} · page {page} of {pages}"
         sheet = contact_sheet(thumbs, [_label(r) for r in records], heading, thumbs[0].width)
         written.append(run_dir / sheet_name(page))
@@ -94,15 +95,23 @@ def write_contact_sheets(
     return written
 
 
-def _thumbnail(path: Path, record: ImageRecord, width: int, height: int) -> Image.Image:
-    """The image scaled to the contact sheet's cell, or a dark cell saying why it is missing."""
+def _thumbnail(run_dir: Path, record: ImageRecord, width: int, height: int) -> Image.Image:
+    """The image scaled to the contact sheet's cell, or a dark cell saying why it is not
+    there. A damaged file never stops the sheet (nor the run that draws it)."""
     w = min(THUMB_WIDTH, width)
     h = max(1, round(w * height / width))
-    if record.ok and path.is_file():
-        with Image.open(path) as image:
-            return image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
+    why = "failed"
+    if record.ok:
+        path = keyframe_file(run_dir, record.file)
+        why = "unreadable" if path is None else why
+        try:
+            if path is not None:
+                with Image.open(path) as image:
+                    return image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
+        except (OSError, ValueError):  # whole on disk, yet it does not decode
+            why = "unreadable"
     cell = Image.new("RGB", (w, h), (60, 20, 20))
-    ImageDraw.Draw(cell).text((8, 8), "failed", fill=(255, 180, 180), font=load_font(14))
+    ImageDraw.Draw(cell).text((8, 8), why, fill=(255, 180, 180), font=load_font(14))
     return cell
 
 

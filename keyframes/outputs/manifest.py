@@ -51,17 +51,18 @@ class ManifestWriter:
 
 def load_manifest(path: Path) -> Manifest:
     """A manifest with the records of its journal added (a record there replaces the one with
-    the same file). A journal line cut off by a kill is skipped. Raises OSError or ValueError
-    where there is no readable manifest."""
+    the same file). Each journal line is decoded on its own, so a line cut off by a kill (even
+    inside a multi-byte character) is skipped and the others are kept. Raises OSError or
+    ValueError where there is no readable manifest."""
     manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
     journal = journal_of(path)
     if not journal.is_file():
         return manifest
     images = {r.file: r for r in manifest.images}
-    for line in journal.read_text(encoding="utf-8").splitlines():
+    for line in journal.read_bytes().splitlines():
         try:
-            record = ImageRecord.from_json(json.loads(line))
-        except ValueError:
+            record = ImageRecord.from_json(json.loads(line.decode("utf-8")))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             continue
         images[record.file] = record
     manifest.images = sorted(images.values(), key=lambda r: r.index)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from keyframes.config.plan import NOT_IN_HASH, config_hash, flatten
 from keyframes.errors import ConfigError
+from keyframes.outputs.files import keyframe_file
 from keyframes.outputs.manifest import load_manifest, read_run
 from keyframes.outputs.processes import manifest_paths
 from keyframes.outputs.records import ImageRecord, RunInfo
@@ -72,8 +73,8 @@ def _differences(old_config: Path, resolved: dict[str, Any]) -> list[str]:
 
 def previous_images(run_dir: Path, jobs: list, earlier: Earlier | None, run: RunInfo,
                     recipe) -> dict[int, ImageRecord]:  # fmt: skip
-    """Records of a manifest already in the run directory whose file exists and whose recipe
-    matches the job: those images are not made again. A continued run keeps its first start
+    """Records of a manifest already in the run directory whose PNG is whole and whose recipe
+    matches the job: those images are not made again (a missing or damaged PNG is made again). A continued run keeps its first start
     time and key, so its MLflow run is replaced rather than doubled, also when no image was
     finished before it stopped; a remade run names the key of the run it replaces."""
     if earlier is not None and earlier.remade:
@@ -93,7 +94,7 @@ def previous_images(run_dir: Path, jobs: list, earlier: Earlier | None, run: Run
     done = {}
     for job in jobs:
         record = old_images.get(job.file)
-        if record is None or not (run_dir / job.file).is_file():
+        if record is None or keyframe_file(run_dir, job.file) is None:
             continue
         fields = record.to_json()  # the method fields too, which live in `extra`
         if all(fields.get(k) == v for k, v in recipe(job).items()):

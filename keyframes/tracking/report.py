@@ -122,7 +122,7 @@ def xy_grid(
             x = side + pad + c * (cw + pad)
             job = _cell_job(jobs, col_key, col, row_key, row)
             path = job.keyframes.get(scene) if job else None
-            if path is None or not Path(path).exists():
+            if path is None:
                 draw.rectangle((x, y, x + cw - 1, y + ch - 1), outline=(90, 90, 90))
                 draw.text((x + 8, y + 8), "no image", fill=(160, 160, 160), font=small)
                 continue

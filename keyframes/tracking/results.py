@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyframes.outputs.files import keyframe_file
 from keyframes.outputs.manifest import load_manifest
 
 TABLE_METRICS = (
@@ -77,9 +78,11 @@ def job_from_manifest(manifest_path: Path, name: str | None = None) -> JobResult
     )
     for record in manifest.images:
         scene = record.scene_id
-        if scene not in job.keyframes:  # the first take stands for the scene
+        if scene not in job.scenes:  # the first take stands for the scene
             job.scenes.append(scene)
-            job.keyframes[scene] = manifest_path.parent / record.file
+            path = keyframe_file(manifest_path.parent, record.file) if record.ok else None
+            if path is not None:  # a failed, damaged or outside file shows as "no image"
+                job.keyframes[scene] = path
             if record.clip_score is not None:
                 job.scores[scene] = record.clip_score
             if record.aesthetic_score is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from keyframes.config.schema import TrackingConfig
 from keyframes.errors import TrackingError
+from keyframes.outputs.atomic import is_temporary
 from keyframes.tracking import review
 from keyframes.tracking.review import TABLE_FILE
 
@@ -221,10 +222,13 @@ def _log_pictures(client, run_id: str, record: RunRecord, now: int) -> None:
 
 
 def _log_artifacts(client, run_id: str, artifacts: list[tuple[Path, str | None]]) -> None:
+    """Files, and the files of folders (not their temporary files: a kill's leftovers)."""
     for local, artifact_dir in artifacts:
         if local.is_dir():
-            client.log_artifacts(run_id, str(local), artifact_dir)
-        elif local.exists():
+            for path in sorted(local.iterdir()):
+                if path.is_file() and not is_temporary(path):
+                    client.log_artifact(run_id, str(path), artifact_dir)
+        elif local.is_file():
             client.log_artifact(run_id, str(local), artifact_dir)
 
 

@@ -3,6 +3,7 @@ run directory is the source of truth). Syncing twice does not create a second ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -13,6 +14,8 @@ from omegaconf import OmegaConf
 from keyframes.config.plan import flatten
 from keyframes.config.schema import TrackingConfig
 from keyframes.errors import KeyframesError, first_line
+from keyframes.outputs.atomic import is_temporary
+from keyframes.outputs.files import inside, keyframe_file, regular_file
 from keyframes.outputs.manifest import load_manifest, write_manifest
 from keyframes.outputs.records import ImageRecord, Manifest, RunInfo
 from keyframes.tracking import review
@@ -54,7 +57,7 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
     """The MLflow run of a run directory, from its manifest and resolved config."""
     run, images = manifest.run, manifest.images
     sweep = run.sweep or {}
-    ok = [r for r in images if r.ok and (run_dir / r.file).is_file()]
+    ok = [r for r in images if r.ok and keyframe_file(run_dir, r.file)]
     return RunRecord(
         experiment=run.experiment,
         run_name=run_name(run, config),
@@ -73,14 +76,7 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
             if r.ok
         },
         summary=run.summary or {},
-        artifacts=[
-            (run_dir / "keyframes", "keyframes"),
-            *((page, None) for page in sorted(run_dir.glob("contact_sheet*.png"))),
-            (run_dir / "manifest.json", None),
-            (run_dir / "config.yaml", None),
-            *((log, None) for log in sorted(run_dir.glob("*.log"))),  # run.log, as far as it got
-            (run_dir / ".hydra", "hydra"),
-        ],
+        artifacts=artifact_files(run_dir, ok),
         start_ms=_ms(run.started_at),
         end_ms=_ms(run.finished_at or run.started_at),
         parent_run_id=sweep.get("parent_run_id"),
@@ -88,6 +84,24 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
         key=run.run_key,
         replaces=run.replaces_run_key,
     )
+
+
+def artifact_files(run_dir: Path, made: list[ImageRecord]) -> list[tuple[Path, str | None]]:
+    """(file, artifact folder) of what MLflow keeps: the whole keyframes on record, the
+    contact sheets, manifest, config, logs (run.log as far as it got) and Hydra's record.
+    Only regular files inside the run folder; never a temporary file a kill left behind."""
+    candidates = [run_dir / r.file for r in made]
+    candidates += sorted(run_dir.glob("contact_sheet*.png"))
+    candidates += [run_dir / "manifest.json", run_dir / "config.yaml"]
+    candidates += sorted(run_dir.glob("*.log")) + sorted(run_dir.glob(".hydra/*"))
+    files = []
+    for path in candidates:
+        name = path.relative_to(run_dir).as_posix()
+        if is_temporary(path) or not regular_file(path) or inside(run_dir, name) is None:
+            continue
+        folder = path.parent.relative_to(run_dir).as_posix().replace(".hydra", "hydra")
+        files.append((path, None if folder == "." else folder))
+    return files
 
 
 def run_name(run: RunInfo, config: dict[str, Any]) -> str:
@@ -153,6 +167,18 @@ def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str
     return tags
 
 
+def fill_older_run(run: RunInfo, config: dict[str, Any], run_dir: Path) -> None:
+    """What a manifest of an earlier version lacks and sync needs, derived from what it has
+    (and then written back with the MLflow run id): its experiment, from the config or the
+    title, and its run key, from the run's settings, start and folder, so that every later
+    sync finds the run it logged instead of adding another."""
+    if not run.experiment:
+        run.experiment = (config.get("mlflow") or {}).get("experiment_name") or run.title
+    if not run.run_key:
+        text = f"{run.config_hash}:{run.shotlist_sha256}:{run.started_at}:{run_dir.resolve()}"
+        run.run_key = hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def _ms(iso: str) -> int:
     from datetime import datetime
 
@@ -165,6 +191,7 @@ def sync_run_dir(run_dir: Path, tracking: TrackingConfig) -> tuple[str, bool]:
     from keyframes.tracking.store import log_run
 
     manifest, config = read_run_dir(run_dir)
+    fill_older_run(manifest.run, config, run_dir)
     record = record_from_run_dir(run_dir, manifest, config)
     run_id, created = log_run(tracking, record)
     manifest.run.mlflow = {
