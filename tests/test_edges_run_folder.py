@@ -30,9 +30,7 @@ def artifact_names(uri: str, run_id: str) -> list[str]:
     return sorted(names)
 
 
-def test_a_journal_line_cut_inside_a_character_loses_only_that_line(
-    cli_in_process, tmp_path
-):
+def test_a_journal_line_cut_inside_a_character_loses_only_that_line(cli_in_process, tmp_path):
     """A kill in the middle of appending a record with non-ASCII text: the line before and the
     manifest itself are kept (a whole-file decode used to throw all 7 records away)."""
     code, err, run_dir, _ = cli_in_process(*QUICK)

@@ -74,9 +74,10 @@ def _differences(old_config: Path, resolved: dict[str, Any]) -> list[str]:
 def previous_images(run_dir: Path, jobs: list, earlier: Earlier | None, run: RunInfo,
                     recipe) -> dict[int, ImageRecord]:  # fmt: skip
     """Records of a manifest already in the run directory whose PNG is whole and whose recipe
-    matches the job: those images are not made again (a missing or damaged PNG is made again). A continued run keeps its first start
-    time and key, so its MLflow run is replaced rather than doubled, also when no image was
-    finished before it stopped; a remade run names the key of the run it replaces."""
+    matches the job: those images are not made again (a missing or damaged PNG is made again).
+    A continued run keeps its first start time and key, so its MLflow run is replaced rather
+    than doubled, also when no image was finished before it stopped; a remade run names the
+    key of the run it replaces."""
     if earlier is not None and earlier.remade:
         run.replaces_run_key = earlier.run.run_key
         return {}
