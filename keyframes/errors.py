@@ -32,6 +32,10 @@ class ConfigError(KeyframesError):
     """A config value is out of range or inconsistent."""
 
 
+class FolderInUse(KeyframesError):
+    """Another run holds the run folder; nothing of it may be touched."""
+
+
 class ModelUnavailableError(KeyframesError):
     """Weights could not be found locally or downloaded."""
 
@@ -60,6 +64,7 @@ def is_disk_full(error: BaseException) -> bool:
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the run directory holds everything finished before it."""
 
-    def __init__(self, result):
+    def __init__(self, result, while_tracking: bool = False):
         super().__init__("interrupted")
         self.result = result  # the RenderResult as far as it got
+        self.while_tracking = while_tracking  # it came while MLflow was being written

@@ -7,6 +7,7 @@ directory into MLflow; the run's objective goes back to the sweeper.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -24,8 +25,9 @@ from keyframes.config.compose import register_schema
 from keyframes.config.overrides import override_keys
 from keyframes.config.schema import CONF_DIR, Config
 from keyframes.errors import ConfigError, DiskFull, Interrupted, KeyframesError
+from keyframes.outputs.folder_lock import LOCK_NAME, hold_folder, in_use
 from keyframes.outputs.manifest import read_run
-from keyframes.tracking.sweep import SweepJob, sweep_job
+from keyframes.tracking.sweep import SweepJob, close_stopped_sweep, sweep_job
 
 log = logging.getLogger("keyframes")
 
@@ -70,7 +72,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | 
     from keyframes.generation.preflight import prepare
     from keyframes.generation.render import render
     from keyframes.outputs.processes import claim_gpu, launched_processes
-    from keyframes.tracking.sync import track_run
 
     composed: Config = OmegaConf.to_object(cfg)
     procs = launched_processes(composed.device)  # accelerate launch: this process's place
@@ -89,24 +90,38 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | 
     if own_dir != run_dir:  # Hydra made this process its own: drop it
         _remove_if_untouched(own_dir, {".hydra", log_name})
     experiment = sweep.experiment if sweep else plan.config.mlflow.experiment_name
-    ctx = prepare(plan, run_dir, overrides, experiment, asdict(sweep) if sweep else None, procs)
-    if procs.main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plan.resolved)))
-    try:
-        result = render(ctx)
-    except (Interrupted, DiskFull):
-        if procs.main:  # the MLflow run shows what was finished, marked KILLED or FAILED
-            track_run(run_dir, plan.config.mlflow, ctx.experiment, sweep is not None)
-        raise
-    if procs.main:  # only the main process talks to MLflow, once every part is merged
-        track_run(run_dir, plan.config.mlflow, ctx.experiment, sweep is not None)
+    # the main process holds the folder: a second run into it stops here, touching nothing
+    with hold_folder(run_dir) if procs.main else contextlib.nullcontext():
+        ctx = prepare(plan, run_dir, overrides, experiment, asdict(sweep) if sweep else None,
+                      procs)  # fmt: skip
+        if procs.main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plan.resolved)))
+        try:
+            result = render(ctx)
+        except (Interrupted, DiskFull) as stop:
+            if procs.main:  # the MLflow run shows what was finished, marked KILLED or FAILED
+                _track(run_dir, plan.config.mlflow, ctx.experiment, sweep, stop.result)
+            raise
+        if procs.main:  # only the main process talks to MLflow, once every part is merged
+            _track(run_dir, plan.config.mlflow, ctx.experiment, sweep, result)
     return result
+
+
+def _track(run_dir: Path, mlflow, experiment: str, sweep: SweepJob | None, result) -> None:
+    """Mirror the run folder into MLflow; a stop while it logs leaves every keyframe on disk,
+    and the message says how to finish the logging."""
+    from keyframes.tracking.sync import track_run
+
+    try:
+        track_run(run_dir, mlflow, experiment, sweep is not None)
+    except KeyboardInterrupt:
+        raise Interrupted(result, while_tracking=True) from None
 
 
 def _stopped(error: BaseException, run_dir: Path, log_name: str) -> int:
     """The message and exit code of a run that stopped; bad input leaves nothing behind."""
     if isinstance(error, KeyframesError | KeyboardInterrupt):
-        _remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml"})
+        _remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml", LOCK_NAME})
     if isinstance(error, KeyframesError):
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -124,7 +139,16 @@ def _stopped(error: BaseException, run_dir: Path, log_name: str) -> int:
             file=sys.stderr,
         )
         return EXIT_DISK_FULL
-    done = error.result.summary.get("images", 0)
+    done = len([r for r in error.result.images if r.ok])
+    if error.while_tracking:
+        complete = " (the run is complete)" if error.result.run.status == "finished" else ""
+        print(
+            f"interrupted while logging to MLflow: {done} finished keyframes are kept in "
+            f"{run_dir}{complete}. Finish the MLflow run with: "
+            f"uv run python -m keyframes.sync {run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     print(
         f"interrupted: {done} finished keyframes kept in {run_dir}; continue with "
         f"the same command plus hydra.run.dir={run_dir} (or resume=true)",
@@ -157,8 +181,9 @@ def _switch_to_unfinished_run(fresh_dir: Path, wanted_hash: str, log_name: str) 
 
 def _remove_if_untouched(run_dir: Path, bookkeeping: set[str]) -> None:
     """Bad input leaves nothing behind: drop the run directory if it holds only bookkeeping
-    (Hydra's .hydra/ and log, the resolved config), i.e. no image was made."""
-    if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= bookkeeping:
+    (Hydra's .hydra/ and log, the resolved config), i.e. no image was made, and no other run
+    holds it."""
+    if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= bookkeeping or in_use(run_dir):
         return
     shutil.rmtree(run_dir)
 
@@ -176,10 +201,24 @@ def _check_keys(argv: list[str]) -> None:
     args, _ = get_args_parser().parse_known_args(argv)
     try:
         check_override_keys(args.overrides, Config, CONF_DIR)
-    except ConfigError as e:
+        if args.multirun:
+            _check_sweep(args.overrides)
+    except KeyframesError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     _check_free_space(args.overrides, multirun=args.multirun)
+
+
+def _check_sweep(overrides: list[str]) -> None:
+    """Every job of a sweep is checked before the first starts: a bad value in job 5 must
+    not stop the sweep after four jobs' work."""
+    from keyframes.config.compose import sweep_jobs
+    from keyframes.generation.preflight import check_sweep
+
+    jobs = sweep_jobs(overrides)
+    if jobs and len(jobs) > 1:
+        log.info("checking the %d jobs of this sweep", len(jobs))
+        check_sweep(jobs, override_keys(overrides))
 
 
 def _check_free_space(overrides: list[str], multirun: bool) -> None:
@@ -208,9 +247,15 @@ def cli() -> None:
         _check_keys(sys.argv[1:])
         main()
     except SystemExit as e:
+        if e.code not in (0, None):  # a sweep ends here too: its parent run says how
+            close_stopped_sweep("KILLED" if e.code == EXIT_INTERRUPTED else "FAILED")
         if e.code == 1 and not _task_started:
             sys.exit(EXIT_BAD_INPUT)
         raise
+    except KeyboardInterrupt:  # between a sweep's jobs
+        close_stopped_sweep("KILLED")
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

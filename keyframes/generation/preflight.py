@@ -12,12 +12,12 @@ from pathlib import Path
 
 from keyframes.conditioning.base import Method, methods_for, prepare_all
 from keyframes.config.plan import RunPlan
-from keyframes.errors import ModelUnavailableError
+from keyframes.errors import ConfigError, KeyframesError, ModelUnavailableError, first_line
 from keyframes.generation.render import RunContext
 from keyframes.outputs.processes import Processes
 from keyframes.outputs.resume import earlier_run
-from keyframes.shotlist.jobs import plan_for
-from keyframes.shotlist.load import load_shotlist
+from keyframes.shotlist.jobs import ImageJob, plan_for
+from keyframes.shotlist.load import Shotlist, load_shotlist
 
 log = logging.getLogger("keyframes")
 
@@ -32,13 +32,10 @@ def prepare(plan: RunPlan, run_dir: Path, overrides: list[str], experiment: str 
     cfg = plan.config
     for note in plan.notes:
         log.warning(note)
-    shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
+    shotlist, methods, jobs = check_plan(plan)
     if shotlist.unknown_fields:
         log.warning("shotlist %s: unknown fields kept as metadata: %s", shotlist.path,
                     ", ".join(shotlist.unknown_fields))  # fmt: skip
-    methods = methods_for(plan)
-    jobs = prepare_all(methods, plan_for(cfg, shotlist), shotlist)
-    check_weights(plan, methods)
     # torch and diffusers load only once the input has passed: bad input fails in a second.
     from keyframes.pipeline.load import resolve_placement
     from keyframes.pipeline.memory import plan_memory
@@ -63,6 +60,45 @@ def prepare(plan: RunPlan, run_dir: Path, overrides: list[str], experiment: str 
         git_commit=git_commit(), processes=procs or Processes(),
         earlier=earlier_run(run_dir, plan.resolved, cfg.remake),  # before config.yaml changes
     )  # fmt: skip
+
+
+def check_plan(plan: RunPlan) -> tuple[Shotlist, list[Method], list[ImageJob]]:
+    """What a plan needs that can be known before anything loads: the shotlist, each
+    conditioning method's checks on the jobs, every weight."""
+    cfg = plan.config
+    shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
+    methods = methods_for(plan)
+    jobs = prepare_all(methods, plan_for(cfg, shotlist), shotlist)
+    check_weights(plan, methods)
+    return shotlist, methods, jobs
+
+
+def check_sweep(job_overrides: list[list[str]], swept: list[str]) -> None:
+    """Every job of a sweep checked as its run will check it, before the first one starts:
+    one ConfigError naming each job that cannot run, by the values it sweeps (`swept`: the
+    keys that vary), and why."""
+    from keyframes.config.compose import composer
+    from keyframes.config.overrides import override_keys
+    from keyframes.config.plan import make_plan
+
+    problems = []
+    with composer() as settings_of:
+        for num, overrides in enumerate(job_overrides):
+            keys = override_keys(overrides, False)
+            values = " ".join(o for o, k in zip(overrides, keys, strict=True) if k in swept)
+            try:
+                check_plan(make_plan(settings_of(overrides), {k.lstrip("+~") for k in keys}))
+            except KeyframesError as e:
+                problems.append(f"job {num} ({values}): " + str(e).replace("\n", "\n    "))
+            except Exception as e:  # noqa: BLE001 - Hydra's and OmegaConf's composition errors
+                cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""
+                problems.append(f"job {num} ({values}): {first_line(e)}{cause}")
+    if problems:
+        raise ConfigError(
+            f"{len(problems)} of {len(job_overrides)} jobs of this sweep cannot run; "
+            "none was started:",
+            problems,
+        )
 
 
 def check_weights(plan: RunPlan, methods: list[Method]) -> None:

@@ -3,6 +3,7 @@ anything back into generation."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyframes.config.schema import TrackingConfig
-from keyframes.errors import TrackingError
-from keyframes.outputs.atomic import is_temporary
+from keyframes.errors import TrackingError, first_line
+from keyframes.outputs.atomic import is_temporary, temp_path
 from keyframes.tracking import review
 from keyframes.tracking.review import TABLE_FILE
 
@@ -115,7 +116,7 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     _log_pictures(client, run_id, record, now)
     if record.keyed_images and record.view_sort:
         keys = [key for key, _, _ in record.keyed_images]
-        _update_view(client, experiment_id, keys, record.view_sort, now)
+        _update_view(client, cfg, experiment_id, keys, record.view_sort, now)
     # Terminated last: a run that is not FINISHED/FAILED/KILLED was cut off while logging.
     client.set_terminated(run_id, status=record.status, end_time=record.end_ms or None)
     return run_id, True
@@ -139,7 +140,9 @@ def _retry_when_locked(call, tries: int = 6, first_wait: float = 0.5):
     raise AssertionError("unreachable")
 
 
-def _client(uri: str):
+def _client(uri: str, create: bool = True):
+    """A client of the store. A new SQLite store is made whole or not at all (create=False:
+    a reading command, which never makes one: a mistyped path is an error, not a new store)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # An unreachable server should cost seconds, not MLflow's default of minutes of retries:
     # the run directory keeps everything, and keyframes.sync logs it later.
@@ -152,41 +155,125 @@ def _client(uri: str):
     db = _sqlite_file(uri)
     if db is None:
         return MlflowClient(tracking_uri=uri)
+    if not create and not db.is_file():
+        raise TrackingError(f"no MLflow store at {db} (from {uri}): check the path")
     db.parent.mkdir(parents=True, exist_ok=True)
     # A new store's tables are created (migrated) on first use. Two processes doing that at
     # once corrupt each other's migration, so the first use is one process at a time.
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # creates the store, and its tables if new
+    with sqlite_lock(db):
+        if not db.exists():
+            _create_sqlite_store(db)
+        try:  # the first client of a store migrates one of an older MLflow
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's errors, as MLflow wraps them
+            if "already exists" not in str(e):
+                raise
+            _set_aside_half_made(db, e)
+            _forget_engine(uri)  # its connections were to the file just moved aside
+            _create_sqlite_store(db)
+            client = MlflowClient(tracking_uri=uri)
         return client
 
 
+@contextlib.contextmanager
+def sqlite_lock(db: Path):
+    """One process at a time on a local store's set-up and read-modify-writes."""
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Make the store's tables under a temporary name, then rename it into place: a kill
+    during the migration (seconds, dozens of steps) leaves a leftover to delete, never a
+    store that no client can open."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = temp_path(db)
+    for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+        leftover.unlink(missing_ok=True)  # an earlier creation, killed (we hold the lock)
+    MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+    _forget_engine(f"sqlite:///{tmp}")
+    os.replace(tmp, db)
+
+
+def _forget_engine(uri: str) -> None:
+    """Close MLflow's cached SQLAlchemy engine of a SQLite file that was renamed or replaced
+    (MLflow keeps one per URI for the process's lifetime)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _set_aside_half_made(db: Path, error: Exception) -> None:
+    """A store whose creation a kill cut off (by an earlier keyframes, or another tool) fails
+    every client with "table ... already exists". Holding no run, it is moved aside (and a new
+    one made); holding runs, it is the user's to mend, and the message says so."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        try:
+            runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        except sqlite3.Error:
+            runs = 0  # not even the runs table was made
+    if runs:
+        raise TrackingError(
+            f"the MLflow store {db} is half-migrated ({first_line(error)}) and holds {runs} "
+            "runs; keyframes leaves it as it is. Copy it somewhere safe, then try "
+            f"`uv run mlflow db upgrade sqlite:///{db}`, or use another store "
+            "(mlflow.tracking_uri=...)"
+        )
+    aside = db.with_name(f"{db.name}.half-made-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(db, aside)
+    log.warning("the MLflow store %s was left half-made by a stop while it was created (it "
+                "held no runs); moved to %s and made again", db, aside)  # fmt: skip
+
+
 def _experiment_id(client, cfg: TrackingConfig, name: str) -> str:
-    """The experiment's id; made if new, and marked as model development either way."""
+    """The experiment's id; made if new, and marked as model development either way. Jobs
+    starting together may both find it new: the one that loses the race reads it back."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(
-            name, artifact_location=_artifact_location(cfg), tags={KIND_TAG: KIND}
-        )
+        try:
+            return client.create_experiment(
+                name, artifact_location=_artifact_location(cfg), tags={KIND_TAG: KIND}
+            )
+        except Exception as e:  # noqa: BLE001 - MlflowException, or the store's IntegrityError
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            log.debug("experiment %r was made by another process (%s)", name, first_line(e))
     if experiment.tags.get(KIND_TAG) != KIND:
         client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
     return experiment.experiment_id
 
 
 def experiment_id(uri: str, name: str) -> str | None:
-    experiment = _client(uri).get_experiment_by_name(name)
+    experiment = _client(uri, create=False).get_experiment_by_name(name)
     return experiment.experiment_id if experiment else None
 
 
-def _update_view(client, experiment_id: str, keys: list[str], sort_by: str, now: int) -> None:
-    """keyframes' saved view of the experiment, grown by this run's image keys. Jobs logging
-    at once may each miss the other's new keys; the UI then shows those with its defaults."""
-    old = client.get_experiment(experiment_id).tags.get(review.VIEW_TAG)
-    known = review.view_keys(old)
-    merged = known + [k for k in keys if k not in known]
-    view = review.saved_view(merged, sort_by, now)
-    client.set_experiment_tag(experiment_id, review.VIEW_TAG, view)
+def _update_view(client, cfg: TrackingConfig, experiment_id: str, keys: list[str],
+                 sort_by: str, now: int) -> None:  # fmt: skip
+    """keyframes' saved view of the experiment, grown by this run's image keys. A
+    read-modify-write: on a local store one process at a time (its lock); on a server it is
+    read back, and written again if a job logging at the same moment dropped these keys."""
+    db = _sqlite_file(cfg.tracking_uri)
+    with sqlite_lock(db) if db else contextlib.nullcontext():
+        for _ in range(5):
+            old = client.get_experiment(experiment_id).tags.get(review.VIEW_TAG)
+            known = review.view_keys(old)
+            merged = known + [k for k in keys if k not in known]
+            view = review.saved_view(merged, sort_by, now)  # drops keys where it is too long
+            client.set_experiment_tag(experiment_id, review.VIEW_TAG, view)
+            ours = set(keys) & set(review.view_keys(view))
+            now_there = client.get_experiment(experiment_id).tags.get(review.VIEW_TAG)
+            if ours <= set(review.view_keys(now_there)):
+                return
+            time.sleep(0.2)
 
 
 def _log_pictures(client, run_id: str, record: RunRecord, now: int) -> None:
@@ -285,7 +372,7 @@ class StoredRun:
 def find_runs(uri: str, experiment: str | None = None, parent: str | None = None):
     """(what was selected, runs). parent: that sweep's jobs; experiment alone: every job run in
     it (sweep parents left out); neither: the jobs of the newest sweep in the store."""
-    client = _client(uri)
+    client = _client(uri, create=False)
     experiments = {e.experiment_id: e.name for e in client.search_experiments()}
     if experiment is not None:
         ids = [i for i, name in experiments.items() if name == experiment]

@@ -48,14 +48,37 @@ class SweepCallback(Callback):
     summary table, plots and best-job tags on it after the last. Named in conf/config.yaml."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _open_sweep
         try:
             begin_sweep(config)
         except KeyframesError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        _open_sweep = config
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _open_sweep
+        _open_sweep = None
         end_sweep(config)
+
+
+_open_sweep: DictConfig | None = None  # begun and not ended: what close_stopped_sweep ends
+
+
+def close_stopped_sweep(status: str) -> None:
+    """A sweep that stopped before its last job (a job's error, an interrupt): its parent
+    MLflow run gets the summary of the jobs that finished and ends `status` (FAILED or
+    KILLED) instead of staying RUNNING."""
+    global _open_sweep
+    config, _open_sweep = _open_sweep, None
+    if config is None:
+        return
+    log.warning("the sweep stopped before its last job: its MLflow parent run is marked %s, "
+                "with the jobs that ran", status)  # fmt: skip
+    try:
+        end_sweep(config, stopped=status)
+    except Exception as e:  # noqa: BLE001 - the jobs' folders keep everything either way
+        log.warning("could not close the sweep's MLflow parent run (%s)", first_line(e))
 
 
 def begin_sweep(config: DictConfig) -> None:
@@ -89,7 +112,9 @@ def begin_sweep(config: DictConfig) -> None:
     log.info("sweep over %s: MLflow parent run %s in %r", keys, parent, experiment)
 
 
-def end_sweep(config: DictConfig) -> None:
+def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
+    """The summary of the jobs that finished, on disk and on the parent run; stopped: the
+    sweep ended early, and the parent run is marked so (FAILED or KILLED)."""
     from keyframes.tracking.report import build_report
     from keyframes.tracking.results import describe, job_from_manifest
     from keyframes.tracking.store import finish_parent_run
@@ -97,7 +122,8 @@ def end_sweep(config: DictConfig) -> None:
 
     sweep_dir = Path(config.hydra.sweep.dir)
     info = json.loads((sweep_dir / SWEEP_FILE).read_text())
-    manifests = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
+    found = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
+    manifests = [p for p in found if read_run(p)]  # a job killed at its start has none yet
     jobs = [job_from_manifest(path) for path in manifests]
     summary_dir = sweep_dir / "summary"
     objective = config.objective  # what the sweeper optimised: the best is ranked by it too
@@ -136,7 +162,7 @@ def end_sweep(config: DictConfig) -> None:
                 (summary_dir / "grids", "grids"),
                 (summary_dir / "plots", "plots"),
             ],
-            status="FINISHED" if statuses <= {"finished"} else "FAILED",
+            status=stopped or ("FINISHED" if statuses <= {"finished"} else "FAILED"),
             run_name=review.sweep_run_name(info["swept_keys"], len(jobs)),
             description=description,
         )
