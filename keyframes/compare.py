@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from keyframes.errors import KeyframesError
+from keyframes.errors import KeyframesError, TrackingError, first_line
 from keyframes.tracking.results import (
     JobResult,
     describe,
@@ -67,7 +67,16 @@ def parse_args(argv: list[str] | None):
 def compare(args) -> int:
     from keyframes.tracking.store import download_artifacts, find_runs
 
-    label, runs = find_runs(args.tracking_uri, args.experiment, args.parent)
+    if args.out:
+        check_out_folder(args.out)
+    try:
+        label, runs = find_runs(args.tracking_uri, args.experiment, args.parent)
+    except KeyframesError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unknown scheme, a server that does not answer
+        raise TrackingError(
+            f"cannot read the MLflow store {args.tracking_uri}: {first_line(e)}"
+        ) from None
     if not runs:
         print(f"{label}: no runs")
         return 0
@@ -105,6 +114,15 @@ def compare(args) -> int:
             report = build_report(jobs, args.out, args.metric)
             print(f"\nwrote {len(report.files)} files under {args.out}")
     return 0
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be a folder this command can write, checked before any work is shown."""
+    if out.exists() and not out.is_dir():
+        raise KeyframesError(f"--out {out}: not a folder (it is a file)")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise KeyframesError(f"--out {out}: {existing} is not writable")
 
 
 def report_best(jobs: list[JobResult], metric: str) -> None:
