@@ -11,7 +11,11 @@ def first_line(error: BaseException | None) -> str:
 
 
 class KeyframesError(Exception):
-    """A problem with the user's input or environment, reported as one message and exit code 2."""
+    """A problem with the user's input or environment, reported as one message and exit code 2.
+    The message lists the first MAX_LISTED problems and counts the rest: a file with 100,000
+    bad entries gets a message a person reads, not a megabyte."""
+
+    MAX_LISTED = 20
 
     def __init__(self, message: str, problems: list[str] | None = None):
         self.problems = list(problems or [])
@@ -21,7 +25,10 @@ class KeyframesError(Exception):
         head = super().__str__()
         if not self.problems:
             return head
-        return head + "\n" + "\n".join(f"  {p}" for p in self.problems)
+        listed = [f"  {p}" for p in self.problems[: self.MAX_LISTED]]
+        if len(self.problems) > self.MAX_LISTED:
+            listed.append(f"  ... and {len(self.problems) - self.MAX_LISTED} more")
+        return head + "\n" + "\n".join(listed)
 
 
 class ShotlistError(KeyframesError):

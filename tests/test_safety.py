@@ -97,7 +97,7 @@ def test_oversized_file_is_refused_before_reading(tmp_path):
     path = tmp_path / "huge.json"
     with open(path, "wb") as f:
         f.truncate(25_000_000)
-    with pytest.raises(ShotlistError, match="is 25 MB; the limit is 20 MB"):
+    with pytest.raises(ShotlistError, match="huge.json is over 20 MB, the limit"):
         load_shotlist(str(path))
 
 

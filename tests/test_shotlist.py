@@ -130,6 +130,7 @@ def test_error_message_lists_problems_under_the_file_name(tmp_path):
     assert str(info.value).splitlines() == [
         f"shotlist {path} is invalid:",
         "  scenes[0].description: missing",
+        "  scenes[1].id: duplicate id 'a' (first used by scenes[0])",  # not hidden by the other
     ]
 
 

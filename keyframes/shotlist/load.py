@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyframes.config.inputs import json_problems, load_json, read_bounded
 from keyframes.config.schema import MAX_SEED, MAX_TAKES
 from keyframes.errors import ShotlistError
 
@@ -78,19 +79,9 @@ def resolve_path(name: str) -> Path:
 
 def load_shotlist(name: str, allow_external_paths: bool = False) -> Shotlist:
     path = resolve_path(name)
+    raw = read_bounded(path, MAX_FILE_BYTES, "shotlist", ShotlistError)
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ShotlistError(
-                f"shotlist {path} is {path.stat().st_size / 1e6:.0f} MB; "
-                f"the limit is {MAX_FILE_BYTES / 1e6:.0f} MB"
-            )
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ShotlistError(f"shotlist not found: {path}") from None
-    except OSError as e:
-        raise ShotlistError(f"cannot read shotlist {path}: {e.strerror or e}") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
+        data = load_json(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ShotlistError(f"shotlist {path} is not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -119,7 +110,7 @@ def parse_shotlist(
     Image paths resolve against base_dir (the shotlist's folder) and may not leave it unless
     allow_external_paths."""
     paths = _PathRules(base_dir or Path.cwd(), allow_external_paths)
-    problems: list[str] = []
+    problems: list[str] = json_problems(data)  # repeated keys, runaway nesting
     unknown: list[str] = []
     if isinstance(data, list):
         data = {"scenes": data}
@@ -128,6 +119,8 @@ def parse_shotlist(
             f"shotlist {path} is invalid:",
             [f"top level: expected an object with 'scenes' or a list of scenes, got {_kind(data)}"],
         )
+    if problems:  # deep or ambiguous data is not walked any further
+        raise ShotlistError(f"shotlist {path} is invalid:", problems)
 
     title = data.get("title", Path(path).stem if path != "<data>" else "untitled")
     if not isinstance(title, str) or not title.strip():
@@ -165,21 +158,26 @@ def _parse_scenes(raw: Any, characters: dict[str, Character], problems: list[str
     elif len(raw) > MAX_SCENES:
         problems.append(f"scenes: {len(raw)} scenes, the limit is {MAX_SCENES}")
     else:
-        scenes, first_index = [], {}
-        for i, item in enumerate(raw):
-            scene = _parse_scene(item, f"scenes[{i}]", characters, problems, unknown, paths)
-            if scene is None:
-                continue
-            if scene.id in first_index:
-                problems.append(
-                    f"scenes[{i}].id: duplicate id {scene.id!r} "
-                    f"(first used by scenes[{first_index[scene.id]}])"
-                )
-            else:
-                first_index[scene.id] = i
-            scenes.append(scene)
-        return scenes
+        scenes = [_parse_scene(item, f"scenes[{i}]", characters, problems, unknown, paths)
+                  for i, item in enumerate(raw)]  # fmt: skip
+        _check_unique_ids(raw, problems)  # also where a scene has other problems
+        return [scene for scene in scenes if scene is not None]
     return []
+
+
+def _check_unique_ids(raw: list, problems: list[str]) -> None:
+    first_index: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        scene_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(scene_id, bool) or not isinstance(scene_id, str | int):
+            continue
+        key = str(scene_id).strip()
+        if key in first_index:
+            problems.append(
+                f"scenes[{i}].id: duplicate id {key!r} (first used by scenes[{first_index[key]}])"
+            )
+        else:
+            first_index[key] = i
 
 
 def _parse_characters(raw: Any, problems: list[str], paths: _PathRules) -> dict[str, Character]:

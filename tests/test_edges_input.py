@@ -1,0 +1,103 @@
+"""Hostile and careless input through the real command line: special files, runaway nesting,
+repeated keys, huge style files, unusable run folders and sampler options. Each is one message
+and exit code 2 before anything loads, never a traceback, a hang or a crash after loading."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from tests.helpers import write_json
+
+SCENE = {"id": "a", "description": "a harbor at dawn"}
+
+
+@pytest.fixture
+def deadline():
+    """A test that would hang before its fix fails after 60 s instead."""
+
+    def expire(signum, frame):
+        raise TimeoutError("hung: the command never returned")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def assert_refused(result, *expected: str) -> str:
+    """Exit 2, one `error:` message holding each expected text, no traceback, nothing left."""
+    assert result.returncode == 2, result.output[-3000:]
+    assert "Traceback" not in result.output
+    assert result.stderr.count("error:") == 1 and result.stderr.startswith("error: ")
+    for text in expected:
+        assert text in result.stderr, result.stderr
+    assert not result.run_dir.exists() and not result.store.exists()
+    return result.stderr
+
+
+def test_a_fifo_as_the_shotlist_is_refused_not_waited_on(refused_cli, tmp_path, deadline):
+    fifo = tmp_path / "shots.json"
+    os.mkfifo(fifo)
+    assert_refused(refused_cli(f"shotlist={fifo}"), f"shotlist {fifo} is not a regular file")
+
+
+def test_an_endless_device_as_the_shotlist_is_refused_not_read(refused_cli, deadline):
+    assert_refused(refused_cli("shotlist=/dev/zero"), "shotlist /dev/zero is not a regular file")
+
+
+def test_a_shotlist_nested_hundreds_deep_is_refused_before_loading(refused_cli, tmp_path):
+    deep = current = {}
+    for _ in range(600):  # under Python's recursion limit for json, over anything sensible
+        current["x"] = {}
+        current = current["x"]
+    path = write_json(tmp_path / "deep.json", {"scenes": [dict(SCENE, music=deep)]})
+    assert_refused(refused_cli(f"shotlist={path}"), "scenes[0].music.x.x", "nested over 32")
+
+
+def test_repeated_json_keys_are_refused_not_silently_dropped(refused_cli, tmp_path):
+    path = tmp_path / "shots.json"
+    path.write_text(
+        '{"scenes": [{"id": "a", "description": "one"}, {"id": "b", "description": "two"}],'
+        ' "scenes": [{"id": "c", "description": "three", "seed": 1, "seed": 2}]}'
+    )
+    err = assert_refused(refused_cli(f"shotlist={path}"))
+    assert "top level: key 'scenes' appears more than once (JSON keeps only the last one)" in err
+    assert "scenes[0]: key 'seed' appears more than once" in err
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("[" * 5000 + "]" * 5000, "nested too deeply to be a style file"),
+        (json.dumps([{"name": "x", "prompt": 5}]), "preset 1 (x).prompt: expected text"),
+        (json.dumps([{"name": "x", "negative_prompt": ["a"]}, 7]), "preset 2: expected an object"),
+        ('[{"name": "x", "name": "y"}]', "[0]: key 'name' appears more than once"),
+    ],
+)
+def test_broken_style_files_are_one_message(refused_cli, tmp_path, content, expected):
+    path = tmp_path / "styles.json"
+    path.write_text(content)
+    assert_refused(refused_cli("style=file", f"style.file={path}", "style.name=x"), expected)
+
+
+def test_a_huge_style_file_with_a_nameless_preset_gets_a_short_message(refused_cli, tmp_path):
+    presets = [{"name": f"s{i}", "prompt": "{prompt}"} for i in range(100_000)]
+    presets[5]["name"] = ""
+    path = write_json(tmp_path / "styles.json", presets)
+    err = assert_refused(refused_cli("style=file", f"style.file={path}", "style.name=s1"))
+    assert "preset 6: no name" in err and len(err) < 400
+
+    presets[5]["name"] = "s5"
+    write_json(path, presets)
+    err = assert_refused(refused_cli("style=file", f"style.file={path}", "style.name=zzz"))
+    assert "(presets: s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 and 99990 more)" in err
+    assert len(err) < 600
+
+
+def test_a_thousand_problems_are_listed_twenty_and_counted(refused_cli, tmp_path):
+    path = write_json(tmp_path / "shots.json", [{"id": f"s{i}"} for i in range(1000)])
+    err = assert_refused(refused_cli(f"shotlist={path}"), "  ... and 980 more")
+    assert err.count("\n") == 22  # the head, 20 problems, the count
