@@ -25,6 +25,7 @@ from keyframes.config.compose import register_schema
 from keyframes.config.overrides import override_keys
 from keyframes.config.schema import CONF_DIR, Config
 from keyframes.errors import ConfigError, DiskFull, Interrupted, KeyframesError
+from keyframes.outputs.files import run_folder_problem
 from keyframes.outputs.folder_lock import LOCK_NAME, hold_folder, in_use
 from keyframes.outputs.manifest import read_run
 from keyframes.tracking.sweep import SweepJob, close_stopped_sweep, sweep_job
@@ -91,6 +92,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | 
         _remove_if_untouched(own_dir, {".hydra", log_name})
     experiment = sweep.experiment if sweep else plan.config.mlflow.experiment_name
     # the main process holds the folder: a second run into it stops here, touching nothing
+    if problem := run_folder_problem(run_dir):  # resume=true may have chosen another folder
+        raise ConfigError(problem)
     with hold_folder(run_dir) if procs.main else contextlib.nullcontext():
         ctx = prepare(plan, run_dir, overrides, experiment, asdict(sweep) if sweep else None,
                       procs)  # fmt: skip
@@ -206,7 +209,7 @@ def _check_keys(argv: list[str]) -> None:
     except KeyframesError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    _check_free_space(args.overrides, multirun=args.multirun)
+    _check_run_folder(args.overrides, multirun=args.multirun)
 
 
 def _check_sweep(overrides: list[str]) -> None:
@@ -221,12 +224,16 @@ def _check_sweep(overrides: list[str]) -> None:
         check_sweep(jobs, override_keys(overrides))
 
 
-def _check_free_space(overrides: list[str], multirun: bool) -> None:
-    """A disk already full where the run folder goes: one line, before Hydra writes (and
-    fails halfway through) its own files there."""
+def _check_run_folder(overrides: list[str], multirun: bool) -> None:
+    """Where the run folder goes: writable, not a dangling link or a file, and not a full disk.
+    One line, before Hydra writes (and fails halfway through) its own files there."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     where = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), "outputs")
     path = Path(where).expanduser().absolute()
+    problem = run_folder_problem(path)
+    if problem:
+        print(f"error: {key}={where}: {problem}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     while not path.exists():  # the nearest folder that exists: the one that would hold it
         path = path.parent
     free = shutil.disk_usage(path).free

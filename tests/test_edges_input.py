@@ -5,6 +5,7 @@ and exit code 2 before anything loads, never a traceback, a hang or a crash afte
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,48 @@ def test_a_thousand_problems_are_listed_twenty_and_counted(refused_cli, tmp_path
     path = write_json(tmp_path / "shots.json", [{"id": f"s{i}"} for i in range(1000)])
     err = assert_refused(refused_cli(f"shotlist={path}"), "  ... and 980 more")
     assert err.count("\n") == 22  # the head, 20 problems, the count
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(refused_cli, tmp_path):
+    taken = tmp_path / "taken"
+    (taken / "keyframes").parent.mkdir()
+    (taken / "keyframes").write_text("not a folder")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    cases = [
+        (taken, f"{taken / 'keyframes'} is not a folder; the run writes its keyframes in a folder"),
+        (dangling, f"{dangling} is a link to {tmp_path / 'nowhere'}, which does not exist"),
+        (Path("/proc/keyframes-run"), "cannot write in /proc"),  # a read-only place
+    ]
+    for folder, expected in cases:
+        result = refused_cli("experiment=smoke", f"hydra.run.dir={folder}")
+        assert result.returncode == 2 and "Traceback" not in result.output
+        assert result.stderr.startswith(f"error: hydra.run.dir={folder}: {expected}")
+        assert result.stderr.count("\n") == 1
+    assert (taken / "keyframes").read_text() == "not a folder"  # nothing touched
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "+sampler.options.beta_schedule=nope",
+            "DPMSolverMultistepScheduler refuses them: nope is not",
+        ),
+        (
+            "+sampler.options.solver_ordr=3",
+            "sampler.options.solver_ordr: DPMSolverMultistepScheduler "
+            "has no such option (the closest is solver_order)",
+        ),
+    ],
+)
+def test_sampler_options_are_checked_before_the_model_loads(
+    refused_cli, override, expected, monkeypatch
+):
+    import keyframes.pipeline.load
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before the options were checked")
+
+    monkeypatch.setattr(keyframes.pipeline.load, "load_pipeline", no_loading)
+    assert_refused(refused_cli("experiment=smoke", override), expected)

@@ -37,10 +37,11 @@ def prepare(plan: RunPlan, run_dir: Path, overrides: list[str], experiment: str 
         log.warning("shotlist %s: unknown fields kept as metadata: %s", shotlist.path,
                     ", ".join(shotlist.unknown_fields))  # fmt: skip
     # torch and diffusers load only once the input has passed: bad input fails in a second.
-    from keyframes.pipeline.load import resolve_placement
+    from keyframes.pipeline.load import check_sampler, resolve_placement
     from keyframes.pipeline.memory import plan_memory
     from keyframes.pipeline.speed import check_speed
 
+    check_sampler(cfg.sampler, cfg.steps)
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_speed(cfg.speed, placement.device)
     memory = plan_memory(

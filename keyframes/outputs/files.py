@@ -4,7 +4,9 @@ PNG is whole. Resume, the contact sheet and sync all ask here."""
 
 from __future__ import annotations
 
+import os
 import stat
+import tempfile
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -47,3 +49,29 @@ def keyframe_file(run_dir: Path, name: str) -> Path | None:
     """The whole PNG a manifest record names, inside run_dir; None otherwise."""
     path = inside(run_dir, name)
     return path if path is not None and whole_png(path) else None
+
+
+SUBFOLDERS = ("keyframes",)  # what a run makes inside its folder
+
+
+def run_folder_problem(path: Path) -> str | None:
+    """Why a run could not write its folder at `path` (None: it can): a dangling link, a file
+    in its place or in place of a folder it makes, a place that cannot be written. Checked
+    before anything is written, so that the run stops with one message, not a traceback."""
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a link to {os.readlink(path)}, which does not exist"
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    existing = next(p for p in [path, *path.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        return f"{existing} is a file, so no folder can be made below it"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror or e})"
+    for name in SUBFOLDERS:
+        inner = path / name
+        if (inner.exists() or inner.is_symlink()) and not inner.is_dir():
+            return f"{inner} is not a folder; the run writes its {name} in a folder of that name"
+    return None

@@ -266,12 +266,43 @@ def apply_sampler(pipe, sampler: SamplerConfig, base_config=None) -> None:
     base_config is the model's original scheduler config. A reused pipeline must start from it:
     built from the previous job's scheduler, `euler` after `dpmpp_2m_karras` would inherit
     use_karras_sigmas=True and make different images than `euler` alone."""
+    cls = scheduler_class(sampler)
+    pipe.scheduler = cls.from_config(base_config or pipe.scheduler.config, **sampler.options)
+
+
+def scheduler_class(sampler: SamplerConfig):
     import diffusers
 
     cls = getattr(diffusers, sampler.scheduler, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise ConfigError(f"sampler.scheduler={sampler.scheduler}: not a diffusers scheduler class")
-    pipe.scheduler = cls.from_config(base_config or pipe.scheduler.config, **sampler.options)
+    return cls
+
+
+def check_sampler(sampler: SamplerConfig, steps: int) -> None:
+    """The sampler's class and options, tried on the class's own defaults before any weights
+    load (cheap): an option the class does not have (from_config would drop it silently) or a
+    value it refuses is a ConfigError naming it."""
+    import inspect
+
+    cls = scheduler_class(sampler)
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(sampler.options) - known)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"the closest is {close[0]}" if close else f"it has: {', '.join(sorted(known))}"
+        raise ConfigError(
+            f"sampler.options.{unknown[0]}: {cls.__name__} has no such option ({hint})"
+        )
+    try:
+        cls(**sampler.options).set_timesteps(steps)
+    except Exception as e:  # noqa: BLE001 - NotImplementedError, ValueError, TypeError, ...
+        given = ", ".join(f"{k}={v}" for k, v in sampler.options.items())
+        raise ConfigError(
+            f"sampler.options ({given}): {cls.__name__} refuses them: {first_line(e)}"
+        ) from None
 
 
 @dataclass
