@@ -147,3 +147,64 @@ def test_sampler_options_are_checked_before_the_model_loads(
 
     monkeypatch.setattr(keyframes.pipeline.load, "load_pipeline", no_loading)
     assert_refused(refused_cli("experiment=smoke", override), expected)
+
+
+# --- names that clean up alike ------------------------------------------------------------
+
+
+def test_ids_that_clean_up_alike_keep_their_own_files_keys_and_grids(tmp_path):
+    from keyframes.shotlist.jobs import plan_jobs
+    from keyframes.shotlist.load import parse_shotlist
+    from keyframes.tracking.report import write_grids
+    from keyframes.tracking.results import JobResult
+    from keyframes.tracking.review import image_keys
+    from tests.helpers import image_record
+
+    ids = ["a/b", "a_b", "a\u200bb", "x", "x_t2", "A_B"]
+    shotlist = parse_shotlist({"scenes": [{"id": i, "description": "d"} for i in ids]})
+    jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 2)
+    assert len({job.file.lower() for job in jobs}) == len(jobs) == 12
+
+    records = [image_record(index=j.index, scene_id=j.scene_id, take=j.take) for j in jobs]
+    keys = image_keys(records)
+    assert len(set(keys.values())) == 12  # x take 2 and x_t2 take 1 too
+    assert keys[0] == "keyframes/a_b" and keys[2] == "keyframes/a_b-2"  # shotlist order
+    assert image_keys(records[::-1]) == keys  # the same keys whatever order they come in
+
+    from PIL import Image
+
+    pngs = []
+    for n in range(len(ids)):
+        pngs.append(tmp_path / f"{n}.png")
+        Image.new("RGB", (8, 8), (n * 40, 0, 0)).save(pngs[-1])
+    job = JobResult("0", {}, {}, None, scenes=ids, keyframes=dict(zip(ids, pngs, strict=True)))
+    grids = write_grids([job], [], tmp_path / "grids")
+    assert len({p.name.lower() for p in grids}) == len(ids)
+
+
+def test_unique_names_cost_no_more_when_every_id_cleans_up_alike():
+    """10,000 CJK ids all clean up to `scene`: counted in name comparisons, not seconds."""
+    from keyframes.shotlist import jobs
+
+    calls = []
+
+    def fold(name):
+        calls.append(1)
+        return name.lower()
+
+    names = jobs.make_unique(["scene"] * 10_000, fold=fold)
+    assert len(set(names)) == 10_000 and names[:3] == ["scene", "scene-2", "scene-3"]
+    assert len(calls) < 6 * 10_000  # quadratic was about 50 million
+    ids = [chr(0x4E00 + i) for i in range(10_000)]  # 一, 丁, ...
+    assert len(set(jobs.unique_safe_names(ids).values())) == 10_000
+
+
+def test_ids_with_invisible_or_look_alike_characters_are_warned_about():
+    from keyframes.shotlist.load import parse_shotlist
+
+    ids = ["a_b", "a\u200bb", "ｂoat", "Boat", "fine"]
+    shotlist = parse_shotlist({"scenes": [{"id": i, "description": "d"} for i in ids]})
+    assert shotlist.notes == (
+        "scenes[1].id 'a\\u200bb' holds invisible characters (U+200B)",
+        "scenes[3].id 'Boat' looks like scenes[2].id 'ｂoat'",
+    )

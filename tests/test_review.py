@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from keyframes.errors import ModelUnavailableError
 from keyframes.scoring.aesthetic import AestheticHead, load_aesthetic
-from keyframes.tracking.review import image_key, job_run_name
+from keyframes.tracking.review import image_keys, job_run_name
 from tests.helpers import image_record
 
 
@@ -121,7 +121,7 @@ def test_names_and_image_keys_stay_short_and_legal():
     )
     assert job_run_name({"cfg_scale": "7.403107579552539"}, 0) == "cfg=7.403 · #0"
     record = image_record(scene_id="lamp room #2 (night)", take=2)
-    assert image_key(record) == "keyframes/lamp room _2 _night__t2"
+    assert image_keys([record]) == {0: "keyframes/lamp room _2 _night__t2"}
 
 
 def test_the_aesthetic_head_loads_the_published_layout_and_refuses_others(tmp_path):

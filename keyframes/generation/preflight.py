@@ -33,6 +33,8 @@ def prepare(plan: RunPlan, run_dir: Path, overrides: list[str], experiment: str 
     for note in plan.notes:
         log.warning(note)
     shotlist, methods, jobs = check_plan(plan)
+    for note in shotlist.notes:
+        log.warning("shotlist %s: %s", shotlist.path, note)
     if shotlist.unknown_fields:
         log.warning("shotlist %s: unknown fields kept as metadata: %s", shotlist.path,
                     ", ".join(shotlist.unknown_fields))  # fmt: skip

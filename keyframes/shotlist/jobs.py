@@ -54,18 +54,27 @@ def safe_name(text: str, max_len: int = 48) -> str:
 
 
 def unique_safe_names(ids: list[str]) -> dict[str, str]:
-    """safe_name of each id; ids that clean up to the same name get -2, -3, ... suffixes."""
-    names: dict[str, str] = {}
+    """safe_name of each id; ids that clean up to the same name (also only in case: file
+    systems that ignore it) get -2, -3, ... suffixes."""
+    return dict(zip(ids, make_unique([safe_name(i) for i in ids], fold=str.lower), strict=True))
+
+
+def make_unique(names: list[str], fold=lambda name: name) -> list[str]:
+    """The names in order, each one that is already taken (compared after `fold`) with -2,
+    -3, ... added. Linear: 10,000 ids that all clean up to one name cost no more than 10,000
+    different ones."""
     taken: set[str] = set()
-    for scene_id in ids:
-        base = name = safe_name(scene_id)
-        n = 1
-        while name.lower() in taken:
+    last: dict[str, int] = {}  # per name: the suffix number it reached
+    out = []
+    for base in names:
+        name, n = base, last.get(fold(base), 1)
+        while fold(name) in taken:
             n += 1
             name = f"{base}-{n}"
-        taken.add(name.lower())
-        names[scene_id] = name
-    return names
+        last[fold(base)] = n
+        taken.add(fold(name))
+        out.append(name)
+    return out
 
 
 def plan_jobs(

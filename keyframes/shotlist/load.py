@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class Shotlist:
     sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     unknown_fields: tuple[str, ...] = ()  # e.g. "scenes[*].music", for one warning
+    notes: tuple[str, ...] = ()  # warnings: ids with invisible or look-alike characters
 
 
 def resolve_path(name: str) -> Path:
@@ -143,6 +145,7 @@ def parse_shotlist(
         sha256=sha256,
         extra=extra,
         unknown_fields=tuple(dict.fromkeys(unknown)),
+        notes=tuple(id_notes([scene.id for scene in scenes])),
     )
 
 
@@ -163,6 +166,26 @@ def _parse_scenes(raw: Any, characters: dict[str, Character], problems: list[str
         _check_unique_ids(raw, problems)  # also where a scene has other problems
         return [scene for scene in scenes if scene is not None]
     return []
+
+
+def id_notes(ids: list[str], limit: int = 10) -> list[str]:
+    """Scene ids a person would misread: with invisible characters (a zero-width space, a
+    control character), or the same as another id once look-alikes are folded (full-width
+    letters, ligatures, case). They still work; the warning says which is which."""
+    notes, seen = [], {}
+    for i, scene_id in enumerate(ids):
+        hidden = [c for c in scene_id if unicodedata.category(c) in ("Cf", "Cc", "Co", "Cn")
+                  or (c.isspace() and c != " ")]  # fmt: skip
+        if hidden:
+            codes = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(hidden))
+            notes.append(f"scenes[{i}].id {scene_id!r} holds invisible characters ({codes})")
+        plain = "".join(c for c in scene_id if c not in hidden)
+        folded = unicodedata.normalize("NFKC", plain).casefold()
+        if folded in seen:
+            j = seen[folded]
+            notes.append(f"scenes[{i}].id {scene_id!r} looks like scenes[{j}].id {ids[j]!r}")
+        seen.setdefault(folded, i)
+    return notes[:limit] + ([f"... and {len(notes) - limit} more"] if len(notes) > limit else [])
 
 
 def _check_unique_ids(raw: list, problems: list[str]) -> None:

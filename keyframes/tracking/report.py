@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from keyframes.outputs.atomic import atomic_write
 from keyframes.outputs.contact_sheet import fit_text, load_font
-from keyframes.shotlist.jobs import safe_name
+from keyframes.shotlist.jobs import safe_name, unique_safe_names
 from keyframes.tracking.results import (
     JobResult,
     as_number,
@@ -70,6 +70,7 @@ def write_grids(jobs: list[JobResult], keys: list[str], out_dir: Path) -> list[P
     """One X/Y grid per scene (and per combination of the keys beyond the two axes)."""
     col_key, row_key, fold_keys = grid_axes(jobs, keys)
     scenes = list(dict.fromkeys(s for job in jobs for s in job.scenes))
+    file_names = unique_safe_names(scenes)  # `a/b` and `a-b` must not share a grid
     folds = [sort_values(job.overrides.get(k, "") for job in jobs) for k in fold_keys]
     paths = []
     for fold in itertools.product(*folds):
@@ -79,7 +80,9 @@ def write_grids(jobs: list[JobResult], keys: list[str], out_dir: Path) -> list[P
             continue
         for scene in scenes:
             image = xy_grid(members, scene, col_key, row_key, fixed)
-            name = "__".join([safe_name(scene), *(safe_name(f"{k}-{v}") for k, v in fixed.items())])
+            name = "__".join(
+                [file_names[scene], *(safe_name(f"{k}-{v}") for k, v in fixed.items())]
+            )
             path = out_dir / f"{name}.png"
             atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
             paths.append(path)
@@ -160,6 +163,7 @@ def write_plots(jobs: list[JobResult], keys: list[str], out_dir: Path) -> list[P
     import matplotlib.pyplot as plt
 
     paths = []
+    file_names = unique_safe_names(keys)
     for key in keys:
         values = {job.overrides.get(key, "") for job in jobs}
         numeric = all(as_number(v) is not None for v in values)
@@ -188,7 +192,7 @@ def write_plots(jobs: list[JobResult], keys: list[str], out_dir: Path) -> list[P
             drawn[-1].legend(fontsize=7, loc="best")
         fig.suptitle(f"{' / '.join(label for _, label in PLOT_METRICS)} against {key}")
         fig.tight_layout()
-        path = out_dir / f"{safe_name(key)}.png"
+        path = out_dir / f"{file_names[key]}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
         plt.close(fig)

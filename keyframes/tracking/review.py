@@ -12,6 +12,7 @@ import zlib
 from urllib.parse import quote
 
 from keyframes.outputs.records import ImageRecord, RunInfo
+from keyframes.shotlist.jobs import make_unique
 
 # Tableau 10: ten colours people tell apart, for the jobs of a sweep in charts and the table
 JOB_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
@@ -54,12 +55,16 @@ def sweep_run_name(keys: list[str], jobs: int | None = None) -> str:
     return f"{name}, {jobs} job{'s' * (jobs != 1)}" if jobs is not None else name
 
 
-def image_key(record: ImageRecord) -> str:
-    """One scene (and take) across runs: the chart view's image grid compares runs per key.
-    MLflow allows letters, digits, _ - . space and / in a key."""
-    scene = re.sub(r"[^A-Za-z0-9_.\- ]", "_", record.scene_id)
-    take = f"_t{record.take}" if record.take > 1 else ""
-    return f"{IMAGE_SECTION}/{scene}{take}"
+def image_keys(records: list[ImageRecord]) -> dict[int, str]:
+    """Each image's key (by its index): one scene (and take) across runs, as the chart view's
+    image grid compares runs per key. MLflow allows letters, digits, _ - . space and / in a
+    key; ids that clean up to the same key (`a/b`, `a_b`; scene `x` take 2 and scene `x_t2`)
+    get -2, -3, ... in shotlist order, so the same shotlist gives the same keys in every run."""
+    ordered = sorted(records, key=lambda r: r.index)
+    bases = [re.sub(r"[^A-Za-z0-9_.\- ]", "_", r.scene_id) + (f"_t{r.take}" if r.take > 1 else "")
+             for r in ordered]  # fmt: skip
+    return {r.index: f"{IMAGE_SECTION}/{key}"
+            for r, key in zip(ordered, make_unique(bases), strict=True)}  # fmt: skip
 
 
 def _figure(value, unit: str = "", digits: int = 2) -> str:

@@ -58,12 +58,13 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
     run, images = manifest.run, manifest.images
     sweep = run.sweep or {}
     ok = [r for r in images if r.ok and keyframe_file(run_dir, r.file)]
+    keys = review.image_keys(images)  # over every image, so a failed one moves no other key
     return RunRecord(
         experiment=run.experiment,
         run_name=run_name(run, config),
         description=review.run_description(run, images, config),
         colour=review.JOB_COLOURS[sweep["job_num"] % len(review.JOB_COLOURS)] if sweep else None,
-        keyed_images=[(review.image_key(r), r.index, run_dir / r.file) for r in ok],
+        keyed_images=[(keys[r.index], r.index, run_dir / r.file) for r in ok],
         table=image_table(run_dir, ok),
         view_sort=config.get("objective", "clip_score_mean"),
         # unset (null) settings left out: the UI lists every param beside each run's name,
