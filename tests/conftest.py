@@ -14,6 +14,7 @@ import pytest
 import keyframes.run
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["pytester", "tests.loud_skips"]
 # A test that starts the real command in a subprocess is slow (5-50 s of interpreter start-up,
 # model build and MLflow store creation): `uv run pytest -m "not slow"` leaves these out.
 SLOW_FIXTURES = {"run_cli", "smoke_run", "smoke_sweep", "two_processes", "server"}

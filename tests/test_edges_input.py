@@ -208,3 +208,12 @@ def test_ids_with_invisible_or_look_alike_characters_are_warned_about():
         "scenes[1].id 'a\\u200bb' holds invisible characters (U+200B)",
         "scenes[3].id 'Boat' looks like scenes[2].id 'ｂoat'",
     )
+
+
+def test_browser_tests_that_cannot_run_are_said_loudly_at_the_end(pytester):
+    pytester.makepyfile(
+        'import pytest\n\ndef test_ui():\n    pytest.skip("Chromium is not installed")\n'
+    )
+    result = pytester.runpytest("-p", "tests.loud_skips")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*the MLflow UI was NOT tested*", "1 browser tests were skipped*"])

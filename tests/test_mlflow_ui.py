@@ -19,6 +19,7 @@ from PIL import Image
 
 from keyframes.tracking.review import review_url
 from tests.browser import Browser
+from tests.loud_skips import NO_BROWSER
 
 
 def free_port() -> int:
@@ -100,9 +101,7 @@ def test_server_serves_parent_children_metrics_and_images(server):
 def browser():  # a fresh profile each: what one test unfolds stays unfolded in a profile
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip(
-            "Chromium is not installed (.ci/run installs Debian's chromium package where it can)"
-        )
+        pytest.skip(NO_BROWSER)
     driver = Browser(chromium)
     yield driver
     driver.close()
@@ -150,7 +149,7 @@ def test_the_link_opens_the_runs_table_with_the_scores_and_names_that_differ(
     shot(browser, "runs_table.png", tmp_path)
 
 
-def test_a_run_page_shows_the_image_table_with_thumbnails(server, browser, tmp_path):
+def test_a_run_page_shows_the_image_table_with_thumbnails(browser, server, tmp_path):
     experiment_id, _, children = sweep_runs(server)
     run_id = children[0]["info"]["run_id"]
     page = review_url(server, experiment_id, run_id).replace(
@@ -167,7 +166,7 @@ def test_a_run_page_shows_the_image_table_with_thumbnails(server, browser, tmp_p
     shot(browser, "image_table.png", tmp_path)
 
 
-def test_the_chart_view_shows_each_scene_once_per_run_of_the_sweep(server, browser, tmp_path):
+def test_the_chart_view_shows_each_scene_once_per_run_of_the_sweep(browser, server, tmp_path):
     experiment_id, _, children = sweep_runs(server)
     text = open_review(browser, review_url(server, experiment_id, chart=True))
     images = (  # the scene's key as MLflow names its file: images/keyframes~opening+step+0+...

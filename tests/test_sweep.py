@@ -115,8 +115,13 @@ def test_job_from_manifest_reads_first_takes_and_scores(tmp_path: Path):
         ],
     )  # fmt: skip
     write_manifest(tmp_path / "4", manifest)
+    from PIL import Image
+
+    (tmp_path / "4" / "keyframes").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "4" / "keyframes" / "001_b_t1.png")
     result = job_from_manifest(tmp_path / "4" / "manifest.json")
     assert (result.name, result.run_id, result.overrides) == ("4", "r", {"steps": "3"})
     assert result.scenes == ["b", "a"]
-    assert result.keyframes["b"] == tmp_path / "4" / "keyframes/001_b_t1.png"
+    # a's PNG is not there: its grid cell says "no image"
+    assert result.keyframes == {"b": tmp_path / "4" / "keyframes/001_b_t1.png"}
     assert result.scores == {"b": 2.0}

