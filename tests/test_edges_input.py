@@ -217,3 +217,136 @@ def test_browser_tests_that_cannot_run_are_said_loudly_at_the_end(pytester):
     result = pytester.runpytest("-p", "tests.loud_skips")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*the MLflow UI was NOT tested*", "1 browser tests were skipped*"])
+
+
+# --- model files as users have them -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny SDXL pipeline as an original-layout single file (header and names are what
+    these checks read; the weights' size does not matter)."""
+    from keyframes.pipeline.sgm_layout import write_single_file
+    from tests.helpers import euler_tiny_pipe
+
+    return write_single_file(
+        euler_tiny_pipe(), tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    )
+
+
+def without(checkpoint: Path, prefix: str, folder: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / f"no_{prefix.rstrip('.').replace('.', '_')}.safetensors"
+    save_file({k: v for k, v in load_file(checkpoint).items() if not k.startswith(prefix)}, path)
+    return path
+
+
+def refuse_before_loading(refused_cli, monkeypatch, *overrides: str, expected: str) -> str:
+    import keyframes.pipeline.load
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model loaded before the files were checked")
+
+    monkeypatch.setattr(keyframes.pipeline.load, "load_pipeline", no_loading)
+    return assert_refused(refused_cli("experiment=smoke", *overrides), expected)
+
+
+@pytest.mark.parametrize(
+    "prefix, expected",
+    [
+        (
+            "first_stage_model.",
+            "this checkpoint holds no VAE (first_stage_model.*). Give the VAE "
+            "with model.vae=/path/to/sdxl_vae.safetensors",
+        ),
+        (
+            "conditioner.embedders.1.",
+            "this checkpoint holds no second text encoder (conditioner.embedders.1.model.*)",
+        ),
+        (
+            "conditioner.embedders.0.",
+            "this checkpoint holds no first text encoder (conditioner.embedders.0.transformer.*)",
+        ),
+        ("model.diffusion_model.", "this checkpoint holds no UNet (model.diffusion_model.*)"),
+    ],
+)
+def test_a_checkpoint_missing_a_part_says_which(refused_cli, monkeypatch, checkpoint, tmp_path,
+                                                prefix, expected):  # fmt: skip
+    path = without(checkpoint, prefix, tmp_path)
+    refuse_before_loading(refused_cli, monkeypatch, "model=local", f"model.path={path}",
+                          expected=f"model.path={path}: {expected}")  # fmt: skip
+
+
+def test_files_that_are_not_what_their_names_say_are_named_for_what_they_are(
+    refused_cli, monkeypatch, checkpoint, tmp_path
+):
+    import torch
+
+    renamed = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, renamed)  # a .ckpt given a new name
+    refuse_before_loading(
+        refused_cli, monkeypatch, "model=local", f"model.path={renamed}",
+        expected=f"{renamed} is not a safetensors file but a PyTorch pickle archive",
+    )  # fmt: skip
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(checkpoint.read_bytes()[:5000])  # a download that broke off
+    refuse_before_loading(refused_cli, monkeypatch, "model=local", f"model.path={cut}",
+                          expected="is a damaged safetensors file")  # fmt: skip
+
+
+def test_a_vae_file_is_checked_before_loading(refused_cli, monkeypatch, checkpoint, tmp_path):
+    from keyframes.pipeline.sgm_layout import write_vae_file
+    from tests.helpers import euler_tiny_pipe
+
+    good = write_vae_file(euler_tiny_pipe().vae, tmp_path / "good" / "sdxl_vae.safetensors")
+    model = ("model=local", f"model.path={checkpoint}")
+    not_a_vae = without(checkpoint, "first_stage_model.", tmp_path)
+    refuse_before_loading(refused_cli, monkeypatch, *model, f"model.vae={not_a_vae}",
+                          expected="not a VAE (no encoder.* and decoder.* tensors)")  # fmt: skip
+    missing = tmp_path / "sdxl_vae.safetensors"
+    refuse_before_loading(refused_cli, monkeypatch, *model, f"model.vae={missing}",
+                          expected=f"model.vae={missing}: no such file")  # fmt: skip
+    pickled = tmp_path / "vae.bin"
+    pickled.write_bytes(b"\x80\x04K.")
+    refuse_before_loading(refused_cli, monkeypatch, *model, f"model.vae={pickled}",
+                          expected="is a pickle (.bin), which can run code when loaded")  # fmt: skip
+    from keyframes.config.model_source import check_source
+    from keyframes.config.schema import ModelConfig
+
+    # the published layout (stabilityai/sdxl-vae's file) passes; it loads in test_replicas.py
+    check_source(ModelConfig(name="local", path=str(checkpoint), vae=str(good)))
+
+
+def test_a_damaged_aesthetic_head_is_refused_before_loading(refused_cli, monkeypatch, tmp_path):
+    bad = tmp_path / "head.pth"
+    bad.write_bytes(b"\x80\x04\x95 not really a pickle")
+    refuse_before_loading(refused_cli, monkeypatch, f"scorer.aesthetic={bad}",
+                          expected=f"{bad} is not a readable weights file")  # fmt: skip
+
+
+def test_pickles_are_refused_wherever_a_path_takes_weights(refused_cli, monkeypatch, tmp_path):
+    """The README's rule, everywhere: .safetensors, or a pickle only with model.allow_pickle."""
+    from keyframes.conditioning.loras import check_loras
+    from keyframes.config.schema import LoraConfig
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04K.")
+    refuse_before_loading(refused_cli, monkeypatch, f"+loras=[{{path: {lora}}}]",
+                          expected="pytorch_lora_weights.bin is a pickle (.bin)")  # fmt: skip
+    check_loras([LoraConfig(path=str(lora))], allow_pickle=True)  # allowed: it loads
+
+    adapter = tmp_path / "ip"
+    (adapter / "sdxl_models" / "image_encoder").mkdir(parents=True)
+    (adapter / "sdxl_models" / "ip-adapter_sdxl.safetensors").write_bytes(b"x")
+    (adapter / "sdxl_models" / "image_encoder" / "pytorch_model.bin").write_bytes(b"x")
+    refuse_before_loading(
+        refused_cli, monkeypatch, "consistency=ip_adapter", f"consistency.ip_adapter_path={adapter}",
+        expected="the image encoder in " + str(adapter) + "/sdxl_models/image_encoder is a pickle",
+    )  # fmt: skip
+    refuse_before_loading(
+        refused_cli, monkeypatch, "consistency=ip_adapter", f"consistency.ip_adapter_path={adapter}",
+        "consistency.ip_adapter_weight=ip-adapter_sdxl.bin",
+        expected="consistency.ip_adapter_weight: ip-adapter_sdxl.bin is a pickle (.bin)",
+    )  # fmt: skip

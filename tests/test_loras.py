@@ -98,7 +98,7 @@ def test_records_and_png_metadata_carry_name_scale_and_hash(setup):
 def test_bad_lora_paths_fail_before_loading(tmp_path):
     pickle = tmp_path / "style.ckpt"
     pickle.write_bytes(b"x")
-    with pytest.raises(ConfigError, match="only .safetensors LoRA files"):
+    with pytest.raises(ConfigError, match=r"is a pickle \(.ckpt\), which can run code"):
         check_loras([LoraConfig(path=str(pickle))])
     with pytest.raises(ConfigError, match="no such file"):
         check_loras([LoraConfig(path=str(tmp_path / "missing.safetensors"))])

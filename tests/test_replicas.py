@@ -15,6 +15,7 @@ from tests.conftest import read_manifest, run_keyframes
 from tests.helpers import assert_same_picture, pixel_gap, write_json
 
 SMALL = ("width=64", "height=64", "steps=2")  # the README's command, only these lowered
+NO_VAE = "sdxl_single_file_no_vae.safetensors"  # the SDXL single file, its VAE left out
 
 
 @pytest.fixture(scope="session")
@@ -114,11 +115,20 @@ CASES = {
                          lambda m: m["run"]["model_family"] == "sdxl"),
     "sd15_single_file": ({"model": "local"}, {"model": {"path": replicas.SD15_SINGLE_FILE}}, None,
                          lambda m: m["run"]["model_family"] == "sd15"),
+    # a checkpoint shared without its VAE, and the VAE as its own file (sdxl_vae.safetensors)
+    "sdxl_vae_file": ({"model": "local"}, {"model": {"path": NO_VAE, "vae": replicas.SDXL_VAE_FILE},
+                                           "shotlist": "demo"}, None,
+                      lambda m: m["run"]["model_family"] == "sdxl"),
 }  # fmt: skip
 
 
 def _case_configs(folder: Path, files: Path) -> Path:
     """One experiment file per case (like conf/experiment/smoke.yaml), and the shotlists."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(files / replicas.SDXL_SINGLE_FILE)
+    save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")},
+              files / NO_VAE)  # fmt: skip
     (folder / "experiment").mkdir(parents=True)
     Image.new("RGB", (64, 64), (200, 200, 200)).save(folder / "control.png")
     for case, (groups, values, control, _) in CASES.items():
@@ -131,7 +141,7 @@ def _case_configs(folder: Path, files: Path) -> Path:
                               {"title": "replicas", "scenes": scenes})  # fmt: skip
         values = {"shotlist": str(shotlist), **values}
         if "path" in values.get("model", {}):
-            values = {**values, "model": {"path": str(files / values["model"]["path"])}}
+            values = {**values, "model": {k: str(files / v) for k, v in values["model"].items()}}
         config = {"defaults": [{f"override /{g}": option} for g, option in groups.items()],
                   **values}  # fmt: skip
         text = "# @package _global_\n" + json.dumps(config)  # JSON is YAML
@@ -179,6 +189,9 @@ def test_a_single_file_checkpoint_makes_the_pixels_of_the_repo_it_was_written_fr
     preset = pictures(default_run.run_dir if family == "sdxl" else case_runs["sd15"])
     for a, b in zip(single, preset, strict=True):
         assert_same_picture(a, b, f"{family} single file vs its repo")
+    if family == "sdxl":  # the same weights, the VAE given as a file of its own
+        for a, b in zip(pictures(case_runs["sdxl_vae_file"]), single, strict=True):
+            assert_same_picture(a, b, "checkpoint + model.vae file vs the whole checkpoint")
 
 
 def test_a_kohya_lora_makes_the_pixels_of_the_same_lora_in_diffusers_format(replica_home):

@@ -16,6 +16,7 @@ from PIL import Image
 
 from keyframes.conditioning.base import BatchHook, Method, register
 from keyframes.config.schema import ConsistencyConfig
+from keyframes.config.weights import ALLOW, pickle_problem
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.shotlist.jobs import ImageJob
 from keyframes.shotlist.load import Shotlist
@@ -39,25 +40,41 @@ def assign_references(
     return out
 
 
-def missing_adapter(consistency: ConsistencyConfig) -> str | None:
+def missing_adapter(consistency: ConsistencyConfig, allow_pickle: bool = False) -> str | None:
     """Pre-flight: why the adapter weights cannot be had (a local copy, the hub cache, or the
-    hub when it answers). The first keyframe may be made before the adapter loads; a missing
-    adapter must not stop the run halfway."""
+    hub when it answers), or may not be loaded (a pickle: the adapter's .bin, or an image
+    encoder kept as pytorch_model.bin, which transformers would fall back to). The first
+    keyframe may be made before the adapter loads; a missing adapter must not stop the run
+    halfway."""
     from keyframes.pipeline import hub
 
-    name = f"{consistency.ip_adapter_subfolder}/{consistency.ip_adapter_weight}"
-    if consistency.ip_adapter_path:
-        found = (Path(consistency.ip_adapter_path).expanduser() / name).is_file()
-    else:
-        found = hub.cached(consistency.ip_adapter_id, name) is not None or hub.reachable()
-    if found:
-        return None
-    where = consistency.ip_adapter_path or consistency.ip_adapter_id
-    return (
-        f"consistency=ip_adapter: {where} has no {name}.\n  Download it: uv run hf "
-        f'download {consistency.ip_adapter_id} --include "{consistency.ip_adapter_subfolder}/*"'
-        " (or set consistency.ip_adapter_path)."
-    )
+    sub, where = consistency.ip_adapter_subfolder, consistency.ip_adapter_path
+    refused = pickle_problem(Path(consistency.ip_adapter_weight), "consistency.ip_adapter_weight",
+                             allow_pickle)  # fmt: skip
+    if refused:
+        return refused
+
+    def have(name: str) -> bool:
+        if where:
+            return (Path(where).expanduser() / name).is_file()
+        return hub.cached(consistency.ip_adapter_id, name) is not None
+
+    name = f"{sub}/{consistency.ip_adapter_weight}"
+    if not (have(name) or (not where and hub.reachable())):
+        return (
+            f"consistency=ip_adapter: {where or consistency.ip_adapter_id} has no {name}.\n"
+            f"  Download it: uv run hf download {consistency.ip_adapter_id} --include "
+            f'"{sub}/*" (or set consistency.ip_adapter_path).'
+        )
+    encoder = f"{sub}/image_encoder"
+    pickled = not have(f"{encoder}/model.safetensors") and have(f"{encoder}/pytorch_model.bin")
+    if pickled and not allow_pickle:
+        return (
+            f"consistency=ip_adapter: the image encoder in {where or consistency.ip_adapter_id}/"
+            f"{encoder} is a pickle (pytorch_model.bin), which can run code when loaded. Put its "
+            f"model.safetensors there, or set {ALLOW} if you trust its source."
+        )
+    return None
 
 
 def load_adapter(pipe, consistency: ConsistencyConfig) -> None:
@@ -120,7 +137,7 @@ class IpAdapter(Method):
         return self.planned
 
     def missing_weights(self) -> str | None:
-        return missing_adapter(self.settings)
+        return missing_adapter(self.settings, self.plan.config.model.allow_pickle)
 
     def stages(self, todo: list[ImageJob], planned: list[ImageJob], run_dir) -> list[list]:
         first = planned[0]

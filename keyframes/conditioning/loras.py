@@ -9,6 +9,7 @@ from pathlib import Path
 
 from keyframes.conditioning.base import Method, register
 from keyframes.config.schema import LoraConfig
+from keyframes.config.weights import PICKLE_SUFFIXES, pickle_problem, safetensors_keys
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 
 log = logging.getLogger("keyframes")
@@ -23,8 +24,9 @@ def _local(lora: LoraConfig) -> Path | None:
     return path if path.exists() else None
 
 
-def check_loras(loras: list[LoraConfig]) -> None:
-    """Before anything loads: local files exist and are safetensors; names are distinct."""
+def check_loras(loras: list[LoraConfig], allow_pickle: bool = False) -> None:
+    """Before anything loads: local files exist and are safetensors (a pickle only where
+    allowed, also the one a folder would fall back to); names are distinct."""
     names = [lora_name(lora) for lora in loras]
     if len(set(names)) < len(names):
         raise ConfigError(f"loras: two adapters share a name ({', '.join(names)}); set name=")
@@ -32,8 +34,25 @@ def check_loras(loras: list[LoraConfig]) -> None:
         path = _local(lora)
         if path is None and (lora.path.startswith((".", "/", "~")) or lora.path.count("/") != 1):
             raise ConfigError(f"loras: {lora.path}: no such file (nor a hub id like org/repo)")
-        if path is not None and path.is_file() and path.suffix != ".safetensors":
-            raise ConfigError(f"loras: {lora.path}: only .safetensors LoRA files are loaded")
+        if path is not None and path.is_dir():
+            path = _folder_file(path, lora)
+        if path is not None and path.is_file():
+            refused = pickle_problem(path, "loras", allow_pickle)
+            if refused:
+                raise ConfigError(refused)
+            if path.suffix.lower() not in PICKLE_SUFFIXES:
+                safetensors_keys(path, "loras")  # a renamed pickle or a cut-off download
+
+
+def _folder_file(folder: Path, lora: LoraConfig) -> Path | None:
+    """The file diffusers would load from a LoRA folder: weight_name, else its safetensors
+    file, else the pickle it falls back to."""
+    if lora.weight_name:
+        return folder / lora.weight_name
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def short_sha256(path: Path) -> str:
@@ -56,15 +75,16 @@ def lora_records(loras: list[LoraConfig]) -> list[dict]:
     return records
 
 
-def apply_loras(pipe, loras: list[LoraConfig], fuse: bool) -> None:
+def apply_loras(pipe, loras: list[LoraConfig], fuse: bool, allow_pickle: bool = False) -> None:
     """Load every adapter and set its scale (fused into the weights if asked)."""
     for lora in loras:
         source, weight_name = lora.path, lora.weight_name
         path = _local(lora)
         if path is not None and path.is_file():
             source, weight_name = str(path.parent), path.name
-        try:
-            pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=lora_name(lora))
+        try:  # use_safetensors=True: no silent fall-back to a pickle
+            pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=lora_name(lora),
+                                   use_safetensors=None if allow_pickle else True)  # fmt: skip
         except (OSError, ValueError) as e:
             remove_loras(pipe, fused=False)
             raise ModelUnavailableError(
@@ -93,13 +113,13 @@ class Loras(Method):
     """loras=[...]: every adapter at its scale, optionally fused into the weights."""
 
     def prepare(self, jobs: list, shotlist) -> list:
-        check_loras(self.settings)
+        check_loras(self.settings, self.plan.config.model.allow_pickle)
         self.records = lora_records(self.settings)
         return jobs
 
     def install(self, loaded, todo) -> None:
         fuse = self.plan.config.fuse_loras
-        apply_loras(loaded.pipe, self.settings, fuse)
+        apply_loras(loaded.pipe, self.settings, fuse, self.plan.config.model.allow_pickle)
         log.info("LoRA: %s%s", prompt_tags(self.records), " (fused)" if fuse else "")
 
     def remove(self, pipe) -> None:

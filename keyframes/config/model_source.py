@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from keyframes.config.schema import ModelConfig
+from keyframes.config.weights import PICKLE_SUFFIXES, pickle_problem, safetensors_keys
 from keyframes.errors import ConfigError
 
-SAFE_SUFFIXES = (".safetensors",)
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
 # Where a single-file checkpoint's pipeline configs (not weights) come from unless model.config
 # says otherwise: the family's base repo, the one diffusers itself infers for full-size files.
@@ -21,18 +21,99 @@ CONFIG_REPOS = {
 
 
 def check_source(model: ModelConfig) -> None:
-    """Cheap checks that need no weights: run before anything is written."""
-    if model.tiny or model.architecture or not model.path:
+    """Cheap checks that need no weights: run before anything is written. Every local file
+    the model settings name is looked at (format, pickles, the parts a checkpoint holds)."""
+    if model.tiny or model.architecture:
         return
+    problems = []
+    if model.path:
+        problems += _path_problems(model)
+    if model.vae and _local(model.vae):
+        problems += _vae_problems(model)
+    if model.unet and _local(model.unet):
+        problems += _file_problems(Path(model.unet).expanduser(), "model.unet", model)
+    if problems:
+        raise (
+            ConfigError(problems[0])
+            if len(problems) == 1
+            else ConfigError("the model's files cannot be used:", problems)
+        )
+
+
+def _local(spec: str) -> bool:
+    """A path rather than a hub id (org/repo, org/repo/file)."""
+    path = Path(spec).expanduser()
+    return path.exists() or path.is_symlink() or spec.startswith((".", "/", "~"))
+
+
+def _file_problems(path: Path, what: str, model: ModelConfig) -> list[str]:
+    """A weights file: there, and a safetensors file (or an allowed pickle)."""
+    if not path.is_file():
+        return [f"{what}={path}: no such file"]
+    refused = pickle_problem(path, what, model.allow_pickle)
+    if refused or path.suffix.lower() in PICKLE_SUFFIXES:
+        return [refused] if refused else []
+    try:
+        safetensors_keys(path, what)
+    except ConfigError as e:
+        return [str(e)]
+    return []
+
+
+def _path_problems(model: ModelConfig) -> list[str]:
     path = Path(model.path).expanduser()
     if not path.exists():
-        raise ConfigError(f"model.path={model.path}: no such file or folder")
-    if path.is_file() and path.suffix.lower() not in SAFE_SUFFIXES and not model.allow_pickle:
-        raise ConfigError(
-            f"model.path={model.path}: only .safetensors checkpoints are loaded "
-            f"(a {path.suffix or 'suffix-less'} file is a pickle, which can run code when loaded). "
-            "Convert it to safetensors, or set model.allow_pickle=true if you trust its source."
-        )
+        return [f"model.path={model.path}: no such file or folder"]
+    if path.is_dir():
+        return []
+    problems = _file_problems(path, "model.path", model)
+    if problems or path.suffix.lower() in PICKLE_SUFFIXES:
+        return problems
+    keys = safetensors_keys(path, "model.path")
+    missing = missing_parts(keys, _family_from_keys(keys, path), vae_given=bool(model.vae))
+    if missing:
+        return [f"model.path={model.path}: this checkpoint holds no {' and no '.join(missing)}"
+                + (". Give the VAE with model.vae=/path/to/sdxl_vae.safetensors"
+                   if missing == [PARTS["vae"][1]] else "")]  # fmt: skip
+    return []
+
+
+def _vae_problems(model: ModelConfig) -> list[str]:
+    path = Path(model.vae).expanduser()
+    if path.is_dir():
+        return []
+    problems = _file_problems(path, "model.vae", model)
+    if problems or path.suffix.lower() in PICKLE_SUFFIXES:
+        return problems
+    keys = safetensors_keys(path, "model.vae")
+    if not any(k.startswith(("encoder.", "first_stage_model.encoder.")) for k in keys) or not any(
+        k.startswith(("decoder.", "first_stage_model.decoder.")) for k in keys
+    ):
+        return [f"model.vae={model.vae}: not a VAE (no encoder.* and decoder.* tensors)"]
+    return []
+
+
+# What a single-file checkpoint holds, by the prefix of its tensor names: (prefix, as said)
+PARTS = {
+    "unet": ("model.diffusion_model.", "UNet (model.diffusion_model.*)"),
+    "vae": ("first_stage_model.", "VAE (first_stage_model.*)"),
+    "te1_sdxl": ("conditioner.embedders.0.transformer.",
+                 "first text encoder (conditioner.embedders.0.transformer.*)"),
+    "te2_sdxl": ("conditioner.embedders.1.model.",
+                 "second text encoder (conditioner.embedders.1.model.*)"),
+    "te_sd15": ("cond_stage_model.transformer.", "text encoder (cond_stage_model.transformer.*)"),
+}  # fmt: skip
+
+
+def missing_parts(keys: list[str], family: str, vae_given: bool) -> list[str]:
+    """The parts an original-layout checkpoint of `family` lacks, as a message names them.
+    Files in diffusers' own names are left to the loader."""
+    if not any(k.startswith(("model.diffusion_model.", "conditioner.", "cond_stage_model.",
+                             "first_stage_model.")) for k in keys):  # fmt: skip
+        return []
+    needed = ["unet", "te1_sdxl", "te2_sdxl"] if family == "sdxl" else ["unet", "te_sd15"]
+    needed += [] if vae_given else ["vae"]
+    return [PARTS[p][1] for p in needed if not any(k.startswith(PARTS[p][0]) for k in keys)]
 
 
 def resolve_family(model: ModelConfig) -> str:
@@ -46,7 +127,7 @@ def resolve_family(model: ModelConfig) -> str:
     path = Path(model.path).expanduser() if model.path else None
     if path is not None and path.is_dir():
         return _family_of_index(path / "model_index.json", model.path)
-    if path is not None and path.suffix.lower() in SAFE_SUFFIXES:
+    if path is not None and path.suffix.lower() == ".safetensors":
         return _family_of_checkpoint(path)
     if path is None and model.id:
         try:
@@ -75,22 +156,26 @@ def _family_of_index(index: Path, source: str) -> str:
 
 
 def _family_of_checkpoint(path: Path) -> str:
-    """The original (non-diffusers) checkpoint layouts: SD 1.x keeps its CLIP text model under
-    cond_stage_model.transformer, SDXL two encoders under conditioner.embedders.0/1."""
-    from safetensors import safe_open
+    return _family_from_keys(safetensors_keys(path, "model.path"), path)
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:  # noqa: BLE001 - unreadable: the loader gives the full message
-        return "sdxl"
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd15"
-    if any(k.startswith(("conditioner.", "cond_stage_model.model.")) for k in keys):
+
+def _family_from_keys(keys: list[str], path: Path) -> str:
+    """The original (non-diffusers) checkpoint layouts: SD 1.x keeps its CLIP text model under
+    cond_stage_model.transformer, SDXL two encoders under conditioner.embedders.0/1, the SDXL
+    refiner only OpenCLIP bigG (conditioner.embedders.0.model), SD 2.x cond_stage_model.model."""
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         raise ConfigError(
-            f"model.path={path}: an SDXL refiner or SD 2.x checkpoint; keyframes runs SDXL "
-            "and SD 1.5 text-to-image checkpoints (the SDXL refiner goes in upscale=refiner)"
+            f"model.path={path}: an SDXL refiner checkpoint; keyframes runs SDXL and SD 1.5 "
+            "text-to-image checkpoints (the SDXL refiner goes in upscale=refiner)"
         )
+    if has("cond_stage_model.model."):
+        raise ConfigError(
+            f"model.path={path}: an SD 2.x checkpoint (OpenCLIP ViT-H text encoder); keyframes "
+            "runs SDXL and SD 1.5 text-to-image checkpoints"
+        )
+    if has("conditioner.embedders."):
+        return "sdxl"
+    if has("cond_stage_model.transformer."):
+        return "sd15"
     return "sdxl"  # diffusers-named tensors or unknown: the SDXL loader tries

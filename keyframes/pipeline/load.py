@@ -139,18 +139,7 @@ def _load_weights(model: ModelConfig, family: str, dtype: torch.dtype):
     # decodes the latents itself (NaN checks), as for SDXL, which has none: it is not loaded.
     extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
     if model.vae:
-        from diffusers import AutoencoderKL
-
-        try:
-            extra["vae"] = AutoencoderKL.from_pretrained(
-                model.vae, dtype=dtype, use_safetensors=safe
-            )
-        except (OSError, ValueError) as e:
-            raise ModelUnavailableError(
-                f"model.vae={model.vae} is not available: {first_line(e)}\n"
-                "  Give a diffusers VAE folder or a cached hub id "
-                "(e.g. madebyollin/sdxl-vae-fp16-fix), or drop model.vae."
-            ) from None
+        extra["vae"] = _load_vae(model, family, dtype, safe)
     try:
         if _single_file(model):
             configs = model.config or CONFIG_REPOS[family]
@@ -163,6 +152,36 @@ def _load_weights(model: ModelConfig, family: str, dtype: torch.dtype):
         return pipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(_unavailable_message(model, e)) from None
+
+
+def _load_vae(model: ModelConfig, family: str, dtype: torch.dtype, safe: bool | None):
+    """model.vae: a single file as most are shared (sdxl_vae.safetensors, in the original
+    layout, its config from the model's configs), a diffusers VAE folder or a hub id."""
+    from diffusers import AutoencoderKL
+
+    try:
+        if Path(model.vae).expanduser().is_file():
+            return AutoencoderKL.from_single_file(
+                str(Path(model.vae).expanduser()), config=vae_configs(model, family),
+                subfolder="vae", dtype=dtype,
+            )  # fmt: skip
+        return AutoencoderKL.from_pretrained(model.vae, dtype=dtype, use_safetensors=safe)
+    except (OSError, ValueError) as e:
+        raise ModelUnavailableError(
+            f"model.vae={model.vae} is not available: {first_line(e)}\n"
+            "  Give a VAE .safetensors file, a diffusers VAE folder or a cached hub id "
+            "(e.g. madebyollin/sdxl-vae-fp16-fix), or drop model.vae."
+        ) from None
+
+
+def vae_configs(model: ModelConfig, family: str) -> str:
+    """Where a single VAE file's config comes from: the model's own folder or repo, else the
+    family's base repo (model.config overrides both)."""
+    if model.config:
+        return model.config
+    if model.path and Path(model.path).expanduser().is_dir():
+        return model.path
+    return model.id if model.id and not model.path else CONFIG_REPOS[family]
 
 
 def _replace_unet_weights(pipe, source: str) -> None:
@@ -213,7 +232,17 @@ def missing_model(model: ModelConfig) -> str | None:
     if model.unet and not Path(model.unet).expanduser().is_file():  # org/repo/file on the hub
         repo, _, name = model.unet.rpartition("/")
         problems.append(hub.missing(repo, name, f"model.unet of {model.name}", name))
-    if model.vae and not Path(model.vae).expanduser().is_dir():  # a hub id
+    vae = Path(model.vae).expanduser() if model.vae else None
+    if vae is not None and vae.is_file():  # a single file: its config comes from a repo
+        configs = vae_configs(model, resolve_family(model))
+        local = Path(configs).expanduser().is_dir()
+        if not local and hub.cached(configs, "vae/config.json") is None and not hub.reachable():
+            problems.append(
+                f"model.vae={model.vae}: a single VAE file takes its config from {configs}, "
+                f"which is not in {hub.where()}.\n  Download it: uv run hf download {configs} "
+                '--include "*.json" "*.txt" (or set model.config to a local diffusers folder).'
+            )
+    elif vae is not None and not vae.is_dir():  # a hub id
         include = '"*.json" "*.safetensors"'
         problems.append(hub.missing(model.vae, "config.json", "model.vae", include))
     from_hub = model.id and not (model.tiny or model.architecture or model.path)

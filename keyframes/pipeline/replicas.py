@@ -164,15 +164,18 @@ SD15_SINGLE_FILE = "sd15_single_file.safetensors"
 LORA_KOHYA = "sdxl_lora_kohya.safetensors"  # the same LoRA in kohya's layout ...
 LORA_DIFFUSERS = "sdxl_lora_diffusers.safetensors"  # ... and in diffusers'
 EMBEDDING = "sdxl_embedding.safetensors"  # textual inversion: clip_l and clip_g, 2 vectors
+SDXL_VAE_FILE = "sdxl_vae.safetensors"  # a VAE alone, original layout (as stabilityai/sdxl-vae)
 
 
 def write_community_files(folder: Path, base, sd15) -> None:
     """Single-file checkpoints of the SDXL and SD 1.5 replicas (their weights are those of the
-    repos' fp16 files), one LoRA in kohya's and diffusers' layouts, an SDXL embedding."""
-    from keyframes.pipeline.sgm_layout import write_single_file
+    repos' fp16 files), the SDXL VAE as a file of its own, one LoRA in kohya's and diffusers'
+    layouts, an SDXL embedding."""
+    from keyframes.pipeline.sgm_layout import write_single_file, write_vae_file
 
     folder.mkdir(parents=True, exist_ok=True)
     write_single_file(base, folder / SDXL_SINGLE_FILE)
+    write_vae_file(base.vae, folder / SDXL_VAE_FILE)
     write_single_file(sd15, folder / SD15_SINGLE_FILE)
     _write_lora_pair(base, folder)
     write_sdxl_embedding(base, folder / EMBEDDING)

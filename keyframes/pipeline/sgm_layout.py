@@ -196,3 +196,14 @@ def write_single_file(pipe, path: Path, dtype: torch.dtype = torch.float16) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, path)
     return path
+
+
+def write_vae_file(vae, path: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A VAE on its own as the SDXL VAE is shared (stabilityai/sdxl-vae's sdxl_vae.safetensors,
+    the fp16-fix's): the original layout's names, without the checkpoint's first_stage_model."""
+    from safetensors.torch import save_file
+
+    state = {k: v.to(dtype).contiguous() for k, v in _vae_state(vae).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, path)
+    return path

@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from keyframes.errors import ModelUnavailableError
+from keyframes.errors import ModelUnavailableError, first_line
 
 HIDDEN = (1024, 128, 64, 16)  # the published head; its state dict: layers.{0,2,4,6,7}
 DROPOUT = (0.2, 0.2, 0.1)
@@ -46,13 +46,7 @@ def load_aesthetic(spec: str | None, width: int) -> AestheticHead | None:
             torch.manual_seed(0)
             head = AestheticHead(width)
         return head.eval()
-    path = weights_file(spec)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = head_state(spec, weights_file(spec))
     head = AestheticHead(width)
     try:
         head.load_state_dict(state)
@@ -65,14 +59,37 @@ def load_aesthetic(spec: str | None, width: int) -> AestheticHead | None:
 
 
 def missing_aesthetic(spec: str | None) -> str | None:
-    """Pre-flight: why the aesthetic head cannot be had (None: it can, or none is asked for)."""
+    """Pre-flight: why the aesthetic head cannot be had or read (None: it can, or none is
+    asked for). It is 3.7 MB: reading it here costs nothing and catches a damaged file."""
     if spec in (None, "tiny"):
         return None
     try:
-        weights_file(spec)
+        head_state(spec, weights_file(spec))
     except ModelUnavailableError as e:
         return str(e)
     return None
+
+
+def head_state(spec: str, path: str) -> dict[str, torch.Tensor]:
+    """The head's tensors, checked to be the published head's (any embedding width)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, a zip or safetensors error, ...
+        raise ModelUnavailableError(
+            f"scorer.aesthetic={spec}: {path} is not a readable weights file ({first_line(e)})"
+        ) from None
+    expected = set(AestheticHead(8).state_dict())
+    if not isinstance(state, dict) or set(state) != expected:
+        raise ModelUnavailableError(
+            f"scorer.aesthetic={spec}: {path} is not the LAION aesthetic head (its tensors are "
+            f"layers.0/2/4/6/7 weight and bias)"
+        )
+    return state
 
 
 def weights_file(spec: str) -> str:
