@@ -85,8 +85,12 @@ def test_family_is_read_from_a_folder_or_a_checkpoints_tensor_names(sd15, tmp_pa
         assert resolve_family(ModelConfig(name="local", path=str(path))) == family
     refiner = tmp_path / "refiner.safetensors"
     save_file({"conditioner.embedders.0.model.x": torch.zeros(1)}, refiner)
-    with pytest.raises(ConfigError, match="refiner or SD 2.x"):
+    with pytest.raises(ConfigError, match="an SDXL refiner checkpoint"):
         resolve_family(ModelConfig(name="local", path=str(refiner)))
+    sd2 = tmp_path / "sd2.safetensors"
+    save_file({"cond_stage_model.model.x": torch.zeros(1)}, sd2)
+    with pytest.raises(ConfigError, match="an SD 2.x checkpoint"):
+        resolve_family(ModelConfig(name="local", path=str(sd2)))
     (tmp_path / "img2img").mkdir()
     index = {"_class_name": "StableDiffusionXLImg2ImgPipeline"}
     (tmp_path / "img2img" / "model_index.json").write_text(json.dumps(index))
