@@ -31,7 +31,7 @@ def check_source(model: ModelConfig) -> None:
     if model.vae and _local(model.vae):
         problems += _vae_problems(model)
     if model.unet and _local(model.unet):
-        problems += _file_problems(Path(model.unet).expanduser(), "model.unet", model)
+        problems += _read_file(Path(model.unet).expanduser(), "model.unet", model)[0]
     if problems:
         raise (
             ConfigError(problems[0])
@@ -46,18 +46,18 @@ def _local(spec: str) -> bool:
     return path.exists() or path.is_symlink() or spec.startswith((".", "/", "~"))
 
 
-def _file_problems(path: Path, what: str, model: ModelConfig) -> list[str]:
-    """A weights file: there, and a safetensors file (or an allowed pickle)."""
+def _read_file(path: Path, what: str, model: ModelConfig) -> tuple[list[str], list[str] | None]:
+    """(problems, tensor names) of a weights file: there, and a safetensors file (names read
+    from its header) or an allowed pickle (no names: it is not opened before loading)."""
     if not path.is_file():
-        return [f"{what}={path}: no such file"]
+        return [f"{what}={path}: no such file"], None
     refused = pickle_problem(path, what, model.allow_pickle)
     if refused or path.suffix.lower() in PICKLE_SUFFIXES:
-        return [refused] if refused else []
+        return ([refused] if refused else []), None
     try:
-        safetensors_keys(path, what)
+        return [], safetensors_keys(path, what)
     except ConfigError as e:
-        return [str(e)]
-    return []
+        return [str(e)], None
 
 
 def _path_problems(model: ModelConfig) -> list[str]:
@@ -66,10 +66,9 @@ def _path_problems(model: ModelConfig) -> list[str]:
         return [f"model.path={model.path}: no such file or folder"]
     if path.is_dir():
         return []
-    problems = _file_problems(path, "model.path", model)
-    if problems or path.suffix.lower() in PICKLE_SUFFIXES:
+    problems, keys = _read_file(path, "model.path", model)
+    if problems or keys is None:
         return problems
-    keys = safetensors_keys(path, "model.path")
     missing = missing_parts(keys, _family_from_keys(keys, path), vae_given=bool(model.vae))
     if missing:
         return [f"model.path={model.path}: this checkpoint holds no {' and no '.join(missing)}"
@@ -82,13 +81,12 @@ def _vae_problems(model: ModelConfig) -> list[str]:
     path = Path(model.vae).expanduser()
     if path.is_dir():
         return []
-    problems = _file_problems(path, "model.vae", model)
-    if problems or path.suffix.lower() in PICKLE_SUFFIXES:
+    problems, keys = _read_file(path, "model.vae", model)
+    if problems or keys is None:
         return problems
-    keys = safetensors_keys(path, "model.vae")
-    if not any(k.startswith(("encoder.", "first_stage_model.encoder.")) for k in keys) or not any(
-        k.startswith(("decoder.", "first_stage_model.decoder.")) for k in keys
-    ):
+    parts = [any(k.startswith((p, f"first_stage_model.{p}")) for k in keys)
+             for p in ("encoder.", "decoder.")]  # fmt: skip
+    if not all(parts):
         return [f"model.vae={model.vae}: not a VAE (no encoder.* and decoder.* tensors)"]
     return []
 
