@@ -350,3 +350,11 @@ def test_pickles_are_refused_wherever_a_path_takes_weights(refused_cli, monkeypa
         "consistency.ip_adapter_weight=ip-adapter_sdxl.bin",
         expected="consistency.ip_adapter_weight: ip-adapter_sdxl.bin is a pickle (.bin)",
     )  # fmt: skip
+    net = tmp_path / "controlnet"
+    net.mkdir()
+    (net / "config.json").write_text("{}")
+    (net / "diffusion_pytorch_model.bin").write_bytes(b"x")
+    refuse_before_loading(
+        refused_cli, monkeypatch, "controlnet=canny_sdxl", f"controlnet.path={net}",
+        expected="controlnet.path: " + str(net / "diffusion_pytorch_model.bin") + " is a pickle",
+    )  # fmt: skip

@@ -9,6 +9,7 @@ with a control run through the model's ControlNet pipeline (SDXL or SD 1.5) made
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from PIL import Image
 
 from keyframes.conditioning.base import BatchHook, Method, register
 from keyframes.config.schema import CONTROL_TYPES, FAMILIES, ControlNetConfig
+from keyframes.config.weights import pickle_problem
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.shotlist.jobs import ImageJob
 
@@ -56,7 +58,21 @@ def check_controls(jobs: list[ImageJob], control: ControlNetConfig) -> list[str]
     return []
 
 
-def load_controlnet(control: ControlNetConfig, unet, dtype: torch.dtype):
+def local_controlnet_problem(folder: Path, allow_pickle: bool) -> str | None:
+    """A diffusers ControlNet folder: its config and its weights, a pickle only if allowed."""
+    what = f"controlnet.path={folder}"
+    if not (folder / "config.json").is_file():
+        return f"{what}: no config.json (a diffusers ControlNet folder holds it and its weights)"
+    if any(folder.glob("diffusion_pytorch_model*.safetensors")):
+        return None
+    pickled = sorted(folder.glob("diffusion_pytorch_model*.bin"))
+    if not pickled:
+        return f"{what}: no diffusion_pytorch_model.safetensors"
+    return pickle_problem(pickled[0], "controlnet.path", allow_pickle)
+
+
+def load_controlnet(control: ControlNetConfig, unet, dtype: torch.dtype,
+                    allow_pickle: bool = False):  # fmt: skip
     from diffusers import ControlNetModel
 
     if control.tiny:  # tests: a ControlNet copied from the tiny UNet
@@ -73,8 +89,8 @@ def load_controlnet(control: ControlNetConfig, unet, dtype: torch.dtype):
                     torch.nn.init.zeros_(module.bias)
         return net.to(dtype)
     try:
-        return ControlNetModel.from_pretrained(
-            control.path or control.id, dtype=dtype, use_safetensors=True
+        return ControlNetModel.from_pretrained(  # the README's pickle rule
+            control.path or control.id, dtype=dtype, use_safetensors=None if allow_pickle else True
         )
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(
@@ -153,8 +169,11 @@ class ControlNet(Method):
         from keyframes.pipeline import hub
 
         control = self.settings
-        if control.tiny or control.path:
-            return None  # a local folder: the loader names what it lacks
+        if control.tiny:
+            return None
+        if control.path:
+            return local_controlnet_problem(Path(control.path).expanduser(),
+                                            self.plan.config.model.allow_pickle)  # fmt: skip
         return hub.missing(control.id, "config.json", f"controlnet={control.name}",
                            '--include "*.json" "*.safetensors"')  # fmt: skip
 
@@ -162,7 +181,9 @@ class ControlNet(Method):
         pipe = loaded.pipe
         self.net = None
         if any(job.control for job in todo):
-            self.net = load_controlnet(self.settings, pipe.unet, pipe.unet.dtype).to(pipe.device)
+            allow = self.plan.config.model.allow_pickle
+            net = load_controlnet(self.settings, pipe.unet, pipe.unet.dtype, allow)
+            self.net = net.to(pipe.device)
 
     def begin_stage(self, pipe, stage: int) -> BatchHook | None:
         # made per stage: from_pipe copies the components there are at that moment

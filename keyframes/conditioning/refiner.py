@@ -27,7 +27,7 @@ def refiner_source(upscale: UpscaleConfig) -> str:
     return "tiny" if upscale.tiny else upscale.path or upscale.id or "?"
 
 
-def load_refiner(base, upscale: UpscaleConfig):
+def load_refiner(base, upscale: UpscaleConfig, allow_pickle: bool = False):
     """The SDXL refiner pipeline, sharing the base's text encoder 2 and VAE, on its device."""
     if upscale.tiny:  # tests and smoke runs: random weights shaped like the refiner
         from keyframes.pipeline.tiny import build_tiny_refiner
@@ -43,7 +43,7 @@ def load_refiner(base, upscale: UpscaleConfig):
             text_encoder_2=base.text_encoder_2,
             vae=base.vae,
             dtype=base.unet.dtype,
-            use_safetensors=True,
+            use_safetensors=None if allow_pickle else True,  # the README's pickle rule
             **kwargs,
         )
     except (OSError, ValueError) as e:
@@ -99,12 +99,12 @@ class Refiner(BatchHook):
                            inputs["steps"], inputs["cfg_scale"])  # fmt: skip
 
 
-def cached_refiner(loaded, upscale: UpscaleConfig):
+def cached_refiner(loaded, upscale: UpscaleConfig, allow_pickle: bool = False):
     """The SDXL refiner for this base pipeline, loaded once per process and placed like it."""
     key = (upscale.tiny, upscale.path, upscale.id, upscale.variant)
     if key not in loaded.refiners:
         start = time.perf_counter()
-        refiner = load_refiner(loaded.pipe, upscale)
+        refiner = load_refiner(loaded.pipe, upscale, allow_pickle)
         loaded.refiners = {
             key: apply_memory_mode(refiner, loaded.memory_mode, loaded.placement.device)
         }
@@ -149,8 +149,9 @@ class SdxlRefiner(Method):
                            f'--include "*.json" "*.txt" {files}')  # fmt: skip
 
     def install(self, loaded, todo: list) -> None:
-        self.hook = Refiner(cached_refiner(loaded, self.settings), self.settings,
-                            self.plan.config.long_prompts)  # fmt: skip
+        cfg = self.plan.config
+        refiner = cached_refiner(loaded, self.settings, cfg.model.allow_pickle)
+        self.hook = Refiner(refiner, self.settings, cfg.long_prompts)
 
     def begin_stage(self, pipe, stage: int) -> BatchHook:
         return self.hook
