@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from keyframes.config.schema import TrackingConfig
-from keyframes.errors import KeyframesError
+from keyframes.errors import KeyframesError, first_line
 from keyframes.tracking.sync import read_run_dir, sync_run_dir
 
 
@@ -27,19 +27,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--tracking-uri", help="default: the one the run was configured with")
     args = parser.parse_args(argv)
+    uri = args.tracking_uri
     try:
         _, config = read_run_dir(args.run_dir)
+        mlflow = dict(config.get("mlflow") or {})  # a config.yaml of an earlier version: none
+        uri = mlflow["tracking_uri"] = args.tracking_uri or mlflow.get("tracking_uri")
+        if not uri:
+            raise KeyframesError(f"{args.run_dir}/config.yaml names no store: give --tracking-uri")
         tracking = OmegaConf.to_object(
-            OmegaConf.merge(OmegaConf.structured(TrackingConfig), config["mlflow"])
+            OmegaConf.merge(OmegaConf.structured(TrackingConfig), mlflow)
         )
-        if args.tracking_uri:
-            tracking.tracking_uri = args.tracking_uri
         run_id, created = sync_run_dir(args.run_dir, tracking)
     except KeyframesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - the store's own errors: unreachable, refused, ...
+        print(f"error: the MLflow store {uri} could not be written ({first_line(e)}); "
+              f"{args.run_dir} is unchanged, try again later", file=sys.stderr)  # fmt: skip
+        return 2
     what = "logged" if created else "already logged, nothing to do:"
-    print(f"{what} MLflow run {run_id} ({tracking.tracking_uri})")
+    print(f"{what} MLflow run {run_id} ({uri})")
     return 0
 
 

@@ -173,3 +173,26 @@ def test_compare_checks_its_output_folder_before_printing(tmp_path, capsys):
                                   "--out", str(a_file), capsys=capsys)  # fmt: skip
     assert code == 2 and out == ""
     assert err.strip() == f"error: --out {a_file}: not a folder (it is a file)"
+
+
+def test_sync_to_a_store_that_does_not_answer_is_one_message(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from keyframes.outputs.manifest import write_manifest
+    from keyframes.outputs.records import Manifest
+    from keyframes.sync import main as sync_main
+    from tests.helpers import image_record, run_record
+
+    run_dir = tmp_path / "run"
+    write_manifest(run_dir, Manifest(run_record(status="finished", run_key="k"), [image_record()]))
+    (run_dir / "config.yaml").write_text("steps: 30\ncfg_scale: 7\nseed: 1\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    code = sync_main([str(run_dir), "--tracking-uri", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(
+        f"error: the MLflow store http://127.0.0.1:{port} could not"
+    )
+    assert "Traceback" not in err and err.count("\n") == 1
