@@ -233,19 +233,22 @@ def test_an_unknown_key_is_exit_2_naming_the_closest_known_one(cli_in_process, o
 
 
 @pytest.mark.parametrize(
-    "tensor, kind",
-    [("model.diffusion_model.input_blocks.0.0.weight", "SDXL"),
-     ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "SD 1.5")],
+    "text_encoders, kind",
+    [(["conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x"], "SDXL"),
+     (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], "SD 1.5")],
 )  # fmt: skip
 def test_single_file_checkpoint_without_configs_offline_says_what_to_set(
-    run_cli, tmp_path, tensor, kind
+    run_cli, tmp_path, text_encoders, kind
 ):
-    """The pipeline class follows the checkpoint: SD 1.x tensor names load as SD 1.5."""
+    """The pipeline class follows the checkpoint: SD 1.x tensor names load as SD 1.5. (One
+    tensor per part: the file holds every part, so what it lacks is the configs.)"""
     import torch
     from safetensors.torch import save_file
 
     checkpoint = tmp_path / "my-model.safetensors"
-    save_file({tensor: torch.zeros(4, 4, 3, 3)}, checkpoint)
+    tensors = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.x",
+               *text_encoders]  # fmt: skip
+    save_file({t: torch.zeros(4, 4, 3, 3) for t in tensors}, checkpoint)
     result = run_cli("model=local", f"model.path={checkpoint}", "scorer=none",
                      env={"HF_HOME": str(tmp_path / "empty-hf-home")})  # fmt: skip
     assert_nothing_written(result)
