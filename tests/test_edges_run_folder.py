@@ -60,6 +60,7 @@ def test_a_journal_line_cut_inside_a_character_loses_only_that_line(cli_in_proce
 def test_a_damaged_or_missing_keyframe_is_made_again_and_nothing_else(cli_in_process):
     code, err, run_dir, store = cli_in_process(*QUICK)
     assert code == 0, err[-2000:]
+    [first] = store_runs(store)
     files = [run_dir / r["file"] for r in read_manifest(run_dir)["images"]]
     os.truncate(files[1], 500)  # `truncate -s 500`: on record, unreadable
     files[2].unlink()  # on record, gone
@@ -73,8 +74,9 @@ def test_a_damaged_or_missing_keyframe_is_made_again_and_nothing_else(cli_in_pro
     assert [p for p, t in mtimes.items() if p.stat().st_mtime_ns != t] == [files[1]]
     manifest = read_manifest(run_dir)
     assert manifest["run"]["status"] == "finished" and len(manifest["images"]) == 7
-    [run] = store_runs(store)
+    [run] = store_runs(store)  # logged anew (its images changed), not beside the first
     assert run.info.status == "FINISHED" and run.data.metrics["images"] == 7
+    assert run.info.run_id != first.info.run_id
     uploaded = artifact_names(f"sqlite:///{store}", run.info.run_id)
     assert [n for n in uploaded if n.startswith("keyframes/")] == [
         f"keyframes/{p.name}" for p in files

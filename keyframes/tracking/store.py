@@ -29,6 +29,7 @@ THUMBNAIL = 384  # px, longest side, of the keyed images (MLflow adds a 256 px w
 TABLE_THUMBNAIL = 256
 SWEEP_TAG = "keyframes.sweep"  # marks a sweep's parent run
 KEY_TAG = "keyframes.run_key"  # one MLflow run per run directory
+CONTENT_TAG = "keyframes.images_sha256"  # what its images' records were when it was logged
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RunRecord:
     parent_run_id: str | None = None  # set for the jobs of a sweep
     status: str = "FINISHED"  # FINISHED | FAILED (some images failed) | KILLED (interrupted)
     key: str = ""  # identifies the run directory's run: logging it again changes nothing
+    content: str = ""  # a digest of its image records: a resume that remade one logs anew
     replaces: str | None = None  # remake=true: the key of the run this one replaces
     description: str = ""  # Markdown, on the run page
     colour: str | None = None  # "#rrggbb"; None: MLflow's own
@@ -71,9 +73,10 @@ def _artifact_location(cfg: TrackingConfig) -> str | None:
 
 
 def log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
-    """(run id, created?). A run with the same key and status is left alone; one with the same
-    key and another status (an interrupted run that has been resumed, a logging attempt that
-    broke off) is replaced. SQLite's "database is locked" is retried a few times."""
+    """(run id, created?). A run with the same key, status and image records is left alone; one
+    with the same key and another status (an interrupted run that has been resumed, a logging
+    attempt that broke off) or other records (a resume that made a damaged keyframe again) is
+    replaced. SQLite's "database is locked" is retried a few times."""
     return _retry_when_locked(lambda: _log_run(cfg, record))
 
 
@@ -84,13 +87,16 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     experiment_id = _experiment_id(client, cfg, record.experiment)
     if record.key:
         for old in client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{record.key}'"):
-            if old.info.status == record.status:
+            same = old.data.tags.get(CONTENT_TAG, record.content) == record.content
+            if old.info.status == record.status and same:
                 return old.info.run_id, False
             client.delete_run(old.info.run_id)
     if record.replaces:
         for old in client.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{record.replaces}'"):
             client.delete_run(old.info.run_id)
     tags = {**record.tags, KEY_TAG: record.key} if record.key else dict(record.tags)
+    if record.content:
+        tags[CONTENT_TAG] = record.content
     if record.parent_run_id:
         tags[PARENT_TAG] = record.parent_run_id
     if record.description:

@@ -83,6 +83,9 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
         parent_run_id=sweep.get("parent_run_id"),
         status=STATUS.get(run.status, "FINISHED"),
         key=run.run_key,
+        content=hashlib.sha256(
+            json.dumps([r.to_json() for r in images], sort_keys=True).encode()
+        ).hexdigest()[:20],
         replaces=run.replaces_run_key,
     )
 
