@@ -91,9 +91,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | 
     if own_dir != run_dir:  # Hydra made this process its own: drop it
         _remove_if_untouched(own_dir, {".hydra", log_name})
     experiment = sweep.experiment if sweep else plan.config.mlflow.experiment_name
-    # the main process holds the folder: a second run into it stops here, touching nothing
     if problem := run_folder_problem(run_dir):  # resume=true may have chosen another folder
         raise ConfigError(problem)
+    # the main process holds the folder: a second run into it stops here, touching nothing
     with hold_folder(run_dir) if procs.main else contextlib.nullcontext():
         ctx = prepare(plan, run_dir, overrides, experiment, asdict(sweep) if sweep else None,
                       procs)  # fmt: skip

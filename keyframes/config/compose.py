@@ -22,24 +22,26 @@ def compose(overrides: list[str]) -> Config:
 
 
 @contextlib.contextmanager
-def composer():
+def composer(hydra_config: bool = False):
     """A function from overrides to settings, as many times as needed under one Hydra
-    initialisation; each call raises on its own when its overrides do not compose."""
+    initialisation; each call raises on its own when its overrides do not compose.
+    hydra_config: the composed DictConfig with Hydra's own settings, not the typed Config."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     register_schema()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield lambda overrides: OmegaConf.to_object(hydra_compose("config", overrides=overrides))
+        if hydra_config:
+            yield lambda overrides: hydra_compose("config", overrides, return_hydra_config=True)
+        else:
+            yield lambda overrides: OmegaConf.to_object(hydra_compose("config", overrides))
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]] | None:
     """The override lists of the jobs a multirun will start, in Hydra's order, when Hydra's
     basic sweeper makes them (every combination of the swept values); None where another
     sweeper (Optuna) picks each job as it goes."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -49,10 +51,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]] | None:
                                               max_batch_size=None)  # fmt: skip
     except HydraException:  # a range or interval: only a search sweeper can take it
         return None
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with composer(hydra_config=True) as settings_of:
         try:
-            first = hydra_compose("config", overrides=jobs[0], return_hydra_config=True)
+            first = settings_of(jobs[0])
         except HydraException:
             return jobs  # the check of each job says what is wrong
     return jobs if first.hydra.sweeper._target_.endswith(".BasicSweeper") else None

@@ -100,16 +100,14 @@ def _thumbnail(run_dir: Path, record: ImageRecord, width: int, height: int) -> I
     there. A damaged file never stops the sheet (nor the run that draws it)."""
     w = min(THUMB_WIDTH, width)
     h = max(1, round(w * height / width))
-    why = "failed"
-    if record.ok:
-        path = keyframe_file(run_dir, record.file)
-        why = "unreadable" if path is None else why
-        try:
-            if path is not None:
-                with Image.open(path) as image:
-                    return image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
-        except (OSError, ValueError):  # whole on disk, yet it does not decode
-            why = "unreadable"
+    path = keyframe_file(run_dir, record.file) if record.ok else None
+    try:
+        if path is not None:
+            with Image.open(path) as image:
+                return image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS)
+    except (OSError, ValueError):  # whole on disk, yet it does not decode
+        pass
+    why = "unreadable" if record.ok else "failed"
     cell = Image.new("RGB", (w, h), (60, 20, 20))
     ImageDraw.Draw(cell).text((8, 8), why, fill=(255, 180, 180), font=load_font(14))
     return cell

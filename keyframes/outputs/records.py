@@ -270,5 +270,11 @@ def iso(timestamp: float) -> str:
 
 def run_key(ctx) -> str:
     """Names this run in MLflow, so logging the same run directory twice changes nothing."""
-    text = f"{ctx.plan.config_hash}:{ctx.shotlist.sha256}:{ctx.started}:{ctx.run_dir.resolve()}"
+    return derive_run_key(ctx.plan.config_hash, ctx.shotlist.sha256, ctx.started, ctx.run_dir)
+
+
+def derive_run_key(config_hash: str, shotlist_sha256: str, started, run_dir) -> str:
+    """A run key from what made the run, when it began and where (also for a manifest of an
+    earlier version, written before keys were recorded)."""
+    text = f"{config_hash}:{shotlist_sha256}:{started}:{run_dir.resolve()}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -17,7 +17,7 @@ from keyframes.errors import KeyframesError, first_line
 from keyframes.outputs.atomic import is_temporary
 from keyframes.outputs.files import inside, keyframe_file, regular_file
 from keyframes.outputs.manifest import load_manifest, write_manifest
-from keyframes.outputs.records import ImageRecord, Manifest, RunInfo
+from keyframes.outputs.records import ImageRecord, Manifest, RunInfo, derive_run_key
 from keyframes.tracking import review
 from keyframes.tracking.results import parse_overrides, settings_used
 from keyframes.tracking.store import RunRecord
@@ -179,8 +179,7 @@ def fill_older_run(run: RunInfo, config: dict[str, Any], run_dir: Path) -> None:
     if not run.experiment:
         run.experiment = (config.get("mlflow") or {}).get("experiment_name") or run.title
     if not run.run_key:
-        text = f"{run.config_hash}:{run.shotlist_sha256}:{run.started_at}:{run_dir.resolve()}"
-        run.run_key = hashlib.sha256(text.encode()).hexdigest()[:20]
+        run.run_key = derive_run_key(run.config_hash, run.shotlist_sha256, run.started_at, run_dir)
 
 
 def _ms(iso: str) -> int:
