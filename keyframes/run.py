@@ -35,6 +35,8 @@ log = logging.getLogger("keyframes")
 register_schema()
 
 _task_started = False  # tells a config error (exit 2) from a crash inside the run (exit 1)
+_in_job = False  # a stop signal inside a job stops it at once; elsewhere it waits (_interrupt)
+_stop_requested = False
 EXIT_BAD_INPUT = 2
 EXIT_IMAGES_FAILED = 3
 EXIT_DISK_FULL = 4
@@ -45,8 +47,15 @@ MIN_FREE_BYTES = 1_000_000  # less than this where the run folder goes: not even
 # An absolute path: the same configs whether this runs as `-m keyframes.run` or is imported.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    global _task_started
-    _task_started = True
+    global _task_started, _in_job
+    _task_started = _in_job = True
+    try:
+        return _job(cfg)
+    finally:
+        _in_job = False
+
+
+def _job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep = sweep_job(hydra_cfg.sweep.dir, hydra_cfg.job.num) if multirun else None
@@ -54,6 +63,7 @@ def main(cfg: DictConfig) -> float | None:
     log_name = f"{hydra_cfg.job.name}.log"
     sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else None
     try:
+        _stop_if_requested()  # a stop that came while Hydra composed this job
         result = run(cfg, run_dir, list(hydra_cfg.overrides.task), sweep, log_name, sweep_dir)
     except (KeyframesError, KeyboardInterrupt, DiskFull, Interrupted) as e:
         sys.exit(_stopped(e, run_dir, log_name))
@@ -192,7 +202,19 @@ def _remove_if_untouched(run_dir: Path, bookkeeping: set[str]) -> None:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends a run the way Ctrl-C does: cleanly
+    """SIGTERM ends a run the way Ctrl-C does: cleanly. Inside a job it stops at once (the
+    render loop keeps what is finished). In Hydra's own code (composing a sweep's next job) an
+    exception thrown into OmegaConf's half-done work comes out as an unrelated error, exit 1;
+    there the stop waits for the next safe point, unless the signal comes a second time."""
+    global _stop_requested
+    if _in_job or _stop_requested:
+        raise KeyboardInterrupt
+    _stop_requested = True
+
+
+def _stop_if_requested() -> None:
+    if _stop_requested:
+        raise KeyboardInterrupt
 
 
 def _check_keys(argv: list[str]) -> None:
@@ -246,13 +268,18 @@ def _check_run_folder(overrides: list[str], multirun: bool) -> None:
 
 def cli() -> None:
     """Hydra exits 1 on a config it cannot compose; that is bad input, so exit 2 instead."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    global _stop_requested
+    _stop_requested = False
+    signals = (signal.SIGTERM, signal.SIGINT)
+    before = [signal.signal(s, _interrupt) for s in signals]
     # Hydra's parser wants flags before the overrides; let `experiment=smoke -m steps=2,3` work.
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in flags]
     try:
         _check_keys(sys.argv[1:])
+        _stop_if_requested()
         main()
+        _stop_if_requested()  # after the last job, while Hydra closed the sweep
     except SystemExit as e:
         if e.code not in (0, None):  # a sweep ends here too: its parent run says how
             close_stopped_sweep("KILLED" if e.code == EXIT_INTERRUPTED else "FAILED")
@@ -263,7 +290,9 @@ def cli() -> None:
         close_stopped_sweep("KILLED")
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-
+    finally:
+        for number, handler in zip(signals, before, strict=True):
+            signal.signal(number, handler)
 
 if __name__ == "__main__":
     cli()

@@ -198,3 +198,44 @@ def test_a_sweep_stopped_midway_ends_its_parent_run_killed_with_what_finished(tm
     assert parent.info.status == "KILLED"
     assert parent.data.metrics["jobs"] >= 1  # the summary of what finished
     assert (sweep_dir / "summary" / "summary.csv").is_file()
+
+
+def test_a_stop_while_hydra_composes_the_next_job_waits_for_that_job(
+    tmp_path, monkeypatch, capsys, empty_store
+):
+    """A SIGTERM that landed inside OmegaConf's merge of a sweep's next job came out as an
+    unrelated error ("'NoneType' object has no attribute '_invalidate_flags_cache'", exit 1,
+    parent run left RUNNING). Hydra's work now finishes, and the stop comes at the job's start.
+    """
+    import shutil
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from tests.conftest import cli_here
+
+    compose, composed = ConfigLoaderImpl.load_sweep_config, []
+
+    def compose_under_a_signal(self, master_config, sweep_overrides):
+        # Hydra composes each job twice: to check the batch, then to launch it. The signal
+        # comes as the second job is composed to launch; the first is finished and logged.
+        if composed.count(sweep_overrides) == 1 and "steps=3" in sweep_overrides:
+            os.kill(os.getpid(), signal.SIGTERM)  # Python handles it before the next line
+        sweep_config = compose(self, master_config, sweep_overrides)
+        composed.append(sweep_overrides)
+        return sweep_config
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config", compose_under_a_signal)
+    monkeypatch.chdir(tmp_path)
+    sweep_dir, store = tmp_path / "sweep", tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, store)
+    code, out, err = cli_here(
+        ["experiment=smoke", "-m", "steps=2,3", "scorer=none", f"hydra.sweep.dir={sweep_dir}",
+         f"mlflow.tracking_uri=sqlite:///{store}"], monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 130, err[-2000:]
+    assert len(composed) == 4  # the signal did not cut Hydra's composition short
+    assert "Traceback" not in err and "NoneType" not in out + err
+    assert read_manifest(sweep_dir / "0")["run"]["status"] == "finished"
+    assert not (sweep_dir / "1").exists()  # the stopped job left nothing behind
+    [parent] = [r for r in store_runs(store) if r.data.tags.get("keyframes.sweep") == "true"]
+    assert parent.info.status == "KILLED" and parent.data.metrics["jobs"] == 1
