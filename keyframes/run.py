@@ -294,5 +294,6 @@ def cli() -> None:
         for number, handler in zip(signals, before, strict=True):
             signal.signal(number, handler)
 
+
 if __name__ == "__main__":
     cli()

@@ -171,9 +171,10 @@ def test_deepcache_settings_are_checked_and_change_the_resume_hash():
     from keyframes.config.plan import config_hash
 
     validate(settings("speed=deepcache", "speed.deepcache_branch=1"))  # SDXL: three levels
+    validate(settings("model=tiny", "speed=deepcache", "speed.deepcache_branch=1"))  # tiny too
     for overrides, problem in (
         (("speed.deepcache_interval=0",), "speed.deepcache_interval=0: must be at least 1"),
-        (("model=tiny", "speed=deepcache", "speed.deepcache_branch=1"), "must be 0..0"),
+        (("speed=deepcache", "speed.deepcache_branch=2"), "must be 0..1"),
     ):
         with pytest.raises(ConfigError) as info:
             validate(settings(*overrides))

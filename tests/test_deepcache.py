@@ -140,9 +140,9 @@ def test_feature_reuse_under_a_guidance_interval_reuses_the_conditional_half(mad
 
 
 def test_a_branch_the_unet_does_not_have_is_refused():
-    pipe = euler_tiny_pipe()  # two levels: branch 0 only
-    with pytest.raises(ValueError, match="branch 1: this UNet has branches 0..0"):
-        with feature_reuse(pipe.unet, 4, 3, branch=1):
+    pipe = euler_tiny_pipe()  # three levels, as SDXL's: branches 0 and 1
+    with pytest.raises(ValueError, match="branch 2: this UNet has branches 0..1"):
+        with feature_reuse(pipe.unet, 4, 3, branch=2):
             pass
     assert "forward" not in pipe.unet.__dict__
 

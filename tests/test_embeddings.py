@@ -15,7 +15,7 @@ from keyframes.outputs.png import read_png_metadata
 from keyframes.pipeline.long_prompts import prompt_tokens
 from keyframes.pipeline.replicas import write_sdxl_embedding
 from tests.conftest import read_manifest
-from tests.helpers import demo_jobs, euler_tiny_pipe, pixel_gap
+from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe, pixel_gap
 from tests.test_loras import image
 
 
@@ -130,3 +130,74 @@ def test_an_sdxl_embedding_for_an_sd15_model_stops_with_exit_2(setup, cli_in_pro
     code, err, run_dir, _ = cli_in_process("model.family=sd15", f"+embeddings=[{{path: {path}}}]")
     assert code == 2 and "an SDXL embedding (clip_l, clip_g), but the model is SD 1.5" in err
     assert not run_dir.exists()
+
+
+END_TOKEN = 49407  # <|endoftext|> in CLIP's vocabulary (the published configs say 2)
+
+
+def reference_conditioning(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning computed here by the rule A1111, ComfyUI and kohya follow: each
+    encoder's penultimate hidden states side by side, and the pooled vector of encoder 2 at
+    the first end token, through its projection. Not through transformers' pooling."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
+                               (pipe.tokenizer_2, pipe.text_encoder_2)):  # fmt: skip
+        words = pipe.maybe_convert_prompt(text, tokenizer)
+        ids = tokenizer(words, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        end = int((ids[0] == END_TOKEN).nonzero()[0])
+        pooled = out.last_hidden_state[:, end]
+    with torch.no_grad():
+        return torch.cat(hidden, dim=-1), pipe.text_encoder_2.text_projection(pooled)
+
+
+def test_the_published_configs_pool_an_embedding_prompt_at_the_end_token(setup, monkeypatch):
+    """The published text-encoder configs carry eos_token_id 2, with which transformers pools
+    at the highest token id: an added embedding token. The pooled vector must come from the
+    end token, in the prompt, the negative prompt and a prompt longer than 75 tokens."""
+    from keyframes.generation import generator
+    from keyframes.pipeline.long_prompts import encode
+
+    pipe, path = setup
+    assert pipe.text_encoder_2.config.eos_token_id == 2  # as published: the trap is armed
+    prompt, negative = "a red door at dusk, kfneg", "kfneg, blurry"
+    long_prompt = prompt + ", " + ", ".join(["rain on the glass"] * 20)
+    load_embeddings(pipe, [EmbeddingConfig(path=str(path))])
+    try:
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, negative_prompt=negative, device="cpu"
+        )
+        reference, reference_pooled = reference_conditioning(pipe, prompt)
+        negative_reference, negative_reference_pooled = reference_conditioning(pipe, negative)
+        torch.testing.assert_close(embeds, reference)
+        torch.testing.assert_close(pooled, reference_pooled)
+        torch.testing.assert_close(negative_pooled, negative_reference_pooled)
+        _, long_pooled = encode(pipe, [long_prompt], count=2)  # chunks: the first's end token
+        torch.testing.assert_close(long_pooled, reference_conditioning(pipe, long_prompt)[1])
+        # how far the bug is: the vector at the embedding's token, as eos_token_id 2 gave it
+        at_token = pooled_at_highest_id(pipe, prompt)
+        assert (at_token - reference_pooled).abs().mean() > 100 * (
+            pooled - reference_pooled
+        ).abs().mean()
+        job = job_with(negative).__class__(**{**job_with(negative).__dict__, "prompt": prompt})
+        made = image(pipe, job)
+        conditioning = {"prompt_embeds": reference, "pooled_prompt_embeds": reference_pooled,
+                        "negative_prompt_embeds": negative_reference,
+                        "negative_pooled_prompt_embeds": negative_reference_pooled}  # fmt: skip
+        monkeypatch.setattr(generator, "text_inputs", lambda *args: conditioning)
+        from_reference = image(pipe, job)
+    finally:
+        unload_embeddings(pipe)
+    assert_same_picture(made, from_reference, "the reference conditioning")
+
+
+def pooled_at_highest_id(pipe, text: str) -> torch.Tensor:
+    words = pipe.maybe_convert_prompt(text, pipe.tokenizer_2)
+    ids = pipe.tokenizer_2(words, padding="max_length", max_length=77, truncation=True,
+                           return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        out = pipe.text_encoder_2(ids, output_hidden_states=True)
+        return pipe.text_encoder_2.text_projection(out.last_hidden_state[:, ids[0].argmax()])

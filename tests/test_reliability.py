@@ -35,7 +35,9 @@ def store_runs(store: Path):
 
 def tiny_pipe():
     return cached_pipeline(
-        ModelConfig(name="tiny", tiny=True, family="sdxl"),  # as the run resolves it
+        ModelConfig(
+            name="tiny", tiny=True, family="sdxl", prediction="epsilon", zero_snr=False
+        ),  # as the run resolves it
         resolve_placement("cpu", "auto"),
         "none",
         replace(default_speed(), warm_up=False),  # as FAULTS asks: the same cached pipeline

@@ -281,3 +281,69 @@ def test_the_full_size_replica_holds_only_fp16_variant_files(tmp_path, monkeypat
     assert {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
             "text_encoder_2/model.fp16.safetensors", "tokenizer_2/merges.txt"} <= files  # fmt: skip
     assert not any(f.endswith(".safetensors") and ".fp16." not in f for f in files)
+
+
+# What a tiny model may change in a published config: widths, depths and counts, nothing else.
+SIZES = {
+    "unet": {"block_out_channels", "layers_per_block", "attention_head_dim", "norm_num_groups",
+             "transformer_layers_per_block", "sample_size", "cross_attention_dim",
+             "addition_time_embed_dim", "projection_class_embeddings_input_dim"},
+    "vae": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size"},
+    "text_encoder": {"hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "projection_dim"},
+    "scheduler": set(),
+}  # fmt: skip
+SIZES["text_encoder_2"] = SIZES["text_encoder"]
+WRITER_NOTES = {"_diffusers_version", "_name_or_path", "transformers_version", "dtype",
+                "torch_dtype", "use_cache"}  # fmt: skip
+REPLICA_CONFIGS = [  # (repo, its published configs under keyframes/data/, components)
+    (replicas.SDXL_BASE, "sdxl_base", ["unet", "vae", "text_encoder", "text_encoder_2",
+                                       "scheduler"]),
+    (replicas.SD15, "sd15", ["unet", "vae", "text_encoder", "scheduler"]),
+    (replicas.SDXL_REFINER, "sdxl_refiner", ["unet"]),
+    (replicas.SDXL_REFINER, "sdxl_base", ["text_encoder_2", "vae", "scheduler"]),  # shared
+]  # fmt: skip
+
+
+def class_defaults(component: str, config: dict) -> dict:
+    """What a loader assumes for a field a config file leaves out: the class's default."""
+    import inspect
+
+    import diffusers
+    from transformers import CLIPTextConfig
+
+    if component.startswith("text_encoder"):
+        return CLIPTextConfig().to_dict()
+    cls = getattr(diffusers, config["_class_name"])
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def as_json(value):
+    return json.loads(json.dumps(value))  # tuples as lists, as the files hold them
+
+
+@pytest.mark.parametrize("repo, published, components", REPLICA_CONFIGS,
+                         ids=["sdxl_base", "sd15", "refiner_unet", "refiner_shared"])  # fmt: skip
+def test_every_replica_config_is_the_published_one_but_for_sizes(
+    replica_home, repo, published, components
+):
+    """Token ids, activations, block types, prediction type and scheduler settings as
+    published: the tiny models once used eos_token_id 49407 and hid a pooling bug that the
+    published eos_token_id 2 shows (tests/test_embeddings.py)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    data = Path(replicas.__file__).parent.parent / "data" / published
+    for component in components:
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        path = try_to_load_from_cache(repo, f"{component}/{name}", cache_dir=replica_home / "hub")
+        replica = json.loads(Path(path).read_text())
+        real = json.loads((data / f"{component}.json").read_text())
+        defaults = class_defaults(component, real)
+        differ = {
+            key: (real.get(key, defaults.get(key, "(no default)")), replica.get(key))
+            for key in (set(real) | set(replica)) - SIZES[component] - WRITER_NOTES
+            if as_json(real.get(key, defaults.get(key)))
+            != as_json(replica.get(key, real.get(key, defaults.get(key))))
+        }
+        assert differ == {}, f"{repo} {component}: (published, replica) {differ}"

@@ -177,3 +177,53 @@ def _family_from_keys(keys: list[str], path: Path) -> str:
     if has("cond_stage_model.transformer."):
         return "sd15"
     return "sdxl"  # diffusers-named tensors or unknown: the SDXL loader tries
+
+
+# Marker tensors of v-prediction single files (NoobAI-XL v-pred and other community models),
+# read by A1111 and ComfyUI: v_pred (the model predicts v) and ztsnr (zero terminal SNR).
+V_PREDICTION_MARKER, ZERO_SNR_MARKER = "v_pred", "ztsnr"
+
+
+def resolve_prediction(model: ModelConfig) -> tuple[str, bool]:
+    """(prediction type, zero terminal SNR) the model was trained for, without loading it:
+    model.prediction and model.zero_snr where given, else what the weights say (a single
+    file's marker tensors, a folder's or cached hub repo's scheduler config; epsilon where
+    nothing says otherwise, as the SDXL and SD 1.5 base models are)."""
+    kind, zero_snr = _prediction_of_weights(model)
+    if model.prediction != "auto":
+        kind = model.prediction
+    if model.zero_snr is not None:
+        zero_snr = model.zero_snr
+    return kind, zero_snr and kind == "v_prediction"
+
+
+def _prediction_of_weights(model: ModelConfig) -> tuple[str, bool]:
+    if model.tiny or model.architecture:
+        return "epsilon", False  # the published SDXL and SD 1.5 schedulers
+    path = Path(model.path).expanduser() if model.path else None
+    if path is not None and path.suffix.lower() == ".safetensors" and path.is_file():
+        keys = set(safetensors_keys(path, "model.path"))
+        v = V_PREDICTION_MARKER in keys
+        return ("v_prediction" if v else "epsilon"), ZERO_SNR_MARKER in keys
+    scheduler = "scheduler/scheduler_config.json"
+    if path is not None and path.is_dir():
+        return _prediction_of_scheduler(path / scheduler)
+    if path is None and model.id:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return _prediction_of_scheduler(
+                Path(hf_hub_download(model.id, scheduler, local_files_only=True))
+            )
+        except Exception:  # noqa: BLE001 - not cached: the loader reads it as it loads
+            pass
+    return "epsilon", False
+
+
+def _prediction_of_scheduler(config: Path) -> tuple[str, bool]:
+    try:
+        settings = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return "epsilon", False
+    zero_snr = bool(settings.get("rescale_betas_zero_snr"))
+    return settings.get("prediction_type") or "epsilon", zero_snr

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from keyframes.config.model_source import check_source, resolve_family
+from keyframes.config.model_source import check_source, resolve_family, resolve_prediction
 from keyframes.config.schema import Config
 from keyframes.config.styles import resolve_style
 from keyframes.config.validate import resolve_size, validate
@@ -48,10 +48,23 @@ def make_plan(composed: Config, typed: set[str] = frozenset()) -> RunPlan:
     cfg, fit_notes = fit_to_model(cfg)
     width, height = validate(cfg)
     check_source(cfg.model)
-    cfg = replace(cfg, model=replace(cfg.model, family=resolve_family(cfg.model)))
+    cfg = with_model_read(cfg)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     notes = tuple(size_notes + fit_notes)
     return RunPlan(cfg, width, height, tuple(fit_notes), notes, resolved)
+
+
+def with_model_read(cfg: Config) -> Config:
+    """What the weights say, written into the plan: family, prediction type and zero terminal
+    SNR, and the guidance rescale a zero-SNR model needs (0.7, from Lin et al. 2024, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed") unless one was given."""
+    prediction, zero_snr = resolve_prediction(cfg.model)
+    model = replace(cfg.model, family=resolve_family(cfg.model), prediction=prediction,
+                    zero_snr=zero_snr)  # fmt: skip
+    rescale = cfg.guidance_rescale
+    if rescale is None:
+        rescale = 0.7 if zero_snr else 0.0
+    return replace(cfg, model=model, guidance_rescale=rescale)
 
 
 def fit_to_model(cfg: Config) -> tuple[Config, list[str]]:

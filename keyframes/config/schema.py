@@ -28,6 +28,7 @@ OFFLOAD_MODES = ("low_vram", "minimal")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHITECTURES = ("sdxl_base",)
 FAMILIES = ("auto", "sdxl", "sd15")
+PREDICTIONS = ("auto", "epsilon", "v_prediction")
 LONG_PROMPT_MODES = ("chunk", "truncate")
 CONTROL_TYPES = ("canny", "depth")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
@@ -51,6 +52,9 @@ class ModelConfig:
     vae: str | None = None  # replacement VAE (hub id or folder), e.g. the fp16-fix SDXL VAE
     unet: str | None = None  # replacement UNet weights: .safetensors file or hub org/repo/file
     timestep_spacing: str | None = None  # scheduler override the weights need, e.g. trailing
+    # auto: what the weights say (a single file's v_pred marker, a folder's scheduler config)
+    prediction: str = "auto"  # auto | epsilon | v_prediction
+    zero_snr: bool | None = None  # zero terminal SNR; None: the weights' ztsnr marker or config
     # What a distilled model was made for; other values get a warning and these are used:
     steps_range: list[int] | None = None  # [min, max] steps
     cfg_scale: float | None = None  # guidance the model was distilled for (0: none)
@@ -197,6 +201,7 @@ class Config:
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
     long_prompts: str = MISSING  # over 77 CLIP tokens: chunk (encode it all) | truncate
     guidance_interval: list[float] | None = None  # guided share of the schedule [start, end]
+    guidance_rescale: float | None = None  # 0-1; None: 0.7 for zero-terminal-SNR models, else 0
     resume: bool = MISSING  # continue the newest unfinished run with the same settings
     remake: bool = MISSING  # a run folder made with other settings is made again, not refused
     allow_external_paths: bool = MISSING  # shotlist image paths may point outside its folder

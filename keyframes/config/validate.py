@@ -19,6 +19,7 @@ from keyframes.config.schema import (
     MEMORY_MODES,
     OBJECTIVES,
     OFFLOAD_MODES,
+    PREDICTIONS,
     SEED_MODES,
     Config,
 )  # fmt: skip
@@ -122,7 +123,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         problems.append(f"objective={cfg.objective}: needs a scorer with scorer.aesthetic set")
     elif cfg.scorer.model is None and cfg.objective != OBJECTIVES[0]:
         problems.append(f"objective={cfg.objective}: needs a scorer (scorer=none scores nothing)")
-    problems += _interval_problems(cfg) + _deepcache_problems(cfg)
+    problems += _interval_problems(cfg) + _deepcache_problems(cfg) + _noise_problems(cfg)
     if "{prompt}" not in cfg.style.prompt:
         problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
     if cfg.speed.compile and cfg.memory.name in OFFLOAD_MODES:
@@ -148,7 +149,7 @@ def validate(cfg: Config) -> tuple[int, int]:
 
 def _deepcache_problems(cfg: Config) -> list[str]:
     interval, branch = cfg.speed.deepcache_interval, cfg.speed.deepcache_branch
-    deepest = 0 if cfg.model.tiny else 1  # the tiny UNet has two levels; SDXL three, SD 1.5 four
+    deepest = 1  # SDXL's UNet has three levels, SD 1.5's four (the tiny ones too)
     problems = []
     if interval < 1:
         problems.append(f"speed.deepcache_interval={interval}: must be at least 1 (1: off)")
@@ -157,6 +158,20 @@ def _deepcache_problems(cfg: Config) -> list[str]:
             f"speed.deepcache_branch={branch}: must be 0..{deepest} for this model "
             "(0: the shallowest branch, the most saved)"
         )
+    return problems
+
+
+def _noise_problems(cfg: Config) -> list[str]:
+    """What the model predicts, its noise schedule and the guidance rescale."""
+    problems = []
+    if cfg.model.prediction not in PREDICTIONS:
+        problems.append(f"model.prediction={cfg.model.prediction}: must be one of "
+                        f"{', '.join(PREDICTIONS)}")  # fmt: skip
+    if cfg.guidance_rescale is not None and not 0 <= cfg.guidance_rescale <= 1:
+        problems.append(f"guidance_rescale={cfg.guidance_rescale}: must be between 0 and 1")
+    if cfg.model.zero_snr and cfg.model.prediction == "epsilon":
+        problems.append("model.zero_snr=true with model.prediction=epsilon: at zero terminal SNR "
+                        "the noise cannot be predicted; zero SNR needs v_prediction")  # fmt: skip
     return problems
 
 

@@ -47,6 +47,7 @@ class GenerationSettings:
     long_prompts: str = "chunk"  # chunk: encode past 77 tokens in 75-token chunks | truncate
     guidance_interval: tuple[float, float] | None = None  # guided steps, fractions [start, end)
     deepcache: tuple[int, int] | None = None  # (interval, branch): UNet feature reuse
+    guidance_rescale: float = 0.0  # rescaled classifier-free guidance (zero-SNR models: 0.7)
 
 
 @dataclass
@@ -235,6 +236,8 @@ class KeyframeGenerator:
     def _denoise_and_decode(self, pipe, batch, conditioning, arguments, generators, inputs):
         """The pipeline to latents, the hooks' finishing and second passes, each decode
         checked: (pixels, per-image NaN/Inf flags, decoded again in float32?)"""
+        if self.settings.guidance_rescale:
+            arguments = {**arguments, "guidance_rescale": self.settings.guidance_rescale}
         latents = pipe(
             **conditioning,
             **arguments,

@@ -43,7 +43,7 @@ def prepare(plan: RunPlan, run_dir: Path, overrides: list[str], experiment: str 
     from keyframes.pipeline.memory import plan_memory
     from keyframes.pipeline.speed import check_speed
 
-    check_sampler(cfg.sampler, cfg.steps)
+    check_sampler(cfg.sampler, cfg.steps, cfg.model)
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_speed(cfg.speed, placement.device)
     memory = plan_memory(

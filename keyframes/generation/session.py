@@ -72,7 +72,7 @@ class Session:
             height=self.plan.height, batch_size=cfg.batch_size, fixed_batch=cfg.speed.compile,
             long_prompts=cfg.long_prompts,
             guidance_interval=tuple(cfg.guidance_interval) if cfg.guidance_interval else None,
-            deepcache=cfg.speed.deepcache,
+            deepcache=cfg.speed.deepcache, guidance_rescale=cfg.guidance_rescale or 0.0,
         )  # fmt: skip
 
     @property

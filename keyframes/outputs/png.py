@@ -26,6 +26,12 @@ def a1111_parameters(record: ImageRecord) -> str:
     if r.guidance_interval:
         start, end = r.guidance_interval
         settings.append(f"Guidance interval: {_number(start)}-{_number(end)}")
+    if r.prediction != "epsilon":  # the noise schedule a viewer must use to make it again
+        settings.append(f"Prediction: {r.prediction}")
+    if r.zero_snr:
+        settings.append("Zero terminal SNR: True")
+    if r.guidance_rescale:
+        settings.append(f"CFG rescale: {_number(r.guidance_rescale)}")
     if r.deepcache:
         interval, branch = r.deepcache
         settings.append(f"DeepCache: interval {interval}, branch {branch}")

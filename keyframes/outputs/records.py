@@ -97,6 +97,9 @@ class ImageRecord(_JsonRecord):
     clip_truncated: dict[str, bool] | None
     aesthetic_score: float | None = None  # LAION aesthetic predictor, about 1-10
     guidance_interval: list[float] | None = None  # guided share of the steps; None: all
+    prediction: str = "epsilon"  # what the UNet predicts: epsilon | v_prediction
+    zero_snr: bool = False  # zero terminal SNR noise schedule (v-prediction models)
+    guidance_rescale: float = 0.0  # rescaled classifier-free guidance; 0: plain CFG
     unet_evaluations: float | None = None  # the base UNet's, one per sample; batch share
     deepcache: list[int] | None = None  # [interval, branch] of UNet feature reuse; None: off
     unet_shallow_evaluations: float | None = None  # DeepCache: shallow branch only
@@ -221,6 +224,8 @@ def image_record(plan, g, scores: tuple, tokens: dict[str, int], scene_extra: di
             else {"description": asked.truncated, "prompt": styled.truncated},
             "aesthetic_score": None if aesthetic is None else round(aesthetic, 4),
             "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None,
+            "prediction": cfg.model.prediction, "zero_snr": bool(cfg.model.zero_snr),
+            "guidance_rescale": cfg.guidance_rescale or 0.0,
             "unet_evaluations": None if g.unet_evaluations is None
             else round(g.unet_evaluations, 2),
             "deepcache": list(cfg.speed.deepcache) if cfg.speed.deepcache else None,

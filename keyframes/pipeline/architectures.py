@@ -21,10 +21,18 @@ INIT_SEED = 0
 
 def architecture_configs(name: str) -> dict[str, dict]:
     """{component: config} as published, e.g. unet, vae, text_encoder, text_encoder_2."""
-    folder = DATA / name
-    if name not in ARCHITECTURES or not folder.is_dir():
+    if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; packaged: {', '.join(ARCHITECTURES)}")
-    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+    return published_configs(name)
+
+
+def published_configs(model: str) -> dict[str, dict]:
+    """{component: config} of a model as its repo publishes them: sdxl_base, sdxl_refiner
+    (its UNet; the rest is the base's), sd15. The full-size architectures and the tiny models
+    are both built from these."""
+    folder = DATA / model
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))
+            if path.stem != "counts"}  # fmt: skip
 
 
 def build_components(name: str, device: str | torch.device = "meta", dtype=torch.float32):

@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-from keyframes.config.model_source import CONFIG_REPOS, PIPELINES, check_source, resolve_family
+from keyframes.config.model_source import (
+    CONFIG_REPOS,
+    PIPELINES,
+    check_source,
+    resolve_family,
+    resolve_prediction,
+)
 from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.pipeline.memory import apply_memory_mode
@@ -83,13 +89,40 @@ def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "
         pipe = _load_weights(model, family, placement.dtype)
     if model.unet:
         _replace_unet_weights(pipe, model.unet)
-    if model.timestep_spacing:
-        pipe.scheduler = type(pipe.scheduler).from_config(
-            pipe.scheduler.config, timestep_spacing=model.timestep_spacing
-        )
+    pool_at_end_token(pipe)
+    schedule = {k: v for k, v in model_schedule(model).items() if pipe.scheduler.config.get(k) != v}
+    if schedule:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **schedule)
     pipe = apply_memory_mode(pipe, memory_mode, placement.device)
     pipe.set_progress_bar_config(disable=True)  # the run has one overall bar
     return pipe
+
+
+def model_schedule(model: ModelConfig) -> dict:
+    """The scheduler settings the weights need, over their scheduler config: the prediction
+    type and zero terminal SNR (a v-prediction file says so only by its marker tensors, which
+    diffusers does not read), with trailing timesteps so that sampling starts at the zero-SNR
+    end (unless model.timestep_spacing says otherwise)."""
+    prediction, zero_snr = resolve_prediction(model)
+    settings = {"prediction_type": prediction}
+    if zero_snr:
+        settings |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    if model.timestep_spacing:
+        settings["timestep_spacing"] = model.timestep_spacing
+    return settings
+
+
+def pool_at_end_token(pipe) -> None:
+    """The pooled text embedding (SDXL's second conditioning) taken at the first end token, as
+    A1111, ComfyUI and kohya take it. The published SDXL and SD 1.5 text-encoder configs carry
+    eos_token_id 2, from before transformers fixed CLIP's ids; with it transformers pools at
+    the highest token id, which is an added embedding's token wherever a prompt has one. The
+    hidden states do not depend on it, nor do prompts without an added token."""
+    from keyframes.pipeline.long_prompts import text_encoders
+
+    for tokenizer, encoder in text_encoders(pipe):
+        # transformers 5: CLIPTextModel is the text transformer; the projected one wraps it
+        getattr(encoder, "text_model", encoder).eos_token_id = tokenizer.eos_token_id
 
 
 NOISE = (
@@ -308,14 +341,25 @@ def scheduler_class(sampler: SamplerConfig):
     return cls
 
 
-def check_sampler(sampler: SamplerConfig, steps: int) -> None:
+def check_sampler(sampler: SamplerConfig, steps: int, model: ModelConfig | None = None) -> None:
     """The sampler's class and options, tried on the class's own defaults before any weights
     load (cheap): an option the class does not have (from_config would drop it silently) or a
-    value it refuses is a ConfigError naming it."""
+    value it refuses is a ConfigError naming it; so is a class that cannot sample the model's
+    prediction type or zero terminal SNR."""
     import inspect
 
     cls = scheduler_class(sampler)
     known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    needs = model_schedule(model) if model else {}
+    needs = {k: v for k, v in needs.items() if v not in ("epsilon", None)}
+    lacking = sorted(set(needs) - known)
+    if lacking:
+        raise ConfigError(
+            f"sampler={sampler.name}: {cls.__name__} cannot sample this model "
+            f"({', '.join(f'{k}={needs[k]}' for k in sorted(needs))}): it has no "
+            f"{' and no '.join(lacking)} setting. Use sampler=euler (or euler_a, dpmpp_2m, "
+            "ddim, unipc), or set model.prediction if the model was detected wrongly."
+        )
     unknown = sorted(set(sampler.options) - known)
     if unknown:
         import difflib
@@ -326,9 +370,9 @@ def check_sampler(sampler: SamplerConfig, steps: int) -> None:
             f"sampler.options.{unknown[0]}: {cls.__name__} has no such option ({hint})"
         )
     try:
-        cls(**sampler.options).set_timesteps(steps)
+        cls(**{**needs, **sampler.options}).set_timesteps(steps)
     except Exception as e:  # noqa: BLE001 - NotImplementedError, ValueError, TypeError, ...
-        given = ", ".join(f"{k}={v}" for k, v in sampler.options.items())
+        given = ", ".join(f"{k}={v}" for k, v in {**needs, **sampler.options}.items())
         raise ConfigError(
             f"sampler.options ({given}): {cls.__name__} refuses them: {first_line(e)}"
         ) from None

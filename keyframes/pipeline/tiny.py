@@ -27,6 +27,49 @@ TEXT_WIDTH = 32
 TEXT_WIDTH_2 = 48
 TIME_EMBED_DIM = 8
 
+# What the tiny models change in the published configs (keyframes/data/<model>/): sizes only.
+# Everything else (token ids, activations, block types, prediction type, scheduler) is the
+# published value, so behaviour that hangs on a config value shows up in the tests.
+_TEXT = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+_VAE = {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8,
+        "sample_size": 128}  # fmt: skip
+_UNET = {"layers_per_block": 1, "transformer_layers_per_block": 1, "norm_num_groups": 8,
+         "sample_size": 32, "addition_time_embed_dim": TIME_EMBED_DIM}  # fmt: skip
+_SDXL_UNET = {
+    "block_out_channels": [32, 64, 64],
+    "attention_head_dim": [2, 4, 4],
+    "cross_attention_dim": TEXT_WIDTH + TEXT_WIDTH_2,
+    # the pooled text embedding of encoder 2 + 6 size and crop numbers
+    "projection_class_embeddings_input_dim": TEXT_WIDTH_2 + 6 * TIME_EMBED_DIM,
+}
+_REFINER_UNET = {  # encoder 2 only; an aesthetic score instead of the target size: 5 numbers
+    "block_out_channels": [32, 64, 64, 64],
+    "attention_head_dim": [2, 4, 4, 4],
+    "cross_attention_dim": TEXT_WIDTH_2,
+    "projection_class_embeddings_input_dim": TEXT_WIDTH_2 + 5 * TIME_EMBED_DIM,
+}
+_SD15_UNET = {"block_out_channels": [32, 64, 64, 64], "attention_head_dim": 2,
+              "cross_attention_dim": TEXT_WIDTH}  # fmt: skip
+_CLIP_L = _TEXT | {"hidden_size": TEXT_WIDTH, "projection_dim": TEXT_WIDTH}
+TINY_SIZES = {
+    "sdxl_base": {
+        "unet": _UNET | _SDXL_UNET,
+        "vae": _VAE,
+        "text_encoder": _CLIP_L,
+        "text_encoder_2": _TEXT | {"hidden_size": TEXT_WIDTH_2, "projection_dim": TEXT_WIDTH_2},
+    },
+    "sdxl_refiner": {"unet": _UNET | _REFINER_UNET},
+    "sd15": {"unet": _UNET | _SD15_UNET, "vae": _VAE, "text_encoder": _CLIP_L},
+}
+
+
+def tiny_config(model: str, part: str) -> dict:
+    """The published config of `part` of `model` (sdxl_base, sdxl_refiner, sd15), tiny sizes."""
+    from keyframes.pipeline.architectures import published_configs
+
+    sizes = TINY_SIZES[model].get(part, {})
+    return published_configs(model)[part] | sizes
+
 
 def clip_tokenizer_files(folder: Path) -> Path:
     """Write vocab.json + merges.txt of the real CLIP BPE, read from the file open_clip ships.
@@ -77,87 +120,44 @@ def _tokenizer_folder() -> Path:
     return clip_tokenizer_files(folder)
 
 
-def _tiny_unet(**conditioning):
+def _tiny_unet(model: str):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1),
-        use_linear_projection=True,
-        norm_num_groups=8,
-        **conditioning,
-    ).eval()
+    return UNet2DConditionModel.from_config(tiny_config(model, "unet")).eval()
 
 
-def _tiny_vae(scaling_factor: float):
+def _tiny_vae(model: str):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),  # four blocks: 8x downsampling, as in SDXL
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=scaling_factor,
-    )
+    return AutoencoderKL.from_config(tiny_config(model, "vae"))
 
 
-def _tiny_text_config(width: int = TEXT_WIDTH):
-    from transformers import CLIPTextConfig
+def _tiny_text_encoder(model: str, part: str):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=width,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=width,
-        hidden_act="gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-    )
+    kind = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+    return kind(CLIPTextConfig(**tiny_config(model, part))).eval()
 
 
-def _tiny_scheduler():
-    from diffusers import EulerDiscreteScheduler
+def _scheduler(model: str):
+    """The published scheduler, as the model's repo ships it (SDXL: Euler; SD 1.5: PNDM)."""
+    import diffusers
 
-    return EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    from keyframes.pipeline.architectures import published_configs
+
+    config = published_configs(model)["scheduler"]
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 def build_tiny_pipeline():
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
-        unet = _tiny_unet(
-            cross_attention_dim=TEXT_WIDTH + TEXT_WIDTH_2,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=TIME_EMBED_DIM,
-            # pooled text embedding of encoder 2 + 6 size/crop conditioning numbers
-            projection_class_embeddings_input_dim=TEXT_WIDTH_2 + 6 * TIME_EMBED_DIM,
-        )
-        vae = _tiny_vae(scaling_factor=0.13025)
-        text_encoder = CLIPTextModel(_tiny_text_config())
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(TEXT_WIDTH_2))
+        unet = _tiny_unet("sdxl_base")
+        vae = _tiny_vae("sdxl_base")
+        text_encoder = _tiny_text_encoder("sdxl_base", "text_encoder")
+        text_encoder_2 = _tiny_text_encoder("sdxl_base", "text_encoder_2")
     # the VAE stays in train mode, as it always was here (no dropout; its decode path differs)
-    return assemble_sdxl(unet, vae, text_encoder.eval(), text_encoder_2.eval(), _tiny_scheduler())
+    return assemble_sdxl(unet, vae, text_encoder, text_encoder_2, _scheduler("sdxl_base"))
 
 
 def build_tiny_refiner(base):
@@ -168,12 +168,7 @@ def build_tiny_refiner(base):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED + 1)
-        unet = _tiny_unet(
-            cross_attention_dim=TEXT_WIDTH_2,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=TIME_EMBED_DIM,
-            projection_class_embeddings_input_dim=TEXT_WIDTH_2 + 5 * TIME_EMBED_DIM,
-        )
+        unet = _tiny_unet("sdxl_refiner")
     return StableDiffusionXLImg2ImgPipeline(
         vae=base.vae,
         text_encoder=None,
@@ -181,7 +176,7 @@ def build_tiny_refiner(base):
         tokenizer=None,
         tokenizer_2=base.tokenizer_2,
         unet=unet.to(base.unet.device, base.unet.dtype),
-        scheduler=_tiny_scheduler(),
+        scheduler=_scheduler("sdxl_base"),  # the refiner repo ships the base's scheduler
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
@@ -191,20 +186,19 @@ def build_tiny_sd15():
     """A tiny Stable Diffusion 1.5-shaped pipeline: one CLIP text encoder whose last layer the
     UNet reads, no size conditioning, the SD 1.x VAE scaling, no safety checker."""
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
-        unet = _tiny_unet(cross_attention_dim=TEXT_WIDTH)
-        vae = _tiny_vae(scaling_factor=0.18215)
-        text_encoder = CLIPTextModel(_tiny_text_config()).eval()
+        unet = _tiny_unet("sd15")
+        vae = _tiny_vae("sd15")
+        text_encoder = _tiny_text_encoder("sd15", "text_encoder")
     tokenizer, _ = clip_tokenizers()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_tiny_scheduler(),
+        scheduler=_scheduler("sd15"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
