@@ -58,11 +58,12 @@ def load_refiner(base, upscale: UpscaleConfig, allow_pickle: bool = False):
 class Refiner(BatchHook):
     """Finishes the base model's partly denoised latents with the SDXL refiner."""
 
-    def __init__(self, pipe, upscale: UpscaleConfig, long_prompts: str):
+    def __init__(self, pipe, upscale: UpscaleConfig, long_prompts: str, weighting: str = "none"):
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self.upscale = upscale
         self.long_prompts = long_prompts
+        self.weighting = weighting
 
     @property
     def denoising_end(self) -> float:
@@ -79,7 +80,8 @@ class Refiner(BatchHook):
     ) -> torch.Tensor:
         """Noisy latents at high_noise_frac -> finished latents. The prompts are encoded again:
         the refiner reads text encoder 2 alone, so the base's embeddings do not fit it."""
-        conditioning = text_inputs(self.pipe, prompts, negatives, self.long_prompts)
+        conditioning = text_inputs(self.pipe, prompts, negatives, self.long_prompts,
+                                   self.weighting)  # fmt: skip
         return self.pipe(
             **conditioning,
             image=latents,
@@ -151,7 +153,7 @@ class SdxlRefiner(Method):
     def install(self, loaded, todo: list) -> None:
         cfg = self.plan.config
         refiner = cached_refiner(loaded, self.settings, cfg.model.allow_pickle)
-        self.hook = Refiner(refiner, self.settings, cfg.long_prompts)
+        self.hook = Refiner(refiner, self.settings, cfg.long_prompts, cfg.prompt_weighting)
 
     def begin_stage(self, pipe, stage: int) -> BatchHook:
         return self.hook

@@ -30,6 +30,7 @@ ARCHITECTURES = ("sdxl_base",)
 FAMILIES = ("auto", "sdxl", "sd15")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
 LONG_PROMPT_MODES = ("chunk", "truncate")
+PROMPT_WEIGHTINGS = ("a1111", "none")
 CONTROL_TYPES = ("canny", "depth")
 MAX_SEED = 2**32 - 1  # seeds are 32-bit, as in other SD front ends
 # The Hydra configs: inside the package where it is installed from a wheel (which ships conf/
@@ -200,6 +201,7 @@ class Config:
     batch_size: int = MISSING  # images per pipeline call, across scenes and takes
     objective: str = MISSING  # the value a run returns to a sweeper (Optuna maximises it)
     long_prompts: str = MISSING  # over 77 CLIP tokens: chunk (encode it all) | truncate
+    prompt_weighting: str = MISSING  # a1111: (words:1.3), ((words)), [words], BREAK | none
     guidance_interval: list[float] | None = None  # guided share of the schedule [start, end]
     guidance_rescale: float | None = None  # 0-1; None: 0.7 for zero-terminal-SNR models, else 0
     resume: bool = MISSING  # continue the newest unfinished run with the same settings

@@ -20,6 +20,7 @@ from keyframes.config.schema import (
     OBJECTIVES,
     OFFLOAD_MODES,
     PREDICTIONS,
+    PROMPT_WEIGHTINGS,
     SEED_MODES,
     Config,
 )  # fmt: skip
@@ -100,22 +101,7 @@ def validate(cfg: Config) -> tuple[int, int]:
         problems.append(f"max_images={cfg.max_images}: must be at least 1")
     if cfg.batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size}: must be at least 1")
-    # Choices checked here rather than by Enum fields in the schema: OmegaConf would stop at
-    # the first bad value (this lists every problem at once), and enum members would reach
-    # config.yaml, the hash and MLflow as names (`reduce-overhead` cannot even be one).
-    for key, value, allowed in (
-        ("device", cfg.device, DEVICES),
-        ("seed_mode", cfg.seed_mode, SEED_MODES),
-        ("objective", cfg.objective, OBJECTIVES),
-        ("model.dtype", cfg.model.dtype, DTYPES),
-        ("memory", cfg.memory.name, MEMORY_MODES),
-        ("long_prompts", cfg.long_prompts, LONG_PROMPT_MODES),
-        ("speed.compile_mode", cfg.speed.compile_mode or COMPILE_MODES[0], COMPILE_MODES),
-        ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
-        ("model.family", cfg.model.family, FAMILIES),
-    ):
-        if value not in allowed:
-            problems.append(f"{key}={value}: must be one of {', '.join(allowed)}")
+    problems += _choice_problems(cfg)
     for key, value in (("width", cfg.width), ("height", cfg.height)):
         if value is not None and (value < 64 or value % 8):
             problems.append(f"{key}={value}: must be a multiple of 8 and at least 64")
@@ -158,6 +144,29 @@ def _deepcache_problems(cfg: Config) -> list[str]:
             f"speed.deepcache_branch={branch}: must be 0..{deepest} for this model "
             "(0: the shallowest branch, the most saved)"
         )
+    return problems
+
+
+def _choice_problems(cfg: Config) -> list[str]:
+    """A value outside the options of a setting, for every such setting."""
+    problems = []
+    # Choices checked here rather than by Enum fields in the schema: OmegaConf would stop at
+    # the first bad value (this lists every problem at once), and enum members would reach
+    # config.yaml, the hash and MLflow as names (`reduce-overhead` cannot even be one).
+    for key, value, allowed in (
+        ("device", cfg.device, DEVICES),
+        ("seed_mode", cfg.seed_mode, SEED_MODES),
+        ("objective", cfg.objective, OBJECTIVES),
+        ("model.dtype", cfg.model.dtype, DTYPES),
+        ("memory", cfg.memory.name, MEMORY_MODES),
+        ("long_prompts", cfg.long_prompts, LONG_PROMPT_MODES),
+        ("prompt_weighting", cfg.prompt_weighting, PROMPT_WEIGHTINGS),
+        ("speed.compile_mode", cfg.speed.compile_mode or COMPILE_MODES[0], COMPILE_MODES),
+        ("model.architecture", cfg.model.architecture or ARCHITECTURES[0], ARCHITECTURES),
+        ("model.family", cfg.model.family, FAMILIES),
+    ):
+        if value not in allowed:
+            problems.append(f"{key}={value}: must be one of {', '.join(allowed)}")
     return problems
 
 

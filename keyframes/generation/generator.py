@@ -45,6 +45,7 @@ class GenerationSettings:
     batch_size: int
     fixed_batch: bool = False  # pad a short last batch: a compiled model sees one shape only
     long_prompts: str = "chunk"  # chunk: encode past 77 tokens in 75-token chunks | truncate
+    prompt_weighting: str = "none"  # a1111: (words:1.3) and the rest weigh the embeddings
     guidance_interval: tuple[float, float] | None = None  # guided steps, fractions [start, end)
     deepcache: tuple[int, int] | None = None  # (interval, branch): UNet feature reuse
     guidance_rescale: float = 0.0  # rescaled classifier-free guidance (zero-SNR models: 0.7)
@@ -191,7 +192,8 @@ class KeyframeGenerator:
         start = time.perf_counter()
         prompts = [job.prompt for job in batch]
         negatives = [job.negative_prompt for job in batch]
-        conditioning = text_inputs(self.pipe, prompts, negatives, self.settings.long_prompts)
+        conditioning = text_inputs(self.pipe, prompts, negatives, self.settings.long_prompts,
+                                   self.settings.prompt_weighting)  # fmt: skip
         inputs = {"conditioning": conditioning, "prompts": prompts, "negatives": negatives,
                   "seeds": seeds, "steps": self.settings.steps,
                   "cfg_scale": self.settings.cfg_scale}  # fmt: skip

@@ -72,8 +72,26 @@ def check_plan(plan: RunPlan) -> tuple[Shotlist, list[Method], list[ImageJob]]:
     shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)
     methods = methods_for(plan)
     jobs = prepare_all(methods, plan_for(cfg, shotlist), shotlist)
+    if cfg.prompt_weighting == "a1111":
+        check_prompt_syntax(jobs)
     check_weights(plan, methods)
     return shotlist, methods, jobs
+
+
+def check_prompt_syntax(jobs: list[ImageJob]) -> None:
+    """A1111 syntax keyframes does not do (prompt editing, alternation, AND), in any scene's
+    prompt or negative prompt: one ConfigError naming each."""
+    from keyframes.shotlist.weighting import prompt_problems
+
+    problems, seen = [], set()
+    for job in jobs:
+        for kind, text in (("prompt", job.prompt), ("negative prompt", job.negative_prompt)):
+            if (kind, text) not in seen:
+                seen.add((kind, text))
+                problems += prompt_problems(text, f"scene {job.scene_id}: {kind}")
+    if problems:
+        raise ConfigError(problems[0]) if len(problems) == 1 else ConfigError(
+            "prompts keyframes cannot weigh (prompt_weighting=a1111):", problems)  # fmt: skip
 
 
 def check_sweep(job_overrides: list[list[str]], swept: list[str]) -> None:

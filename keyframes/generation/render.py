@@ -85,8 +85,8 @@ def render(ctx: RunContext) -> RenderResult:
         if todo and (cfg.speed.warm_up or cfg.speed.compile):
             session.warm_up(todo[0])
             result.run.timings = dict(session.timings)
-        book = Bookkeeping(ctx, session, result, done, count_tokens(session.pipe, todo,
-                                                                     cfg.long_prompts))  # fmt: skip
+        tokens = count_tokens(session.pipe, todo, cfg.long_prompts, cfg.prompt_weighting)
+        book = Bookkeeping(ctx, session, result, done, tokens)
         try:
             book.run(session.generate(todo, ctx.jobs, ctx.run_dir))
         except KeyboardInterrupt:

@@ -70,7 +70,7 @@ class Session:
         return GenerationSettings(
             steps=cfg.steps, cfg_scale=cfg.cfg_scale, width=self.plan.width,
             height=self.plan.height, batch_size=cfg.batch_size, fixed_batch=cfg.speed.compile,
-            long_prompts=cfg.long_prompts,
+            long_prompts=cfg.long_prompts, prompt_weighting=cfg.prompt_weighting,
             guidance_interval=tuple(cfg.guidance_interval) if cfg.guidance_interval else None,
             deepcache=cfg.speed.deepcache, guidance_rescale=cfg.guidance_rescale or 0.0,
         )  # fmt: skip

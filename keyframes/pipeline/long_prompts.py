@@ -13,9 +13,10 @@ exactly as diffusers does.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
+
+from keyframes.shotlist.weighting import Fragment, is_plain, parse_weights
 
 CHUNK = 75  # tokens per chunk, between the start and end tokens
 
@@ -30,9 +31,9 @@ def text_encoders(pipe) -> list[tuple]:
     return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
 
 
-def chunk_count(pipe, text: str) -> int:
+def chunk_count(pipe, text: str, weighting: str = "none") -> int:
     tokenizer = text_encoders(pipe)[0][0]
-    return max(1, math.ceil(len(_ids(pipe, tokenizer, text)) / CHUNK))
+    return len(_token_chunks(pipe, tokenizer, text, weighting))
 
 
 def expand_embeddings(pipe, tokenizer, text: str) -> str:
@@ -47,29 +48,69 @@ def _ids(pipe, tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
 
 
-def _chunks(pipe, tokenizer, text: str, count: int) -> torch.Tensor:
-    """(count, 77) token ids: start, up to 75 tokens, end, padding; empty chunks at the end."""
-    ids = _ids(pipe, tokenizer, text)
-    rows = []
+def _token_chunks(pipe, tokenizer, text: str, weighting: str) -> list[tuple[list, list]]:
+    """(token ids, weights) of each chunk of at most 75 tokens. With A1111 weighting each run
+    of the parsed prompt is tokenized on its own, as A1111 does, and BREAK starts a chunk."""
+    fragments = parse_weights(text) if weighting == "a1111" else [Fragment(text, 1.0)]
+    chunks: list[tuple[list, list]] = [([], [])]
+    for fragment in fragments:
+        if fragment.breaks:
+            chunks.append(([], []))
+            continue
+        for token in _ids(pipe, tokenizer, fragment.text) if fragment.text else []:
+            if len(chunks[-1][0]) == CHUNK:
+                chunks.append(([], []))
+            chunks[-1][0].append(token)
+            chunks[-1][1].append(fragment.weight)
+    if len(chunks) > 1 and not chunks[-1][0]:
+        chunks.pop()  # a BREAK at the end starts nothing
+    return chunks
+
+
+def _rows(chunks: list[tuple[list, list]], count: int, tokenizer) -> tuple[torch.Tensor, ...]:
+    """(count, 77) token ids (start, up to 75 tokens, end, padding; empty chunks at the end)
+    and their weights (1 for start, end and padding)."""
+    ids, weights = [], []
     for n in range(count):
-        part = [tokenizer.bos_token_id, *ids[n * CHUNK : (n + 1) * CHUNK], tokenizer.eos_token_id]
-        rows.append(part + [tokenizer.pad_token_id] * (CHUNK + 2 - len(part)))
-    return torch.tensor(rows)
+        tokens, token_weights = chunks[n] if n < len(chunks) else ([], [])
+        pad = CHUNK - len(tokens)
+        ids.append([tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
+                   + [tokenizer.pad_token_id] * pad)  # fmt: skip
+        weights.append([1.0, *token_weights, 1.0] + [1.0] * pad)
+    return torch.tensor(ids), torch.tensor(weights)
+
+
+def _emphasis(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's weighting of one chunk's hidden states: each token's vector times its weight,
+    then the whole chunk rescaled to the mean it had ("Original" emphasis). Per chunk of each
+    prompt (A1111 takes the mean over its batch, which holds one prompt)."""
+    if bool((weights == 1).all()):
+        return states
+    means = states.mean(dim=(1, 2), keepdim=True)
+    weighted = states * weights.to(states.dtype)[..., None]
+    return weighted * (means / weighted.mean(dim=(1, 2), keepdim=True))
 
 
 @torch.no_grad()
-def encode(pipe, texts: list[str], count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode(
+    pipe, texts: list[str], count: int, weighting: str = "none"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states (batch, 77 * count, width), pooled (batch, width_2) or None) as the
     pipeline's own encode_prompt makes them: SDXL reads the penultimate layer of each encoder
-    (side by side) and a pooled embedding; SD 1.5 the last layer and no pooled one."""
+    (side by side) and a pooled embedding; SD 1.5 the last layer and no pooled one. Weights
+    (weighting=a1111) scale each encoder's hidden states; the pooled embedding is unweighted,
+    as in A1111."""
     device = pipe._execution_device
     sdxl = hasattr(pipe, "text_encoder_2")  # the SDXL pipelines, refiner included
     hidden, pooled = [], None
     encoders = text_encoders(pipe)
     for tokenizer, encoder in encoders:
-        ids = torch.cat([_chunks(pipe, tokenizer, text, count) for text in texts])
+        rows = [_rows(_token_chunks(pipe, tokenizer, t, weighting), count, tokenizer)
+                for t in texts]  # fmt: skip
+        ids, weights = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         out = encoder(ids.to(device), output_hidden_states=True)
         states = out.hidden_states[-2] if sdxl else out[0]  # (batch * count, 77, width)
+        states = _emphasis(states, weights.to(device))
         hidden.append(states.reshape(len(texts), count * (CHUNK + 2), -1))
         if sdxl and out[0].ndim == 2:  # the projected, pooled output of the second encoder
             pooled = out[0].reshape(len(texts), count, -1)[:, 0]
@@ -77,14 +118,20 @@ def encode(pipe, texts: list[str], count: int) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(hidden, dim=-1).to(dtype), None if pooled is None else pooled.to(dtype)
 
 
-def text_inputs(pipe, prompts: list[str], negatives: list[str], mode: str) -> dict:
+def text_inputs(
+    pipe, prompts: list[str], negatives: list[str], mode: str, weighting: str = "none"
+) -> dict:
     """Pipeline keyword arguments for these prompts: the texts themselves where everything fits
-    in 77 tokens (or mode is truncate), else the full-length embeddings."""
-    count = max(chunk_count(pipe, t) for t in [*prompts, *negatives])
-    if mode == "truncate" or count == 1:
+    in 77 tokens (or mode is truncate) and nothing is weighted, else the embeddings (the full
+    length, or the first chunk where mode is truncate)."""
+    texts = [*prompts, *negatives]
+    weighted = weighting == "a1111" and not all(is_plain(t) for t in texts)
+    count = max(chunk_count(pipe, t, weighting) for t in texts)
+    if not weighted and (mode == "truncate" or count == 1):
         return {"prompt": prompts, "negative_prompt": negatives}
-    embeds, pooled = encode(pipe, prompts, count)
-    negative_embeds, negative_pooled = encode(pipe, negatives, count)
+    count = 1 if mode == "truncate" else count
+    embeds, pooled = encode(pipe, prompts, count, weighting)
+    negative_embeds, negative_pooled = encode(pipe, negatives, count, weighting)
     inputs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
     if pooled is not None:
         inputs |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
@@ -95,26 +142,27 @@ log = logging.getLogger("keyframes")
 CLIP_TOKENS = 77
 
 
-def prompt_tokens(pipe, text: str) -> int:
-    """CLIP tokens in text, start and end included; SDXL's text encoders read 77."""
-    text = expand_embeddings(pipe, pipe.tokenizer, text)
-    return len(pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
+def prompt_tokens(pipe, text: str, weighting: str = "none") -> int:
+    """CLIP tokens in text, start and end included (the weighting syntax not counted); SDXL's
+    text encoders read 77."""
+    chunks = _token_chunks(pipe, pipe.tokenizer, text, weighting)
+    return sum(len(ids) for ids, _ in chunks) + 2
 
 
-def count_tokens(pipe, jobs: list, long_prompts: str) -> dict[str, int]:
+def count_tokens(pipe, jobs: list, long_prompts: str, weighting: str = "none") -> dict[str, int]:
     """Token count of every distinct prompt; one note per prompt longer than SDXL's 77."""
     counts = {}
     for job in jobs:
         for kind, text in (("prompt", job.prompt), ("negative prompt", job.negative_prompt)):
             if text in counts:
                 continue
-            counts[text] = prompt_tokens(pipe, text)
+            counts[text] = prompt_tokens(pipe, text, weighting)
             if counts[text] <= CLIP_TOKENS:
                 continue
             if long_prompts == "chunk":
                 log.info(
                     "scene %s: %s is %d CLIP tokens; encoded in full, in %d chunks of 75",
-                    job.scene_id, kind, counts[text], chunk_count(pipe, text),
+                    job.scene_id, kind, counts[text], chunk_count(pipe, text, weighting),
                 )  # fmt: skip
             else:
                 log.warning(
