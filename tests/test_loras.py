@@ -83,7 +83,13 @@ def test_records_and_png_metadata_carry_name_scale_and_hash(setup):
     records = lora_records([LoraConfig(path=str(files[0]), scale=0.8)])
     digest = hashlib.sha256(files[0].read_bytes()).hexdigest()[:12]
     assert records == [
-        {"name": "tiny_lora_1", "path": str(files[0]), "scale": 0.8, "sha256": digest}
+        {
+            "name": "tiny_lora_1",
+            "path": str(files[0]),
+            "scale": 0.8,
+            "sha256": digest,
+            "format": "lora",
+        }
     ]
     record = {
         "prompt": "a lighthouse", "negative_prompt": "", "steps": 4, "sampler_label": "Euler",

@@ -1,5 +1,7 @@
 """LoRA adapters through diffusers' LoRA support (PEFT backend): several at once, each with
-its scale, optionally fused into the weights. Files load from safetensors only."""
+its scale, optionally fused into the weights; LyCORIS LoHa and LoKr files merged into the
+weights (conditioning/lycoris.py). Files load from safetensors only; a file's format is read
+from its tensor names before anything loads."""
 
 from __future__ import annotations
 
@@ -8,6 +10,14 @@ import logging
 from pathlib import Path
 
 from keyframes.conditioning.base import Method, register
+from keyframes.conditioning.lycoris import (
+    MERGED_FORMATS,
+    MergedUpdates,
+    lora_format,
+    merge,
+    module_table,
+    unknown_layers,
+)
 from keyframes.config.schema import LoraConfig
 from keyframes.config.weights import PICKLE_SUFFIXES, pickle_problem, safetensors_keys
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
@@ -41,7 +51,13 @@ def check_loras(loras: list[LoraConfig], allow_pickle: bool = False) -> None:
             if refused:
                 raise ConfigError(refused)
             if path.suffix.lower() not in PICKLE_SUFFIXES:
-                safetensors_keys(path, "loras")  # a renamed pickle or a cut-off download
+                # a renamed pickle or a cut-off download fails here; so does a format not loaded
+                found = lora_format(safetensors_keys(path, "loras"))
+                if found not in ("lora", *MERGED_FORMATS):
+                    raise ConfigError(
+                        f"loras: {lora.path}: a {found} file, which keyframes does not load "
+                        "(it loads LoRA and LoCon, in kohya's or diffusers' layout, LoHa, LoKr)"
+                    )
 
 
 def _folder_file(folder: Path, lora: LoraConfig) -> Path | None:
@@ -53,6 +69,16 @@ def _folder_file(folder: Path, lora: LoraConfig) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def file_format(lora: LoraConfig) -> str:
+    """lora, loha or lokr (a hub id or a pickle: lora, diffusers tells)."""
+    path = _local(lora)
+    if path is not None and path.is_dir():
+        path = _folder_file(path, lora)
+    if path is None or not path.is_file() or path.suffix.lower() in PICKLE_SUFFIXES:
+        return "lora"
+    return lora_format(safetensors_keys(path, "loras"))
 
 
 def short_sha256(path: Path) -> str:
@@ -69,14 +95,23 @@ def lora_records(loras: list[LoraConfig]) -> list[dict]:
         if path is not None and path.is_dir():
             path = path / (lora.weight_name or "pytorch_lora_weights.safetensors")
         digest = short_sha256(path) if path is not None and path.is_file() else None
-        records.append(
-            {"name": lora_name(lora), "path": lora.path, "scale": lora.scale, "sha256": digest}
-        )
+        records.append({"name": lora_name(lora), "path": lora.path, "scale": lora.scale,
+                        "sha256": digest, "format": file_format(lora)})  # fmt: skip
     return records
 
 
-def apply_loras(pipe, loras: list[LoraConfig], fuse: bool, allow_pickle: bool = False) -> None:
-    """Load every adapter and set its scale (fused into the weights if asked)."""
+def apply_loras(
+    pipe, loras: list[LoraConfig], fuse: bool, allow_pickle: bool = False
+) -> MergedUpdates:
+    """Load every adapter and set its scale (fused into the weights if asked). LoHa and LoKr
+    files are merged first, into the plain layers; what they changed is returned, to restore."""
+    merged = MergedUpdates()
+    lycoris = [lora for lora in loras if file_format(lora) in MERGED_FORMATS]
+    if lycoris:
+        merge_lycoris(pipe, lycoris, merged)
+    loras = [lora for lora in loras if lora not in lycoris]
+    if not loras:
+        return merged
     for lora in loras:
         source, weight_name = lora.path, lora.weight_name
         path = _local(lora)
@@ -86,7 +121,7 @@ def apply_loras(pipe, loras: list[LoraConfig], fuse: bool, allow_pickle: bool = 
             pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=lora_name(lora),
                                    use_safetensors=None if allow_pickle else True)  # fmt: skip
         except (OSError, ValueError) as e:
-            remove_loras(pipe, fused=False)
+            remove_loras(pipe, fused=False, merged=merged)
             raise ModelUnavailableError(
                 f"LoRA {lora.path} could not be loaded: {first_line(e)}"
             ) from None
@@ -94,13 +129,37 @@ def apply_loras(pipe, loras: list[LoraConfig], fuse: bool, allow_pickle: bool = 
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
     if fuse:
         pipe.fuse_lora(adapter_names=names)
+    return merged
 
 
-def remove_loras(pipe, fused: bool) -> None:
+def merge_lycoris(pipe, loras: list[LoraConfig], merged: MergedUpdates) -> None:
+    """LoHa and LoKr files into the weights, each at its scale; a layer the model does not
+    have stops it, with nothing changed."""
+    from safetensors.torch import load_file
+
+    files = [(load_file(_local(lora)), lora.scale) for lora in loras]
+    table = module_table(pipe)
+    for lora, (tensors, _) in zip(loras, files, strict=True):
+        unknown = unknown_layers(tensors, table)
+        if unknown:
+            shown = ", ".join(unknown[:3]) + (
+                f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            )
+            raise ModelUnavailableError(
+                f"LoRA {lora.path}: {len(unknown)} layers this model does not have ({shown}): "
+                "a file for another model family or architecture"
+            )
+    merge(pipe, files, merged)
+
+
+def remove_loras(pipe, fused: bool, merged: MergedUpdates | None = None) -> None:
     """Back to the plain model, for the next job of a sweep on the cached pipeline."""
-    if fused:
-        pipe.unfuse_lora()
-    pipe.unload_lora_weights()
+    if any(pipe.get_list_adapters().values()):  # LoRAs loaded through diffusers
+        if fused:
+            pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+    if merged is not None:
+        merged.restore()
 
 
 def prompt_tags(records: list[dict]) -> str:
@@ -119,11 +178,12 @@ class Loras(Method):
 
     def install(self, loaded, todo) -> None:
         fuse = self.plan.config.fuse_loras
-        apply_loras(loaded.pipe, self.settings, fuse, self.plan.config.model.allow_pickle)
+        self.merged = apply_loras(loaded.pipe, self.settings, fuse,
+                                  self.plan.config.model.allow_pickle)  # fmt: skip
         log.info("LoRA: %s%s", prompt_tags(self.records), " (fused)" if fuse else "")
 
     def remove(self, pipe) -> None:
-        remove_loras(pipe, self.plan.config.fuse_loras)
+        remove_loras(pipe, self.plan.config.fuse_loras, getattr(self, "merged", None))
 
     def record(self, job) -> dict:
         return {"loras": self.records}
