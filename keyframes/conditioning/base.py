@@ -28,6 +28,8 @@ from keyframes.errors import ConfigError
 
 # Config groups whose option selects a method; "none" selects none.
 GROUPS = ("consistency", "controlnet", "upscale")
+# Settings nodes that switch a method on (their `on` property): freeu.enabled, pag.scale > 0
+SWITCHED = ("freeu", "pag")
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}
 _discovered = False
 
@@ -120,13 +122,16 @@ def method_class(group: str, name: str) -> type[Method] | None:
 
 
 def methods_for(plan) -> list[Method]:
-    """The methods a plan selects, in a fixed order: LoRAs, embeddings, then the groups of
-    GROUPS."""
+    """The methods a plan selects, in a fixed order: LoRAs, embeddings, the switched ones
+    (SWITCHED), then the groups of GROUPS."""
     _discover()
     chosen = []
     for listed in ("loras", "embeddings"):  # lists of files rather than one option
         if getattr(plan.config, listed):
             chosen.append(_REGISTRY[(listed, listed)](getattr(plan.config, listed), plan))
+    for switched in SWITCHED:
+        if getattr(plan.config, switched).on:
+            chosen.append(_REGISTRY[(switched, switched)](getattr(plan.config, switched), plan))
     for group in GROUPS:
         settings = getattr(plan.config, group)
         cls = _REGISTRY.get((group, settings.name))
@@ -161,7 +166,8 @@ def prepare_all(methods: list[Method], jobs: list, shotlist) -> list:
 
 # An image record's conditioning fields where no method fills them (the manifest's contract).
 RECORD_DEFAULTS = {"consistency": "none", "consistency_reference": None, "loras": [],
-                   "embeddings": [], "upscale": None, "control": None}  # fmt: skip
+                   "embeddings": [], "upscale": None, "control": None, "freeu": None,
+                   "pag": None}  # fmt: skip
 
 
 def record_fields(methods: list[Method], job) -> dict[str, Any]:

@@ -183,6 +183,36 @@ class SpeedConfig:
 
 
 @dataclass
+class FreeUConfig:
+    """FreeU (Si et al., CVPR 2024): the UNet decoder's backbone features scaled up (b1, b2),
+    its skip features' low frequencies down (s1, s2). Defaults: diffusers' SDXL values."""
+
+    enabled: bool = MISSING
+    s1: float = MISSING
+    s2: float = MISSING
+    b1: float = MISSING
+    b2: float = MISSING
+
+    @property
+    def on(self) -> bool:
+        return self.enabled
+
+
+@dataclass
+class PagConfig:
+    """Perturbed-attention guidance (Ahn et al., ECCV 2024): a third UNet row per step whose
+    self-attention in `layers` is the identity, guided away from."""
+
+    scale: float = MISSING  # 0: off
+    adaptive_scale: float = MISSING  # 0: the same scale at every step
+    layers: list[str] = MISSING  # diffusers' pag_applied_layers: mid, down.block_1, up...
+
+    @property
+    def on(self) -> bool:
+        return self.scale > 0
+
+
+@dataclass
 class TrackingConfig:
     tracking_uri: str = MISSING  # sqlite file (no server) or http(s) server
     experiment_name: str | None = None  # null: derived from the shotlist title
@@ -226,3 +256,5 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+    freeu: FreeUConfig = field(default_factory=FreeUConfig)
+    pag: PagConfig = field(default_factory=PagConfig)

@@ -89,6 +89,8 @@ class ImageRecord(_JsonRecord):
     embeddings: list[dict[str, Any]] = field(default_factory=list)
     upscale: dict[str, Any] | None = None
     control: dict[str, Any] | None = None
+    freeu: list[float] | None = None  # [s1, s2, b1, b2] where FreeU was on
+    pag: dict[str, Any] | None = None  # perturbed-attention guidance: scale, adaptive, layers
     seconds: float
     vram_peak_gb: float | None
     rss_peak_gb: float
