@@ -193,3 +193,22 @@ def test_a_run_keeps_the_prompt_as_written_and_refuses_prompt_editing(cli_in_pro
     code, err, run_dir, _ = cli_in_process(f"shotlist={shots}", run_dir=tmp_path / "refused")
     assert code == 2 and "'[cat:dog:0.5]' is A1111's prompt editing" in err, err[-2000:]
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_styled_prompt_is_scored_as_words_not_syntax():
+    from PIL import Image
+
+    from keyframes.config.schema import ScorerConfig
+    from keyframes.generation.generator import Generation
+    from keyframes.generation.render import score_batch
+    from keyframes.scoring.clip import load_scorer
+
+    scorer = load_scorer(ScorerConfig(name="tiny", model="tiny"), "cpu")
+    job = demo_jobs(1)[0]
+    weighted = job.__class__(**{**job.__dict__, "prompt": "a ((red:1.3) door) BREAK [rain]"})
+    made = [Generation(weighted, Image.new("RGB", (64, 36), (255, 255, 255)), 1.0, None, 0.1)]
+    ((_, styled, _),) = score_batch(scorer, made, "a1111")
+    _, (as_words,) = scorer.score([made[0].image], [job.description], ["a red door rain"])
+    assert styled.score == pytest.approx(as_words.score, abs=1e-3) and styled.score > 1  # noise
+    ((_, literal, _),) = score_batch(scorer, made, "none")  # none: the brackets are text
+    assert abs(literal.score - styled.score) > 1e-3

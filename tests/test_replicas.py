@@ -347,3 +347,22 @@ def test_every_replica_config_is_the_published_one_but_for_sizes(
             != as_json(replica.get(key, real.get(key, defaults.get(key))))
         }
         assert differ == {}, f"{repo} {component}: (published, replica) {differ}"
+
+
+@pytest.mark.parametrize("repo", replicas.CONTROLNETS)
+def test_a_controlnet_replica_shares_its_base_unets_published_settings(replica_home, repo):
+    """A ControlNet's config repeats its base UNet's (diffusers makes it from the UNet): every
+    field the two share, sizes aside, is the published UNet's. (The ControlNet repos' own
+    files are not packaged; their extra fields are diffusers' defaults here.)"""
+    from huggingface_hub import try_to_load_from_cache
+
+    base = "sd15" if replicas.CONTROLNETS[repo] == "sd15" else "sdxl_base"
+    real = json.loads(
+        (Path(replicas.__file__).parent.parent / "data" / base / "unet.json").read_text()
+    )
+    path = try_to_load_from_cache(repo, "config.json", cache_dir=replica_home / "hub")
+    replica = json.loads(Path(path).read_text())
+    shared = (set(real) & set(replica)) - SIZES["unet"] - WRITER_NOTES - {"_class_name"}
+    assert {"act_fn", "down_block_types", "flip_sin_to_cos", "in_channels"} <= shared
+    differ = {k: (real[k], replica[k]) for k in shared if as_json(real[k]) != as_json(replica[k])}
+    assert differ == {}, f"{repo}: (published UNet, replica) {differ}"

@@ -36,6 +36,7 @@ from keyframes.scoring.clip import ClipScorer
 from keyframes.scoring.consistency import consistency_of
 from keyframes.shotlist.jobs import ImageJob
 from keyframes.shotlist.load import Shotlist
+from keyframes.shotlist.weighting import plain_text
 
 log = logging.getLogger("keyframes")
 
@@ -142,7 +143,9 @@ class Bookkeeping:
 
     def add(self, batch: list[Generation]) -> None:
         ctx, start, made = self.ctx, time.perf_counter(), []
-        for generation, scores in zip(batch, score_batch(self.session.scorer, batch), strict=True):
+        weighting = self.ctx.plan.config.prompt_weighting
+        scored = score_batch(self.session.scorer, batch, weighting)
+        for generation, scores in zip(batch, scored, strict=True):
             scene = self.scenes[generation.job.scene_id]
             planned = ctx.jobs[generation.job.index]  # the same record when a run is resumed
             record = image_record(ctx.plan, generation, scores, self.tokens, scene.extra,
@@ -232,16 +235,18 @@ def recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def score_batch(scorer: ClipScorer | None, batch: list[Generation]):
+def score_batch(scorer: ClipScorer | None, batch: list[Generation], weighting: str = "none"):
     """Per image: (CLIP score vs the scene description, vs the full styled prompt, aesthetic
-    score); one image embedding serves all three."""
+    score); one image embedding serves all three. The prompt is scored as words: A1111's
+    weighting syntax is not text to CLIP (weighting=a1111)."""
     made = [g for g in batch if g.image is not None]
     if scorer is None or not made:
         return [(None, None, None)] * len(batch)
     images = [g.image for g in made]
     asked, styled = scorer.score(
-        images, [g.job.description for g in made], [g.job.prompt for g in made]
-    )
+        images, [g.job.description for g in made],
+        [plain_text(g.job.prompt) if weighting == "a1111" else g.job.prompt for g in made],
+    )  # fmt: skip
     aesthetic = scorer.aesthetic(images) or [None] * len(made)
     triples = zip(asked, styled, aesthetic, strict=True)
     scores = dict(zip(map(id, made), triples, strict=True))
