@@ -1,5 +1,6 @@
-"""A conditioning method defined outside keyframes, as README's "Add a conditioning method"
-shows: it shifts the first latent channel by `consistency.options.shift` before decoding."""
+"""A conditioning method defined outside keyframes, as "Add a conditioning method" in
+docs/development.md shows: it shifts the first latent channel by `consistency.options.shift`
+before decoding."""
 
 from keyframes.conditioning.base import BatchHook, Method, register
 
