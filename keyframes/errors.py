@@ -75,3 +75,13 @@ class Interrupted(Exception):
         super().__init__("interrupted")
         self.result = result  # the RenderResult as far as it got
         self.while_tracking = while_tracking  # it came while MLflow was being written
+
+
+class ImagesFailed(Exception):
+    """Some images of a finished run failed (the command's exit code 3): the manifest holds
+    every record, the failed ones with their error."""
+
+    def __init__(self, manifest, failed: list):
+        self.manifest, self.failed = manifest, failed
+        lines = "\n".join(f"  {r.file}: {r.error}" for r in failed)
+        super().__init__(f"{len(failed)} of {len(manifest.images)} images failed:\n{lines}")

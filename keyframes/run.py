@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -25,8 +24,8 @@ from keyframes.config.compose import register_schema
 from keyframes.config.overrides import override_keys
 from keyframes.config.schema import CONF_DIR, Config
 from keyframes.errors import ConfigError, DiskFull, Interrupted, KeyframesError
-from keyframes.outputs.files import run_folder_problem
-from keyframes.outputs.folder_lock import LOCK_NAME, hold_folder, in_use
+from keyframes.outputs.files import remove_if_untouched, run_folder_problem
+from keyframes.outputs.folder_lock import LOCK_NAME, hold_folder
 from keyframes.outputs.manifest import read_run
 from keyframes.tracking.sweep import SweepJob, close_stopped_sweep, sweep_job
 
@@ -99,7 +98,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | 
         run_dir = _switch_to_unfinished_run(run_dir, plan.config_hash, log_name)
     own_dir, run_dir = run_dir, procs.from_main(run_dir)  # one run directory for all
     if own_dir != run_dir:  # Hydra made this process its own: drop it
-        _remove_if_untouched(own_dir, {".hydra", log_name})
+        remove_if_untouched(own_dir, {".hydra", log_name})
     experiment = sweep.experiment if sweep else plan.config.mlflow.experiment_name
     if problem := run_folder_problem(run_dir):  # resume=true may have chosen another folder
         raise ConfigError(problem)
@@ -134,7 +133,7 @@ def _track(run_dir: Path, mlflow, experiment: str, sweep: SweepJob | None, resul
 def _stopped(error: BaseException, run_dir: Path, log_name: str) -> int:
     """The message and exit code of a run that stopped; bad input leaves nothing behind."""
     if isinstance(error, KeyframesError | KeyboardInterrupt):
-        _remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml", LOCK_NAME})
+        remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml", LOCK_NAME})
     if isinstance(error, KeyframesError):
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -184,21 +183,12 @@ def _switch_to_unfinished_run(fresh_dir: Path, wanted_hash: str, log_name: str) 
             "To continue a given run, pass its folder: hydra.run.dir=PATH"
         )
     target = max(candidates, key=lambda p: p.name)
-    _remove_if_untouched(fresh_dir, {".hydra", log_name})
+    remove_if_untouched(fresh_dir, {".hydra", log_name})
     handler = logging.FileHandler(target / log_name)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
     log.info("resume=true: continuing %s", target)
     return target
-
-
-def _remove_if_untouched(run_dir: Path, bookkeeping: set[str]) -> None:
-    """Bad input leaves nothing behind: drop the run directory if it holds only bookkeeping
-    (Hydra's .hydra/ and log, the resolved config), i.e. no image was made, and no other run
-    holds it."""
-    if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= bookkeeping or in_use(run_dir):
-        return
-    shutil.rmtree(run_dir)
 
 
 def _interrupt(signum, frame):

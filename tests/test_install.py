@@ -40,11 +40,18 @@ def test_a_wheel_installed_into_a_fresh_venv_runs_the_smoke_experiment_from_else
     where = subprocess.run([str(python), "-c", "import keyframes.config.schema as c; print(c.CONF_DIR)"],
                            cwd=elsewhere, check=True, capture_output=True, text=True)  # fmt: skip
     assert where.stdout.strip() == str(Path(site) / "keyframes" / "conf")
-    run = subprocess.run(
-        [str(python), "-m", "keyframes.run", "experiment=smoke", "steps=1", "width=64",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(  # the console script [project.scripts] installs
+        [str(venv / "bin" / "keyframes"), "experiment=smoke", "steps=1", "width=64",
          "height=64", "scorer=none", "hydra.run.dir=run", "mlflow.tracking_uri=sqlite:///m.db"],
-        cwd=elsewhere, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(list((elsewhere / "run" / "keyframes").glob("*.png"))) == 7
+    for command in (["keyframes-sync", "run", "--tracking-uri", "sqlite:///m.db"],
+                    ["keyframes-compare", "--experiment", "smoke", "--tracking-uri", "sqlite:///m.db",
+                     "--metric", "seconds_per_image_mean"],
+                    ["keyframes-replicas", "--help"], ["keyframes-styles"]):  # fmt: skip
+        done = subprocess.run([str(venv / "bin" / command[0]), *command[1:]], cwd=elsewhere,
+                              capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+        assert done.returncode == 0, (command, done.stderr[-2000:])

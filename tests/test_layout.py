@@ -21,7 +21,7 @@ LAYERS = [
     "tracking",
     "cli",
 ]
-CLI = {"run", "sync", "compare", "styles", "replicas"}
+CLI = {"run", "sync", "compare", "styles", "replicas", "api"}
 # third-party packages only some layers may use
 ONLY_IN = {"mlflow": {"tracking"}, "hydra": {"config", "tracking", "cli"}}
 

@@ -75,3 +75,16 @@ def run_folder_problem(path: Path) -> str | None:
         if (inner.exists() or inner.is_symlink()) and not inner.is_dir():
             return f"{inner} is not a folder; the run writes its {name} in a folder of that name"
     return None
+
+
+def remove_if_untouched(run_dir: Path, bookkeeping: set[str]) -> None:
+    """Bad input leaves nothing behind: drop the run directory if it holds only bookkeeping
+    (Hydra's .hydra/ and log, the resolved config), i.e. no image was made, and no other run
+    holds it."""
+    import shutil
+
+    from keyframes.outputs.folder_lock import in_use
+
+    if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= bookkeeping or in_use(run_dir):
+        return
+    shutil.rmtree(run_dir)
