@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     hub = write(args.hf_home)
     if not args.no_scorer:
         replicas.write_scorer_replica(args.hf_home)
-    repos = sorted(p.name.removeprefix("models--").replace("--", "/") for p in hub.iterdir()
-                   if p.name.startswith("models--"))  # fmt: skip
+    repos = sorted(
+        p.name.removeprefix("models--").replace("--", "/")
+        for p in hub.iterdir()
+        if p.name.startswith("models--")
+    )
     print(f"wrote {len(repos)} repos into {hub} in {time.perf_counter() - start:.0f} s:")
     print("\n".join(f"  {repo}" for repo in repos))
     print(f"use them: HF_HOME={args.hf_home} HF_HUB_OFFLINE=1 uv run python -m keyframes.run ...")

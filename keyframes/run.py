@@ -75,8 +75,14 @@ def _job(cfg: DictConfig) -> float | None:
     return result.summary.get(cfg.objective)
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | None,
-        log_name: str, sweep_dir: Path | None):  # fmt: skip
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    sweep: SweepJob | None,
+    log_name: str,
+    sweep_dir: Path | None,
+):
     """One job: plan, pre-flight, render, track (sweep_dir: the multirun's folder)."""
     from keyframes.config.plan import make_plan
     from keyframes.generation.preflight import prepare
@@ -104,8 +110,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep: SweepJob | 
         raise ConfigError(problem)
     # the main process holds the folder: a second run into it stops here, touching nothing
     with hold_folder(run_dir) if procs.main else contextlib.nullcontext():
-        ctx = prepare(plan, run_dir, overrides, experiment, asdict(sweep) if sweep else None,
-                      procs)  # fmt: skip
+        ctx = prepare(plan, run_dir, overrides, experiment, asdict(sweep) if sweep else None, procs)
         if procs.main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plan.resolved)))
         try:
@@ -250,9 +255,11 @@ def _check_run_folder(overrides: list[str], multirun: bool) -> None:
         path = path.parent
     free = shutil.disk_usage(path).free
     if free < MIN_FREE_BYTES:
-        print(f"error: disk full: {free / 1e6:.2f} MB free at {path}, where the run folder "
-              f"{where} would go. Free space, or set hydra.run.dir to a folder on another disk.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: disk full: {free / 1e6:.2f} MB free at {path}, where the run folder "
+            f"{where} would go. Free space, or set hydra.run.dir to a folder on another disk.",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_DISK_FULL)
 
 

@@ -42,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - the store's own errors: unreachable, refused, ...
-        print(f"error: the MLflow store {uri} could not be written ({first_line(e)}); "
-              f"{args.run_dir} is unchanged, try again later", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: the MLflow store {uri} could not be written ({first_line(e)}); "
+            f"{args.run_dir} is unchanged, try again later",
+            file=sys.stderr,
+        )
         return 2
     what = "logged" if created else "already logged, nothing to do:"
     print(f"{what} MLflow run {run_id} ({uri})")

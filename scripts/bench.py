@@ -261,8 +261,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         result["notes"] = sorted(set(notes))
         if notes:
             print(f"  note: the keyframes path reported {sorted(set(notes))}", flush=True)
-        print(f"UNet evaluations per image (keyframes path): {unet_evaluations} whole, "
-              f"{shallow:g} shallow branch only", flush=True)  # fmt: skip
+        print(
+            f"UNet evaluations per image (keyframes path): {unet_evaluations} whole, "
+            f"{shallow:g} shallow branch only",
+            flush=True,
+        )
         print(f"pixels, keyframes path vs bare call: {result['pixel_difference']}", flush=True)
         print(f"ratio: {result['ratio']:.2f}", flush=True)
         report["results"].append(result)

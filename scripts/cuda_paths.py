@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     apply_sampler(pipe, cfg.sampler)
     apply_speed(pipe, cfg.speed, placement.device)
     report["load_seconds"] = round(time.perf_counter() - start, 2)
-    print(f"loaded {cfg.model.name} on {report['device_name']} in {report['load_seconds']} s",
-          flush=True)  # fmt: skip
+    print(
+        f"loaded {cfg.model.name} on {report['device_name']} in {report['load_seconds']} s",
+        flush=True,
+    )
 
     def jobs_for(count: int):
         return benchmark_jobs(cfg, count)

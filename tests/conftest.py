@@ -39,8 +39,9 @@ class CliResult:
         return self.stdout + self.stderr
 
 
-def run_keyframes(tmp_path: Path, overrides, run_dir: Path | None = None,
-                  env: dict | None = None) -> CliResult:  # fmt: skip
+def run_keyframes(
+    tmp_path: Path, overrides, run_dir: Path | None = None, env: dict | None = None
+) -> CliResult:
     """`python -m keyframes.run` as a user would run it, writing only under tmp_path."""
     run_dir = run_dir or tmp_path / "run"
     store = tmp_path / "store" / "mlflow.db"
@@ -99,13 +100,22 @@ def smoke_sweep(tmp_path_factory):
     sweep_dir, store = tmp / "sweep", tmp / "store" / "mlflow.db"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "keyframes.run", "experiment=smoke", "-m",
-            "steps=2,3", "cfg_scale=1.5,3",
-            f"hydra.sweep.dir={sweep_dir}", f"mlflow.tracking_uri=sqlite:///{store}",
+            sys.executable,
+            "-m",
+            "keyframes.run",
+            "experiment=smoke",
+            "-m",
+            "steps=2,3",
+            "cfg_scale=1.5,3",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
         ],
-        cwd=tmp, capture_output=True, text=True, timeout=600,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SweepResult(sweep_dir, store, proc.stdout + proc.stderr)
 
@@ -168,8 +178,12 @@ def cli_in_process(tmp_path, monkeypatch, capsys, empty_store):
         run_dir, store = run_dir or tmp_path / "run", tmp_path / "mlflow.db"
         if not fresh_store and not store.exists():
             shutil.copyfile(empty_store, store)
-        argv = ["experiment=smoke", *overrides, f"hydra.run.dir={run_dir}",
-                f"mlflow.tracking_uri=sqlite:///{store}"]  # fmt: skip
+        argv = [
+            "experiment=smoke",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
+        ]
         code, _, err = cli_here(argv, monkeypatch, capsys)
         return code, err, run_dir, store
 

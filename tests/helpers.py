@@ -109,16 +109,35 @@ def image_record(**fields):
     from keyframes.outputs.records import ImageRecord
 
     values = {
-        "index": 0, "scene_id": "a", "scene_index": 1, "take": 1,
-        "file": "keyframes/001_a_t1.png", "status": "ok", "seed": 123,
-        "prompt": "film still, a harbor", "negative_prompt": "blurry, text",
-        "prompt_tokens": 7, "negative_prompt_tokens": 5, "description": "a harbor",
-        "scene_prompt": "a harbor", "steps": 30, "cfg_scale": 7.0, "sampler": "dpmpp_2m_karras",
-        "sampler_label": "DPM++ 2M Karras", "width": 1344, "height": 768, "model": "sdxl_base",
-        "style": "cinematic", "negative": "default", "seconds": 1.0, "vram_peak_gb": None,
-        "rss_peak_gb": 1.0, "clip_score": None, "clip_score_prompt": None,
+        "index": 0,
+        "scene_id": "a",
+        "scene_index": 1,
+        "take": 1,
+        "file": "keyframes/001_a_t1.png",
+        "status": "ok",
+        "seed": 123,
+        "prompt": "film still, a harbor",
+        "negative_prompt": "blurry, text",
+        "prompt_tokens": 7,
+        "negative_prompt_tokens": 5,
+        "description": "a harbor",
+        "scene_prompt": "a harbor",
+        "steps": 30,
+        "cfg_scale": 7.0,
+        "sampler": "dpmpp_2m_karras",
+        "sampler_label": "DPM++ 2M Karras",
+        "width": 1344,
+        "height": 768,
+        "model": "sdxl_base",
+        "style": "cinematic",
+        "negative": "default",
+        "seconds": 1.0,
+        "vram_peak_gb": None,
+        "rss_peak_gb": 1.0,
+        "clip_score": None,
+        "clip_score_prompt": None,
         "clip_truncated": None,
-    }  # fmt: skip
+    }
     return ImageRecord.from_json(values | fields)
 
 
@@ -127,12 +146,26 @@ def run_record(**fields):
     from keyframes.outputs.records import RunInfo
 
     values = {
-        "title": "T", "shotlist": "shotlist.json", "shotlist_sha256": "0" * 64,
-        "shotlist_extra": {}, "characters": {}, "config_hash": "0" * 16, "model": "tiny",
-        "model_source": "built in memory", "style": "cinematic", "style_template": "{prompt}",
-        "negative": "default", "sampler": "euler", "quality": "draft", "scorer": None,
-        "device": "cpu", "dtype": "float32", "versions": {}, "overrides": [],
-        "command": "uv run python -m keyframes.run", "started_at": "2026-11-25T00:00:00+00:00",
+        "title": "T",
+        "shotlist": "shotlist.json",
+        "shotlist_sha256": "0" * 64,
+        "shotlist_extra": {},
+        "characters": {},
+        "config_hash": "0" * 16,
+        "model": "tiny",
+        "model_source": "built in memory",
+        "style": "cinematic",
+        "style_template": "{prompt}",
+        "negative": "default",
+        "sampler": "euler",
+        "quality": "draft",
+        "scorer": None,
+        "device": "cpu",
+        "dtype": "float32",
+        "versions": {},
+        "overrides": [],
+        "command": "uv run python -m keyframes.run",
+        "started_at": "2026-11-25T00:00:00+00:00",
         "status": "running",
-    }  # fmt: skip
+    }
     return RunInfo.from_json(values | fields)

@@ -11,8 +11,9 @@ NO_BROWSER = "Chromium is not installed"  # the skip reason of the browser fixtu
 def pytest_terminal_summary(terminalreporter):
     """A browser test that could not run is said at the end in red, not only counted among
     the skips: without Chromium the review in the MLflow UI is not tested at all."""
-    skipped = [r for r in terminalreporter.stats.get("skipped", [])
-               if NO_BROWSER in str(r.longrepr)]  # fmt: skip
+    skipped = [
+        r for r in terminalreporter.stats.get("skipped", []) if NO_BROWSER in str(r.longrepr)
+    ]
     if skipped:
         terminalreporter.section("the MLflow UI was NOT tested", red=True, bold=True)
         terminalreporter.line(

@@ -30,12 +30,14 @@ def test_generate_makes_the_commands_keyframes_and_logs_them(tmp_path, monkeypat
     assert [r.to_json() for r in again.images] == [r.to_json() for r in manifest.images]
     # the command, in this process: the same computation, so the same pixels to the bit
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli_here([*SMOKE, tracking, f"hydra.run.dir={tmp_path / 'cli'}"],
-                            monkeypatch, capsys)  # fmt: skip
+    code, _, err = cli_here(
+        [*SMOKE, tracking, f"hydra.run.dir={tmp_path / 'cli'}"], monkeypatch, capsys
+    )
     assert code == 0, err[-2000:]
     by_command = keyframes.load_manifest(tmp_path / "cli" / "manifest.json")
-    for a, b in zip(pixels(tmp_path / "api", manifest), pixels(tmp_path / "cli", by_command),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        pixels(tmp_path / "api", manifest), pixels(tmp_path / "cli", by_command), strict=True
+    ):
         assert (a == b).all()
     client = MlflowClient(f"sqlite:///{store}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -44,11 +46,13 @@ def test_generate_makes_the_commands_keyframes_and_logs_them(tmp_path, monkeypat
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(["steps=0"], "steps=0: must be at least 1"),
-     (["+stpes=4"], "the closest known one is steps"),
-     (["cfg_scale=abc"], "cfg_scale=abc")],
+    [
+        (["steps=0"], "steps=0: must be at least 1"),
+        (["+stpes=4"], "the closest known one is steps"),
+        (["cfg_scale=abc"], "cfg_scale=abc"),
+    ],
     ids=["value", "typo", "type"],
-)  # fmt: skip
+)
 def test_bad_input_raises_before_anything_is_written(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         keyframes.generate("demo", [*SMOKE, *overrides], run_dir=tmp_path / "run")
@@ -65,8 +69,11 @@ def test_failed_images_raise_with_the_manifest_of_the_rest(tmp_path, monkeypatch
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", call)
     with pytest.raises(ImagesFailed, match="1 of 7 images failed") as failure:
-        keyframes.generate("demo", [*SMOKE, f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"],
-                           run_dir=tmp_path / "run")  # fmt: skip
+        keyframes.generate(
+            "demo",
+            [*SMOKE, f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"],
+            run_dir=tmp_path / "run",
+        )
     [failed] = failure.value.failed
     assert failed.file == "keyframes/003_the-boat_t1.png" and "injected failure" in failed.error
     assert sum(r.ok for r in failure.value.manifest.images) == 6

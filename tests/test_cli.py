@@ -10,13 +10,32 @@ from tests.conftest import read_manifest
 from tests.helpers import write_json
 
 MANIFEST_KEYS = {
-    "scene_id", "take", "file", "seed", "prompt", "negative_prompt", "steps", "cfg_scale",
-    "sampler", "width", "height", "model", "style", "seconds", "vram_peak_gb", "clip_score",
-}  # fmt: skip
+    "scene_id",
+    "take",
+    "file",
+    "seed",
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "cfg_scale",
+    "sampler",
+    "width",
+    "height",
+    "model",
+    "style",
+    "seconds",
+    "vram_peak_gb",
+    "clip_score",
+}
 DEMO_FILES = [
-    "001_opening_t1.png", "002_lamp-room_t1.png", "003_the-boat_t1.png", "004_signal_t1.png",
-    "005_rescue_t1.png", "006_kitchen_t1.png", "007_morning-after_t1.png",
-]  # fmt: skip
+    "001_opening_t1.png",
+    "002_lamp-room_t1.png",
+    "003_the-boat_t1.png",
+    "004_signal_t1.png",
+    "005_rescue_t1.png",
+    "006_kitchen_t1.png",
+    "007_morning-after_t1.png",
+]
 
 
 def mlflow_runs(store):
@@ -116,11 +135,14 @@ def test_smoke_run_is_logged_to_mlflow(smoke_run):
 def test_shotlist_takes_seed_and_cfg_overrides(cli_in_process, tmp_path):
     shots = write_json(
         tmp_path / "shots.json",
-        {"title": "Two Shots", "scenes": [
-            {"id": "door", "description": "a red door", "takes": 1, "director_note": "x"},
-            {"id": "sea", "description": "a calm sea", "seed": 99},
-        ]},
-    )  # fmt: skip
+        {
+            "title": "Two Shots",
+            "scenes": [
+                {"id": "door", "description": "a red door", "takes": 1, "director_note": "x"},
+                {"id": "sea", "description": "a calm sea", "seed": 99},
+            ],
+        },
+    )
     code, err, run_dir, store = cli_in_process(
         f"shotlist={shots}", "cfg_scale=6", "seed=7", "takes=2", "batch_size=2"
     )
@@ -133,8 +155,10 @@ def test_shotlist_takes_seed_and_cfg_overrides(cli_in_process, tmp_path):
         ("sea", 2, 100),
     ]
     assert [r["file"] for r in images] == [
-        "keyframes/001_door_t1.png", "keyframes/002_sea_t1.png", "keyframes/002_sea_t2.png"
-    ]  # fmt: skip
+        "keyframes/001_door_t1.png",
+        "keyframes/002_sea_t1.png",
+        "keyframes/002_sea_t2.png",
+    ]
     assert all(r["cfg_scale"] == 6 for r in images)
     assert images[0]["scene_extra"] == {"director_note": "x"} and images[1]["scene_extra"] == {}
     assert "CFG scale: 6," in Image.open(run_dir / images[0]["file"]).text["parameters"]
@@ -154,13 +178,28 @@ def scene(i, **fields):
 
 
 BAD_SHOTLISTS = {
-    "invalid_json": ('{"scenes": [\n  {"id": "a"\n]}', "is not valid JSON: Expecting ',' delimiter at line 3, column 1"),
+    "invalid_json": (
+        '{"scenes": [\n  {"id": "a"\n]}',
+        "is not valid JSON: Expecting ',' delimiter at line 3, column 1",
+    ),
     "schema": (json.dumps({"scenes": [scene(0), {"id": "x"}]}), "scenes[1].description: missing"),
-    "duplicate_ids": (json.dumps([scene(1), scene(1)]), "scenes[1].id: duplicate id 's1' (first used by scenes[0])"),
-    "no_scenes": (json.dumps({"title": "t", "scenes": []}), "scenes: empty, a shotlist needs at least one scene"),
-    "unknown_character": (json.dumps([scene(1, characters=["Zed"])]), "scenes[0].characters[0]: unknown character 'Zed'"),
-    "bad_seed": (json.dumps([scene(1, seed="x")]), "scenes[0].seed: expected an integer, got a string"),
-}  # fmt: skip
+    "duplicate_ids": (
+        json.dumps([scene(1), scene(1)]),
+        "scenes[1].id: duplicate id 's1' (first used by scenes[0])",
+    ),
+    "no_scenes": (
+        json.dumps({"title": "t", "scenes": []}),
+        "scenes: empty, a shotlist needs at least one scene",
+    ),
+    "unknown_character": (
+        json.dumps([scene(1, characters=["Zed"])]),
+        "scenes[0].characters[0]: unknown character 'Zed'",
+    ),
+    "bad_seed": (
+        json.dumps([scene(1, seed="x")]),
+        "scenes[0].seed: expected an integer, got a string",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SHOTLISTS))
@@ -209,9 +248,11 @@ def test_bad_numbers_fail_before_any_model_loads(refused_cli, overrides, message
 
 @pytest.mark.parametrize(
     "override, message",
-    [("steps=many", "could not be converted to Integer"),
-     ("style=vaporwave", "Could not find 'style/vaporwave'")],
-)  # fmt: skip
+    [
+        ("steps=many", "could not be converted to Integer"),
+        ("style=vaporwave", "Could not find 'style/vaporwave'"),
+    ],
+)
 def test_config_errors_keep_hydras_message_and_exit_2(refused_cli, override, message):
     result = refused_cli("experiment=smoke", override)
     assert_nothing_written(result)
@@ -220,11 +261,13 @@ def test_config_errors_keep_hydras_message_and_exit_2(refused_cli, override, mes
 
 @pytest.mark.parametrize(
     "override, message",
-    [("stepz=40", "stepz: no such setting (the closest known one is steps)"),
-     ("+stpes=4", "+stpes: no such setting (the closest known one is steps)"),
-     ("++model.pth=x", "++model.pth: no such setting (the closest known one is model.path)"),
-     ("+cfg=3", "+cfg: no such setting (the closest known one is cfg_scale)")],
-)  # fmt: skip
+    [
+        ("stepz=40", "stepz: no such setting (the closest known one is steps)"),
+        ("+stpes=4", "+stpes: no such setting (the closest known one is steps)"),
+        ("++model.pth=x", "++model.pth: no such setting (the closest known one is model.path)"),
+        ("+cfg=3", "+cfg: no such setting (the closest known one is cfg_scale)"),
+    ],
+)
 def test_an_unknown_key_is_exit_2_naming_the_closest_known_one(cli_in_process, override, message):
     """Hydra's own hint (add it with +) would make a typo succeed silently."""
     code, err, run_dir, store = cli_in_process(override, fresh_store=True)
@@ -234,9 +277,11 @@ def test_an_unknown_key_is_exit_2_naming_the_closest_known_one(cli_in_process, o
 
 @pytest.mark.parametrize(
     "text_encoders, kind",
-    [(["conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x"], "SDXL"),
-     (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], "SD 1.5")],
-)  # fmt: skip
+    [
+        (["conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x"], "SDXL"),
+        (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], "SD 1.5"),
+    ],
+)
 def test_single_file_checkpoint_without_configs_offline_says_what_to_set(
     run_cli, tmp_path, text_encoders, kind
 ):
@@ -246,11 +291,18 @@ def test_single_file_checkpoint_without_configs_offline_says_what_to_set(
     from safetensors.torch import save_file
 
     checkpoint = tmp_path / "my-model.safetensors"
-    tensors = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.x",
-               *text_encoders]  # fmt: skip
+    tensors = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "first_stage_model.x",
+        *text_encoders,
+    ]
     save_file({t: torch.zeros(4, 4, 3, 3) for t in tensors}, checkpoint)
-    result = run_cli("model=local", f"model.path={checkpoint}", "scorer=none",
-                     env={"HF_HOME": str(tmp_path / "empty-hf-home")})  # fmt: skip
+    result = run_cli(
+        "model=local",
+        f"model.path={checkpoint}",
+        "scorer=none",
+        env={"HF_HOME": str(tmp_path / "empty-hf-home")},
+    )
     assert_nothing_written(result)
     assert f"error: model local ({checkpoint}) is not available." in result.stderr
     assert f"set model.config to a local diffusers {kind} folder" in result.stderr
@@ -273,8 +325,9 @@ def test_missing_sdxl_weights_stop_with_instructions(run_cli, tmp_path):
     assert "Retrying" not in result.output and "could not be reached" not in err
 
 
-def test_a_missing_scorer_stops_the_run_before_the_model_is_built(cli_in_process, monkeypatch,
-                                                                 tmp_path):  # fmt: skip
+def test_a_missing_scorer_stops_the_run_before_the_model_is_built(
+    cli_in_process, monkeypatch, tmp_path
+):
     """model=sdxl_random would build 2.5 B parameters (about a minute, 15 GB) first."""
     from huggingface_hub import constants
 

@@ -15,8 +15,9 @@ from keyframes.pipeline.sgm_layout import original_state_dict, unet_original_nam
 @pytest.fixture(scope="module")
 def sdxl_original():
     unet, vae, text_encoder, text_encoder_2 = build_components("sdxl_base", "meta")
-    pipe = SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder,
-                           text_encoder_2=text_encoder_2)  # fmt: skip
+    pipe = SimpleNamespace(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2
+    )
     return original_state_dict(pipe), unet.config
 
 
@@ -51,15 +52,26 @@ def test_the_full_size_sdxl_file_has_the_published_names_and_shapes(sdxl_origina
     state, _ = sdxl_original
     for name, shape in PUBLISHED.items():
         assert name in state and tuple(state[name].shape) == shape, name
-    assert not any(k.startswith(("model.diffusion_model.down_blocks", "first_stage_model.encoder.down_blocks",
-                                 "conditioner.embedders.1.model.text_model")) for k in state)  # fmt: skip
+    assert not any(
+        k.startswith(
+            (
+                "model.diffusion_model.down_blocks",
+                "first_stage_model.encoder.down_blocks",
+                "conditioner.embedders.1.model.text_model",
+            )
+        )
+        for k in state
+    )
     # the tensors diffusers reads to tell a file's model apart say: SDXL base
     assert infer_diffusers_model_type(state) == "xl_base"
-    assert not any(upsampler in state for upsampler in (
-        "model.diffusion_model.output_blocks.8.2.conv.weight",  # the last level has none
-        "first_stage_model.decoder.up.0.upsample.conv.weight",
-        "first_stage_model.encoder.down.3.downsample.conv.weight",
-    ))  # fmt: skip
+    assert not any(
+        upsampler in state
+        for upsampler in (
+            "model.diffusion_model.output_blocks.8.2.conv.weight",  # the last level has none
+            "first_stage_model.decoder.up.0.upsample.conv.weight",
+            "first_stage_model.encoder.down.3.downsample.conv.weight",
+        )
+    )
 
 
 def test_kohya_names_use_the_original_unet_numbering_and_full_text_model_names(sdxl_original):

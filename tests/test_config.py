@@ -15,7 +15,17 @@ from keyframes.errors import ConfigError
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = {
     "model": {"sdxl_base", "sdxl_random", "sdxl_turbo", "sdxl_lightning", "sd15", "tiny", "local"},
-    "style": {"none", "cinematic", "dramatic", "noir", "documentary", "anime", "watercolor", "vintage_film", "file"},
+    "style": {
+        "none",
+        "cinematic",
+        "dramatic",
+        "noir",
+        "documentary",
+        "anime",
+        "watercolor",
+        "vintage_film",
+        "file",
+    },
     "negative": {"default", "strict", "none"},
     "sampler": {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"},
     "quality": {"draft", "standard", "high"},
@@ -25,7 +35,7 @@ GROUPS = {
     "consistency": {"none", "style_aligned", "ip_adapter"},
     "upscale": {"none", "hires", "refiner"},
     "controlnet": {"none", "canny_sdxl", "depth_sdxl", "canny_sd15", "depth_sd15"},
-}  # fmt: skip
+}
 
 
 def settings(*overrides: str) -> Config:
@@ -101,9 +111,15 @@ def test_wrong_type_fails_at_composition():
 
 @pytest.mark.parametrize(
     "aspect, base, size",
-    [("16:9", 1024, (1344, 768)), ("1:1", 1024, (1024, 1024)), ("9:16", 1024, (768, 1344)),
-     ("2.39:1", 1024, (1536, 640)), ("4:3", 1024, (1152, 896)), ("16:9", 768, (1008, 576))],
-)  # fmt: skip
+    [
+        ("16:9", 1024, (1344, 768)),
+        ("1:1", 1024, (1024, 1024)),
+        ("9:16", 1024, (768, 1344)),
+        ("2.39:1", 1024, (1536, 640)),
+        ("4:3", 1024, (1152, 896)),
+        ("16:9", 768, (1008, 576)),
+    ],
+)
 def test_aspect_maps_to_an_sdxl_training_resolution(aspect, base, size):
     assert resolve_size(aspect, base) == size
 

@@ -29,10 +29,18 @@ def shotlist(tmp_path_factory):
     square(folder / "a.png", (16, 16, 47, 47))
     square(folder / "b.png", (4, 30, 60, 40))
     scenes = [
-        {"id": "cliff", "description": "a lighthouse on a cliff", "control": {"type": "canny", "image": "a.png"}},
+        {
+            "id": "cliff",
+            "description": "a lighthouse on a cliff",
+            "control": {"type": "canny", "image": "a.png"},
+        },
         {"id": "sea", "description": "the open sea"},
-        {"id": "boat", "description": "a small boat", "control": {"type": "canny", "image": "b.png"}},
-    ]  # fmt: skip
+        {
+            "id": "boat",
+            "description": "a small boat",
+            "control": {"type": "canny", "image": "b.png"},
+        },
+    ]
     path = folder / "shots.json"
     path.write_text(json.dumps({"title": "t", "scenes": scenes}))
     return load_shotlist(str(path))
@@ -45,8 +53,15 @@ def pipe():
 
 
 def tiny_control(scale):
-    return ControlNetConfig(name="tiny", type="canny", family="sdxl", tiny=True,
-                            conditioning_scale=scale, canny_low=100, canny_high=200)  # fmt: skip
+    return ControlNetConfig(
+        name="tiny",
+        type="canny",
+        family="sdxl",
+        tiny=True,
+        conditioning_scale=scale,
+        canny_low=100,
+        canny_high=200,
+    )
 
 
 def control(pipe, scale):
@@ -110,7 +125,7 @@ def test_control_types_are_checked_before_loading(shotlist):
     "option, work",
     [({"guidance_interval": (0.0, 0.5)}, (9.0, None)), ({"deepcache": (3, 0)}, (4.0, 8.0))],
     ids=["guidance interval", "deepcache"],
-)  # fmt: skip
+)
 def test_fewer_unet_evaluations_keep_the_control_working(shotlist, pipe, option, work):
     """The residuals are cut to the conditional rows outside the interval, and added to the
     shallow branch's skips under DeepCache: the control still steers, at the same work."""

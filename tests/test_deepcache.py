@@ -22,13 +22,18 @@ def three_level_unet() -> UNet2DConditionModel:
     levels so that branches 0 and 1 both exist, a few thousand parameters."""
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=16, block_out_channels=(8, 16, 16), layers_per_block=2,
+        sample_size=16,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4,
-        addition_embed_type="text_time", addition_time_embed_dim=4,
+        cross_attention_dim=16,
+        norm_num_groups=8,
+        attention_head_dim=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=16 + 6 * 4,
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 def unet_inputs(unet, rows=2, controlnet=False):
@@ -59,11 +64,21 @@ def sd15_unet():
 
 @pytest.mark.parametrize(
     "make, branch, controlnet",
-    [(three_level_unet, 0, False), (three_level_unet, 1, False), (three_level_unet, 0, True),
-     (three_level_unet, 1, True), (sd15_unet, 0, False)],
-    ids=["sdxl-like-0", "sdxl-like-1", "sdxl-like-0-controlnet", "sdxl-like-1-controlnet",
-         "sd15-0"],
-)  # fmt: skip
+    [
+        (three_level_unet, 0, False),
+        (three_level_unet, 1, False),
+        (three_level_unet, 0, True),
+        (three_level_unet, 1, True),
+        (sd15_unet, 0, False),
+    ],
+    ids=[
+        "sdxl-like-0",
+        "sdxl-like-1",
+        "sdxl-like-0-controlnet",
+        "sdxl-like-1-controlnet",
+        "sd15-0",
+    ],
+)
 def test_the_shallow_path_is_the_full_forward_given_the_same_deep_feature(make, branch, controlnet):
     """The same blocks in the same order on the same inputs: bit-exact in this process. A
     wrong skip connection or embedding would differ by the size of the output itself."""
@@ -93,8 +108,9 @@ def generate(pipe, deepcache=None, interval=None, steps=6):
     deep, shallow = [], []
     hooks = [count_calls(pipe.unet.mid_block, deep), count_calls(pipe.unet.conv_in, shallow)]
     try:
-        settings = GenerationSettings(steps, 5.0, 64, 64, 2, guidance_interval=interval,
-                                      deepcache=deepcache)  # fmt: skip
+        settings = GenerationSettings(
+            steps, 5.0, 64, 64, 2, guidance_interval=interval, deepcache=deepcache
+        )
         out = [g for b in KeyframeGenerator(pipe, settings).run(demo_jobs(2)) for g in b]
     finally:
         for hook in hooks:
@@ -149,8 +165,11 @@ def test_a_branch_the_unet_does_not_have_is_refused():
 
 def test_a_run_records_deepcache_and_the_guidance_interval_everywhere(cli_in_process, tmp_path):
     shots = tmp_path / "shots.json"  # two scenes are enough
-    shots.write_text(json.dumps([{"id": "a", "description": "a red door"},
-                                 {"id": "b", "description": "a calm sea"}]))  # fmt: skip
+    shots.write_text(
+        json.dumps(
+            [{"id": "a", "description": "a red door"}, {"id": "b", "description": "a calm sea"}]
+        )
+    )
     code, err, run_dir, store = cli_in_process(
         f"shotlist={shots}", "speed=deepcache", "guidance_interval=[0,0.5]", "steps=6"
     )

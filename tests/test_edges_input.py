@@ -271,11 +271,17 @@ def refuse_before_loading(refused_cli, monkeypatch, *overrides: str, expected: s
         ("model.diffusion_model.", "this checkpoint holds no UNet (model.diffusion_model.*)"),
     ],
 )
-def test_a_checkpoint_missing_a_part_says_which(refused_cli, monkeypatch, checkpoint, tmp_path,
-                                                prefix, expected):  # fmt: skip
+def test_a_checkpoint_missing_a_part_says_which(
+    refused_cli, monkeypatch, checkpoint, tmp_path, prefix, expected
+):
     path = without(checkpoint, prefix, tmp_path)
-    refuse_before_loading(refused_cli, monkeypatch, "model=local", f"model.path={path}",
-                          expected=f"model.path={path}: {expected}")  # fmt: skip
+    refuse_before_loading(
+        refused_cli,
+        monkeypatch,
+        "model=local",
+        f"model.path={path}",
+        expected=f"model.path={path}: {expected}",
+    )
 
 
 def test_files_that_are_not_what_their_names_say_are_named_for_what_they_are(
@@ -286,13 +292,21 @@ def test_files_that_are_not_what_their_names_say_are_named_for_what_they_are(
     renamed = tmp_path / "model.safetensors"
     torch.save({"w": torch.zeros(2)}, renamed)  # a .ckpt given a new name
     refuse_before_loading(
-        refused_cli, monkeypatch, "model=local", f"model.path={renamed}",
+        refused_cli,
+        monkeypatch,
+        "model=local",
+        f"model.path={renamed}",
         expected=f"{renamed} is not a safetensors file but a PyTorch pickle archive",
-    )  # fmt: skip
+    )
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(checkpoint.read_bytes()[:5000])  # a download that broke off
-    refuse_before_loading(refused_cli, monkeypatch, "model=local", f"model.path={cut}",
-                          expected="is a damaged safetensors file")  # fmt: skip
+    refuse_before_loading(
+        refused_cli,
+        monkeypatch,
+        "model=local",
+        f"model.path={cut}",
+        expected="is a damaged safetensors file",
+    )
 
 
 def test_a_vae_file_is_checked_before_loading(refused_cli, monkeypatch, checkpoint, tmp_path):
@@ -302,15 +316,30 @@ def test_a_vae_file_is_checked_before_loading(refused_cli, monkeypatch, checkpoi
     good = write_vae_file(euler_tiny_pipe().vae, tmp_path / "good" / "sdxl_vae.safetensors")
     model = ("model=local", f"model.path={checkpoint}")
     not_a_vae = without(checkpoint, "first_stage_model.", tmp_path)
-    refuse_before_loading(refused_cli, monkeypatch, *model, f"model.vae={not_a_vae}",
-                          expected="not a VAE (no encoder.* and decoder.* tensors)")  # fmt: skip
+    refuse_before_loading(
+        refused_cli,
+        monkeypatch,
+        *model,
+        f"model.vae={not_a_vae}",
+        expected="not a VAE (no encoder.* and decoder.* tensors)",
+    )
     missing = tmp_path / "sdxl_vae.safetensors"
-    refuse_before_loading(refused_cli, monkeypatch, *model, f"model.vae={missing}",
-                          expected=f"model.vae={missing}: no such file")  # fmt: skip
+    refuse_before_loading(
+        refused_cli,
+        monkeypatch,
+        *model,
+        f"model.vae={missing}",
+        expected=f"model.vae={missing}: no such file",
+    )
     pickled = tmp_path / "vae.bin"
     pickled.write_bytes(b"\x80\x04K.")
-    refuse_before_loading(refused_cli, monkeypatch, *model, f"model.vae={pickled}",
-                          expected="is a pickle (.bin), which can run code when loaded")  # fmt: skip
+    refuse_before_loading(
+        refused_cli,
+        monkeypatch,
+        *model,
+        f"model.vae={pickled}",
+        expected="is a pickle (.bin), which can run code when loaded",
+    )
     from keyframes.config.model_source import check_source
     from keyframes.config.schema import ModelConfig
 
@@ -321,8 +350,12 @@ def test_a_vae_file_is_checked_before_loading(refused_cli, monkeypatch, checkpoi
 def test_a_damaged_aesthetic_head_is_refused_before_loading(refused_cli, monkeypatch, tmp_path):
     bad = tmp_path / "head.pth"
     bad.write_bytes(b"\x80\x04\x95 not really a pickle")
-    refuse_before_loading(refused_cli, monkeypatch, f"scorer.aesthetic={bad}",
-                          expected=f"{bad} is not a readable weights file")  # fmt: skip
+    refuse_before_loading(
+        refused_cli,
+        monkeypatch,
+        f"scorer.aesthetic={bad}",
+        expected=f"{bad} is not a readable weights file",
+    )
 
 
 def test_pickles_are_refused_wherever_a_path_takes_weights(refused_cli, monkeypatch, tmp_path):
@@ -333,8 +366,12 @@ def test_pickles_are_refused_wherever_a_path_takes_weights(refused_cli, monkeypa
     lora = tmp_path / "lora"
     lora.mkdir()
     (lora / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04K.")
-    refuse_before_loading(refused_cli, monkeypatch, f"+loras=[{{path: {lora}}}]",
-                          expected="pytorch_lora_weights.bin is a pickle (.bin)")  # fmt: skip
+    refuse_before_loading(
+        refused_cli,
+        monkeypatch,
+        f"+loras=[{{path: {lora}}}]",
+        expected="pytorch_lora_weights.bin is a pickle (.bin)",
+    )
     check_loras([LoraConfig(path=str(lora))], allow_pickle=True)  # allowed: it loads
 
     adapter = tmp_path / "ip"
@@ -342,19 +379,28 @@ def test_pickles_are_refused_wherever_a_path_takes_weights(refused_cli, monkeypa
     (adapter / "sdxl_models" / "ip-adapter_sdxl.safetensors").write_bytes(b"x")
     (adapter / "sdxl_models" / "image_encoder" / "pytorch_model.bin").write_bytes(b"x")
     refuse_before_loading(
-        refused_cli, monkeypatch, "consistency=ip_adapter", f"consistency.ip_adapter_path={adapter}",
+        refused_cli,
+        monkeypatch,
+        "consistency=ip_adapter",
+        f"consistency.ip_adapter_path={adapter}",
         expected="the image encoder in " + str(adapter) + "/sdxl_models/image_encoder is a pickle",
-    )  # fmt: skip
+    )
     refuse_before_loading(
-        refused_cli, monkeypatch, "consistency=ip_adapter", f"consistency.ip_adapter_path={adapter}",
+        refused_cli,
+        monkeypatch,
+        "consistency=ip_adapter",
+        f"consistency.ip_adapter_path={adapter}",
         "consistency.ip_adapter_weight=ip-adapter_sdxl.bin",
         expected="consistency.ip_adapter_weight: ip-adapter_sdxl.bin is a pickle (.bin)",
-    )  # fmt: skip
+    )
     net = tmp_path / "controlnet"
     net.mkdir()
     (net / "config.json").write_text("{}")
     (net / "diffusion_pytorch_model.bin").write_bytes(b"x")
     refuse_before_loading(
-        refused_cli, monkeypatch, "controlnet=canny_sdxl", f"controlnet.path={net}",
+        refused_cli,
+        monkeypatch,
+        "controlnet=canny_sdxl",
+        f"controlnet.path={net}",
         expected="controlnet.path: " + str(net / "diffusion_pytorch_model.bin") + " is a pickle",
-    )  # fmt: skip
+    )

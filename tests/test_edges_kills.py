@@ -27,11 +27,22 @@ IMAGES = 7  # the demo shotlist, one take each
 def killed_run(tmp_path: Path, stage: str, *overrides: str) -> tuple[Path, Path]:
     run_dir, store = tmp_path / "run", tmp_path / "mlflow.db"
     proc = subprocess.run(
-        [sys.executable, str(KILLER), stage, "experiment=smoke", *SMALL, *overrides,
-         f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{store}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(KILLER),
+            stage,
+            "experiment=smoke",
+            *SMALL,
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return run_dir, store
 
@@ -84,9 +95,12 @@ def test_a_kill_while_logging_to_mlflow_is_finished_by_sync(tmp_path, stage):
 def start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "keyframes.run", "experiment=smoke", *overrides],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.slow
@@ -102,8 +116,9 @@ def test_sigterm_while_mlflow_is_written_says_the_run_is_done_and_how_to_log_it(
     run_dir = tmp_path / "run"
     lock = sqlite3.connect(store)
     lock.execute("BEGIN EXCLUSIVE")
-    proc = start(tmp_path, *SMALL, f"hydra.run.dir={run_dir}",
-                 f"mlflow.tracking_uri=sqlite:///{store}")  # fmt: skip
+    proc = start(
+        tmp_path, *SMALL, f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{store}"
+    )
     manifest = run_dir / "manifest.json"
     while not (manifest.exists() and '"status": "finished"' in manifest.read_text()):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -162,10 +177,22 @@ def test_bad_input_never_removes_a_folder_another_run_holds(tmp_path, refused_cl
 def test_a_sweep_with_one_bad_job_starts_none_and_says_which(tmp_path):
     sweep_dir, store = tmp_path / "sweep", tmp_path / "mlflow.db"
     proc = subprocess.run(
-        [sys.executable, "-m", "keyframes.run", "experiment=smoke", "-m", "steps=1,0,2",
-         "cfg_scale=5,abc", f"hydra.sweep.dir={sweep_dir}", f"mlflow.tracking_uri=sqlite:///{store}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "keyframes.run",
+            "experiment=smoke",
+            "-m",
+            "steps=1,0,2",
+            "cfg_scale=5,abc",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: 4 of 6 jobs of this sweep cannot run; none was started:")
     assert (
@@ -180,8 +207,14 @@ def test_a_sweep_with_one_bad_job_starts_none_and_says_which(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_stopped_midway_ends_its_parent_run_killed_with_what_finished(tmp_path):
     sweep_dir, store = tmp_path / "sweep", tmp_path / "mlflow.db"
-    proc = start(tmp_path, "-m", "steps=2,3,4", "scorer=none",
-                 f"hydra.sweep.dir={sweep_dir}", f"mlflow.tracking_uri=sqlite:///{store}")  # fmt: skip
+    proc = start(
+        tmp_path,
+        "-m",
+        "steps=2,3,4",
+        "scorer=none",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"mlflow.tracking_uri=sqlite:///{store}",
+    )
     first = sweep_dir / "0" / "manifest.json"
     while not (first.exists() and json.loads(first.read_text())["run"].get("mlflow")):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -229,9 +262,17 @@ def test_a_stop_while_hydra_composes_the_next_job_waits_for_that_job(
     sweep_dir, store = tmp_path / "sweep", tmp_path / "mlflow.db"
     shutil.copyfile(empty_store, store)
     code, out, err = cli_here(
-        ["experiment=smoke", "-m", "steps=2,3", "scorer=none", f"hydra.sweep.dir={sweep_dir}",
-         f"mlflow.tracking_uri=sqlite:///{store}"], monkeypatch, capsys,
-    )  # fmt: skip
+        [
+            "experiment=smoke",
+            "-m",
+            "steps=2,3",
+            "scorer=none",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 130, err[-2000:]
     assert len(composed) == 4  # the signal did not cut Hydra's composition short
     assert "NoneType" not in out + err and "Error merging" not in out + err

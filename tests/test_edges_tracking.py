@@ -169,8 +169,9 @@ def test_compare_says_what_is_wrong_with_an_unusable_tracking_uri(capsys, monkey
 def test_compare_checks_its_output_folder_before_printing(tmp_path, capsys):
     a_file = tmp_path / "hostname"
     a_file.write_text("x")
-    code, out, err = compare_here("--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}",
-                                  "--out", str(a_file), capsys=capsys)  # fmt: skip
+    code, out, err = compare_here(
+        "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}", "--out", str(a_file), capsys=capsys
+    )
     assert code == 2 and out == ""
     assert err.strip() == f"error: --out {a_file}: not a folder (it is a file)"
 

@@ -54,8 +54,9 @@ def test_an_sd15_embedding_in_a1111s_form_loads_into_its_one_encoder(tmp_path):
     from keyframes.config.schema import ModelConfig
     from keyframes.pipeline.load import load_pipeline, resolve_placement
 
-    pipe = load_pipeline(ModelConfig(name="tiny", tiny=True, family="sd15"),
-                         resolve_placement("cpu", "float32"))  # fmt: skip
+    pipe = load_pipeline(
+        ModelConfig(name="tiny", tiny=True, family="sd15"), resolve_placement("cpu", "float32")
+    )
     path = tmp_path / "kfsd.safetensors"
     save_file({"emb_params": torch.randn(3, pipe.text_encoder.config.hidden_size)}, path)
     plain = image(pipe, job_with("kfsd"))
@@ -86,12 +87,15 @@ def test_files_that_cannot_fit_are_all_named_before_anything_loads(setup, tmp_pa
     (tmp_path / "old.pt").write_bytes(b"pickle")
     sd15_file = tmp_path / "sd15.safetensors"  # A1111's SD 1.x form: one tensor
     save_file({"emb_params": load_file(path)["clip_l"]}, sd15_file)
-    problems = check_embeddings([
-        EmbeddingConfig(path=str(tmp_path / "missing.safetensors")),
-        EmbeddingConfig(path=str(tmp_path / "old.pt")),
-        EmbeddingConfig(path=str(tmp_path / "sd15.safetensors")),
-        EmbeddingConfig(path=str(path), token="sd15"),
-    ], "sdxl")  # fmt: skip
+    problems = check_embeddings(
+        [
+            EmbeddingConfig(path=str(tmp_path / "missing.safetensors")),
+            EmbeddingConfig(path=str(tmp_path / "old.pt")),
+            EmbeddingConfig(path=str(tmp_path / "sd15.safetensors")),
+            EmbeddingConfig(path=str(path), token="sd15"),
+        ],
+        "sdxl",
+    )
     assert problems == [
         "embeddings: two embeddings share a token (missing, old, sd15, sd15); set token=",
         f"embeddings: {tmp_path}/missing.safetensors: no such file",
@@ -140,11 +144,14 @@ def reference_conditioning(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]
     encoder's penultimate hidden states side by side, and the pooled vector of encoder 2 at
     the first end token, through its projection. Not through transformers' pooling."""
     hidden, pooled = [], None
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
-                               (pipe.tokenizer_2, pipe.text_encoder_2)):  # fmt: skip
+    for tokenizer, encoder in (
+        (pipe.tokenizer, pipe.text_encoder),
+        (pipe.tokenizer_2, pipe.text_encoder_2),
+    ):
         words = pipe.maybe_convert_prompt(text, tokenizer)
-        ids = tokenizer(words, padding="max_length", max_length=77, truncation=True,
-                        return_tensors="pt").input_ids  # fmt: skip
+        ids = tokenizer(
+            words, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
@@ -184,9 +191,12 @@ def test_the_published_configs_pool_an_embedding_prompt_at_the_end_token(setup, 
         ).abs().mean()
         job = job_with(negative).__class__(**{**job_with(negative).__dict__, "prompt": prompt})
         made = image(pipe, job)
-        conditioning = {"prompt_embeds": reference, "pooled_prompt_embeds": reference_pooled,
-                        "negative_prompt_embeds": negative_reference,
-                        "negative_pooled_prompt_embeds": negative_reference_pooled}  # fmt: skip
+        conditioning = {
+            "prompt_embeds": reference,
+            "pooled_prompt_embeds": reference_pooled,
+            "negative_prompt_embeds": negative_reference,
+            "negative_pooled_prompt_embeds": negative_reference_pooled,
+        }
         monkeypatch.setattr(generator, "text_inputs", lambda *args: conditioning)
         from_reference = image(pipe, job)
     finally:
@@ -196,8 +206,9 @@ def test_the_published_configs_pool_an_embedding_prompt_at_the_end_token(setup, 
 
 def pooled_at_highest_id(pipe, text: str) -> torch.Tensor:
     words = pipe.maybe_convert_prompt(text, pipe.tokenizer_2)
-    ids = pipe.tokenizer_2(words, padding="max_length", max_length=77, truncation=True,
-                           return_tensors="pt").input_ids  # fmt: skip
+    ids = pipe.tokenizer_2(
+        words, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         out = pipe.text_encoder_2(ids, output_hidden_states=True)
         return pipe.text_encoder_2.text_projection(out.last_hidden_state[:, ids[0].argmax()])

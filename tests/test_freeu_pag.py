@@ -29,12 +29,14 @@ def picture(run_dir):
     return record, Image.open(run_dir / record["file"]).convert("RGB")
 
 
-def test_freeu_changes_the_picture_is_recorded_and_switched_off_after(cli_in_process, shots,
-                                                                       tmp_path):  # fmt: skip
+def test_freeu_changes_the_picture_is_recorded_and_switched_off_after(
+    cli_in_process, shots, tmp_path
+):
     runs = {}
     for name, extra in (("plain", []), ("freeu", ["freeu.enabled=true"]), ("again", [])):
-        code, err, run_dir, store = cli_in_process(f"shotlist={shots}", *PNG_SIZE, *extra,
-                                                   run_dir=tmp_path / name)  # fmt: skip
+        code, err, run_dir, store = cli_in_process(
+            f"shotlist={shots}", *PNG_SIZE, *extra, run_dir=tmp_path / name
+        )
         assert code == 0, err[-2000:]
         runs[name] = picture(run_dir)
     (plain_record, plain), (record, freeu), (_, again) = runs.values()
@@ -47,13 +49,16 @@ def test_freeu_changes_the_picture_is_recorded_and_switched_off_after(cli_in_pro
     assert len(freeu_run) == 1 and freeu_run[0].data.params["freeu.b1"] == "1.1"
 
 
-def test_pag_adds_a_third_unet_row_changes_the_picture_and_is_recorded(cli_in_process, shots,
-                                                                       tmp_path):  # fmt: skip
-    code, err, plain_dir, _ = cli_in_process(f"shotlist={shots}", *PNG_SIZE,
-                                             run_dir=tmp_path / "plain")  # fmt: skip
+def test_pag_adds_a_third_unet_row_changes_the_picture_and_is_recorded(
+    cli_in_process, shots, tmp_path
+):
+    code, err, plain_dir, _ = cli_in_process(
+        f"shotlist={shots}", *PNG_SIZE, run_dir=tmp_path / "plain"
+    )
     assert code == 0, err[-2000:]
-    code, err, pag_dir, store = cli_in_process(f"shotlist={shots}", *PNG_SIZE, "pag.scale=3",
-                                               run_dir=tmp_path / "pag")  # fmt: skip
+    code, err, pag_dir, store = cli_in_process(
+        f"shotlist={shots}", *PNG_SIZE, "pag.scale=3", run_dir=tmp_path / "pag"
+    )
     assert code == 0, err[-2000:]
     (plain_record, plain), (record, pag) = picture(plain_dir), picture(pag_dir)
     steps = record["steps"]
@@ -71,12 +76,14 @@ def test_pag_adds_a_third_unet_row_changes_the_picture_and_is_recorded(cli_in_pr
 
 @pytest.mark.parametrize(
     "extra, problem",
-    [(["controlnet=canny_sdxl"], "pag with controlnet=canny_sdxl"),
-     (["consistency=style_aligned"], "pag with consistency=style_aligned"),
-     (["guidance_interval=[0,0.5]"], "pag with guidance_interval"),
-     (["speed=deepcache"], "pag with DeepCache")],
+    [
+        (["controlnet=canny_sdxl"], "pag with controlnet=canny_sdxl"),
+        (["consistency=style_aligned"], "pag with consistency=style_aligned"),
+        (["guidance_interval=[0,0.5]"], "pag with guidance_interval"),
+        (["speed=deepcache"], "pag with DeepCache"),
+    ],
     ids=["controlnet", "style_aligned", "guidance_interval", "deepcache"],
-)  # fmt: skip
+)
 def test_pag_with_what_it_cannot_run_beside_is_exit_2_before_loading(refused_cli, extra, problem):
     result = refused_cli("experiment=smoke", "pag.scale=3", *extra)
     assert result.returncode == 2 and problem in result.stderr, result.stderr[-2000:]

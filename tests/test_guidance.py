@@ -29,9 +29,13 @@ def generate(pipe, cfg=5.0, interval=None):
 def made():
     pipe = euler_tiny_pipe()
     cases = {
-        "guided": (5.0, None), "all": (5.0, (0.0, 1.0)), "first half": (5.0, (0.0, 0.5)),
-        "nowhere": (5.0, (0.0, 0.0)), "cfg 1": (1.0, None), "cfg 1, interval": (1.0, (0.0, 0.5)),
-    }  # fmt: skip
+        "guided": (5.0, None),
+        "all": (5.0, (0.0, 1.0)),
+        "first half": (5.0, (0.0, 0.5)),
+        "nowhere": (5.0, (0.0, 0.0)),
+        "cfg 1": (1.0, None),
+        "cfg 1, interval": (1.0, (0.0, 0.5)),
+    }
     return {name: generate(pipe, cfg, interval) for name, (cfg, interval) in cases.items()}
 
 

@@ -23,9 +23,12 @@ def save_tiny_ip_adapter(folder, unet):
 
 def tiny_adapter(folder, **overrides):
     return ConsistencyConfig(
-        name="ip_adapter", ip_adapter_path=str(folder), ip_adapter_subfolder="models",
-        ip_adapter_weight="ip.safetensors", **{"ip_adapter_scale": 0.6, **overrides},
-    )  # fmt: skip
+        name="ip_adapter",
+        ip_adapter_path=str(folder),
+        ip_adapter_subfolder="models",
+        ip_adapter_weight="ip.safetensors",
+        **{"ip_adapter_scale": 0.6, **overrides},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +38,15 @@ def setup(tmp_path_factory):
     Image.new("RGB", (64, 64), (20, 60, 220)).save(folder / "mara.png")
     shots = {
         "title": "t",
-        "characters": {"Mara": {"description": "a keeper in a yellow coat", "reference": "mara.png"}},
+        "characters": {
+            "Mara": {"description": "a keeper in a yellow coat", "reference": "mara.png"}
+        },
         "scenes": [
             {"id": "cliff", "description": "a lighthouse"},
             {"id": "lamp", "description": "Mara trims the lamp", "characters": ["Mara"]},
             {"id": "boat", "description": "a boat", "reference": "red.png"},
         ],
-    }  # fmt: skip
+    }
     (folder / "shots.json").write_text(json.dumps(shots))
     pipe = euler_tiny_pipe()
     save_tiny_ip_adapter(folder, pipe.unet)
@@ -96,8 +101,11 @@ def test_adapter_loads_and_the_reference_image_changes_the_picture(setup):
 
 
 def test_a_missing_adapter_stops_the_run_before_anything_is_made(refused_cli, tmp_path):
-    result = refused_cli("experiment=smoke", "consistency=ip_adapter",
-                     f"consistency.ip_adapter_path={tmp_path / 'nowhere'}")  # fmt: skip
+    result = refused_cli(
+        "experiment=smoke",
+        "consistency=ip_adapter",
+        f"consistency.ip_adapter_path={tmp_path / 'nowhere'}",
+    )
     assert result.returncode == 2, result.output
     assert "has no sdxl_models/ip-adapter_sdxl.safetensors" in result.stderr
     assert 'uv run hf download h94/IP-Adapter --include "sdxl_models/*"' in result.stderr
@@ -137,7 +145,7 @@ def test_controlnet_scenes_also_follow_the_reference_image(setup):
     "option, work",
     [({"guidance_interval": (0.0, 0.5)}, (9.0, None)), ({"deepcache": (3, 0)}, (4.0, 8.0))],
     ids=["guidance interval", "deepcache"],
-)  # fmt: skip
+)
 def test_fewer_unet_evaluations_keep_the_reference_image_working(setup, option, work):
     """The image tokens are cut with the conditional rows, and the shallow branch reads them
     through the same attention processors: the reference still changes the picture."""

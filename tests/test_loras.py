@@ -92,10 +92,18 @@ def test_records_and_png_metadata_carry_name_scale_and_hash(setup):
         }
     ]
     record = {
-        "prompt": "a lighthouse", "negative_prompt": "", "steps": 4, "sampler_label": "Euler",
-        "cfg_scale": 5.0, "seed": 1, "width": 64, "height": 64, "model": "tiny",
-        "style": "none", "loras": records,
-    }  # fmt: skip
+        "prompt": "a lighthouse",
+        "negative_prompt": "",
+        "steps": 4,
+        "sampler_label": "Euler",
+        "cfg_scale": 5.0,
+        "seed": 1,
+        "width": 64,
+        "height": 64,
+        "model": "tiny",
+        "style": "none",
+        "loras": records,
+    }
     text = a1111_parameters(image_record(**record))
     assert text.splitlines()[0] == "a lighthouse <lora:tiny_lora_1:0.8>"
     assert f'Lora hashes: "tiny_lora_1: {digest}"' in text

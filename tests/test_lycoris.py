@@ -17,15 +17,21 @@ from tests.test_loras import image
 # kohya's name -> (pipeline part, the layer in diffusers/transformers naming), for the tiny
 # SDXL (three levels, one layer each: input_blocks 3 is level 1's first layer)
 LAYERS = {
-    "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q":
-        ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+    "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q": (
+        "unet",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    ),
     "lora_unet_input_blocks_3_0_in_layers_2": ("unet", "down_blocks.1.resnets.0.conv1"),
     "lora_unet_middle_block_1_proj_in": ("unet", "mid_block.attentions.0.proj_in"),
-    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
-        ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
-    "lora_te2_text_model_encoder_layers_1_mlp_fc1":
-        ("text_encoder_2", "text_model.encoder.layers.1.mlp.fc1"),
-}  # fmt: skip
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (
+        "text_encoder",
+        "encoder.layers.0.self_attn.q_proj",
+    ),
+    "lora_te2_text_model_encoder_layers_1_mlp_fc1": (
+        "text_encoder_2",
+        "text_model.encoder.layers.1.mlp.fc1",
+    ),
+}
 RANK, ALPHA, SCALE = 4, 2.0, 0.8
 
 
@@ -39,11 +45,19 @@ def loha_tensors(pipe, g) -> tuple[dict, dict]:
     for name, (part, layer) in LAYERS.items():
         weight = getattr(pipe, part).get_submodule(layer).weight
         out, fan_in = weight.shape[0], weight[0].numel()  # a conv: in * kh * kw
-        w1a, w1b, w2a, w2b = (randn(out, RANK, g=g), randn(RANK, fan_in, g=g),
-                              randn(out, RANK, g=g), randn(RANK, fan_in, g=g))  # fmt: skip
-        tensors |= {f"{name}.hada_w1_a": w1a, f"{name}.hada_w1_b": w1b,
-                    f"{name}.hada_w2_a": w2a, f"{name}.hada_w2_b": w2b,
-                    f"{name}.alpha": torch.tensor(ALPHA)}  # fmt: skip
+        w1a, w1b, w2a, w2b = (
+            randn(out, RANK, g=g),
+            randn(RANK, fan_in, g=g),
+            randn(out, RANK, g=g),
+            randn(RANK, fan_in, g=g),
+        )
+        tensors |= {
+            f"{name}.hada_w1_a": w1a,
+            f"{name}.hada_w1_b": w1b,
+            f"{name}.hada_w2_a": w2a,
+            f"{name}.hada_w2_b": w2b,
+            f"{name}.alpha": torch.tensor(ALPHA),
+        }
         updates[(part, layer)] = ((w1a @ w1b) * (w2a @ w2b) * ALPHA / RANK).reshape(weight.shape)
     return tensors, updates
 
@@ -65,13 +79,21 @@ def lokr_tensors(pipe, g) -> tuple[dict, dict]:
             update = torch.kron(w1[:, :, None, None], w2)
         elif n % 2:  # w1 whole, w2 split: scale alpha / rank
             w1, w2a, w2b = randn(a, b, g=g), randn(c, RANK, g=g), randn(RANK, d, g=g)
-            tensors |= {f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2a,
-                        f"{name}.lokr_w2_b": w2b, f"{name}.alpha": alpha}  # fmt: skip
+            tensors |= {
+                f"{name}.lokr_w1": w1,
+                f"{name}.lokr_w2_a": w2a,
+                f"{name}.lokr_w2_b": w2b,
+                f"{name}.alpha": alpha,
+            }
             update = torch.kron(w1, w2a @ w2b) * ALPHA / RANK
         else:  # w1 split, w2 whole
             w1a, w1b, w2 = randn(a, 1, g=g), randn(1, b, g=g), randn(c, d, g=g)
-            tensors |= {f"{name}.lokr_w1_a": w1a, f"{name}.lokr_w1_b": w1b,
-                        f"{name}.lokr_w2": w2, f"{name}.alpha": alpha}  # fmt: skip
+            tensors |= {
+                f"{name}.lokr_w1_a": w1a,
+                f"{name}.lokr_w1_b": w1b,
+                f"{name}.lokr_w2": w2,
+                f"{name}.alpha": alpha,
+            }
             update = torch.kron(w1a @ w1b, w2) * ALPHA / 1
         updates[(part, layer)] = update.reshape(weight.shape)
     return tensors, updates
@@ -117,8 +139,10 @@ def test_a_lycoris_file_beside_a_diffusers_lora_applies_both_and_removes_both(pi
     _write_lora_pair(pipe, tmp_path)
     tensors, _ = loha_tensors(pipe, torch.Generator().manual_seed(6))
     save_file(tensors, tmp_path / "loha.safetensors")
-    loras = [LoraConfig(path=str(tmp_path / "loha.safetensors"), scale=0.5),
-             LoraConfig(path=str(tmp_path / LORA_KOHYA), scale=0.5)]  # fmt: skip
+    loras = [
+        LoraConfig(path=str(tmp_path / "loha.safetensors"), scale=0.5),
+        LoraConfig(path=str(tmp_path / LORA_KOHYA), scale=0.5),
+    ]
     job = demo_jobs(1)[0]
     plain = image(pipe, job)
     singles = []
@@ -135,16 +159,19 @@ def test_a_lycoris_file_beside_a_diffusers_lora_applies_both_and_removes_both(pi
 
 @pytest.mark.parametrize(
     "suffixes, found",
-    [((".diff",), r"LyCORIS full \(diff\)"),
-     ((".hada_w1_a", ".hada_t1"), r"LyCORIS LoHa with Tucker decomposition \(hada_t1\)"),
-     ((".oft_blocks",), "OFT / BOFT")],
+    [
+        ((".diff",), r"LyCORIS full \(diff\)"),
+        ((".hada_w1_a", ".hada_t1"), r"LyCORIS LoHa with Tucker decomposition \(hada_t1\)"),
+        ((".oft_blocks",), "OFT / BOFT"),
+    ],
     ids=["full", "loha-tucker", "oft"],
-)  # fmt: skip
+)
 def test_a_format_not_loaded_is_refused_in_the_pre_flight_by_name(tmp_path, suffixes, found):
     path = tmp_path / "community.safetensors"
     save_file({f"lora_unet_middle_block_1_proj_in{s}": torch.zeros(2, 2) for s in suffixes}, path)
-    with pytest.raises(ConfigError, match=f"community.safetensors: a {found} file, which "
-                       "keyframes does not load"):  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=f"community.safetensors: a {found} file, which keyframes does not load"
+    ):
         check_loras([LoraConfig(path=str(path))])
 
 

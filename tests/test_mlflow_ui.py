@@ -34,10 +34,22 @@ def server(smoke_sweep, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     mlflow = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", smoke_sweep.uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            smoke_sweep.uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -83,8 +95,12 @@ def test_server_serves_parent_children_metrics_and_images(server):
     assert len(children) == 4
     for child in children:
         metrics = {m["key"] for m in child["data"]["metrics"]}
-        assert {"clip_score_mean", "aesthetic_score_mean", "seconds_per_image_mean",
-                "model_load_seconds"} <= metrics  # fmt: skip
+        assert {
+            "clip_score_mean",
+            "aesthetic_score_mean",
+            "seconds_per_image_mean",
+            "model_load_seconds",
+        } <= metrics
     parent_id = parent["info"]["run_id"]
     listing = json.loads(
         call(server, f"/ajax-api/2.0/mlflow/artifacts/list?run_uuid={parent_id}&path=grids")
@@ -194,10 +210,19 @@ def test_compare_reads_the_same_sweep_from_a_tracking_server(server, smoke_sweep
     assert main(["--tracking-uri", smoke_sweep.uri]) == 0  # the local store, in this process
     local = capsys.readouterr().out
     remote = subprocess.run(  # the command itself, against the server
-        [sys.executable, "-m", "keyframes.compare", "--tracking-uri", server,
-         "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "keyframes.compare",
+            "--tracking-uri",
+            server,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert remote.returncode == 0, remote.stderr
     table = remote.stdout.split("\n\nwrote")[0]
     assert table == local.rstrip("\n")

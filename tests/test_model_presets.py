@@ -30,8 +30,9 @@ def test_turbo_gets_its_steps_guidance_and_size_with_a_warning_each():
 
 
 def test_settings_that_fit_give_no_warning():
-    cfg = settings("model=sdxl_turbo", "steps=2", "cfg_scale=0", "sampler=euler_a", "width=512",
-                   "height=512")  # fmt: skip
+    cfg = settings(
+        "model=sdxl_turbo", "steps=2", "cfg_scale=0", "sampler=euler_a", "width=512", "height=512"
+    )
     cfg, notes = fit_to_model(cfg)
     assert notes == [] and (cfg.steps, cfg.cfg_scale) == (2, 0.0)
     assert fit_to_model(settings())[1] == []  # SDXL base: nothing to fit

@@ -148,10 +148,21 @@ def test_refiner_settings_are_checked_and_recorded_as_image_browsers_read_them()
         check_settings(settings("upscale=refiner", "upscale.high_noise_frac=1"))
     assert "upscale.high_noise_frac=1.0: must be between 0 and 1" in info.value.problems
     record = {
-        "prompt": "a boat", "negative_prompt": "", "steps": 30, "sampler_label": "Euler",
-        "cfg_scale": 5.0, "seed": 1, "width": 1344, "height": 768, "model": "sdxl_base",
-        "style": "none", "upscale": {"name": "refiner", "high_noise_frac": 0.8,
-                                     "model": "stabilityai/stable-diffusion-xl-refiner-1.0"},
-    }  # fmt: skip
+        "prompt": "a boat",
+        "negative_prompt": "",
+        "steps": 30,
+        "sampler_label": "Euler",
+        "cfg_scale": 5.0,
+        "seed": 1,
+        "width": 1344,
+        "height": 768,
+        "model": "sdxl_base",
+        "style": "none",
+        "upscale": {
+            "name": "refiner",
+            "high_noise_frac": 0.8,
+            "model": "stabilityai/stable-diffusion-xl-refiner-1.0",
+        },
+    }
     text = a1111_parameters(image_record(**record))
     assert "Refiner: stabilityai/stable-diffusion-xl-refiner-1.0, Refiner switch at: 0.8" in text

@@ -38,8 +38,12 @@ def files(tmp_path_factory):
 
 
 def model(files, name: str, **settings) -> ModelConfig:
-    return ModelConfig(name=name, path=str(files / f"{name}.safetensors"),
-                       config=str(files / "configs"), **settings)  # fmt: skip
+    return ModelConfig(
+        name=name,
+        path=str(files / f"{name}.safetensors"),
+        config=str(files / "configs"),
+        **settings,
+    )
 
 
 def picture(pipe, settings=SETTINGS):
@@ -54,7 +58,9 @@ def test_the_markers_say_v_prediction_and_zero_snr_and_settings_win(files):
     assert resolve_prediction(model(files, "vpred_only")) == ("v_prediction", False)
     assert resolve_prediction(model(files, "vpred", prediction="epsilon")) == ("epsilon", False)
     assert resolve_prediction(model(files, "plain", prediction="v_prediction")) == (
-        "v_prediction", False)  # fmt: skip
+        "v_prediction",
+        False,
+    )
     assert resolve_prediction(model(files, "vpred", zero_snr=False)) == ("v_prediction", False)
 
 
@@ -69,9 +75,11 @@ def test_a_marked_file_makes_the_picture_of_the_v_prediction_scheduler_set_by_ha
     assert not plain_config.get("rescale_betas_zero_snr")
     epsilon = picture(by_hand)
     by_hand.scheduler = EulerDiscreteScheduler.from_config(
-        plain_config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        plain_config,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
         timestep_spacing="trailing",
-    )  # fmt: skip
+    )
     reference = picture(by_hand)
     assert_same_picture(made, reference, "detected v-prediction")
     # how far the bug was: sampled as epsilon, the picture is another one altogether
@@ -100,13 +108,19 @@ def test_a_v_prediction_run_records_it_in_manifest_png_and_mlflow(files, cli_in_
     from tests.conftest import read_manifest
 
     code, err, run_dir, store = cli_in_process(
-        "model=local", f"model.path={files / 'vpred.safetensors'}",
-        f"model.config={files / 'configs'}", "sampler=euler", "takes=1",
-    )  # fmt: skip
+        "model=local",
+        f"model.path={files / 'vpred.safetensors'}",
+        f"model.config={files / 'configs'}",
+        "sampler=euler",
+        "takes=1",
+    )
     assert code == 0, err[-2000:]
     record = read_manifest(run_dir)["images"][0]
     assert (record["prediction"], record["zero_snr"], record["guidance_rescale"]) == (
-        "v_prediction", True, 0.7)  # fmt: skip
+        "v_prediction",
+        True,
+        0.7,
+    )
     parameters = read_png_metadata(run_dir / record["file"])["parameters"]
     assert "Prediction: v_prediction, Zero terminal SNR: True, CFG rescale: 0.7" in parameters
     client = MlflowClient(f"sqlite:///{store}")
@@ -117,9 +131,11 @@ def test_a_v_prediction_run_records_it_in_manifest_png_and_mlflow(files, cli_in_
 
 def test_a_sampler_that_cannot_sample_it_is_exit_2_before_loading(files, cli_in_process):
     code, err, run_dir, _ = cli_in_process(
-        "model=local", f"model.path={files / 'vpred.safetensors'}",
-        f"model.config={files / 'configs'}", "sampler.scheduler=HeunDiscreteScheduler",
-    )  # fmt: skip
+        "model=local",
+        f"model.path={files / 'vpred.safetensors'}",
+        f"model.config={files / 'configs'}",
+        "sampler.scheduler=HeunDiscreteScheduler",
+    )
     assert code == 2, err[-2000:]
     assert "HeunDiscreteScheduler cannot sample this model" in err and "Traceback" not in err
     assert not run_dir.exists()

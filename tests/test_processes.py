@@ -35,17 +35,34 @@ def two_processes(tmp_path_factory):
     run_dir, store = tmp / "run", tmp / "mlflow.db"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(torch.get_num_threads()),
-            "-m", "keyframes.run", "experiment=smoke",
-            f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{store}",
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--num_cpu_threads_per_process",
+            str(torch.get_num_threads()),
+            "-m",
+            "keyframes.run",
+            "experiment=smoke",
+            f"hydra.run.dir={run_dir}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
         ],
         # 2 processes x the single process's threads on 2 cores: idle OpenMP threads yield
         # instead of spinning (the same arithmetic; only the waiting changes)
-        cwd=tmp, env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True, text=True,
+        cwd=tmp,
+        env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"},
+        capture_output=True,
+        text=True,
         timeout=600,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, store
 
@@ -53,8 +70,11 @@ def two_processes(tmp_path_factory):
 def test_two_processes_make_the_single_process_images_in_one_run(two_processes, smoke_run):
     run_dir, store = two_processes
     for name in DEMO_FILES:  # seeds per image: the same pictures as one process (another run)
-        assert_same_picture(load_pixels(run_dir / "keyframes" / name),
-                            load_pixels(smoke_run.run_dir / "keyframes" / name), name)  # fmt: skip
+        assert_same_picture(
+            load_pixels(run_dir / "keyframes" / name),
+            load_pixels(smoke_run.run_dir / "keyframes" / name),
+            name,
+        )
     manifest = read_manifest(run_dir)
     assert [r["file"] for r in manifest["images"]] == [f"keyframes/{n}" for n in DEMO_FILES]
     assert all(r["status"] == "ok" and r["clip_score"] is not None for r in manifest["images"])
@@ -106,13 +126,26 @@ def test_parallel_sweep_over_consistency_methods_nests_and_compares_both_jobs(tm
     sweep_dir, store = tmp_path / "sweep", tmp_path / "mlflow.db"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "keyframes.run", "-m", "experiment=smoke",
-            "hydra/launcher=local_gpus", "consistency=none,style_aligned", "steps=2",
-            "width=128", "height=72", "batch_size=2", f"hydra.sweep.dir={sweep_dir}",
+            sys.executable,
+            "-m",
+            "keyframes.run",
+            "-m",
+            "experiment=smoke",
+            "hydra/launcher=local_gpus",
+            "consistency=none,style_aligned",
+            "steps=2",
+            "width=128",
+            "height=72",
+            "batch_size=2",
+            f"hydra.sweep.dir={sweep_dir}",
             f"mlflow.tracking_uri=sqlite:///{store}",
         ],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "JoblibLauncher" in (sweep_dir / "multirun.yaml").read_text()
     parent = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]

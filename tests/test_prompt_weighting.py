@@ -63,8 +63,10 @@ def reference_embeddings(pipe, runs: list, count: int) -> torch.Tensor:
     start and end tokens and padded; every token's vector times its weight, then each chunk
     scaled back to the mean it had."""
     hidden = []
-    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
-                               (pipe.tokenizer_2, pipe.text_encoder_2)):  # fmt: skip
+    for tokenizer, encoder in (
+        (pipe.tokenizer, pipe.text_encoder),
+        (pipe.tokenizer_2, pipe.text_encoder_2),
+    ):
         chunks = [[]]
         for run in runs:
             if run == BREAK:
@@ -90,19 +92,29 @@ def reference_embeddings(pipe, runs: list, count: int) -> torch.Tensor:
 
 
 LONG = ", ".join(f"(detail {n}:1.2) of the keeper's [old] coat" for n in range(12))
-LONG_RUNS = [r for n in range(12) for r in (
-    (", " if n else "", 1.0), (f"detail {n}", 1.2), (" of the keeper's ", 1.0), ("old", 1 / 1.1),
-    (" coat", 1.0))][1:]  # fmt: skip
+LONG_RUNS = [
+    r
+    for n in range(12)
+    for r in (
+        (", " if n else "", 1.0),
+        (f"detail {n}", 1.2),
+        (" of the keeper's ", 1.0),
+        ("old", 1 / 1.1),
+        (" coat", 1.0),
+    )
+][1:]
 
 
 @pytest.mark.parametrize(
     "prompt, runs, count",
-    [("a (red:1.3) door", CASES["a (red:1.3) door"], 1),
-     ("((masterpiece)), rain", CASES["((masterpiece)), rain"], 1),
-     ("dawn BREAK (dusk:0.8)", CASES["dawn BREAK (dusk:0.8)"], 2),
-     (LONG, LONG_RUNS, 2)],
+    [
+        ("a (red:1.3) door", CASES["a (red:1.3) door"], 1),
+        ("((masterpiece)), rain", CASES["((masterpiece)), rain"], 1),
+        ("dawn BREAK (dusk:0.8)", CASES["dawn BREAK (dusk:0.8)"], 2),
+        (LONG, LONG_RUNS, 2),
+    ],
     ids=["weighted", "nested", "break", "longer-than-75"],
-)  # fmt: skip
+)
 def test_the_weighted_embeddings_are_a1111s(pipe, prompt, runs, count):
     assert prompt_tokens(pipe, LONG, "a1111") > 77  # two chunks
     inputs = text_inputs(pipe, [prompt], ["[blurry] sky"], "chunk", "a1111")
@@ -112,16 +124,18 @@ def test_the_weighted_embeddings_are_a1111s(pipe, prompt, runs, count):
     torch.testing.assert_close(inputs["negative_prompt_embeds"], negative)
     # the pooled vector is unweighted: that of the words without the syntax, first chunk
     first_chunk = prompt.split(" BREAK ")[0]
-    _, _, pooled, _ = pipe.encode_prompt(plain_text(first_chunk), device="cpu",
-                                         do_classifier_free_guidance=False)  # fmt: skip
+    _, _, pooled, _ = pipe.encode_prompt(
+        plain_text(first_chunk), device="cpu", do_classifier_free_guidance=False
+    )
     torch.testing.assert_close(inputs["pooled_prompt_embeds"], pooled)
 
 
 def test_a_weight_changes_the_picture_and_none_passes_the_text_as_before(pipe):
     job = demo_jobs(1)[0]
     assert "lighthouse" in job.prompt
-    weighted = job.__class__(**{**job.__dict__,
-                                "prompt": job.prompt.replace("lighthouse", "(lighthouse:3)")})  # fmt: skip
+    weighted = job.__class__(
+        **{**job.__dict__, "prompt": job.prompt.replace("lighthouse", "(lighthouse:3)")}
+    )
 
     def picture(job, weighting):
         settings = GenerationSettings(2, 5.0, 64, 64, 1, prompt_weighting=weighting)
@@ -135,11 +149,14 @@ def test_a_weight_changes_the_picture_and_none_passes_the_text_as_before(pipe):
     assert not pixel_gap(picture(weighted, "a1111"), plain).within(FLOAT_NOISE)
     as_text = picture(weighted, "none")  # none: the brackets and number are words to CLIP
     assert text_inputs(pipe, [weighted.prompt], [""], "chunk", "none") == {
-        "prompt": [weighted.prompt], "negative_prompt": [""]}  # fmt: skip
+        "prompt": [weighted.prompt],
+        "negative_prompt": [""],
+    }
     assert pixel_gap(as_text, plain).mean > 0.5
     # a weight of 1 everywhere is the plain prompt, through the embeddings path
-    one = job.__class__(**{**job.__dict__,
-                           "prompt": job.prompt.replace("lighthouse", "(lighthouse:1)")})  # fmt: skip
+    one = job.__class__(
+        **{**job.__dict__, "prompt": job.prompt.replace("lighthouse", "(lighthouse:1)")}
+    )
     assert_same_picture(picture(one, "a1111"), plain, "weight 1")
 
 
@@ -147,11 +164,13 @@ def test_sd15_weighs_its_one_encoders_last_layer():
     from keyframes.config.schema import ModelConfig
     from keyframes.pipeline.load import load_pipeline, resolve_placement
 
-    sd15 = load_pipeline(ModelConfig(name="tiny", tiny=True, family="sd15"),
-                         resolve_placement("cpu", "float32"))  # fmt: skip
+    sd15 = load_pipeline(
+        ModelConfig(name="tiny", tiny=True, family="sd15"), resolve_placement("cpu", "float32")
+    )
     inputs = text_inputs(sd15, ["a (red:1.3) door"], [""], "chunk", "a1111")
-    ids = sd15.tokenizer("a red door", padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids  # fmt: skip
+    ids = sd15.tokenizer(
+        "a red door", padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         z = sd15.text_encoder(ids)[0]  # the last layer, final layer norm applied
     red = len(sd15.tokenizer("a ", add_special_tokens=False).input_ids) + 1  # after start
@@ -163,10 +182,12 @@ def test_sd15_weighs_its_one_encoders_last_layer():
 
 @pytest.mark.parametrize(
     "prompt, problem",
-    [("a [cat:dog:0.5] runs", "'[cat:dog:0.5]' is A1111's prompt editing or alternation"),
-     ("a [cat|dog] runs", "'[cat|dog]' is A1111's prompt editing or alternation"),
-     ("a cat AND a dog", "AND is A1111's composable diffusion")],
-)  # fmt: skip
+    [
+        ("a [cat:dog:0.5] runs", "'[cat:dog:0.5]' is A1111's prompt editing or alternation"),
+        ("a [cat|dog] runs", "'[cat|dog]' is A1111's prompt editing or alternation"),
+        ("a cat AND a dog", "AND is A1111's composable diffusion"),
+    ],
+)
 def test_syntax_that_changes_the_prompt_while_sampling_is_refused_by_name(prompt, problem):
     job = demo_jobs(1)[0]
     with pytest.raises(ConfigError, match=problem.replace("[", r"\[").replace("|", r"\|")):

@@ -6,13 +6,20 @@ SHOTLIST = {
     "title": "T",
     "characters": {"Ana": "a tall woman in a green coat", "Bo": "a small grey dog"},
     "scenes": [
-        {"id": "a", "description": "a harbor at dusk", "shot": "wide shot", "camera": "drone",
-         "lighting": "golden hour", "mood": "calm", "characters": ["Ana", "Bo"],
-         "negative_prompt": "boats, Blurry"},
+        {
+            "id": "a",
+            "description": "a harbor at dusk",
+            "shot": "wide shot",
+            "camera": "drone",
+            "lighting": "golden hour",
+            "mood": "calm",
+            "characters": ["Ana", "Bo"],
+            "negative_prompt": "boats, Blurry",
+        },
         {"id": "b", "description": "a kitchen", "prompt": "my own prompt", "takes": 3},
         {"id": "c", "description": "a road", "seed": 42},
     ],
-}  # fmt: skip
+}
 
 
 def plan(**kw):

@@ -132,8 +132,9 @@ def test_two_line_labels_fit_a_256_px_thumbnail():
 
     from keyframes.outputs.contact_sheet import _label, fit_text, load_font
 
-    record = image_record(scene_index=1, scene_id="opening", take=1, seed=4064471231,
-                          clip_score=23.41)  # fmt: skip
+    record = image_record(
+        scene_index=1, scene_id="opening", take=1, seed=4064471231, clip_score=23.41
+    )
     draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), load_font(14)
     lines = _label(record).split("\n")
     assert lines == ["01 opening t1", "seed 4064471231 · CLIP 23.4"]
@@ -148,8 +149,17 @@ def test_a_long_run_gets_contact_sheet_pages_a_viewer_can_open(tmp_path):
     for i in range(130):
         file = f"keyframes/{i:03d}.png"
         Image.new("RGB", (64, 36), (i, 80, 160)).save(tmp_path / file)
-        records.append(image_record(scene_index=i + 1, scene_id=f"s{i}", take=1, seed=i,
-                                    clip_score=None, status="ok", file=file))  # fmt: skip
+        records.append(
+            image_record(
+                scene_index=i + 1,
+                scene_id=f"s{i}",
+                take=1,
+                seed=i,
+                clip_score=None,
+                status="ok",
+                file=file,
+            )
+        )
     (tmp_path / "contact_sheet_009.png").write_bytes(b"a page of an earlier, longer run")
     pages = write_contact_sheets(tmp_path, records, "Title", 64, 36)
     assert [p.name for p in pages] == [

@@ -20,9 +20,11 @@ def test_a_method_registered_outside_keyframes_runs_and_is_recorded(cli_in_proce
     assert method_class("consistency", "tint").__name__ == "Tint"
 
     code, err, tinted_dir, _ = cli_in_process(
-        *SMALL, "consistency=tint", f"hydra.searchpath=[file://{conf}]",
+        *SMALL,
+        "consistency=tint",
+        f"hydra.searchpath=[file://{conf}]",
         run_dir=tmp_path / "tinted",
-    )  # fmt: skip
+    )
     assert code == 0, err[-2000:]
     code, err, plain_dir, _ = cli_in_process(*SMALL, run_dir=tmp_path / "plain")
     assert code == 0, err[-2000:]

@@ -123,8 +123,9 @@ def test_out_of_memory_halves_the_batch_and_records_it(cli_in_process, monkeypat
     assert sizes == [4, 2] + [1] * 7
     manifest = read_manifest(run_dir)
     assert [f["detail"] for f in manifest["run"]["fallbacks"]] == [
-        "batch size 4 -> 2", "batch size 2 -> 1"
-    ]  # fmt: skip
+        "batch size 4 -> 2",
+        "batch size 2 -> 1",
+    ]
     assert all(r["status"] == "ok" for r in manifest["images"]) and len(manifest["images"]) == 7
     [run] = store_runs(store)
     assert json.loads(run.data.tags["fallbacks"])[0]["action"] == "halve_batch"
@@ -153,10 +154,19 @@ IMAGES = 14
 
 def start(cwd: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "keyframes.run", *SLOW, *overrides,
-         f"mlflow.tracking_uri=sqlite:///{cwd / 'mlflow.db'}"],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "keyframes.run",
+            *SLOW,
+            *overrides,
+            f"mlflow.tracking_uri=sqlite:///{cwd / 'mlflow.db'}",
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_images(manifest: Path, proc: subprocess.Popen, at_least: int) -> int:
@@ -191,10 +201,19 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
 
     time.sleep(1.1)  # a new Hydra run directory gets a new name
     resumed = subprocess.run(
-        [sys.executable, "-m", "keyframes.run", *SLOW, "resume=true",
-         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "keyframes.run",
+            *SLOW,
+            "resume=true",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (
         f"resuming {manifest.parent}: {len(before['images'])} of {IMAGES} images already done"
@@ -234,10 +253,19 @@ def test_sigterm_keeps_finished_work_marks_killed_and_resume_replaces_it(tmp_pat
     assert killed.data.metrics["images"] == len(manifest["images"])
 
     again = subprocess.run(
-        [sys.executable, "-m", "keyframes.run", *SLOW, f"hydra.run.dir={run_dir}",
-         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "keyframes.run",
+            *SLOW,
+            f"hydra.run.dir={run_dir}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     [run] = store_runs(tmp_path / "mlflow.db")  # the KILLED run was replaced, not joined
     assert run.info.status == "FINISHED" and run.data.metrics["images"] == IMAGES
@@ -392,8 +420,10 @@ def test_two_runs_creating_one_new_store_at_once_are_both_logged(tmp_path):
         f"log_run(TrackingConfig(tracking_uri='sqlite:///{tmp_path / 'new.db'}'), "
         "RunRecord('race', sys.argv[1], {}, {}, {0: {'x': 1.0}}, {'images': 1.0}, key=sys.argv[1]))"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code, name], stderr=subprocess.PIPE, text=True)
-             for name in ("first", "second")]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, name], stderr=subprocess.PIPE, text=True)
+        for name in ("first", "second")
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
@@ -408,11 +438,22 @@ def test_sweep_without_a_reachable_store_still_makes_every_job_and_the_summary(t
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "keyframes.run", "experiment=smoke", "-m", "steps=2,3",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}", f"mlflow.tracking_uri=http://127.0.0.1:{port}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "keyframes.run",
+            "experiment=smoke",
+            "-m",
+            "steps=2,3",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "sweep runs without a parent run" in output

@@ -93,33 +93,70 @@ def test_the_readme_default_command_runs_offline_from_the_replicas(default_run):
 # ids, as a run of its own would. The jobs are experiment files in a test-only config folder:
 # case -> (config groups chosen, other settings, control type of the shotlist, manifest check).
 CASES = {
-    "sdxl_turbo": ({"model": "sdxl_turbo"}, {}, None,
-                   lambda m: m["run"]["model_source"] == replicas.SDXL_TURBO),
-    "sdxl_lightning": ({"model": "sdxl_lightning"}, {}, None,
-                       lambda m: m["run"]["model"] == "sdxl_lightning"),
+    "sdxl_turbo": (
+        {"model": "sdxl_turbo"},
+        {},
+        None,
+        lambda m: m["run"]["model_source"] == replicas.SDXL_TURBO,
+    ),
+    "sdxl_lightning": (
+        {"model": "sdxl_lightning"},
+        {},
+        None,
+        lambda m: m["run"]["model"] == "sdxl_lightning",
+    ),
     "sd15": ({"model": "sd15"}, {}, None, lambda m: m["run"]["model_family"] == "sd15"),
-    "refiner": ({"upscale": "refiner"}, {}, None,
-                lambda m: m["images"][0]["upscale"]["model"] == replicas.SDXL_REFINER),
-    "ip_adapter": ({"consistency": "ip_adapter"}, {}, None,
-                   lambda m: m["images"][1]["consistency"] == "ip_adapter"),
-    "vae_fp16_fix": ({}, {"model": {"vae": replicas.SDXL_VAE_FP16_FIX}}, None,
-                     lambda m: m["run"]["model"] == "sdxl_base"),
-    **{f"{kind}_{family}": (
-        {"controlnet": f"{kind}_{family}", **({"model": "sd15"} if family == "sd15" else {})},
-        {}, kind,
-        lambda m, name=f"{kind}_{family}": m["images"][0]["control"]["controlnet"] == name
-        and m["images"][1]["control"] is None,
-    ) for kind in ("canny", "depth") for family in ("sdxl", "sd15")},
-    "sdxl_single_file": ({"model": "local"}, {"model": {"path": replicas.SDXL_SINGLE_FILE},
-                                              "shotlist": "demo"}, None,  # as the default command
-                         lambda m: m["run"]["model_family"] == "sdxl"),
-    "sd15_single_file": ({"model": "local"}, {"model": {"path": replicas.SD15_SINGLE_FILE}}, None,
-                         lambda m: m["run"]["model_family"] == "sd15"),
+    "refiner": (
+        {"upscale": "refiner"},
+        {},
+        None,
+        lambda m: m["images"][0]["upscale"]["model"] == replicas.SDXL_REFINER,
+    ),
+    "ip_adapter": (
+        {"consistency": "ip_adapter"},
+        {},
+        None,
+        lambda m: m["images"][1]["consistency"] == "ip_adapter",
+    ),
+    "vae_fp16_fix": (
+        {},
+        {"model": {"vae": replicas.SDXL_VAE_FP16_FIX}},
+        None,
+        lambda m: m["run"]["model"] == "sdxl_base",
+    ),
+    **{
+        f"{kind}_{family}": (
+            {"controlnet": f"{kind}_{family}", **({"model": "sd15"} if family == "sd15" else {})},
+            {},
+            kind,
+            lambda m, name=f"{kind}_{family}": (
+                m["images"][0]["control"]["controlnet"] == name
+                and m["images"][1]["control"] is None
+            ),
+        )
+        for kind in ("canny", "depth")
+        for family in ("sdxl", "sd15")
+    },
+    "sdxl_single_file": (
+        {"model": "local"},
+        {"model": {"path": replicas.SDXL_SINGLE_FILE}, "shotlist": "demo"},
+        None,  # as the default command
+        lambda m: m["run"]["model_family"] == "sdxl",
+    ),
+    "sd15_single_file": (
+        {"model": "local"},
+        {"model": {"path": replicas.SD15_SINGLE_FILE}},
+        None,
+        lambda m: m["run"]["model_family"] == "sd15",
+    ),
     # a checkpoint shared without its VAE, and the VAE as its own file (sdxl_vae.safetensors)
-    "sdxl_vae_file": ({"model": "local"}, {"model": {"path": NO_VAE, "vae": replicas.SDXL_VAE_FILE},
-                                           "shotlist": "demo"}, None,
-                      lambda m: m["run"]["model_family"] == "sdxl"),
-}  # fmt: skip
+    "sdxl_vae_file": (
+        {"model": "local"},
+        {"model": {"path": NO_VAE, "vae": replicas.SDXL_VAE_FILE}, "shotlist": "demo"},
+        None,
+        lambda m: m["run"]["model_family"] == "sdxl",
+    ),
+}
 
 
 def _case_configs(folder: Path, files: Path) -> Path:
@@ -127,23 +164,29 @@ def _case_configs(folder: Path, files: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     state = load_file(files / replicas.SDXL_SINGLE_FILE)
-    save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")},
-              files / NO_VAE)  # fmt: skip
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, files / NO_VAE
+    )
     (folder / "experiment").mkdir(parents=True)
     Image.new("RGB", (64, 64), (200, 200, 200)).save(folder / "control.png")
     for case, (groups, values, control, _) in CASES.items():
         # two scenes (IP-Adapter shows the first to the second); a control on the first
-        scenes = [{"id": "a", "description": "a harbor at dawn"},
-                  {"id": "b", "description": "a lighthouse"}]  # fmt: skip
+        scenes = [
+            {"id": "a", "description": "a harbor at dawn"},
+            {"id": "b", "description": "a lighthouse"},
+        ]
         if control:
             scenes[0] = {**scenes[0], "control": {"type": control, "image": "control.png"}}
-        shotlist = write_json(folder / f"{control or 'plain'}.json",
-                              {"title": "replicas", "scenes": scenes})  # fmt: skip
+        shotlist = write_json(
+            folder / f"{control or 'plain'}.json", {"title": "replicas", "scenes": scenes}
+        )
         values = {"shotlist": str(shotlist), **values}
         if "path" in values.get("model", {}):
             values = {**values, "model": {k: str(files / v) for k, v in values["model"].items()}}
-        config = {"defaults": [{f"override /{g}": option} for g, option in groups.items()],
-                  **values}  # fmt: skip
+        config = {
+            "defaults": [{f"override /{g}": option} for g, option in groups.items()],
+            **values,
+        }
         text = "# @package _global_\n" + json.dumps(config)  # JSON is YAML
         (folder / "experiment" / f"replica_{case}.yaml").write_text(text)
     return folder
@@ -154,16 +197,22 @@ def case_runs(tmp_path_factory, scorer_home) -> dict:
     """case -> (exit code of the sweep, the job's manifest or None)."""
     tmp = tmp_path_factory.mktemp("cases")
     configs = _case_configs(tmp / "conf", scorer_home / "files")
-    overrides = ["-m", f"hydra.searchpath=[file://{configs}]", f"hydra.sweep.dir={tmp / 'sweep'}",
-                 "experiment=" + ",".join(f"replica_{case}" for case in CASES), *SMALL,
-                 "scorer=tiny"]  # fmt: skip
+    overrides = [
+        "-m",
+        f"hydra.searchpath=[file://{configs}]",
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+        "experiment=" + ",".join(f"replica_{case}" for case in CASES),
+        *SMALL,
+        "scorer=tiny",
+    ]
     result = run_keyframes(tmp, overrides, env=offline(scorer_home))
     assert result.returncode == 0, result.stderr[-5000:]
     jobs = {}
     for manifest in (tmp / "sweep").glob("*/manifest.json"):
         run_dir = manifest.parent
-        case = next(o for o in read_manifest(run_dir)["run"]["overrides"]
-                    if o.startswith("experiment=")).removeprefix("experiment=replica_")  # fmt: skip
+        case = next(
+            o for o in read_manifest(run_dir)["run"]["overrides"] if o.startswith("experiment=")
+        ).removeprefix("experiment=replica_")
         jobs[case] = run_dir
     return jobs
 
@@ -223,16 +272,41 @@ def test_a_kohya_lora_makes_the_pixels_of_the_same_lora_in_diffusers_format(repl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, repos", [
-    (("model=sdxl_lightning", "upscale=refiner", "consistency=ip_adapter", "controlnet=canny_sdxl",
-      f"model.vae={replicas.SDXL_VAE_FP16_FIX}"),
-     (replicas.SDXL_BASE, replicas.CLIP_L14_OPENAI, replicas.AESTHETIC, replicas.IP_ADAPTER, replicas.SDXL_REFINER,
-      replicas.SDXL_LIGHTNING, replicas.LIGHTNING_UNET, "diffusers/controlnet-canny-sdxl-1.0",
-      replicas.SDXL_VAE_FP16_FIX)),
-    (("model=sd15", "controlnet=depth_sd15"),
-     (replicas.SD15, replicas.CLIP_L14_OPENAI, replicas.AESTHETIC,
-      "lllyasviel/control_v11f1p_sd15_depth")),
-], ids=["sdxl", "sd15"])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, repos",
+    [
+        (
+            (
+                "model=sdxl_lightning",
+                "upscale=refiner",
+                "consistency=ip_adapter",
+                "controlnet=canny_sdxl",
+                f"model.vae={replicas.SDXL_VAE_FP16_FIX}",
+            ),
+            (
+                replicas.SDXL_BASE,
+                replicas.CLIP_L14_OPENAI,
+                replicas.AESTHETIC,
+                replicas.IP_ADAPTER,
+                replicas.SDXL_REFINER,
+                replicas.SDXL_LIGHTNING,
+                replicas.LIGHTNING_UNET,
+                "diffusers/controlnet-canny-sdxl-1.0",
+                replicas.SDXL_VAE_FP16_FIX,
+            ),
+        ),
+        (
+            ("model=sd15", "controlnet=depth_sd15"),
+            (
+                replicas.SD15,
+                replicas.CLIP_L14_OPENAI,
+                replicas.AESTHETIC,
+                "lllyasviel/control_v11f1p_sd15_depth",
+            ),
+        ),
+    ],
+    ids=["sdxl", "sd15"],
+)
 def test_an_empty_cache_offline_names_every_missing_repo_before_loading(
     run_cli, tmp_path, overrides, repos
 ):
@@ -278,31 +352,57 @@ def test_the_full_size_replica_holds_only_fp16_variant_files(tmp_path, monkeypat
     assert built == [("sdxl_base", "cpu", torch.float16)]  # drawn in fp16: one copy in memory
     snapshot = replicas.repo_folder(hub, replicas.SDXL_BASE) / "snapshots"
     files = {p.relative_to(p.parents[1]).as_posix() for p in snapshot.glob("*/*/*")}
-    assert {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
-            "text_encoder_2/model.fp16.safetensors", "tokenizer_2/merges.txt"} <= files  # fmt: skip
+    assert {
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json",
+        "text_encoder_2/model.fp16.safetensors",
+        "tokenizer_2/merges.txt",
+    } <= files
     assert not any(f.endswith(".safetensors") and ".fp16." not in f for f in files)
 
 
 # What a tiny model may change in a published config: widths, depths and counts, nothing else.
 SIZES = {
-    "unet": {"block_out_channels", "layers_per_block", "attention_head_dim", "norm_num_groups",
-             "transformer_layers_per_block", "sample_size", "cross_attention_dim",
-             "addition_time_embed_dim", "projection_class_embeddings_input_dim"},
+    "unet": {
+        "block_out_channels",
+        "layers_per_block",
+        "attention_head_dim",
+        "norm_num_groups",
+        "transformer_layers_per_block",
+        "sample_size",
+        "cross_attention_dim",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+    },
     "vae": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size"},
-    "text_encoder": {"hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "projection_dim"},
+    "text_encoder": {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "projection_dim",
+    },
     "scheduler": set(),
-}  # fmt: skip
+}
 SIZES["text_encoder_2"] = SIZES["text_encoder"]
-WRITER_NOTES = {"_diffusers_version", "_name_or_path", "transformers_version", "dtype",
-                "torch_dtype", "use_cache"}  # fmt: skip
+WRITER_NOTES = {
+    "_diffusers_version",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+}
 REPLICA_CONFIGS = [  # (repo, its published configs under keyframes/data/, components)
-    (replicas.SDXL_BASE, "sdxl_base", ["unet", "vae", "text_encoder", "text_encoder_2",
-                                       "scheduler"]),
+    (
+        replicas.SDXL_BASE,
+        "sdxl_base",
+        ["unet", "vae", "text_encoder", "text_encoder_2", "scheduler"],
+    ),
     (replicas.SD15, "sd15", ["unet", "vae", "text_encoder", "scheduler"]),
     (replicas.SDXL_REFINER, "sdxl_refiner", ["unet"]),
     (replicas.SDXL_REFINER, "sdxl_base", ["text_encoder_2", "vae", "scheduler"]),  # shared
-]  # fmt: skip
+]
 
 
 def class_defaults(component: str, config: dict) -> dict:
@@ -323,8 +423,11 @@ def as_json(value):
     return json.loads(json.dumps(value))  # tuples as lists, as the files hold them
 
 
-@pytest.mark.parametrize("repo, published, components", REPLICA_CONFIGS,
-                         ids=["sdxl_base", "sd15", "refiner_unet", "refiner_shared"])  # fmt: skip
+@pytest.mark.parametrize(
+    "repo, published, components",
+    REPLICA_CONFIGS,
+    ids=["sdxl_base", "sd15", "refiner_unet", "refiner_shared"],
+)
 def test_every_replica_config_is_the_published_one_but_for_sizes(
     replica_home, repo, published, components
 ):

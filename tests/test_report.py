@@ -70,9 +70,13 @@ def test_report_writes_csv_a_grid_per_scene_and_fold_and_a_plot_per_key(tmp_path
     assert report.keys == ["steps", "cfg_scale", "style"]
     names = sorted(p.relative_to(tmp_path / "out").as_posix() for p in report.files)
     assert names == [
-        "grids/harbor__style-anime.png", "grids/harbor__style-noir.png",
-        "plots/cfg_scale.png", "plots/steps.png", "plots/style.png", "summary.csv",
-    ]  # fmt: skip
+        "grids/harbor__style-anime.png",
+        "grids/harbor__style-noir.png",
+        "plots/cfg_scale.png",
+        "plots/steps.png",
+        "plots/style.png",
+        "summary.csv",
+    ]
     rows = list(csv.reader(open(tmp_path / "out" / "summary.csv")))
     assert rows[0][:4] == ["job", "steps", "cfg_scale", "style"]
     assert len(rows) == 9

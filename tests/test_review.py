@@ -34,8 +34,11 @@ def test_runs_are_named_by_what_the_sweep_varied_and_coloured_apart(stored):
     _, _, parent, children = stored
     assert parent.info.run_name == "steps x cfg_scale, 4 jobs"
     assert [c.info.run_name for c in children] == [
-        "steps=2 cfg=1.5 · #0", "steps=2 cfg=3 · #1", "steps=3 cfg=1.5 · #2", "steps=3 cfg=3 · #3",
-    ]  # fmt: skip
+        "steps=2 cfg=1.5 · #0",
+        "steps=2 cfg=3 · #1",
+        "steps=3 cfg=1.5 · #2",
+        "steps=3 cfg=3 · #3",
+    ]
     colours = {c.data.tags["mlflow.runColor"] for c in children}
     assert len(colours) == 4 and parent.data.tags["mlflow.runColor"] not in colours
 

@@ -27,9 +27,22 @@ FIELD_VALUE = st.recursive(
     max_leaves=6,
 )
 SCENE_LIKE = st.dictionaries(
-    st.sampled_from(["id", "description", "prompt", "shot", "characters", "seed", "takes", "reference", "control", "extra"]),
+    st.sampled_from(
+        [
+            "id",
+            "description",
+            "prompt",
+            "shot",
+            "characters",
+            "seed",
+            "takes",
+            "reference",
+            "control",
+            "extra",
+        ]
+    ),
     FIELD_VALUE,
-)  # fmt: skip
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -81,12 +94,21 @@ def test_target_fields_in_a_shotlist_stay_plain_data():
 @pytest.mark.parametrize(
     "data, problem",
     [
-        ([{"id": "a", "description": "x" * (MAX_TEXT + 1)}], f"scenes[0].description: {MAX_TEXT + 1} characters, the limit is {MAX_TEXT}"),
-        ([{"id": "a", "description": "d", "prompt": "p" * 100_000}], f"scenes[0].prompt: 100000 characters, the limit is {MAX_TEXT}"),
+        (
+            [{"id": "a", "description": "x" * (MAX_TEXT + 1)}],
+            f"scenes[0].description: {MAX_TEXT + 1} characters, the limit is {MAX_TEXT}",
+        ),
+        (
+            [{"id": "a", "description": "d", "prompt": "p" * 100_000}],
+            f"scenes[0].prompt: 100000 characters, the limit is {MAX_TEXT}",
+        ),
         ([{"id": "a" * 300, "description": "d"}], "scenes[0].id: 300 characters, the limit is 200"),
-        ([{"id": str(i), "description": "d"} for i in range(MAX_SCENES + 1)], f"scenes: {MAX_SCENES + 1} scenes, the limit is {MAX_SCENES}"),
+        (
+            [{"id": str(i), "description": "d"} for i in range(MAX_SCENES + 1)],
+            f"scenes: {MAX_SCENES + 1} scenes, the limit is {MAX_SCENES}",
+        ),
     ],
-)  # fmt: skip
+)
 def test_oversized_input_is_a_clear_error(data, problem):
     with pytest.raises(ShotlistError) as info:
         parse_shotlist(data)
@@ -145,9 +167,17 @@ def test_image_paths_resolve_inside_the_shotlist_folder(tmp_path):
 
 @pytest.mark.parametrize(
     "scene_id, name",
-    [("../../etc/passwd", "etc-passwd"), ("a/b\\c", "a-b-c"), ("..", "scene"), ("CON", "CON_"),
-     ("lpt1", "lpt1_"), ("ünïcode 🎬", "n-code"), ("x" * 500, "x" * 48), ("\x00\n", "scene")],
-)  # fmt: skip
+    [
+        ("../../etc/passwd", "etc-passwd"),
+        ("a/b\\c", "a-b-c"),
+        ("..", "scene"),
+        ("CON", "CON_"),
+        ("lpt1", "lpt1_"),
+        ("ünïcode 🎬", "n-code"),
+        ("x" * 500, "x" * 48),
+        ("\x00\n", "scene"),
+    ],
+)
 def test_scene_ids_become_safe_file_names(scene_id, name):
     assert safe_name(scene_id) == name
 

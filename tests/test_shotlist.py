@@ -38,14 +38,29 @@ def test_all_scene_fields_are_read():
         "title": "T",
         "characters": {"Ana": "a tall woman", "Bo": {"description": "a dog", "ref": "bo.png"}},
         "scenes": [
-            scene(1, prompt="override", negative_prompt="blur", shot="wide", camera="dolly",
-                  lighting="dusk", mood="calm", characters=["Ana", "Bo"], seed=5, takes=3)
+            scene(
+                1,
+                prompt="override",
+                negative_prompt="blur",
+                shot="wide",
+                camera="dolly",
+                lighting="dusk",
+                mood="calm",
+                characters=["Ana", "Bo"],
+                seed=5,
+                takes=3,
+            )
         ],
-    }  # fmt: skip
+    }
     s = parse_shotlist(data).scenes[0]
     assert (s.prompt, s.negative_prompt, s.shot, s.camera, s.lighting, s.mood) == (
-        "override", "blur", "wide", "dolly", "dusk", "calm"
-    )  # fmt: skip
+        "override",
+        "blur",
+        "wide",
+        "dolly",
+        "dusk",
+        "calm",
+    )
     assert (s.characters, s.seed, s.takes) == (("Ana", "Bo"), 5, 3)
     assert parse_shotlist(data).characters["Bo"].extra == {"ref": "bo.png"}
 
@@ -108,15 +123,30 @@ def test_duplicate_ids_name_both_scenes():
         ([], "scenes: empty, a shotlist needs at least one scene"),
         ({"scenes": {"a": 1}}, "scenes: expected a list, got an object"),
         ("text", "top level: expected an object with 'scenes' or a list of scenes, got a string"),
-        ({"scenes": [scene(1)], "characters": ["Ana"]}, "characters: expected an object of name -> description, got a list"),
-        ({"scenes": [scene(1, seed=-1)]}, "scenes[0].seed: -1 is out of range, must be between 0 and 4294967295"),
-        ({"scenes": [scene(1, seed=1.5)]}, "scenes[0].seed: expected an integer, got the number 1.5"),
+        (
+            {"scenes": [scene(1)], "characters": ["Ana"]},
+            "characters: expected an object of name -> description, got a list",
+        ),
+        (
+            {"scenes": [scene(1, seed=-1)]},
+            "scenes[0].seed: -1 is out of range, must be between 0 and 4294967295",
+        ),
+        (
+            {"scenes": [scene(1, seed=1.5)]},
+            "scenes[0].seed: expected an integer, got the number 1.5",
+        ),
         ({"scenes": [scene(1, takes=True)]}, "scenes[0].takes: expected an integer, got a boolean"),
-        ({"scenes": [scene(1, takes=1001)]}, "scenes[0].takes: 1001 is out of range, must be between 1 and 1000"),
+        (
+            {"scenes": [scene(1, takes=1001)]},
+            "scenes[0].takes: 1001 is out of range, must be between 1 and 1000",
+        ),
         ({"scenes": [{"id": "", "description": "d"}]}, "scenes[0].id: must not be empty"),
-        ({"scenes": [{"id": "a", "description": "  "}]}, "scenes[0].description: expected a non-empty string"),
+        (
+            {"scenes": [{"id": "a", "description": "  "}]},
+            "scenes[0].description: expected a non-empty string",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_values_get_one_clear_problem(data, problem):
     assert problems_of(data) == [problem]
 

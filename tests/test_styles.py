@@ -57,8 +57,9 @@ def test_style_file_preset_reaches_the_prompts(files):
     cfg = settings("style=file", f"style.file={files / 'styles.csv'}", "style.name=Grain")
     cfg.style = resolve_style(cfg.style)
     validate(cfg)
-    job = plan_jobs(load_shotlist("demo"), cfg.style.prompt, cfg.style.negative_prompt, "", 1,
-                    "derived", 1)[0]  # fmt: skip
+    job = plan_jobs(
+        load_shotlist("demo"), cfg.style.prompt, cfg.style.negative_prompt, "", 1, "derived", 1
+    )[0]
     assert job.prompt.endswith(", grainy 35mm film, muted colors")
     assert job.negative_prompt.startswith("digital, clean")
     assert cfg.style.name == "Grain" and cfg.style.file == str(files / "styles.csv")
@@ -91,8 +92,10 @@ def test_bad_json_is_a_clear_error(tmp_path):
 def test_styles_command_lists_file_and_builtin_presets(files):
     listed = subprocess.run(
         [sys.executable, "-m", "keyframes.styles", "--file", str(files / "styles.json")],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "Film Noir\n  prompt:   film noir style {prompt}" in listed
     assert "2 presets; use one with:" in listed and "style.name=NAME" in listed
     builtin = subprocess.run(
@@ -103,8 +106,9 @@ def test_styles_command_lists_file_and_builtin_presets(files):
 
 
 def test_cli_unknown_style_name_exits_2_before_loading(refused_cli, files):
-    result = refused_cli("experiment=smoke", "style=file", f"style.file={files / 'styles.json'}",
-                     "style.name=Pastel")  # fmt: skip
+    result = refused_cli(
+        "experiment=smoke", "style=file", f"style.file={files / 'styles.json'}", "style.name=Pastel"
+    )
     assert result.returncode == 2, result.output
     assert "style.name=Pastel: not in" in result.stderr and "base, Film Noir" in result.stderr
     assert not result.run_dir.exists()
@@ -116,9 +120,14 @@ def test_config_yaml_and_mlflow_params_record_the_style_a_file_gave(files, cli_i
     from mlflow.tracking import MlflowClient
 
     code, err, run_dir, store = cli_in_process(
-        "style=file", f"style.file={files / 'styles.json'}", "style.name=Film Noir",
-        "scorer=none", "steps=1", "width=64", "height=64",
-    )  # fmt: skip
+        "style=file",
+        f"style.file={files / 'styles.json'}",
+        "style.name=Film Noir",
+        "scorer=none",
+        "steps=1",
+        "width=64",
+        "height=64",
+    )
     assert code == 0, err[-2000:]
     noir = LIBRARY[1]
     style = yaml.safe_load((run_dir / "config.yaml").read_text())["style"]

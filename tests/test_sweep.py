@@ -55,8 +55,10 @@ def test_ranking_puts_high_clip_first_and_low_seconds_first():
 
 def test_the_aesthetic_score_ranks_high_first_and_can_be_the_objective():
     aesthetic = {"0": 5.1, "1": 4.2, "2": 6.3, "3": 5.9}
-    jobs = [JobResult(j.name, j.overrides, {**j.metrics, "aesthetic_score_mean": aesthetic[j.name]})
-            for j in JOBS]  # fmt: skip
+    jobs = [
+        JobResult(j.name, j.overrides, {**j.metrics, "aesthetic_score_mean": aesthetic[j.name]})
+        for j in JOBS
+    ]
     assert [j.name for j in ranked(jobs, "aesthetic_score_mean")] == ["2", "3", "0", "1"]
     best, fastest = best_and_fastest(jobs, "aesthetic_score_mean")
     assert (best.name, fastest.name) == ("2", "3")  # 5.9 is within a point, in 1 s, not 3 s
@@ -81,10 +83,20 @@ def test_no_scores_no_best():
 
 def test_table_rows_carry_the_varying_keys_and_metrics_best_first():
     header, rows = table(JOBS, "clip_score_mean")
-    assert header == ["job", "steps", "cfg_scale", "style", "clip_score_mean",
-                      "aesthetic_score_mean", "style_consistency", "seconds_per_image_mean",
-                      "unet_evaluations_per_image_mean", "tflops_per_image_mean",
-                      "vram_peak_gb_max", "run_id"]  # fmt: skip
+    assert header == [
+        "job",
+        "steps",
+        "cfg_scale",
+        "style",
+        "clip_score_mean",
+        "aesthetic_score_mean",
+        "style_consistency",
+        "seconds_per_image_mean",
+        "unet_evaluations_per_image_mean",
+        "tflops_per_image_mean",
+        "vram_peak_gb_max",
+        "run_id",
+    ]
     assert rows[0] == ["1", "40", "5", "noir", "25", "", "", "4", "", "", "", "run1"]
     assert [r[0] for r in rows] == ["1", "2", "3", "0"]
 
@@ -106,14 +118,13 @@ def test_job_from_manifest_reads_first_takes_and_scores(tmp_path: Path):
     from tests.helpers import image_record, run_record
 
     manifest = Manifest(
-        run_record(overrides=["steps=3"], summary={"clip_score_mean": 1.5},
-                   mlflow={"run_id": "r"}),
+        run_record(overrides=["steps=3"], summary={"clip_score_mean": 1.5}, mlflow={"run_id": "r"}),
         [
             image_record(scene_id="b", take=1, file="keyframes/001_b_t1.png", clip_score=2.0),
             image_record(scene_id="b", take=2, file="keyframes/001_b_t2.png", clip_score=9.0),
             image_record(scene_id="a", take=1, file="keyframes/002_a_t1.png", clip_score=None),
         ],
-    )  # fmt: skip
+    )
     write_manifest(tmp_path / "4", manifest)
     from PIL import Image
 

@@ -149,13 +149,23 @@ def test_optuna_search_maximises_clip_score_per_second(tmp_path):
     store = tmp_path / "mlflow.db"
     result = subprocess.run(
         [
-            sys.executable, "-m", "keyframes.run", "experiment=smoke", "search=optuna", "-m",
-            "hydra.sweeper.n_trials=3", "hydra.sweeper.params.steps='range(2,4)'",
+            sys.executable,
+            "-m",
+            "keyframes.run",
+            "experiment=smoke",
+            "search=optuna",
+            "-m",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.params.steps='range(2,4)'",
             "hydra.sweeper.params.cfg_scale='interval(1.0,5.0)'",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"mlflow.tracking_uri=sqlite:///{store}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
         ],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -189,14 +199,21 @@ def single_runs(tmp_path):
     from keyframes.tracking.store import RunRecord, log_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for overrides, steps, clip in ((["experiment=smoke"], "4", 30.0),
-                                   (["experiment=smoke", "steps=2"], "2", 20.0)):  # fmt: skip
-        log_run(TrackingConfig(tracking_uri=uri), RunRecord(
-            experiment="smoke", run_name=f"run {steps}",
-            params={"steps": steps, "cfg_scale": "5.0", "style.name": "cinematic"},
-            tags={"keyframes.overrides": json.dumps(overrides)}, image_metrics={},
-            summary={"clip_score_mean": clip, "seconds_per_image_mean": 0.5},
-        ))  # fmt: skip
+    for overrides, steps, clip in (
+        (["experiment=smoke"], "4", 30.0),
+        (["experiment=smoke", "steps=2"], "2", 20.0),
+    ):
+        log_run(
+            TrackingConfig(tracking_uri=uri),
+            RunRecord(
+                experiment="smoke",
+                run_name=f"run {steps}",
+                params={"steps": steps, "cfg_scale": "5.0", "style.name": "cinematic"},
+                tags={"keyframes.overrides": json.dumps(overrides)},
+                image_metrics={},
+                summary={"clip_score_mean": clip, "seconds_per_image_mean": 0.5},
+            ),
+        )
     return uri
 
 

@@ -61,11 +61,25 @@ def test_hires_settings_are_checked_and_the_final_size_is_limited():
 
 def test_hires_is_written_the_way_image_browsers_read_it():
     record = {
-        "prompt": "a boat", "negative_prompt": "", "steps": 30, "sampler_label": "Euler",
-        "cfg_scale": 5.0, "seed": 1, "width": 1344, "height": 768, "model": "sdxl_base",
-        "style": "none", "upscale": {"name": "hires", "factor": 1.5, "strength": 0.35,
-                                     "steps": 30, "width": 2016, "height": 1152},
-    }  # fmt: skip
+        "prompt": "a boat",
+        "negative_prompt": "",
+        "steps": 30,
+        "sampler_label": "Euler",
+        "cfg_scale": 5.0,
+        "seed": 1,
+        "width": 1344,
+        "height": 768,
+        "model": "sdxl_base",
+        "style": "none",
+        "upscale": {
+            "name": "hires",
+            "factor": 1.5,
+            "strength": 0.35,
+            "steps": 30,
+            "width": 2016,
+            "height": 1152,
+        },
+    }
     text = a1111_parameters(image_record(**record))
     assert "Size: 1344x768" in text
     assert "Hires upscale: 1.5, Hires steps: 30, Denoising strength: 0.35" in text
@@ -78,8 +92,13 @@ def test_smoke_run_with_the_tiny_refiner_records_it_everywhere(cli_in_process):
     assert code == 0, err[-2000:]
     manifest = read_manifest(run_dir)
     record = manifest["images"][0]
-    assert record["upscale"] == {"name": "refiner", "model": "tiny", "high_noise_frac": 0.6,
-                                 "width": 256, "height": 144}  # fmt: skip
+    assert record["upscale"] == {
+        "name": "refiner",
+        "model": "tiny",
+        "high_noise_frac": 0.6,
+        "width": 256,
+        "height": 144,
+    }
     assert manifest["run"]["model_family"] == "sdxl"
     with Image.open(run_dir / record["file"]) as image:
         assert image.size == (256, 144)

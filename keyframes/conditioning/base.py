@@ -165,9 +165,16 @@ def prepare_all(methods: list[Method], jobs: list, shotlist) -> list:
 
 
 # An image record's conditioning fields where no method fills them (the manifest's contract).
-RECORD_DEFAULTS = {"consistency": "none", "consistency_reference": None, "loras": [],
-                   "embeddings": [], "upscale": None, "control": None, "freeu": None,
-                   "pag": None}  # fmt: skip
+RECORD_DEFAULTS = {
+    "consistency": "none",
+    "consistency_reference": None,
+    "loras": [],
+    "embeddings": [],
+    "upscale": None,
+    "control": None,
+    "freeu": None,
+    "pag": None,
+}
 
 
 def record_fields(methods: list[Method], job) -> dict[str, Any]:

@@ -71,8 +71,9 @@ def local_controlnet_problem(folder: Path, allow_pickle: bool) -> str | None:
     return pickle_problem(pickled[0], "controlnet.path", allow_pickle)
 
 
-def load_controlnet(control: ControlNetConfig, unet, dtype: torch.dtype,
-                    allow_pickle: bool = False):  # fmt: skip
+def load_controlnet(
+    control: ControlNetConfig, unet, dtype: torch.dtype, allow_pickle: bool = False
+):
     from diffusers import ControlNetModel
 
     if control.tiny:  # tests: a ControlNet copied from the tiny UNet
@@ -146,11 +147,13 @@ class ControlNet(Method):
         control, model = self.settings, self.plan.config.model
         problems = []
         if control.type not in CONTROL_TYPES:
-            problems.append(f"controlnet.type={control.type}: must be one of "
-                            f"{', '.join(CONTROL_TYPES)}")  # fmt: skip
+            problems.append(
+                f"controlnet.type={control.type}: must be one of {', '.join(CONTROL_TYPES)}"
+            )
         if control.family not in FAMILIES[1:]:
-            problems.append(f"controlnet.family={control.family}: must be one of "
-                            f"{', '.join(FAMILIES[1:])}")  # fmt: skip
+            problems.append(
+                f"controlnet.family={control.family}: must be one of {', '.join(FAMILIES[1:])}"
+            )
         if not control.conditioning_scale >= 0:
             problems.append(
                 f"controlnet.conditioning_scale={control.conditioning_scale}: must be >= 0"
@@ -159,10 +162,13 @@ class ControlNet(Method):
             raise ConfigError("invalid settings:", problems)
         check_controls(jobs, control)
         if any(job.control for job in jobs) and control.family != model.family:
-            raise ConfigError("settings that do not fit the model:", [
-                f"controlnet={control.name} is a {control.family} ControlNet; {model.name} is "
-                f"{model.family} (controlnet=canny_{model.family} or depth_{model.family} fits)"
-            ])  # fmt: skip
+            raise ConfigError(
+                "settings that do not fit the model:",
+                [
+                    f"controlnet={control.name} is a {control.family} ControlNet; {model.name} is "
+                    f"{model.family} (controlnet=canny_{model.family} or depth_{model.family} fits)"
+                ],
+            )
         return jobs
 
     def missing_weights(self) -> str | None:
@@ -172,10 +178,15 @@ class ControlNet(Method):
         if control.tiny:
             return None
         if control.path:
-            return local_controlnet_problem(Path(control.path).expanduser(),
-                                            self.plan.config.model.allow_pickle)  # fmt: skip
-        return hub.missing(control.id, "config.json", f"controlnet={control.name}",
-                           '--include "*.json" "*.safetensors"')  # fmt: skip
+            return local_controlnet_problem(
+                Path(control.path).expanduser(), self.plan.config.model.allow_pickle
+            )
+        return hub.missing(
+            control.id,
+            "config.json",
+            f"controlnet={control.name}",
+            '--include "*.json" "*.safetensors"',
+        )
 
     def install(self, loaded, todo: list[ImageJob]) -> None:
         pipe = loaded.pipe
@@ -194,9 +205,14 @@ class ControlNet(Method):
     def record(self, job: ImageJob) -> dict:
         if not job.control:
             return {"control": None}
-        return {"control": {"type": job.control[0], "image": job.control[1],
-                            "controlnet": self.settings.name,
-                            "scale": self.settings.conditioning_scale}}  # fmt: skip
+        return {
+            "control": {
+                "type": job.control[0],
+                "image": job.control[1],
+                "controlnet": self.settings.name,
+                "scale": self.settings.conditioning_scale,
+            }
+        }
 
     @classmethod
     def png_settings(cls, record: dict) -> list[str]:

@@ -49,8 +49,11 @@ def check_embeddings(embeddings: list[EmbeddingConfig], family: str) -> list[str
             tensors = _tensors(path)
             sdxl_file = all(part in tensors for part in SDXL_PARTS)
             if sdxl_file != (family == "sdxl"):
-                kind = "an SDXL embedding (clip_l, clip_g)" if sdxl_file else (
-                    "an SD 1.x embedding (no clip_l and clip_g)")  # fmt: skip
+                kind = (
+                    "an SDXL embedding (clip_l, clip_g)"
+                    if sdxl_file
+                    else ("an SD 1.x embedding (no clip_l and clip_g)")
+                )
                 model = "SDXL" if family == "sdxl" else "SD 1.5"
                 problems.append(f"{embedding.path}: {kind}, but the model is {model}")
     return [f"embeddings: {p}" for p in problems]
@@ -63,16 +66,24 @@ def embedding_records(embeddings: list[EmbeddingConfig]) -> list[dict]:
         path = Path(embedding.path).expanduser()
         shapes = list(_tensors(path).values())
         vectors = shapes[0][0] if shapes and len(shapes[0]) == 2 else 1
-        records.append({"token": token_of(embedding), "path": embedding.path,
-                        "vectors": vectors, "sha256": short_sha256(path)})  # fmt: skip
+        records.append(
+            {
+                "token": token_of(embedding),
+                "path": embedding.path,
+                "vectors": vectors,
+                "sha256": short_sha256(path),
+            }
+        )
     return records
 
 
 def _encoder_pairs(pipe, tensors: dict) -> list[tuple]:
     """(vectors, tokenizer, text encoder) for each encoder the file has vectors for."""
     if getattr(pipe, "text_encoder_2", None) is not None:
-        return [(tensors["clip_l"], pipe.tokenizer, pipe.text_encoder),
-                (tensors["clip_g"], pipe.tokenizer_2, pipe.text_encoder_2)]  # fmt: skip
+        return [
+            (tensors["clip_l"], pipe.tokenizer, pipe.text_encoder),
+            (tensors["clip_g"], pipe.tokenizer_2, pipe.text_encoder_2),
+        ]
     return [(tensors, pipe.tokenizer, pipe.text_encoder)]  # diffusers reads the A1111 forms
 
 
@@ -107,14 +118,20 @@ class Embeddings(Method):
     def prepare(self, jobs: list, shotlist) -> list:
         problems = check_embeddings(self.settings, self.plan.config.model.family)
         if problems:
-            raise ConfigError(problems[0]) if len(problems) == 1 else ConfigError(
-                "embeddings that cannot be used:", problems)  # fmt: skip
+            raise (
+                ConfigError(problems[0])
+                if len(problems) == 1
+                else ConfigError("embeddings that cannot be used:", problems)
+            )
         self.records = embedding_records(self.settings)
         texts = " ".join(f"{job.prompt} {job.negative_prompt}" for job in jobs)
         for record in self.records:
             if record["token"] not in texts:
-                log.warning("embedding %s: no prompt or negative prompt uses its token %r",
-                            record["path"], record["token"])  # fmt: skip
+                log.warning(
+                    "embedding %s: no prompt or negative prompt uses its token %r",
+                    record["path"],
+                    record["token"],
+                )
         return jobs
 
     def install(self, loaded, todo) -> None:

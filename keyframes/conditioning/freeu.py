@@ -20,8 +20,11 @@ class FreeU(Method):
         return [s.s1, s.s2, s.b1, s.b2]
 
     def prepare(self, jobs: list, shotlist) -> list:
-        bad = [f"freeu.{k}={v}" for k, v in zip(("s1", "s2", "b1", "b2"), self.factors(),
-                                                 strict=True) if not 0 <= v <= 10]  # fmt: skip
+        bad = [
+            f"freeu.{k}={v}"
+            for k, v in zip(("s1", "s2", "b1", "b2"), self.factors(), strict=True)
+            if not 0 <= v <= 10
+        ]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: FreeU's factors are between 0 and 10")
         return jobs

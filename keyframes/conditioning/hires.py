@@ -52,8 +52,9 @@ class Hires(BatchHook):
         ).images
 
     def second_pass(self, pixels: torch.Tensor, batch: list, inputs: dict) -> torch.Tensor:
-        return self.refine(pixels, inputs["conditioning"], inputs["seeds"], inputs["steps"],
-                           inputs["cfg_scale"])  # fmt: skip
+        return self.refine(
+            pixels, inputs["conditioning"], inputs["seeds"], inputs["steps"], inputs["cfg_scale"]
+        )
 
 
 @register("upscale", "hires")
@@ -88,14 +89,23 @@ class HiresFix(Method):
         """How the image was enlarged; width/height are the output's."""
         up = self.settings
         width, height = upscaled_size(self.plan.width, self.plan.height, up.factor)
-        return {"upscale": {"name": self.name, "factor": up.factor, "strength": up.strength,
-                            "steps": up.steps or self.plan.config.steps,
-                            "width": width, "height": height}}  # fmt: skip
+        return {
+            "upscale": {
+                "name": self.name,
+                "factor": up.factor,
+                "strength": up.strength,
+                "steps": up.steps or self.plan.config.steps,
+                "width": width,
+                "height": height,
+            }
+        }
 
     @classmethod
     def png_settings(cls, record: dict) -> list[str]:
         up = record.get("upscale")
         if not up or up["name"] != cls.name:
             return []
-        return [f"Hires upscale: {up['factor']:g}, Hires steps: {up['steps']}, "
-                f"Denoising strength: {up['strength']:g}"]  # fmt: skip
+        return [
+            f"Hires upscale: {up['factor']:g}, Hires steps: {up['steps']}, "
+            f"Denoising strength: {up['strength']:g}"
+        ]

@@ -49,8 +49,9 @@ def missing_adapter(consistency: ConsistencyConfig, allow_pickle: bool = False) 
     from keyframes.pipeline import hub
 
     sub, where = consistency.ip_adapter_subfolder, consistency.ip_adapter_path
-    refused = pickle_problem(Path(consistency.ip_adapter_weight), "consistency.ip_adapter_weight",
-                             allow_pickle)  # fmt: skip
+    refused = pickle_problem(
+        Path(consistency.ip_adapter_weight), "consistency.ip_adapter_weight", allow_pickle
+    )
     if refused:
         return refused
 
@@ -95,10 +96,13 @@ def load_adapter(pipe, consistency: ConsistencyConfig) -> None:
         ) from None
     scale = consistency.ip_adapter_scale
     pipe.set_ip_adapter_scale(
-        {block: {k: [v * scale for v in vs] for k, vs in blocks.items()}
-         for block, blocks in STYLE_ONLY.items()}
-        if consistency.style_only else scale
-    )  # fmt: skip
+        {
+            block: {k: [v * scale for v in vs] for k, vs in blocks.items()}
+            for block, blocks in STYLE_ONLY.items()
+        }
+        if consistency.style_only
+        else scale
+    )
 
 
 def reference_image(path: str) -> Image.Image:
@@ -125,9 +129,13 @@ class IpAdapter(Method):
     def prepare(self, jobs: list[ImageJob], shotlist: Shotlist) -> list[ImageJob]:
         family, model = self.plan.config.model.family, self.plan.config.model.name
         if family != "sdxl":
-            raise ConfigError("settings that do not fit the model:", [
-                f"consistency=ip_adapter loads SDXL IP-Adapters; {model} is {family}. "
-                "Use consistency=style_aligned or none."])  # fmt: skip
+            raise ConfigError(
+                "settings that do not fit the model:",
+                [
+                    f"consistency=ip_adapter loads SDXL IP-Adapters; {model} is {family}. "
+                    "Use consistency=style_aligned or none."
+                ],
+            )
         image = self.settings.image
         if image is not None and not Path(image).expanduser().is_file():
             raise ConfigError(f"consistency.image={image}: no such file")

@@ -95,8 +95,15 @@ def lora_records(loras: list[LoraConfig]) -> list[dict]:
         if path is not None and path.is_dir():
             path = path / (lora.weight_name or "pytorch_lora_weights.safetensors")
         digest = short_sha256(path) if path is not None and path.is_file() else None
-        records.append({"name": lora_name(lora), "path": lora.path, "scale": lora.scale,
-                        "sha256": digest, "format": file_format(lora)})  # fmt: skip
+        records.append(
+            {
+                "name": lora_name(lora),
+                "path": lora.path,
+                "scale": lora.scale,
+                "sha256": digest,
+                "format": file_format(lora),
+            }
+        )
     return records
 
 
@@ -118,8 +125,12 @@ def apply_loras(
         if path is not None and path.is_file():
             source, weight_name = str(path.parent), path.name
         try:  # use_safetensors=True: no silent fall-back to a pickle
-            pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=lora_name(lora),
-                                   use_safetensors=None if allow_pickle else True)  # fmt: skip
+            pipe.load_lora_weights(
+                source,
+                weight_name=weight_name,
+                adapter_name=lora_name(lora),
+                use_safetensors=None if allow_pickle else True,
+            )
         except (OSError, ValueError) as e:
             remove_loras(pipe, fused=False, merged=merged)
             raise ModelUnavailableError(
@@ -178,8 +189,9 @@ class Loras(Method):
 
     def install(self, loaded, todo) -> None:
         fuse = self.plan.config.fuse_loras
-        self.merged = apply_loras(loaded.pipe, self.settings, fuse,
-                                  self.plan.config.model.allow_pickle)  # fmt: skip
+        self.merged = apply_loras(
+            loaded.pipe, self.settings, fuse, self.plan.config.model.allow_pickle
+        )
         log.info("LoRA: %s%s", prompt_tags(self.records), " (fused)" if fuse else "")
 
     def remove(self, pipe) -> None:

@@ -20,8 +20,12 @@ import torch
 from keyframes.pipeline.kohya_layout import kohya_name
 
 # The text models each kohya prefix names (SD 1.5 has one encoder: lora_te_)
-PARTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
-         "lora_te_": "text_encoder"}  # fmt: skip
+PARTS = {
+    "lora_unet_": "unet",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te_": "text_encoder",
+}
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 # Formats told apart by their tensor names: (name part, what it is). The first found decides.

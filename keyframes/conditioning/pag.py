@@ -21,8 +21,10 @@ class PagHook(BatchHook):
         self.settings = settings
 
     def call(self, pipe, batch: list, conditioning: dict, arguments: dict):
-        arguments |= {"pag_scale": self.settings.scale,
-                      "pag_adaptive_scale": self.settings.adaptive_scale}  # fmt: skip
+        arguments |= {
+            "pag_scale": self.settings.scale,
+            "pag_adaptive_scale": self.settings.adaptive_scale,
+        }
         return self.pag_pipe
 
 
@@ -37,17 +39,25 @@ class Pag(Method):
         problems += [
             f"pag with {group}={name}: that pipeline has its own attention processors or "
             "pipeline class; use one or the other"
-            for group, name in others.items() if name != "none"
-        ]  # fmt: skip
+            for group, name in others.items()
+            if name != "none"
+        ]
         if cfg.guidance_interval:
-            problems.append("pag with guidance_interval: the interval halves two-row batches, "
-                            "PAG's have three; use one or the other")  # fmt: skip
+            problems.append(
+                "pag with guidance_interval: the interval halves two-row batches, "
+                "PAG's have three; use one or the other"
+            )
         if cfg.speed.deepcache:
-            problems.append("pag with DeepCache (speed.deepcache_interval > 1): its cached "
-                            "features would mix the perturbed row with the others")  # fmt: skip
+            problems.append(
+                "pag with DeepCache (speed.deepcache_interval > 1): its cached "
+                "features would mix the perturbed row with the others"
+            )
         if problems:
-            raise ConfigError(problems[0]) if len(problems) == 1 else ConfigError(
-                "pag cannot run with these settings:", problems)  # fmt: skip
+            raise (
+                ConfigError(problems[0])
+                if len(problems) == 1
+                else ConfigError("pag cannot run with these settings:", problems)
+            )
         return jobs
 
     def begin_stage(self, pipe, stage: int) -> BatchHook:
@@ -62,8 +72,9 @@ class Pag(Method):
 
     def record(self, job) -> dict:
         s = self.settings
-        return {"pag": {"scale": s.scale, "adaptive_scale": s.adaptive_scale,
-                        "layers": list(s.layers)}}  # fmt: skip
+        return {
+            "pag": {"scale": s.scale, "adaptive_scale": s.adaptive_scale, "layers": list(s.layers)}
+        }
 
     @classmethod
     def png_settings(cls, record: dict) -> list[str]:

@@ -80,8 +80,7 @@ class Refiner(BatchHook):
     ) -> torch.Tensor:
         """Noisy latents at high_noise_frac -> finished latents. The prompts are encoded again:
         the refiner reads text encoder 2 alone, so the base's embeddings do not fit it."""
-        conditioning = text_inputs(self.pipe, prompts, negatives, self.long_prompts,
-                                   self.weighting)  # fmt: skip
+        conditioning = text_inputs(self.pipe, prompts, negatives, self.long_prompts, self.weighting)
         return self.pipe(
             **conditioning,
             image=latents,
@@ -97,8 +96,14 @@ class Refiner(BatchHook):
         return pipe
 
     def after_latents(self, latents: torch.Tensor, batch: list, inputs: dict) -> torch.Tensor:
-        return self.refine(latents, inputs["prompts"], inputs["negatives"], inputs["seeds"],
-                           inputs["steps"], inputs["cfg_scale"])  # fmt: skip
+        return self.refine(
+            latents,
+            inputs["prompts"],
+            inputs["negatives"],
+            inputs["seeds"],
+            inputs["steps"],
+            inputs["cfg_scale"],
+        )
 
 
 def cached_refiner(loaded, upscale: UpscaleConfig, allow_pickle: bool = False):
@@ -110,8 +115,9 @@ def cached_refiner(loaded, upscale: UpscaleConfig, allow_pickle: bool = False):
         loaded.refiners = {
             key: apply_memory_mode(refiner, loaded.memory_mode, loaded.placement.device)
         }
-        log.info("refiner %s loaded in %.1f s", refiner_source(upscale),
-                 time.perf_counter() - start)  # fmt: skip
+        log.info(
+            "refiner %s loaded in %.1f s", refiner_source(upscale), time.perf_counter() - start
+        )
     return loaded.refiners[key]
 
 
@@ -131,9 +137,13 @@ class SdxlRefiner(Method):
         if problems:
             raise ConfigError("invalid settings:", problems)
         if model.family != "sdxl":
-            raise ConfigError("settings that do not fit the model:", [
-                f"upscale=refiner: the SDXL refiner finishes SDXL latents; {model.name} is "
-                f"{model.family}. Use upscale=hires or upscale=none."])  # fmt: skip
+            raise ConfigError(
+                "settings that do not fit the model:",
+                [
+                    f"upscale=refiner: the SDXL refiner finishes SDXL latents; {model.name} is "
+                    f"{model.family}. Use upscale=hires or upscale=none."
+                ],
+            )
         return jobs
 
     @property
@@ -147,8 +157,9 @@ class SdxlRefiner(Method):
         if up.tiny or up.path:
             return None  # a local folder: the loader names what it lacks
         files = f'"unet/*.{up.variant}.safetensors"' if up.variant else '"unet/*.safetensors"'
-        return hub.missing(up.id, "model_index.json", "upscale=refiner",
-                           f'--include "*.json" "*.txt" {files}')  # fmt: skip
+        return hub.missing(
+            up.id, "model_index.json", "upscale=refiner", f'--include "*.json" "*.txt" {files}'
+        )
 
     def install(self, loaded, todo: list) -> None:
         cfg = self.plan.config
@@ -160,9 +171,15 @@ class SdxlRefiner(Method):
 
     def record(self, job) -> dict:
         up = self.settings
-        return {"upscale": {"name": self.name, "model": refiner_source(up),
-                            "high_noise_frac": up.high_noise_frac,
-                            "width": self.plan.width, "height": self.plan.height}}  # fmt: skip
+        return {
+            "upscale": {
+                "name": self.name,
+                "model": refiner_source(up),
+                "high_noise_frac": up.high_noise_frac,
+                "width": self.plan.width,
+                "height": self.plan.height,
+            }
+        }
 
     @classmethod
     def png_settings(cls, record: dict) -> list[str]:

@@ -40,8 +40,16 @@ class SharedAttentionProcessor:
     def __init__(self):
         self.groups = 1
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):  # fmt: skip
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("shared attention is for unmasked self-attention only")
         residual = hidden_states

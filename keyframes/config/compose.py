@@ -47,8 +47,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]] | None:
     from hydra.errors import HydraException
 
     try:
-        [jobs] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides),
-                                              max_batch_size=None)  # fmt: skip
+        [jobs] = BasicSweeper.split_arguments(
+            OverridesParser.create().parse_overrides(overrides), max_batch_size=None
+        )
     except HydraException:  # a range or interval: only a search sweeper can take it
         return None
     with composer(hydra_config=True) as settings_of:

@@ -71,9 +71,14 @@ def _path_problems(model: ModelConfig) -> list[str]:
         return problems
     missing = missing_parts(keys, _family_from_keys(keys, path), vae_given=bool(model.vae))
     if missing:
-        return [f"model.path={model.path}: this checkpoint holds no {' and no '.join(missing)}"
-                + (". Give the VAE with model.vae=/path/to/sdxl_vae.safetensors"
-                   if missing == [PARTS["vae"][1]] else "")]  # fmt: skip
+        return [
+            f"model.path={model.path}: this checkpoint holds no {' and no '.join(missing)}"
+            + (
+                ". Give the VAE with model.vae=/path/to/sdxl_vae.safetensors"
+                if missing == [PARTS["vae"][1]]
+                else ""
+            )
+        ]
     return []
 
 
@@ -84,8 +89,10 @@ def _vae_problems(model: ModelConfig) -> list[str]:
     problems, keys = _read_file(path, "model.vae", model)
     if problems or keys is None:
         return problems
-    parts = [any(k.startswith((p, f"first_stage_model.{p}")) for k in keys)
-             for p in ("encoder.", "decoder.")]  # fmt: skip
+    parts = [
+        any(k.startswith((p, f"first_stage_model.{p}")) for k in keys)
+        for p in ("encoder.", "decoder.")
+    ]
     if not all(parts):
         return [f"model.vae={model.vae}: not a VAE (no encoder.* and decoder.* tensors)"]
     return []
@@ -95,19 +102,27 @@ def _vae_problems(model: ModelConfig) -> list[str]:
 PARTS = {
     "unet": ("model.diffusion_model.", "UNet (model.diffusion_model.*)"),
     "vae": ("first_stage_model.", "VAE (first_stage_model.*)"),
-    "te1_sdxl": ("conditioner.embedders.0.transformer.",
-                 "first text encoder (conditioner.embedders.0.transformer.*)"),
-    "te2_sdxl": ("conditioner.embedders.1.model.",
-                 "second text encoder (conditioner.embedders.1.model.*)"),
+    "te1_sdxl": (
+        "conditioner.embedders.0.transformer.",
+        "first text encoder (conditioner.embedders.0.transformer.*)",
+    ),
+    "te2_sdxl": (
+        "conditioner.embedders.1.model.",
+        "second text encoder (conditioner.embedders.1.model.*)",
+    ),
     "te_sd15": ("cond_stage_model.transformer.", "text encoder (cond_stage_model.transformer.*)"),
-}  # fmt: skip
+}
 
 
 def missing_parts(keys: list[str], family: str, vae_given: bool) -> list[str]:
     """The parts an original-layout checkpoint of `family` lacks, as a message names them.
     Files in diffusers' own names are left to the loader."""
-    if not any(k.startswith(("model.diffusion_model.", "conditioner.", "cond_stage_model.",
-                             "first_stage_model.")) for k in keys):  # fmt: skip
+    if not any(
+        k.startswith(
+            ("model.diffusion_model.", "conditioner.", "cond_stage_model.", "first_stage_model.")
+        )
+        for k in keys
+    ):
         return []
     needed = ["unet", "te1_sdxl", "te2_sdxl"] if family == "sdxl" else ["unet", "te_sd15"]
     needed += [] if vae_given else ["vae"]

@@ -22,8 +22,16 @@ from keyframes.config.validate import resolve_size, validate
 # resume matches on, so a run that ran out of memory can go on with memory=low_vram, and a
 # run can be given more takes (each image's own recipe is still checked).
 NOT_IN_HASH = (
-    "resume", "remake", "batch_size", "device", "mlflow", "memory", "speed", "takes", "objective",
-)  # fmt: skip
+    "resume",
+    "remake",
+    "batch_size",
+    "device",
+    "mlflow",
+    "memory",
+    "speed",
+    "takes",
+    "objective",
+)
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,9 @@ def with_model_read(cfg: Config) -> Config:
     SNR, and the guidance rescale a zero-SNR model needs (0.7, from Lin et al. 2024, "Common
     Diffusion Noise Schedules and Sample Steps are Flawed") unless one was given."""
     prediction, zero_snr = resolve_prediction(cfg.model)
-    model = replace(cfg.model, family=resolve_family(cfg.model), prediction=prediction,
-                    zero_snr=zero_snr)  # fmt: skip
+    model = replace(
+        cfg.model, family=resolve_family(cfg.model), prediction=prediction, zero_snr=zero_snr
+    )
     rescale = cfg.guidance_rescale
     if rescale is None:
         rescale = 0.7 if zero_snr else 0.0
@@ -75,8 +84,10 @@ def fit_to_model(cfg: Config) -> tuple[Config, list[str]]:
         low, high = model.steps_range
         if not low <= cfg.steps <= high:
             changes["steps"] = min(max(cfg.steps, low), high)
-            notes.append(f"steps={cfg.steps} does not fit {model.name} ({low}-{high}): "
-                         f"using {changes['steps']}")  # fmt: skip
+            notes.append(
+                f"steps={cfg.steps} does not fit {model.name} ({low}-{high}): "
+                f"using {changes['steps']}"
+            )
     if model.cfg_scale is not None and cfg.cfg_scale != model.cfg_scale:
         notes.append(
             f"cfg_scale={cfg.cfg_scale:g} does not fit {model.name} (distilled for "
@@ -105,13 +116,17 @@ def typed_aspect_wins(cfg: Config, typed: set[str]) -> tuple[Config, list[str]]:
     if "aspect" not in typed or not (cfg.width and cfg.height):
         return cfg, []
     if {"width", "height"} <= typed:
-        return cfg, [f"aspect={cfg.aspect} is not used: width={cfg.width} and "
-                     f"height={cfg.height} were given too"]  # fmt: skip
+        return cfg, [
+            f"aspect={cfg.aspect} is not used: width={cfg.width} and "
+            f"height={cfg.height} were given too"
+        ]
     before = f"{cfg.width}x{cfg.height}"
     cfg = replace(cfg, width=None) if "height" in typed else replace(cfg, height=None)
     width, height = resolve_size(cfg.aspect, cfg.quality.base_size, cfg.width, cfg.height)
-    return cfg, [f"aspect={cfg.aspect} from the command line replaces the preset's size "
-                 f"{before}: using {width}x{height}"]  # fmt: skip
+    return cfg, [
+        f"aspect={cfg.aspect} from the command line replaces the preset's size "
+        f"{before}: using {width}x{height}"
+    ]
 
 
 def config_hash(resolved: dict[str, Any]) -> str:

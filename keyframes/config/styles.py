@@ -61,8 +61,11 @@ def _preset(entry, number: int, problems: list[str]) -> StyleConfig | None:
             problems.append(f"preset {number} ({name or 'no name'}).{key}: expected text")
             value = ""
         texts[key] = value
-    return StyleConfig(name=name.strip(), prompt=as_template(texts["prompt"]),
-                       negative_prompt=texts["negative_prompt"].strip())  # fmt: skip
+    return StyleConfig(
+        name=name.strip(),
+        prompt=as_template(texts["prompt"]),
+        negative_prompt=texts["negative_prompt"].strip(),
+    )
 
 
 def as_template(prompt: str) -> str:

@@ -23,7 +23,7 @@ from keyframes.config.schema import (
     PROMPT_WEIGHTINGS,
     SEED_MODES,
     Config,
-)  # fmt: skip
+)
 from keyframes.errors import ConfigError
 
 # Resolutions SDXL was trained on (width, height), from the SDXL report's bucket table.
@@ -174,13 +174,16 @@ def _noise_problems(cfg: Config) -> list[str]:
     """What the model predicts, its noise schedule and the guidance rescale."""
     problems = []
     if cfg.model.prediction not in PREDICTIONS:
-        problems.append(f"model.prediction={cfg.model.prediction}: must be one of "
-                        f"{', '.join(PREDICTIONS)}")  # fmt: skip
+        problems.append(
+            f"model.prediction={cfg.model.prediction}: must be one of {', '.join(PREDICTIONS)}"
+        )
     if cfg.guidance_rescale is not None and not 0 <= cfg.guidance_rescale <= 1:
         problems.append(f"guidance_rescale={cfg.guidance_rescale}: must be between 0 and 1")
     if cfg.model.zero_snr and cfg.model.prediction == "epsilon":
-        problems.append("model.zero_snr=true with model.prediction=epsilon: at zero terminal SNR "
-                        "the noise cannot be predicted; zero SNR needs v_prediction")  # fmt: skip
+        problems.append(
+            "model.zero_snr=true with model.prediction=epsilon: at zero terminal SNR "
+            "the noise cannot be predicted; zero SNR needs v_prediction"
+        )
     return problems
 
 

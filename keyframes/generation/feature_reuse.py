@@ -105,11 +105,23 @@ def _feature_for(feature: torch.Tensor | None, rows: int) -> torch.Tensor | None
     return None
 
 
-def _shallow_forward(unet, branch, feature, sample, timestep, encoder_hidden_states,
-                     timestep_cond=None, attention_mask=None, cross_attention_kwargs=None,
-                     added_cond_kwargs=None, down_block_additional_residuals=None,
-                     mid_block_additional_residual=None, encoder_attention_mask=None,
-                     return_dict=True, **_):  # fmt: skip
+def _shallow_forward(
+    unet,
+    branch,
+    feature,
+    sample,
+    timestep,
+    encoder_hidden_states,
+    timestep_cond=None,
+    attention_mask=None,
+    cross_attention_kwargs=None,
+    added_cond_kwargs=None,
+    down_block_additional_residuals=None,
+    mid_block_additional_residual=None,
+    encoder_attention_mask=None,
+    return_dict=True,
+    **_,
+):
     """UNet2DConditionModel.forward with the deep part replaced by `feature`: the same
     embedding helpers and blocks, in the same order, for the outer levels only."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -117,36 +129,26 @@ def _shallow_forward(unet, branch, feature, sample, timestep, encoder_hidden_sta
     forward_upsample_size = any(s % 2**unet.num_upsamplers for s in sample.shape[-2:])
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
-    emb, attention = _embeddings(unet, sample, timestep, encoder_hidden_states, timestep_cond,
-                                 attention_mask, cross_attention_kwargs, added_cond_kwargs,
-                                 encoder_attention_mask)  # fmt: skip
+    emb, attention = _embeddings(
+        unet,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        timestep_cond,
+        attention_mask,
+        cross_attention_kwargs,
+        added_cond_kwargs,
+        encoder_attention_mask,
+    )
 
-    sample = unet.conv_in(sample)
-    skips = (sample,)
-    for block in unet.down_blocks[: branch + 1]:
-        if getattr(block, "has_cross_attention", False):
-            sample, more = block(hidden_states=sample, temb=emb, **attention)
-        else:
-            sample, more = block(hidden_states=sample, temb=emb)
-        skips += more
+    skips = _down(unet, branch, unet.conv_in(sample), emb, attention)
     outer = outer_up_blocks(unet, branch)
     # the outer up blocks read the first skips, as in the full forward (its deeper up blocks
     # take theirs from the end first); the innermost down block's last output goes unused
     skips = skips[: sum(len(block.resnets) for block in outer)]
     if down_block_additional_residuals is not None:  # ControlNet: the same skips, same order
         skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals, strict=False))
-
-    sample = feature
-    for i, block in enumerate(outer):
-        own_skips, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
-        final = i == len(outer) - 1
-        upsample_size = skips[-1].shape[2:] if not final and forward_upsample_size else None
-        if getattr(block, "has_cross_attention", False):
-            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=own_skips,
-                           upsample_size=upsample_size, **attention)  # fmt: skip
-        else:
-            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=own_skips,
-                           upsample_size=upsample_size)  # fmt: skip
+    sample = _up(outer, feature, skips, emb, attention, forward_upsample_size)
 
     if unet.conv_norm_out:
         sample = unet.conv_act(unet.conv_norm_out(sample))
@@ -154,8 +156,47 @@ def _shallow_forward(unet, branch, feature, sample, timestep, encoder_hidden_sta
     return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
 
 
-def _embeddings(unet, sample, timestep, encoder_hidden_states, timestep_cond, attention_mask,
-                cross_attention_kwargs, added_cond_kwargs, encoder_attention_mask):  # fmt: skip
+def _down(unet, branch: int, sample, emb, attention: dict) -> tuple:
+    """The outer down blocks, to `branch`: every skip feature they make, the input's first."""
+    skips = (sample,)
+    for block in unet.down_blocks[: branch + 1]:
+        if getattr(block, "has_cross_attention", False):
+            sample, more = block(hidden_states=sample, temb=emb, **attention)
+        else:
+            sample, more = block(hidden_states=sample, temb=emb)
+        skips += more
+    return skips
+
+
+def _up(outer: list, sample, skips: tuple, emb, attention: dict, forward_upsample_size: bool):
+    """The outer up blocks from the deep `sample`, each taking its skips from the end."""
+    for i, block in enumerate(outer):
+        own_skips, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
+        final = i == len(outer) - 1
+        upsample_size = skips[-1].shape[2:] if not final and forward_upsample_size else None
+        inputs = {
+            "hidden_states": sample,
+            "temb": emb,
+            "res_hidden_states_tuple": own_skips,
+            "upsample_size": upsample_size,
+        }
+        if getattr(block, "has_cross_attention", False):
+            inputs |= attention
+        sample = block(**inputs)
+    return sample
+
+
+def _embeddings(
+    unet,
+    sample,
+    timestep,
+    encoder_hidden_states,
+    timestep_cond,
+    attention_mask,
+    cross_attention_kwargs,
+    added_cond_kwargs,
+    encoder_attention_mask,
+):
     """(time embedding, the attention blocks' keyword arguments) as the full forward makes
     them: masks turned into biases, SDXL's added conditioning, IP-Adapter's image tokens."""
     if attention_mask is not None:

@@ -176,9 +176,15 @@ class KeyframeGenerator:
             return out
         # the reference's second making is a cost of the images it served
         share = len(out) / (len(out) - 1)
-        return [replace(g, seconds=g.seconds * share, unet_evaluations=g.unet_evaluations * share,
-                        unet_shallow_evaluations=_times(g.unet_shallow_evaluations, share))
-                for g in out[1:]]  # fmt: skip
+        return [
+            replace(
+                g,
+                seconds=g.seconds * share,
+                unet_evaluations=g.unet_evaluations * share,
+                unet_shallow_evaluations=_times(g.unet_shallow_evaluations, share),
+            )
+            for g in out[1:]
+        ]
 
     def _generate_rows(self, batch: list[ImageJob], rows: int) -> list[Generation]:
         size = len(batch)
@@ -190,13 +196,7 @@ class KeyframeGenerator:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        prompts = [job.prompt for job in batch]
-        negatives = [job.negative_prompt for job in batch]
-        conditioning = text_inputs(self.pipe, prompts, negatives, self.settings.long_prompts,
-                                   self.settings.prompt_weighting)  # fmt: skip
-        inputs = {"conditioning": conditioning, "prompts": prompts, "negatives": negatives,
-                  "seeds": seeds, "steps": self.settings.steps,
-                  "cfg_scale": self.settings.cfg_scale}  # fmt: skip
+        conditioning, inputs = self._inputs(batch, seeds)
         pipe, arguments = self.pipe, {}
         for hook in self.hooks:  # conditioning: the second passes reuse it; arguments: not
             pipe = hook.call(pipe, batch, conditioning, arguments)
@@ -234,6 +234,25 @@ class KeyframeGenerator:
             )
             for job, image, is_bad in zip(batch, images, bad.tolist(), strict=True)
         ]
+
+    def _inputs(self, batch: list[ImageJob], seeds: list[int]) -> tuple[dict, dict]:
+        """(the prompts' conditioning for the pipeline, what the hooks' passes get: the
+        conditioning, prompts, negatives, seeds, steps and cfg)."""
+        prompts = [job.prompt for job in batch]
+        negatives = [job.negative_prompt for job in batch]
+        settings = self.settings
+        conditioning = text_inputs(
+            self.pipe, prompts, negatives, settings.long_prompts, settings.prompt_weighting
+        )
+        inputs = {
+            "conditioning": conditioning,
+            "prompts": prompts,
+            "negatives": negatives,
+            "seeds": seeds,
+            "steps": settings.steps,
+            "cfg_scale": settings.cfg_scale,
+        }
+        return conditioning, inputs
 
     def _denoise_and_decode(self, pipe, batch, conditioning, arguments, generators, inputs):
         """The pipeline to latents, the hooks' finishing and second passes, each decode

@@ -21,23 +21,32 @@ from keyframes.shotlist.load import Shotlist, load_shotlist
 
 log = logging.getLogger("keyframes")
 
-PACKAGES = ("keyframes", "torch", "diffusers", "transformers", "accelerate", "peft",
-            "open_clip_torch", "mlflow", "hydra-core")  # fmt: skip
+PACKAGES = (
+    "keyframes",
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "peft",
+    "open_clip_torch",
+    "mlflow",
+    "hydra-core",
+)
 
 
-def prepare(plan: RunPlan, run_dir: Path, overrides: list[str], experiment: str | None,
-            sweep: dict | None = None, procs: Processes | None = None) -> RunContext:  # fmt: skip
+def prepare(
+    plan: RunPlan,
+    run_dir: Path,
+    overrides: list[str],
+    experiment: str | None,
+    sweep: dict | None = None,
+    procs: Processes | None = None,
+) -> RunContext:
     """The checked run: raises a KeyframesError (exit 2) naming every problem it finds."""
     started = time.time()
     cfg = plan.config
-    for note in plan.notes:
-        log.warning(note)
     shotlist, methods, jobs = check_plan(plan)
-    for note in shotlist.notes:
-        log.warning("shotlist %s: %s", shotlist.path, note)
-    if shotlist.unknown_fields:
-        log.warning("shotlist %s: unknown fields kept as metadata: %s", shotlist.path,
-                    ", ".join(shotlist.unknown_fields))  # fmt: skip
+    _warn(plan, shotlist)
     # torch and diffusers load only once the input has passed: bad input fails in a second.
     from keyframes.pipeline.load import check_sampler, resolve_placement
     from keyframes.pipeline.memory import plan_memory
@@ -47,22 +56,65 @@ def prepare(plan: RunPlan, run_dir: Path, overrides: list[str], experiment: str 
     placement = resolve_placement(cfg.device, cfg.model.dtype)
     check_speed(cfg.speed, placement.device)
     memory = plan_memory(
-        cfg.memory.name, placement.device, placement.dtype, cfg.model, cfg.batch_size,
-        plan.width, plan.height, any(m.second_model for m in methods),
-    )  # fmt: skip
+        cfg.memory.name,
+        placement.device,
+        placement.dtype,
+        cfg.model,
+        cfg.batch_size,
+        plan.width,
+        plan.height,
+        any(m.second_model for m in methods),
+    )
+    _log_run(plan, shotlist, jobs, placement.device, memory)
+    return RunContext(
+        plan=plan,
+        shotlist=shotlist,
+        jobs=jobs,
+        methods=methods,
+        placement=placement,
+        memory=memory,
+        run_dir=run_dir,
+        versions=package_versions(),
+        overrides=overrides,
+        started=started,
+        experiment=experiment or shotlist.title,
+        sweep=sweep,
+        git_commit=git_commit(),
+        processes=procs or Processes(),
+        earlier=earlier_run(run_dir, plan.resolved, cfg.remake),  # before config.yaml changes
+    )
+
+
+def _log_run(plan: RunPlan, shotlist: Shotlist, jobs: list, device: str, memory) -> None:
+    cfg = plan.config
     log.info(
         "%s: %d scenes, %d images at %dx%d, %d steps, cfg %g, %s, style %s, on %s",
-        shotlist.title, len(shotlist.scenes), len(jobs), plan.width, plan.height,
-        cfg.steps, cfg.cfg_scale, cfg.sampler.name, cfg.style.name, placement.device,
-    )  # fmt: skip
+        shotlist.title,
+        len(shotlist.scenes),
+        len(jobs),
+        plan.width,
+        plan.height,
+        cfg.steps,
+        cfg.cfg_scale,
+        cfg.sampler.name,
+        cfg.style.name,
+        device,
+    )
     log.info("memory mode %s (%s), speed %s", memory.mode, memory.reason, cfg.speed.name)
-    return RunContext(
-        plan=plan, shotlist=shotlist, jobs=jobs, methods=methods, placement=placement,
-        memory=memory, run_dir=run_dir, versions=package_versions(), overrides=overrides,
-        started=started, experiment=experiment or shotlist.title, sweep=sweep,
-        git_commit=git_commit(), processes=procs or Processes(),
-        earlier=earlier_run(run_dir, plan.resolved, cfg.remake),  # before config.yaml changes
-    )  # fmt: skip
+
+
+def _warn(plan: RunPlan, shotlist: Shotlist) -> None:
+    """What planning changed or kept, and what the shotlist holds that the format does not."""
+    for note in plan.notes:
+        log.warning(note)
+    for note in shotlist.notes:
+        log.warning("shotlist %s: %s", shotlist.path, note)
+    if shotlist.unknown_fields:
+        log.warning(
+            "shotlist %s: unknown fields kept as metadata: %s",
+            shotlist.path,
+            ", ".join(shotlist.unknown_fields),
+        )
 
 
 def check_plan(plan: RunPlan) -> tuple[Shotlist, list[Method], list[ImageJob]]:
@@ -90,8 +142,11 @@ def check_prompt_syntax(jobs: list[ImageJob]) -> None:
                 seen.add((kind, text))
                 problems += prompt_problems(text, f"scene {job.scene_id}: {kind}")
     if problems:
-        raise ConfigError(problems[0]) if len(problems) == 1 else ConfigError(
-            "prompts keyframes cannot weigh (prompt_weighting=a1111):", problems)  # fmt: skip
+        raise (
+            ConfigError(problems[0])
+            if len(problems) == 1
+            else ConfigError("prompts keyframes cannot weigh (prompt_weighting=a1111):", problems)
+        )
 
 
 def check_sweep(job_overrides: list[list[str]], swept: list[str]) -> None:
@@ -153,8 +208,13 @@ def git_commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None

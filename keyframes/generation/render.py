@@ -75,13 +75,15 @@ def render(ctx: RunContext) -> RenderResult:
     """Make every keyframe of the plan not already on disk; returns what the run made."""
     with Session(ctx.plan, ctx.placement, ctx.memory, ctx.methods, ctx.processes) as session:
         result = RenderResult(ctx.run_dir, run_info(ctx, session))
-        done = previous_images(ctx.run_dir, ctx.jobs, ctx.earlier, result.run,
-                               lambda job: recipe(ctx, job))  # fmt: skip
+        done = previous_images(
+            ctx.run_dir, ctx.jobs, ctx.earlier, result.run, lambda job: recipe(ctx, job)
+        )
         todo = [job for job in ctx.jobs if job.index not in done]
         ctx.processes.wait()  # every process has read the same finished work before any adds
         if done:
-            log.info("resuming %s: %d of %d images already done", ctx.run_dir, len(done),
-                     len(ctx.jobs))  # fmt: skip
+            log.info(
+                "resuming %s: %d of %d images already done", ctx.run_dir, len(done), len(ctx.jobs)
+            )
         cfg = ctx.plan.config
         if todo and (cfg.speed.warm_up or cfg.speed.compile):
             session.warm_up(todo[0])
@@ -148,11 +150,15 @@ class Bookkeeping:
         for generation, scores in zip(batch, scored, strict=True):
             scene = self.scenes[generation.job.scene_id]
             planned = ctx.jobs[generation.job.index]  # the same record when a run is resumed
-            record = image_record(ctx.plan, generation, scores, self.tokens, scene.extra,
-                                  ctx.methods, planned)  # fmt: skip
+            record = image_record(
+                ctx.plan, generation, scores, self.tokens, scene.extra, ctx.methods, planned
+            )
             if generation.image is not None:
-                provenance = {"record": record.to_json(), "scene": asdict(scene),
-                              "run": self.result.run.to_json()}  # fmt: skip
+                provenance = {
+                    "record": record.to_json(),
+                    "scene": asdict(scene),
+                    "run": self.result.run.to_json(),
+                }
                 save_png(generation.image, ctx.run_dir / record.file, record, provenance)
             self.records[generation.job.index] = record
             made.append(record)
@@ -175,10 +181,11 @@ def conclude(ctx: RunContext, result: RenderResult, scorer) -> RenderResult:
     finish(ctx, result, scorer)
     log.info(
         "%d keyframes in %s (%.2f s/image)%s",
-        len(result.images) - len(failed), ctx.run_dir,
+        len(result.images) - len(failed),
+        ctx.run_dir,
         result.summary.get("seconds_per_image_mean") or 0.0,
         f"; {len(failed)} failed" if failed else "",
-    )  # fmt: skip
+    )
     return result
 
 
@@ -204,15 +211,17 @@ def disk_full(ctx: RunContext, result: RenderResult, book: Bookkeeping, error: O
     return DiskFull(result, str(error.filename or ctx.run_dir), needed, left)
 
 
-def finish(ctx: RunContext, result: RenderResult, scorer: ClipScorer | None = None,
-           sheets: bool = True) -> None:  # fmt: skip
+def finish(
+    ctx: RunContext, result: RenderResult, scorer: ClipScorer | None = None, sheets: bool = True
+) -> None:
     """Contact sheet, summary and the final manifest, for whatever images exist."""
     cfg, timings = ctx.plan.config, result.run.timings
     if sheets and result.images:
         title = f"{ctx.shotlist.title} · {cfg.style.name} · {cfg.model.name}"
         write_contact_sheets(ctx.run_dir, result.images, title, ctx.plan.width, ctx.plan.height)
-    result.summary = summarize(result.images, timings["model_load_seconds"],
-                               time.time() - ctx.started)  # fmt: skip
+    result.summary = summarize(
+        result.images, timings["model_load_seconds"], time.time() - ctx.started
+    )
     if scorer is not None:
         made = [(ctx.run_dir / r.file, r.scene_id) for r in result.images if r.ok]
         result.summary |= consistency_of(made, scorer)
@@ -229,10 +238,17 @@ def recipe(ctx: RunContext, job: ImageJob) -> dict[str, Any]:
     cfg = ctx.plan.config
     fields = record_fields(ctx.methods, ctx.jobs[job.index])
     return {
-        "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
-        "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "sampler": cfg.sampler.name,
-        "width": ctx.plan.width, "height": ctx.plan.height, "model": cfg.model.name, **fields,
-    }  # fmt: skip
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": job.seed,
+        "steps": cfg.steps,
+        "cfg_scale": cfg.cfg_scale,
+        "sampler": cfg.sampler.name,
+        "width": ctx.plan.width,
+        "height": ctx.plan.height,
+        "model": cfg.model.name,
+        **fields,
+    }
 
 
 def score_batch(scorer: ClipScorer | None, batch: list[Generation], weighting: str = "none"):
@@ -244,9 +260,10 @@ def score_batch(scorer: ClipScorer | None, batch: list[Generation], weighting: s
         return [(None, None, None)] * len(batch)
     images = [g.image for g in made]
     asked, styled = scorer.score(
-        images, [g.job.description for g in made],
+        images,
+        [g.job.description for g in made],
         [plain_text(g.job.prompt) if weighting == "a1111" else g.job.prompt for g in made],
-    )  # fmt: skip
+    )
     aesthetic = scorer.aesthetic(images) or [None] * len(made)
     triples = zip(asked, styled, aesthetic, strict=True)
     scores = dict(zip(map(id, made), triples, strict=True))

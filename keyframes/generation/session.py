@@ -68,12 +68,18 @@ class Session:
     def settings(self) -> GenerationSettings:
         cfg = self.plan.config
         return GenerationSettings(
-            steps=cfg.steps, cfg_scale=cfg.cfg_scale, width=self.plan.width,
-            height=self.plan.height, batch_size=cfg.batch_size, fixed_batch=cfg.speed.compile,
-            long_prompts=cfg.long_prompts, prompt_weighting=cfg.prompt_weighting,
+            steps=cfg.steps,
+            cfg_scale=cfg.cfg_scale,
+            width=self.plan.width,
+            height=self.plan.height,
+            batch_size=cfg.batch_size,
+            fixed_batch=cfg.speed.compile,
+            long_prompts=cfg.long_prompts,
+            prompt_weighting=cfg.prompt_weighting,
             guidance_interval=tuple(cfg.guidance_interval) if cfg.guidance_interval else None,
-            deepcache=cfg.speed.deepcache, guidance_rescale=cfg.guidance_rescale or 0.0,
-        )  # fmt: skip
+            deepcache=cfg.speed.deepcache,
+            guidance_rescale=cfg.guidance_rescale or 0.0,
+        )
 
     @property
     def fallbacks(self) -> list[dict]:
@@ -96,11 +102,14 @@ class Session:
         self.timings["scorer_load_seconds"] = round(time.perf_counter() - start, 3)
         log.info(
             "model %s (%s) %s in %.1f s%s",
-            cfg.model.name, describe_source(cfg.model), "reused" if self.cache_hit else "loaded",
+            cfg.model.name,
+            describe_source(cfg.model),
+            "reused" if self.cache_hit else "loaded",
             self.timings["model_load_seconds"],
             f", scorer {self.scorer.name} in {self.timings['scorer_load_seconds']:.1f} s"
-            if self.scorer else ", no scorer",
-        )  # fmt: skip
+            if self.scorer
+            else ", no scorer",
+        )
         return self
 
     def lead(self):
@@ -130,8 +139,9 @@ class Session:
             if number:
                 procs.wait()
             hooks = [h for m in self.methods if (h := m.begin_stage(self.pipe, number))]
-            generator = KeyframeGenerator(self.pipe, self.settings, self.lead(), hooks,
-                                          shard=(procs.index, procs.count))  # fmt: skip
+            generator = KeyframeGenerator(
+                self.pipe, self.settings, self.lead(), hooks, shard=(procs.index, procs.count)
+            )
             self.generators.append(generator)
             for batch in generator.run(jobs):
                 yield [replace(g, tflops=self.tflops_spent(g)) for g in batch]
@@ -142,8 +152,10 @@ class Session:
         if g.unet_evaluations is None or self.flops is None:
             return None
         cfg = self.plan.config
-        return self.flops.spent(g.unet_evaluations, cfg.cfg_scale,
-                                g.unet_shallow_evaluations or 0) / 1e12  # fmt: skip
+        return (
+            self.flops.spent(g.unet_evaluations, cfg.cfg_scale, g.unet_shallow_evaluations or 0)
+            / 1e12
+        )
 
     @cached_property
     def flops(self) -> ImageFlops | None:

@@ -34,8 +34,10 @@ def hold_folder(run_dir: Path):
             ) from None
         lock.seek(0)
         lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")  # fmt: skip
+        lock.write(
+            f"pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
         lock.flush()
         yield
 

@@ -19,10 +19,14 @@ def a1111_parameters(record: ImageRecord) -> str:
     """The `parameters` text that AUTOMATIC1111-compatible image browsers parse."""
     r = record
     settings = [
-        f"Steps: {r.steps}", f"Sampler: {r.sampler_label}", f"CFG scale: {_number(r.cfg_scale)}",
-        f"Seed: {r.seed}", f"Size: {r.width}x{r.height}", f"Model: {r.model}",
+        f"Steps: {r.steps}",
+        f"Sampler: {r.sampler_label}",
+        f"CFG scale: {_number(r.cfg_scale)}",
+        f"Seed: {r.seed}",
+        f"Size: {r.width}x{r.height}",
+        f"Model: {r.model}",
         f"Style: {r.style}",
-    ]  # fmt: skip
+    ]
     if r.guidance_interval:
         start, end = r.guidance_interval
         settings.append(f"Guidance interval: {_number(start)}-{_number(end)}")

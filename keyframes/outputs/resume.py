@@ -71,8 +71,9 @@ def _differences(old_config: Path, resolved: dict[str, Any]) -> list[str]:
     return [f"{k}: {before.get(k, '(unset)')} then, {after.get(k, '(unset)')} now" for k in keys]
 
 
-def previous_images(run_dir: Path, jobs: list, earlier: Earlier | None, run: RunInfo,
-                    recipe) -> dict[int, ImageRecord]:  # fmt: skip
+def previous_images(
+    run_dir: Path, jobs: list, earlier: Earlier | None, run: RunInfo, recipe
+) -> dict[int, ImageRecord]:
     """Records of a manifest already in the run directory whose PNG is whole and whose recipe
     matches the job: those images are not made again (a missing or damaged PNG is made again).
     A continued run keeps its first start time and key, so its MLflow run is replaced rather

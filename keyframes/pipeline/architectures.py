@@ -31,8 +31,11 @@ def published_configs(model: str) -> dict[str, dict]:
     (its UNet; the rest is the base's), sd15. The full-size architectures and the tiny models
     are both built from these."""
     folder = DATA / model
-    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))
-            if path.stem != "counts"}  # fmt: skip
+    return {
+        path.stem: json.loads(path.read_text())
+        for path in sorted(folder.glob("*.json"))
+        if path.stem != "counts"
+    }
 
 
 def build_components(name: str, device: str | torch.device = "meta", dtype=torch.float32):

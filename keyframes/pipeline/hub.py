@@ -32,8 +32,11 @@ def reachable() -> bool:
     try:
         get_session().head(constants.ENDPOINT, timeout=5)
     except Exception as e:  # noqa: BLE001 - any network error means "not now"
-        log.info("the Hugging Face hub (%s) does not answer (%s): using the cache only",
-                 constants.ENDPOINT, type(e).__name__)  # fmt: skip
+        log.info(
+            "the Hugging Face hub (%s) does not answer (%s): using the cache only",
+            constants.ENDPOINT,
+            type(e).__name__,
+        )
         _unreachable = True
         constants.HF_HUB_OFFLINE = True  # read at each request by huggingface_hub's session
         return False

@@ -28,8 +28,9 @@ def kohya_name(part: str, module: str, unet_config) -> str:
     return PREFIXES[part] + module.replace(".", "_")
 
 
-def kohya_state_dict(layers: dict[str, dict[str, torch.Tensor]], unet_config,
-                     alpha_ratio: float = 0.5) -> dict[str, torch.Tensor]:  # fmt: skip
+def kohya_state_dict(
+    layers: dict[str, dict[str, torch.Tensor]], unet_config, alpha_ratio: float = 0.5
+) -> dict[str, torch.Tensor]:
     """layers: part ("unet", "text_encoder", "text_encoder_2") -> PEFT state dict of that part.
     alpha = rank * alpha_ratio, as trainers often set it (rank 4, alpha 2); up is scaled by
     1 / alpha_ratio so that the update is the same as the PEFT LoRA's."""

@@ -195,9 +195,11 @@ def _load_vae(model: ModelConfig, family: str, dtype: torch.dtype, safe: bool | 
     try:
         if Path(model.vae).expanduser().is_file():
             return AutoencoderKL.from_single_file(
-                str(Path(model.vae).expanduser()), config=vae_configs(model, family),
-                subfolder="vae", dtype=dtype,
-            )  # fmt: skip
+                str(Path(model.vae).expanduser()),
+                config=vae_configs(model, family),
+                subfolder="vae",
+                dtype=dtype,
+            )
         return AutoencoderKL.from_pretrained(model.vae, dtype=dtype, use_safetensors=safe)
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(

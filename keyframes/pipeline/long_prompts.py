@@ -74,8 +74,10 @@ def _rows(chunks: list[tuple[list, list]], count: int, tokenizer) -> tuple[torch
     for n in range(count):
         tokens, token_weights = chunks[n] if n < len(chunks) else ([], [])
         pad = CHUNK - len(tokens)
-        ids.append([tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
-                   + [tokenizer.pad_token_id] * pad)  # fmt: skip
+        ids.append(
+            [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
+            + [tokenizer.pad_token_id] * pad
+        )
         weights.append([1.0, *token_weights, 1.0] + [1.0] * pad)
     return torch.tensor(ids), torch.tensor(weights)
 
@@ -105,8 +107,9 @@ def encode(
     hidden, pooled = [], None
     encoders = text_encoders(pipe)
     for tokenizer, encoder in encoders:
-        rows = [_rows(_token_chunks(pipe, tokenizer, t, weighting), count, tokenizer)
-                for t in texts]  # fmt: skip
+        rows = [
+            _rows(_token_chunks(pipe, tokenizer, t, weighting), count, tokenizer) for t in texts
+        ]
         ids, weights = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         out = encoder(ids.to(device), output_hidden_states=True)
         states = out.hidden_states[-2] if sdxl else out[0]  # (batch * count, 77, width)
@@ -162,14 +165,20 @@ def count_tokens(pipe, jobs: list, long_prompts: str, weighting: str = "none") -
             if long_prompts == "chunk":
                 log.info(
                     "scene %s: %s is %d CLIP tokens; encoded in full, in %d chunks of 75",
-                    job.scene_id, kind, counts[text], chunk_count(pipe, text, weighting),
-                )  # fmt: skip
+                    job.scene_id,
+                    kind,
+                    counts[text],
+                    chunk_count(pipe, text, weighting),
+                )
             else:
                 log.warning(
                     "scene %s: %s is %d CLIP tokens; SDXL reads the first %d, the rest is cut "
                     "(long_prompts=chunk reads it all)",
-                    job.scene_id, kind, counts[text], CLIP_TOKENS,
-                )  # fmt: skip
+                    job.scene_id,
+                    kind,
+                    counts[text],
+                    CLIP_TOKENS,
+                )
     return counts
 
 

@@ -109,10 +109,18 @@ def write_clip_tokenizer(folder: Path, pad_token: str) -> None:
     from keyframes.pipeline.tiny import clip_tokenizer_files
 
     clip_tokenizer_files(folder)
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "pad_token": pad_token, "unk_token": "<|endoftext|>"}  # fmt: skip
-    config = special | {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-                        "do_lower_case": True, "errors": "replace"}  # fmt: skip
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": pad_token,
+        "unk_token": "<|endoftext|>",
+    }
+    config = special | {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "do_lower_case": True,
+        "errors": "replace",
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
@@ -197,8 +205,11 @@ def _write_lora_pair(base, folder: Path) -> None:
     layers = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        for part, targets in (("unet", UNET_LORA_TARGETS), ("text_encoder", TEXT_LORA_TARGETS),
-                              ("text_encoder_2", TEXT_LORA_TARGETS)):  # fmt: skip
+        for part, targets in (
+            ("unet", UNET_LORA_TARGETS),
+            ("text_encoder", TEXT_LORA_TARGETS),
+            ("text_encoder_2", TEXT_LORA_TARGETS),
+        ):
             model = inject_adapter_in_model(
                 LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False),
                 copy.deepcopy(getattr(base, part)),
@@ -206,9 +217,10 @@ def _write_lora_pair(base, folder: Path) -> None:
             # small updates, as trained LoRAs make: the image changes but stays an image
             layers[part] = {k: v * 0.3 for k, v in get_peft_model_state_dict(model).items()}
     StableDiffusionXLPipeline.save_lora_weights(  # PEFT's names (lora_A / lora_B): today's format
-        folder, weight_name=LORA_DIFFUSERS,
+        folder,
+        weight_name=LORA_DIFFUSERS,
         **{f"{part}_lora_layers": state for part, state in layers.items()},
-    )  # fmt: skip
+    )
     write_kohya_lora(layers, base.unet.config, folder / LORA_KOHYA)
 
 
@@ -218,10 +230,14 @@ def write_sdxl_embedding(base, path: Path, vectors: int = 2, seed: int = 4) -> P
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
-    widths = {"clip_l": base.text_encoder.config.hidden_size,
-              "clip_g": base.text_encoder_2.config.hidden_size}  # fmt: skip
-    save_file({name: torch.randn(vectors, width, generator=generator)
-               for name, width in widths.items()}, path)  # fmt: skip
+    widths = {
+        "clip_l": base.text_encoder.config.hidden_size,
+        "clip_g": base.text_encoder_2.config.hidden_size,
+    }
+    save_file(
+        {name: torch.randn(vectors, width, generator=generator) for name, width in widths.items()},
+        path,
+    )
     return path
 
 
@@ -244,8 +260,9 @@ def _save_controlnet(unet, folder: Path) -> None:
 IP_IMAGE_EMBED = 32  # the tiny image encoder's projection width
 
 
-def save_tiny_ip_adapter(folder: Path, unet, subfolder: str = "sdxl_models",
-                         weight: str = "ip-adapter_sdxl.safetensors") -> Path:  # fmt: skip
+def save_tiny_ip_adapter(
+    folder: Path, unet, subfolder: str = "sdxl_models", weight: str = "ip-adapter_sdxl.safetensors"
+) -> Path:
     """h94/IP-Adapter's SDXL layout for a tiny UNet: `<subfolder>/image_encoder/` (a CLIP
     vision model) and `<subfolder>/<weight>` (image projection + per-attention K/V)."""
     from safetensors.torch import save_file
@@ -262,7 +279,7 @@ def save_tiny_ip_adapter(folder: Path, unet, subfolder: str = "sdxl_models",
                 image_size=32,
                 patch_size=8,
                 projection_dim=IP_IMAGE_EMBED,
-            )  # fmt: skip
+            )
         )
         encoder.save_pretrained(folder / subfolder / "image_encoder")
         text_width = unet.config.cross_attention_dim

@@ -178,13 +178,19 @@ def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     }
     state |= {f"first_stage_model.{k}": v for k, v in _vae_state(pipe.vae).items()}
     if getattr(pipe, "text_encoder_2", None) is not None:
-        state |= {f"conditioner.embedders.0.transformer.{k}": v
-                  for k, v in _clip_state(pipe.text_encoder).items()}  # fmt: skip
-        state |= {f"conditioner.embedders.1.model.{k}": v
-                  for k, v in _open_clip_state(pipe.text_encoder_2).items()}  # fmt: skip
+        state |= {
+            f"conditioner.embedders.0.transformer.{k}": v
+            for k, v in _clip_state(pipe.text_encoder).items()
+        }
+        state |= {
+            f"conditioner.embedders.1.model.{k}": v
+            for k, v in _open_clip_state(pipe.text_encoder_2).items()
+        }
     else:
-        state |= {f"cond_stage_model.transformer.{k}": v
-                  for k, v in _clip_state(pipe.text_encoder).items()}  # fmt: skip
+        state |= {
+            f"cond_stage_model.transformer.{k}": v
+            for k, v in _clip_state(pipe.text_encoder).items()
+        }
     return state
 
 

@@ -31,10 +31,19 @@ TIME_EMBED_DIM = 8
 # Everything else (token ids, activations, block types, prediction type, scheduler) is the
 # published value, so behaviour that hangs on a config value shows up in the tests.
 _TEXT = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
-_VAE = {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8,
-        "sample_size": 128}  # fmt: skip
-_UNET = {"layers_per_block": 1, "transformer_layers_per_block": 1, "norm_num_groups": 8,
-         "sample_size": 32, "addition_time_embed_dim": TIME_EMBED_DIM}  # fmt: skip
+_VAE = {
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 128,
+}
+_UNET = {
+    "layers_per_block": 1,
+    "transformer_layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "addition_time_embed_dim": TIME_EMBED_DIM,
+}
 _SDXL_UNET = {
     "block_out_channels": [32, 64, 64],
     "attention_head_dim": [2, 4, 4],
@@ -48,8 +57,11 @@ _REFINER_UNET = {  # encoder 2 only; an aesthetic score instead of the target si
     "cross_attention_dim": TEXT_WIDTH_2,
     "projection_class_embeddings_input_dim": TEXT_WIDTH_2 + 5 * TIME_EMBED_DIM,
 }
-_SD15_UNET = {"block_out_channels": [32, 64, 64, 64], "attention_head_dim": 2,
-              "cross_attention_dim": TEXT_WIDTH}  # fmt: skip
+_SD15_UNET = {
+    "block_out_channels": [32, 64, 64, 64],
+    "attention_head_dim": 2,
+    "cross_attention_dim": TEXT_WIDTH,
+}
 _CLIP_L = _TEXT | {"hidden_size": TEXT_WIDTH, "projection_dim": TEXT_WIDTH}
 TINY_SIZES = {
     "sdxl_base": {

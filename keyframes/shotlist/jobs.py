@@ -40,8 +40,14 @@ def scene_seed(run_seed: int, seed_mode: str, scene_id: str, own_seed: int | Non
     return run_seed if seed_mode == "fixed" else derive_seed(run_seed, scene_id)
 
 
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
-                    *(f"lpt{i}" for i in range(10))}  # fmt: skip
+WINDOWS_RESERVED = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"com{i}" for i in range(10)),
+    *(f"lpt{i}" for i in range(10)),
+}
 
 
 def safe_name(text: str, max_len: int = 48) -> str:

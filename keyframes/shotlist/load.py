@@ -27,8 +27,16 @@ SCENE_TEXT_FIELDS = (
     "lighting",
     "mood",
 )
-SCENE_FIELDS = {"id", "description", "characters", "seed", "takes", "reference", "control",
-                *SCENE_TEXT_FIELDS}  # fmt: skip
+SCENE_FIELDS = {
+    "id",
+    "description",
+    "characters",
+    "seed",
+    "takes",
+    "reference",
+    "control",
+    *SCENE_TEXT_FIELDS,
+}
 TOP_FIELDS = {"title", "characters", "scenes"}
 # Bounds that turn a runaway upstream stage into a clear error rather than a hang.
 MAX_FILE_BYTES = 20_000_000
@@ -149,8 +157,13 @@ def parse_shotlist(
     )
 
 
-def _parse_scenes(raw: Any, characters: dict[str, Character], problems: list[str],
-                  unknown: list[str], paths: _PathRules) -> list[Scene]:  # fmt: skip
+def _parse_scenes(
+    raw: Any,
+    characters: dict[str, Character],
+    problems: list[str],
+    unknown: list[str],
+    paths: _PathRules,
+) -> list[Scene]:
     """The scene list, each scene checked, ids unique."""
     if raw is None:
         problems.append("scenes: missing")
@@ -161,8 +174,10 @@ def _parse_scenes(raw: Any, characters: dict[str, Character], problems: list[str
     elif len(raw) > MAX_SCENES:
         problems.append(f"scenes: {len(raw)} scenes, the limit is {MAX_SCENES}")
     else:
-        scenes = [_parse_scene(item, f"scenes[{i}]", characters, problems, unknown, paths)
-                  for i, item in enumerate(raw)]  # fmt: skip
+        scenes = [
+            _parse_scene(item, f"scenes[{i}]", characters, problems, unknown, paths)
+            for i, item in enumerate(raw)
+        ]
         _check_unique_ids(raw, problems)  # also where a scene has other problems
         return [scene for scene in scenes if scene is not None]
     return []
@@ -174,8 +189,11 @@ def id_notes(ids: list[str], limit: int = 10) -> list[str]:
     letters, ligatures, case). They still work; the warning says which is which."""
     notes, seen = [], {}
     for i, scene_id in enumerate(ids):
-        hidden = [c for c in scene_id if unicodedata.category(c) in ("Cf", "Cc", "Co", "Cn")
-                  or (c.isspace() and c != " ")]  # fmt: skip
+        hidden = [
+            c
+            for c in scene_id
+            if unicodedata.category(c) in ("Cf", "Cc", "Co", "Cn") or (c.isspace() and c != " ")
+        ]
         if hidden:
             codes = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(hidden))
             notes.append(f"scenes[{i}].id {scene_id!r} holds invisible characters ({codes})")

@@ -15,8 +15,18 @@ from keyframes.outputs.records import ImageRecord, RunInfo
 from keyframes.shotlist.jobs import make_unique
 
 # Tableau 10: ten colours people tell apart, for the jobs of a sweep in charts and the table
-JOB_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
-               "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")  # fmt: skip
+JOB_COLOURS = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+)
 SWEEP_COLOUR = "#555555"
 SHORT_KEYS = {"cfg_scale": "cfg", "batch_size": "batch", "consistency": "look"}
 IMAGE_SECTION = "keyframes"  # MLflow's chart view puts keys "keyframes/<scene>" in one section
@@ -24,9 +34,14 @@ TABLE_FILE = "keyframes_table.json"
 MAX_VALUE = 16  # characters of one value in a run name
 VIEW = "keyframes"  # the experiment's saved view in MLflow's "Views" menu, and the link's key
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW}"  # where MLflow 3.17's UI keeps saved views
-VIEW_COLUMNS = ("clip_score_mean", "aesthetic_score_mean", "seconds_per_image_mean",
-                "tflops_per_image_mean", "vram_peak_gb_max",
-                "style_consistency")  # fmt: skip
+VIEW_COLUMNS = (
+    "clip_score_mean",
+    "aesthetic_score_mean",
+    "seconds_per_image_mean",
+    "tflops_per_image_mean",
+    "vram_peak_gb_max",
+    "style_consistency",
+)
 MAX_VIEW_CHARS = 20_000  # MLflow's limit on an experiment tag's value
 MAX_NOTE_CHARS = 8_000  # and on a run tag's (the description)
 
@@ -61,10 +76,14 @@ def image_keys(records: list[ImageRecord]) -> dict[int, str]:
     key; ids that clean up to the same key (`a/b`, `a_b`; scene `x` take 2 and scene `x_t2`)
     get -2, -3, ... in shotlist order, so the same shotlist gives the same keys in every run."""
     ordered = sorted(records, key=lambda r: r.index)
-    bases = [re.sub(r"[^A-Za-z0-9_.\- ]", "_", r.scene_id) + (f"_t{r.take}" if r.take > 1 else "")
-             for r in ordered]  # fmt: skip
-    return {r.index: f"{IMAGE_SECTION}/{key}"
-            for r, key in zip(ordered, make_unique(bases), strict=True)}  # fmt: skip
+    bases = [
+        re.sub(r"[^A-Za-z0-9_.\- ]", "_", r.scene_id) + (f"_t{r.take}" if r.take > 1 else "")
+        for r in ordered
+    ]
+    return {
+        r.index: f"{IMAGE_SECTION}/{key}"
+        for r, key in zip(ordered, make_unique(bases), strict=True)
+    }
 
 
 def _figure(value, unit: str = "", digits: int = 2) -> str:
@@ -101,9 +120,16 @@ def run_description(run: RunInfo, images: list[ImageRecord], config: dict) -> st
     return "\n".join(lines)
 
 
-def sweep_description(title: str, keys: list[str], objective: str, rows: list[dict],
-                      best: dict | None, fastest: dict | None, grids: list[str],
-                      run_id: str) -> str:  # fmt: skip
+def sweep_description(
+    title: str,
+    keys: list[str],
+    objective: str,
+    rows: list[dict],
+    best: dict | None,
+    fastest: dict | None,
+    grids: list[str],
+    run_id: str,
+) -> str:
     """The sweep parent's description: best and fastest job, the grids, the table.
     rows: the summary table as dicts; best/fastest: {'settings', 'run_id'}."""
     lines = [f"**{title}**: sweep over {' x '.join(keys) or 'one job'}, {len(rows)} jobs", ""]
@@ -171,16 +197,30 @@ def _view_state(image_keys: list[str], sort_by: str) -> dict:
 
     section, metrics = uuid(IMAGE_SECTION), uuid("Model metrics")
     charts = [
-        {"uuid": uuid(key), "type": "IMAGE", "imageKeys": [key], "step": 0,
-         "showRunParams": False, "metricSectionId": section, "deleted": False,
-         "isGenerated": True, "runsCountToCompare": 10}
+        {
+            "uuid": uuid(key),
+            "type": "IMAGE",
+            "imageKeys": [key],
+            "step": 0,
+            "showRunParams": False,
+            "metricSectionId": section,
+            "deleted": False,
+            "isGenerated": True,
+            "runsCountToCompare": 10,
+        }
         for key in image_keys
-    ]  # fmt: skip
+    ]
     sections = [
-        {"uuid": uid, "name": name, "display": True, "isReordered": False, "deleted": False,
-         "isGenerated": True}
+        {
+            "uuid": uid,
+            "name": name,
+            "display": True,
+            "isReordered": False,
+            "deleted": False,
+            "isGenerated": True,
+        }
         for uid, name in ((section, IMAGE_SECTION), (metrics, "Model metrics"))
-    ]  # fmt: skip
+    ]
     return {
         "selectedColumns": [f"metrics.`{m}`" for m in VIEW_COLUMNS],
         "orderByKey": f"metrics.`{sort_by}`",

@@ -234,8 +234,12 @@ def _set_aside_half_made(db: Path, error: Exception) -> None:
         )
     aside = db.with_name(f"{db.name}.half-made-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(db, aside)
-    log.warning("the MLflow store %s was left half-made by a stop while it was created (it "
-                "held no runs); moved to %s and made again", db, aside)  # fmt: skip
+    log.warning(
+        "the MLflow store %s was left half-made by a stop while it was created (it "
+        "held no runs); moved to %s and made again",
+        db,
+        aside,
+    )
 
 
 def _experiment_id(client, cfg: TrackingConfig, name: str) -> str:
@@ -262,8 +266,9 @@ def experiment_id(uri: str, name: str) -> str | None:
     return experiment.experiment_id if experiment else None
 
 
-def _update_view(client, cfg: TrackingConfig, experiment_id: str, keys: list[str],
-                 sort_by: str, now: int) -> None:  # fmt: skip
+def _update_view(
+    client, cfg: TrackingConfig, experiment_id: str, keys: list[str], sort_by: str, now: int
+) -> None:
     """keyframes' saved view of the experiment, grown by this run's image keys. A
     read-modify-write: on a local store one process at a time (its lock); on a server it is
     read back, and written again if a job logging at the same moment dropped these keys."""

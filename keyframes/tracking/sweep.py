@@ -39,8 +39,9 @@ def sweep_job(sweep_dir: str, job_num: int) -> SweepJob | None:
     if not path.is_file():
         return None
     info = json.loads(path.read_text())
-    return SweepJob(info["parent_run_id"], info["experiment"], sweep_dir, job_num,
-                    info.get("swept_keys", []))  # fmt: skip
+    return SweepJob(
+        info["parent_run_id"], info["experiment"], sweep_dir, job_num, info.get("swept_keys", [])
+    )
 
 
 class SweepCallback(Callback):
@@ -73,8 +74,11 @@ def close_stopped_sweep(status: str) -> None:
     config, _open_sweep = _open_sweep, None
     if config is None:
         return
-    log.warning("the sweep stopped before its last job: its MLflow parent run is marked %s, "
-                "with the jobs that ran", status)  # fmt: skip
+    log.warning(
+        "the sweep stopped before its last job: its MLflow parent run is marked %s, "
+        "with the jobs that ran",
+        status,
+    )
     try:
         end_sweep(config, stopped=status)
     except Exception as e:  # noqa: BLE001 - the jobs' folders keep everything either way
@@ -104,8 +108,11 @@ def begin_sweep(config: DictConfig) -> None:
         )
     except Exception as e:  # noqa: BLE001 - the sweep runs without its parent run
         parent = None
-        log.warning("MLflow store %s unreachable (%s): sweep runs without a parent run",
-                    tracking.tracking_uri, first_line(e))  # fmt: skip
+        log.warning(
+            "MLflow store %s unreachable (%s): sweep runs without a parent run",
+            tracking.tracking_uri,
+            first_line(e),
+        )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     info = {"parent_run_id": parent, "experiment": experiment, "swept_keys": keys}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -116,7 +123,7 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
     """The summary of the jobs that finished, on disk and on the parent run; stopped: the
     sweep ended early, and the parent run is marked so (FAILED or KILLED)."""
     from keyframes.tracking.report import build_report
-    from keyframes.tracking.results import describe, job_from_manifest
+    from keyframes.tracking.results import job_from_manifest
     from keyframes.tracking.store import finish_parent_run
     from keyframes.tracking.sync import log_review
 
@@ -129,17 +136,7 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
     objective = config.objective  # what the sweeper optimised: the best is ranked by it too
     report = build_report(jobs, summary_dir, objective)
     log.info("sweep summary (%s):\n%s", summary_dir, report.text)
-    tags = {}
-    if report.best:
-        tags |= {"best_job": describe(report.best, report.keys), "best_run_id": report.best.run_id,
-                 "best_by": objective}  # fmt: skip
-        log.info("best by %s: %s", objective, tags["best_job"])
-    if report.fastest:
-        tags |= {
-            "fastest_good_job": describe(report.fastest, report.keys),
-            "fastest_good_run_id": report.fastest.run_id,
-        }
-        log.info("fastest within 1 point of the best: %s", tags["fastest_good_job"])
+    tags = _best_tags(report, objective)
     parent = info["parent_run_id"]
     if parent is None:
         log.warning("no MLflow parent run; the summary is in %s", summary_dir)
@@ -167,22 +164,53 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
             description=description,
         )
     except Exception as e:  # noqa: BLE001 - the summary is on disk either way
-        log.warning("could not log the sweep summary to MLflow (%s); it is in %s",
-                    first_line(e), summary_dir)  # fmt: skip
+        log.warning(
+            "could not log the sweep summary to MLflow (%s); it is in %s",
+            first_line(e),
+            summary_dir,
+        )
         return
     log.info("compare again: uv run python -m keyframes.compare --parent %s", parent)
     log_review(OmegaConf.to_object(config.mlflow), info["experiment"])
 
 
+def _best_tags(report, objective: str) -> dict[str, str]:
+    """The parent run's tags naming the best job by the objective and the fastest good one."""
+    from keyframes.tracking.results import describe
+
+    tags = {}
+    if report.best:
+        tags |= {
+            "best_job": describe(report.best, report.keys),
+            "best_run_id": report.best.run_id,
+            "best_by": objective,
+        }
+        log.info("best by %s: %s", objective, tags["best_job"])
+    if report.fastest:
+        tags |= {
+            "fastest_good_job": describe(report.fastest, report.keys),
+            "fastest_good_run_id": report.fastest.run_id,
+        }
+        log.info("fastest within 1 point of the best: %s", tags["fastest_good_job"])
+    return tags
+
+
 def _parent_description(info: dict, report, tags: dict, objective: str, grids: Path) -> str:
-    described = {name: {"settings": tags[f"{name}_job"], "run_id": tags[f"{name}_run_id"]}
-                 for name in ("best", "fastest_good") if tags.get(f"{name}_job")}  # fmt: skip
+    described = {
+        name: {"settings": tags[f"{name}_job"], "run_id": tags[f"{name}_run_id"]}
+        for name in ("best", "fastest_good")
+        if tags.get(f"{name}_job")
+    }
     return review.sweep_description(
-        info["experiment"], report.keys or info["swept_keys"], objective,
+        info["experiment"],
+        report.keys or info["swept_keys"],
+        objective,
         [dict(zip(report.header, row, strict=True)) for row in report.rows],
-        described.get("best"), described.get("fastest_good"),
-        sorted(p.name for p in grids.glob("*.png")), info["parent_run_id"],
-    )  # fmt: skip
+        described.get("best"),
+        described.get("fastest_good"),
+        sorted(p.name for p in grids.glob("*.png")),
+        info["parent_run_id"],
+    )
 
 
 def _job_order(name: str) -> tuple[int, str]:

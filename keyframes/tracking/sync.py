@@ -124,26 +124,33 @@ def image_table(run_dir: Path, images: list[ImageRecord]) -> dict[str, list] | N
         return None
     columns: dict[str, list] = {
         "image": [run_dir / r.file for r in images],
-        "scene": [r.scene_id for r in images], "take": [r.take for r in images],
+        "scene": [r.scene_id for r in images],
+        "take": [r.take for r in images],
         "seed": [r.seed for r in images],
         "clip_score": [r.clip_score for r in images],
         "aesthetic_score": [r.aesthetic_score for r in images],
-        "seconds": [r.seconds for r in images], "file": [r.file for r in images],
-    }  # fmt: skip
+        "seconds": [r.seconds for r in images],
+        "file": [r.file for r in images],
+    }
     return {k: v for k, v in columns.items() if any(x is not None for x in v)}
 
 
 def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str, str]:
     """What made the run and how it went, as MLflow tags (searchable, shown on the run page)."""
     tags = {
-        "keyframes.model": run.model, "keyframes.model_source": run.model_source,
-        "keyframes.style": run.style, "keyframes.sampler": run.sampler,
-        "keyframes.quality": run.quality, "keyframes.device": run.device,
-        "keyframes.dtype": run.dtype, "keyframes.shotlist": run.shotlist,
-        "keyframes.run_dir": str(run_dir.resolve()), "keyframes.config_hash": run.config_hash,
+        "keyframes.model": run.model,
+        "keyframes.model_source": run.model_source,
+        "keyframes.style": run.style,
+        "keyframes.sampler": run.sampler,
+        "keyframes.quality": run.quality,
+        "keyframes.device": run.device,
+        "keyframes.dtype": run.dtype,
+        "keyframes.shotlist": run.shotlist,
+        "keyframes.run_dir": str(run_dir.resolve()),
+        "keyframes.config_hash": run.config_hash,
         "keyframes.overrides": json.dumps(run.overrides),
         **{f"version.{name}": v for name, v in run.versions.items()},
-    }  # fmt: skip
+    }
     if run.pipeline_cache:
         tags["pipeline_cache"] = run.pipeline_cache
     if run.memory:
@@ -154,8 +161,9 @@ def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str
             for r in run.loras
         )
     if run.embeddings:
-        tags["keyframes.embeddings"] = ", ".join(f"{r['token']} ({r['sha256']})"
-                                                 for r in run.embeddings)  # fmt: skip
+        tags["keyframes.embeddings"] = ", ".join(
+            f"{r['token']} ({r['sha256']})" for r in run.embeddings
+        )
     if run.speed:
         tags["keyframes.speed"] = run.speed["preset"]
     if run.git_commit:
@@ -215,8 +223,11 @@ def track_run(run_dir: Path, tracking: TrackingConfig, experiment: str, in_sweep
         log.warning(
             "MLflow store %s could not be written (%s). The keyframes and manifest are safe in "
             "%s; log them later with: uv run python -m keyframes.sync %s",
-            tracking.tracking_uri, first_line(e), run_dir, run_dir,
-        )  # fmt: skip
+            tracking.tracking_uri,
+            first_line(e),
+            run_dir,
+            run_dir,
+        )
         return
     log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking.tracking_uri)
     if not in_sweep:
