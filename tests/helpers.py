@@ -169,3 +169,108 @@ def run_record(**fields):
         "status": "running",
     }
     return RunInfo.from_json(values | fields)
+
+
+# Shared by several test modules (moved here from the module that first needed each)
+CONF = Path(__file__).resolve().parent.parent / "conf"
+SMALL = ("width=64", "height=64")  # faults do not depend on the size; small images are quick
+LONG = ", ".join(f"detail number {n} of the old lighthouse keeper's coat" for n in range(20))
+DEMO_FILES = [
+    "001_opening_t1.png",
+    "002_lamp-room_t1.png",
+    "003_the-boat_t1.png",
+    "004_signal_t1.png",
+    "005_rescue_t1.png",
+    "006_kitchen_t1.png",
+    "007_morning-after_t1.png",
+]
+
+
+def settings(*overrides: str):
+    """The typed settings these overrides compose to, as the command would get them."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def store_runs(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def mlflow_runs(store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiments = client.search_experiments()
+    return client, client.search_runs([e.experiment_id for e in experiments])
+
+
+def tiny_pipe():
+    """The process's cached tiny pipeline, as an in-process smoke run with the fault tests'
+    settings gets it (speed.warm_up=false)."""
+    from dataclasses import replace
+
+    from keyframes.pipeline.load import cached_pipeline, resolve_placement
+
+    return cached_pipeline(
+        ModelConfig(
+            name="tiny", tiny=True, family="sdxl", prediction="epsilon", zero_snr=False
+        ),  # as the run resolves it
+        resolve_placement("cpu", "auto"),
+        "none",
+        replace(default_speed(), warm_up=False),  # as FAULTS asks: the same cached pipeline
+    )[0].pipe
+
+
+def image(pipe, job):
+    """One keyframe of `job`: 2 steps, cfg 5, 64 px, as int16 pixels."""
+    from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
+
+    settings = GenerationSettings(2, 5.0, 64, 64, 1)
+    return np.asarray(next(KeyframeGenerator(pipe, settings).run([job]))[0].image, dtype=np.int16)
+
+
+def with_loras(pipe, job, loras, fuse=False):
+    from keyframes.conditioning.loras import apply_loras, remove_loras
+
+    merged = apply_loras(pipe, loras, fuse)
+    try:
+        return image(pipe, job)
+    finally:
+        remove_loras(pipe, fuse, merged)
+
+
+def load_pixels(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def square(path, box):
+    """A 64 px black image with a white rectangle: a control image with edges."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(image).rectangle(box, fill=(255, 255, 255))
+    image.save(path)
+    return path
+
+
+def tiny_control(scale):
+    from keyframes.config.schema import ControlNetConfig
+
+    return ControlNetConfig(
+        name="tiny",
+        type="canny",
+        family="sdxl",
+        tiny=True,
+        conditioning_scale=scale,
+        canny_low=100,
+        canny_high=200,
+    )

@@ -2,12 +2,11 @@
 
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import read_manifest
-from tests.helpers import write_json
+from tests.helpers import DEMO_FILES, mlflow_runs, write_json
 
 MANIFEST_KEYS = {
     "scene_id",
@@ -27,27 +26,6 @@ MANIFEST_KEYS = {
     "vram_peak_gb",
     "clip_score",
 }
-DEMO_FILES = [
-    "001_opening_t1.png",
-    "002_lamp-room_t1.png",
-    "003_the-boat_t1.png",
-    "004_signal_t1.png",
-    "005_rescue_t1.png",
-    "006_kitchen_t1.png",
-    "007_morning-after_t1.png",
-]
-
-
-def mlflow_runs(store):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    experiments = client.search_experiments()
-    return client, client.search_runs([e.experiment_id for e in experiments])
-
-
-def load_pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def test_smoke_run_writes_keyframes_manifest_and_contact_sheet(smoke_run):
@@ -365,7 +343,7 @@ def test_an_aspect_typed_on_the_command_line_wins_over_the_presets_size(cli_in_p
 def test_width_and_height_typed_with_an_aspect_win_with_a_warning():
     from keyframes.config.plan import typed_aspect_wins
     from keyframes.config.validate import validate
-    from tests.test_config import settings
+    from tests.helpers import settings
 
     cfg = settings("experiment=smoke", "aspect=21:9", "width=128", "height=128")
     cfg, notes = typed_aspect_wins(cfg, {"aspect", "width", "height"})

@@ -1,5 +1,4 @@
 import shutil
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -8,11 +7,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 import keyframes.run  # noqa: F401  (registers the schema)
-from keyframes.config.schema import Config
 from keyframes.config.validate import resolve_size, validate
 from keyframes.errors import ConfigError
+from tests.helpers import CONF, settings
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = {
     "model": {"sdxl_base", "sdxl_random", "sdxl_turbo", "sdxl_lightning", "sd15", "tiny", "local"},
     "style": {
@@ -36,12 +34,6 @@ GROUPS = {
     "upscale": {"none", "hires", "refiner"},
     "controlnet": {"none", "canny_sdxl", "depth_sdxl", "canny_sd15", "depth_sd15"},
 }
-
-
-def settings(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_object(cfg)
 
 
 def test_defaults_are_sdxl_base_cinematic_16_9_at_1344x768():

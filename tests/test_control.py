@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from keyframes.conditioning.controlnet import Control, canny, check_controls, load_controlnet
 from keyframes.config.schema import ControlNetConfig
@@ -13,14 +13,7 @@ from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator, batches
 from keyframes.shotlist.jobs import plan_jobs
 from keyframes.shotlist.load import load_shotlist
-from tests.helpers import assert_same_picture, euler_tiny_pipe
-
-
-def square(path, box):
-    image = Image.new("RGB", (64, 64))
-    ImageDraw.Draw(image).rectangle(box, fill=(255, 255, 255))
-    image.save(path)
-    return path
+from tests.helpers import assert_same_picture, euler_tiny_pipe, square, tiny_control
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +43,6 @@ def shotlist(tmp_path_factory):
 def pipe():
     pipe = euler_tiny_pipe()
     return pipe
-
-
-def tiny_control(scale):
-    return ControlNetConfig(
-        name="tiny",
-        type="canny",
-        family="sdxl",
-        tiny=True,
-        conditioning_scale=scale,
-        canny_low=100,
-        canny_high=200,
-    )
 
 
 def control(pipe, scale):

@@ -13,8 +13,7 @@ from PIL import Image
 from keyframes.generation.feature_reuse import _shallow_forward, feature_reuse
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from tests.conftest import read_manifest
-from tests.helpers import demo_jobs, euler_tiny_pipe
-from tests.test_cli import mlflow_runs
+from tests.helpers import demo_jobs, euler_tiny_pipe, mlflow_runs
 
 
 def three_level_unet() -> UNet2DConditionModel:

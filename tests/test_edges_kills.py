@@ -18,7 +18,7 @@ from keyframes.outputs.files import whole_png
 from keyframes.outputs.manifest import load_manifest
 from keyframes.sync import main as sync_main
 from tests.conftest import ROOT, read_manifest
-from tests.test_reliability import SMALL, store_runs
+from tests.helpers import SMALL, store_runs
 
 KILLER = ROOT / "tests" / "kill_during.py"
 IMAGES = 7  # the demo shotlist, one take each

@@ -16,7 +16,7 @@ from keyframes.outputs.files import whole_png
 from keyframes.outputs.manifest import journal_of, load_manifest
 from keyframes.sync import main as sync_main
 from tests.conftest import read_manifest
-from tests.test_reliability import SMALL, store_runs
+from tests.helpers import SMALL, store_runs
 
 QUICK = (*SMALL, "scorer=none", "speed.warm_up=false")  # what these tests read needs no scores
 

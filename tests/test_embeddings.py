@@ -15,8 +15,7 @@ from keyframes.outputs.png import read_png_metadata
 from keyframes.pipeline.long_prompts import prompt_tokens
 from keyframes.pipeline.replicas import write_sdxl_embedding
 from tests.conftest import read_manifest
-from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe, pixel_gap
-from tests.test_loras import image
+from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe, image, pixel_gap
 
 
 @pytest.fixture(scope="module")

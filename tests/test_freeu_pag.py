@@ -8,8 +8,7 @@ import pytest
 
 from keyframes.outputs.png import read_png_metadata
 from tests.conftest import read_manifest
-from tests.helpers import pixel_gap
-from tests.test_reliability import store_runs
+from tests.helpers import pixel_gap, store_runs
 
 SHOTS = [{"id": "a", "description": "a red door in the rain"}]
 PNG_SIZE = ("width=64", "height=64")

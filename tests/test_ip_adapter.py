@@ -114,7 +114,7 @@ def test_a_missing_adapter_stops_the_run_before_anything_is_made(refused_cli, tm
 
 def test_controlnet_scenes_also_follow_the_reference_image(setup):
     from keyframes.conditioning.controlnet import Control, load_controlnet
-    from tests.test_control import square, tiny_control
+    from tests.helpers import square, tiny_control
 
     pipe, folder, shotlist = setup
     jobs = assign_references(

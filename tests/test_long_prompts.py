@@ -13,9 +13,7 @@ from keyframes.pipeline.long_prompts import (
     text_inputs,
 )
 from keyframes.pipeline.tiny import TEXT_WIDTH, TEXT_WIDTH_2
-from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe
-
-LONG = ", ".join(f"detail number {n} of the old lighthouse keeper's coat" for n in range(20))
+from tests.helpers import LONG, assert_same_picture, demo_jobs, euler_tiny_pipe
 
 
 @pytest.fixture(scope="module")

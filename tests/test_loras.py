@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.conditioning.loras import apply_loras, check_loras, lora_records, remove_loras
+from keyframes.conditioning.loras import check_loras, lora_records
 from keyframes.config.schema import LoraConfig
 from keyframes.errors import ConfigError
-from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.outputs.png import a1111_parameters
-from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe, image_record
+from tests.helpers import (
+    assert_same_picture,
+    demo_jobs,
+    euler_tiny_pipe,
+    image,
+    image_record,
+    with_loras,
+)
 
 
 def save_tiny_lora(folder, seed):
@@ -42,19 +48,6 @@ def setup(tmp_path_factory):
     pipe = euler_tiny_pipe()
     job = demo_jobs(1)[0]
     return pipe, files, job
-
-
-def image(pipe, job):
-    settings = GenerationSettings(2, 5.0, 64, 64, 1)
-    return np.asarray(next(KeyframeGenerator(pipe, settings).run([job]))[0].image, dtype=np.int16)
-
-
-def with_loras(pipe, job, loras, fuse=False):
-    apply_loras(pipe, loras, fuse)
-    try:
-        return image(pipe, job)
-    finally:
-        remove_loras(pipe, fuse)
 
 
 def test_scale_0_is_no_lora_and_scale_1_changes_the_image(setup):

@@ -11,8 +11,7 @@ from safetensors.torch import save_file
 from keyframes.conditioning.loras import apply_loras, check_loras, lora_records, remove_loras
 from keyframes.config.schema import LoraConfig
 from keyframes.errors import ConfigError
-from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe, pixel_gap
-from tests.test_loras import image
+from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe, image, pixel_gap
 
 # kohya's name -> (pipeline part, the layer in diffusers/transformers naming), for the tiny
 # SDXL (three levels, one layer each: input_blocks 3 is level 1's first layer)
@@ -190,7 +189,7 @@ def test_a_file_for_other_layers_stops_with_nothing_changed(pipe, tmp_path):
 
 def test_a_run_with_a_loha_records_it_and_leaves_the_cached_model_plain(cli_in_process, tmp_path):
     from tests.conftest import read_manifest
-    from tests.test_reliability import tiny_pipe
+    from tests.helpers import tiny_pipe
 
     pipe = tiny_pipe()  # the pipeline the runs share
     tensors, _ = loha_tensors(pipe, torch.Generator().manual_seed(8))

@@ -10,8 +10,7 @@ from keyframes.config.schema import SamplerConfig
 from keyframes.config.validate import validate
 from keyframes.errors import ModelUnavailableError
 from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
-from tests.helpers import tiny_model_config
-from tests.test_config import settings
+from tests.helpers import settings, tiny_model_config
 
 CPU = resolve_placement("cpu", "float32")
 

@@ -18,14 +18,14 @@ from keyframes.pipeline.load import load_pipeline, resolve_family, resolve_place
 from keyframes.pipeline.long_prompts import chunk_count, encode, text_inputs
 from keyframes.pipeline.tiny import TEXT_WIDTH_2
 from tests.helpers import (
+    LONG,
     check_settings,
     demo_jobs,
     euler_tiny_pipe,
     image_record,
+    settings,
     tiny_model_config,
 )
-from tests.test_config import settings
-from tests.test_long_prompts import LONG
 
 CPU = resolve_placement("cpu", "float32")
 

@@ -16,9 +16,7 @@ import keyframes.outputs.processes as processes
 from keyframes.outputs.png import read_png_metadata
 from keyframes.outputs.processes import claim_gpu
 from tests.conftest import read_manifest
-from tests.helpers import assert_same_picture
-from tests.test_cli import DEMO_FILES, load_pixels, mlflow_runs
-from tests.test_config import CONF
+from tests.helpers import CONF, DEMO_FILES, assert_same_picture, load_pixels, mlflow_runs
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

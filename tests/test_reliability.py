@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,30 +17,11 @@ from diffusers import StableDiffusionXLPipeline
 from mlflow.tracking import MlflowClient
 
 import keyframes.run as entry
-from keyframes.config.schema import ModelConfig
-from keyframes.pipeline.load import cached_pipeline, resolve_placement
 from tests.conftest import read_manifest
-from tests.helpers import default_speed
+from tests.helpers import SMALL, store_runs, tiny_pipe
 
 ORIGINAL_CALL = StableDiffusionXLPipeline.__call__
-SMALL = ("width=64", "height=64")  # faults do not depend on the size; small images are quick
 FAULTS = (*SMALL, "speed.warm_up=false")  # faults are injected into batches, not the warm-up
-
-
-def store_runs(store: Path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
-
-
-def tiny_pipe():
-    return cached_pipeline(
-        ModelConfig(
-            name="tiny", tiny=True, family="sdxl", prediction="epsilon", zero_snr=False
-        ),  # as the run resolves it
-        resolve_placement("cpu", "auto"),
-        "none",
-        replace(default_speed(), warm_up=False),  # as FAULTS asks: the same cached pipeline
-    )[0].pipe
 
 
 def test_a_failing_batch_is_recorded_and_the_other_scenes_still_run(cli_in_process, monkeypatch):

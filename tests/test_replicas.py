@@ -248,8 +248,7 @@ def test_a_kohya_lora_makes_the_pixels_of_the_same_lora_in_diffusers_format(repl
     from safetensors.torch import load_file, save_file
 
     from keyframes.config.schema import LoraConfig
-    from tests.helpers import demo_jobs, euler_tiny_pipe
-    from tests.test_loras import image, with_loras
+    from tests.helpers import demo_jobs, euler_tiny_pipe, image, with_loras
 
     files = replica_home / "files"
     keys = load_file(files / replicas.LORA_KOHYA)

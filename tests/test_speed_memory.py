@@ -26,8 +26,7 @@ from keyframes.pipeline.flops import count_flops, image_flops, packaged_flops
 from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
 from keyframes.pipeline.memory import choose_mode, plan_memory, weights_gb
 from keyframes.pipeline.speed import apply_speed, check_speed
-from tests.helpers import assert_same_picture, demo_jobs, tiny_model_config
-from tests.test_config import settings
+from tests.helpers import assert_same_picture, demo_jobs, settings, tiny_model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = resolve_placement("cpu", "float32")

@@ -12,7 +12,7 @@ from keyframes.config.validate import validate
 from keyframes.errors import ConfigError
 from keyframes.shotlist.jobs import plan_jobs
 from keyframes.shotlist.load import load_shotlist
-from tests.test_config import settings
+from tests.helpers import settings
 
 LIBRARY = [
     {"name": "base", "prompt": "{prompt}", "negative_prompt": ""},

@@ -11,8 +11,7 @@ from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.outputs.png import a1111_parameters, read_png_metadata
 from tests.conftest import read_manifest
-from tests.helpers import check_settings, demo_jobs, euler_tiny_pipe, image_record
-from tests.test_config import settings
+from tests.helpers import check_settings, demo_jobs, euler_tiny_pipe, image_record, settings
 
 
 @pytest.fixture(scope="module")
