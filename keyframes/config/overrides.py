@@ -2,7 +2,7 @@
 
 Hydra's own hint for an unknown key is to add it with `+`; with `+stpes=4` the run would then
 succeed, store `stpes` and leave `steps` alone. So every key a user types must exist in the
-schema (keyframes/config.py) or be a config group (a folder of conf/); an unknown one is one
+schema (keyframes/config/schema.py) or be a config group (a folder of conf/); an unknown one is one
 error naming the closest known key.
 """
 

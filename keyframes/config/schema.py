@@ -158,7 +158,7 @@ class ConsistencyConfig:
 
 @dataclass
 class MemoryConfig:
-    name: str = MISSING  # auto | none | balanced | low_vram | minimal (keyframes/memory.py)
+    name: str = MISSING  # auto | none | balanced | low_vram | minimal (pipeline/memory.py)
 
 
 @dataclass

@@ -207,30 +207,37 @@ def image_record(
     its aesthetic score; planned: its job as planned, with the conditioning methods' inputs)."""
     cfg, job = plan.config, g.job
     longest = max(tokens[job.prompt], tokens[job.negative_prompt])
-    return ImageRecord.from_json(
-        {
-            "index": job.index,
-            "scene_id": job.scene_id,
-            "scene_index": job.scene_index,
-            "take": job.take,
-            "file": job.file,
-            "status": "ok" if g.image is not None else "failed",
-            "error": g.error,
-            "notes": g.notes,
-            "seed": job.seed,
-            "prompt": job.prompt,
-            "negative_prompt": job.negative_prompt,
-            "prompt_tokens": tokens[job.prompt],  # over 77: see prompt_encoding
-            "negative_prompt_tokens": tokens[job.negative_prompt],
-            "prompt_encoding": prompt_encoding(longest, cfg.long_prompts),
-            "description": job.description,
-            "scene_prompt": job.scene_prompt,
-            **_settings_fields(plan),
-            **record_fields(methods, planned),  # consistency, loras, upscale, control, ...
-            **_measured_fields(g, scores),
-            "scene_extra": scene_extra,  # fields the shotlist format does not know, passed on
-        }
+    # keywords, not a dict: a misspelt field fails here instead of landing in `extra`
+    return ImageRecord(
+        index=job.index,
+        scene_id=job.scene_id,
+        scene_index=job.scene_index,
+        take=job.take,
+        file=job.file,
+        status="ok" if g.image is not None else "failed",
+        error=g.error,
+        notes=g.notes,
+        seed=job.seed,
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        prompt_tokens=tokens[job.prompt],  # over 77: see prompt_encoding
+        negative_prompt_tokens=tokens[job.negative_prompt],
+        prompt_encoding=prompt_encoding(longest, cfg.long_prompts),
+        description=job.description,
+        scene_prompt=job.scene_prompt,
+        **_settings_fields(plan),
+        **_measured_fields(g, scores),
+        scene_extra=scene_extra,  # fields the shotlist format does not know, passed on
+        **_own_and_extra(ImageRecord, record_fields(methods, planned)),  # consistency, loras...
     )
+
+
+def _own_and_extra(cls, method_fields: dict[str, Any]) -> dict[str, Any]:
+    """A conditioning method's record fields: those the record has as keywords, the rest (a
+    method from outside keyframes) in `extra`."""
+    names = {f.name for f in fields(cls)}
+    own = {k: v for k, v in method_fields.items() if k in names}
+    return own | {"extra": {k: v for k, v in method_fields.items() if k not in names}}
 
 
 def _settings_fields(plan) -> dict[str, Any]:
@@ -282,43 +289,42 @@ def run_info(ctx, session) -> RunInfo:
     generation.session.Session)."""
     cfg, scorer, loaded = ctx.plan.config, session.scorer, session.loaded
     command = "uv run python -m keyframes.run " + " ".join(map(shlex.quote, ctx.overrides))
-    return RunInfo.from_json(
-        {
-            "title": ctx.shotlist.title,
-            "shotlist": ctx.shotlist.path,
-            "shotlist_sha256": ctx.shotlist.sha256,
-            "shotlist_extra": ctx.shotlist.extra,
-            "characters": {c.name: c.description for c in ctx.shotlist.characters.values()},
-            "config_hash": ctx.plan.config_hash,
-            "model": cfg.model.name,
-            "model_source": describe_source(cfg.model),
-            "model_family": cfg.model.family,
-            "model_fit": list(ctx.plan.model_fit),
-            "style": cfg.style.name,
-            "style_template": cfg.style.prompt,
-            "negative": cfg.negative.name,
-            "sampler": cfg.sampler.name,
-            "quality": cfg.quality.name,
-            "scorer": scorer.name if scorer else None,
-            "device": ctx.placement.device,
-            "dtype": str(ctx.placement.dtype).removeprefix("torch."),
-            "memory": ctx.memory.as_record(),
-            "versions": ctx.versions,
-            "overrides": ctx.overrides,
-            "command": command,
-            "started_at": iso(ctx.started),
-            "experiment": ctx.experiment,
-            "sweep": ctx.sweep,
-            "git_commit": ctx.git_commit,
-            "host": socket.gethostname(),  # where it ran: sweeps may spread over machines
-            "pid": os.getpid(),
-            "run_key": run_key(ctx),
-            "status": "running",
-            "pipeline_cache": "hit" if session.cache_hit else "miss",
-            "speed": {"preset": cfg.speed.name, **loaded.speed},
-            "timings": dict(session.timings),
-        }
-        | {k: v for m in ctx.methods for k, v in m.run_record().items()}
+    # keywords, not a dict: a misspelt field fails here instead of landing in `extra`
+    return RunInfo(
+        title=ctx.shotlist.title,
+        shotlist=ctx.shotlist.path,
+        shotlist_sha256=ctx.shotlist.sha256,
+        shotlist_extra=ctx.shotlist.extra,
+        characters={c.name: c.description for c in ctx.shotlist.characters.values()},
+        config_hash=ctx.plan.config_hash,
+        model=cfg.model.name,
+        model_source=describe_source(cfg.model),
+        model_family=cfg.model.family,
+        model_fit=list(ctx.plan.model_fit),
+        style=cfg.style.name,
+        style_template=cfg.style.prompt,
+        negative=cfg.negative.name,
+        sampler=cfg.sampler.name,
+        quality=cfg.quality.name,
+        scorer=scorer.name if scorer else None,
+        device=ctx.placement.device,
+        dtype=str(ctx.placement.dtype).removeprefix("torch."),
+        memory=ctx.memory.as_record(),
+        versions=ctx.versions,
+        overrides=ctx.overrides,
+        command=command,
+        started_at=iso(ctx.started),
+        experiment=ctx.experiment,
+        sweep=ctx.sweep,
+        git_commit=ctx.git_commit,
+        host=socket.gethostname(),  # where it ran: sweeps may spread over machines
+        pid=os.getpid(),
+        run_key=run_key(ctx),
+        status="running",
+        pipeline_cache="hit" if session.cache_hit else "miss",
+        speed={"preset": cfg.speed.name, **loaded.speed},
+        timings=dict(session.timings),
+        **_own_and_extra(RunInfo, {k: v for m in ctx.methods for k, v in m.run_record().items()}),
     )
 
 
