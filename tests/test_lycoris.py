@@ -203,3 +203,17 @@ def test_a_run_with_a_loha_records_it_and_leaves_the_cached_model_plain(cli_in_p
     assert (record["name"], record["scale"], record["format"]) == ("film_loha", 0.7, "loha")
     after = pipe.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_weights_held_by_sequential_offload_are_refused_not_silently_skipped(tmp_path):
+    """memory=minimal leaves meta tensors in the model (accelerate keeps the weights in its
+    hooks): a merge there would change nothing and the picture would be plain, unsaid."""
+    from keyframes.errors import ModelUnavailableError
+
+    pipe = euler_tiny_pipe()
+    tensors, _ = loha_tensors(pipe, torch.Generator().manual_seed(9))
+    save_file(tensors, tmp_path / "loha.safetensors")
+    layer = pipe.unet.get_submodule("mid_block.attentions.0.proj_in")
+    layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight, device="meta"))
+    with pytest.raises(ModelUnavailableError, match="memory=minimal"):
+        apply_loras(pipe, [LoraConfig(path=str(tmp_path / "loha.safetensors"))], fuse=False)

@@ -15,6 +15,7 @@ from keyframes.conditioning.lycoris import (
     MergedUpdates,
     lora_format,
     merge,
+    module_names,
     module_table,
     unknown_layers,
 )
@@ -160,6 +161,13 @@ def merge_lycoris(pipe, loras: list[LoraConfig], merged: MergedUpdates) -> None:
                 f"LoRA {lora.path}: {len(unknown)} layers this model does not have ({shown}): "
                 "a file for another model family or architecture"
             )
+    offloaded = {n for t, _ in files for n in module_names(t) if table[n].weight.is_meta}
+    if offloaded:  # accelerate's sequential offload keeps the real weights in its hooks
+        raise ModelUnavailableError(
+            f"LoRA {loras[0].path}: LoHa and LoKr are merged into the weights, which "
+            "memory=minimal (sequential CPU offload) keeps outside the model; use "
+            "memory=low_vram (whole-model offload) or memory=balanced"
+        )
     merge(pipe, files, merged)
 
 
