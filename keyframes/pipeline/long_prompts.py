@@ -7,7 +7,8 @@ the first chunk. The same code serves SDXL base (two encoders, penultimate layer
 side), the SDXL refiner (the second encoder only) and SD 1.5 (one encoder, last layer).
 Prompt and negative prompt are padded with empty chunks to the same length, since guidance
 runs them as one batch. A prompt of at most 75 tokens is one chunk, encoded
-exactly as diffusers does.
+exactly as diffusers does. With A1111 weighting (`(words:1.3)`, BREAK; shotlist/weighting.py)
+each chunk's hidden states are weighted per token and scaled back to their mean, per encoder.
 """
 
 from __future__ import annotations

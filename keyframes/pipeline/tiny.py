@@ -2,8 +2,10 @@
 
 Same pipeline class and the same wiring as SDXL base (UNet with text_time conditioning, two
 CLIP text encoders whose hidden states are concatenated, a VAE with 8x downsampling, the real
-CLIP BPE tokenizer), only a few thousand times smaller, with weights drawn from a fixed seed.
-Its images are noise-like: it tests the machinery, not the look.
+CLIP BPE tokenizer), only a few hundred times smaller, with weights drawn from a fixed seed.
+Every config is the published one (keyframes/data/) with only the sizes changed (TINY_SIZES),
+so behaviour that hangs on a config value (token ids, prediction type, scheduler) is the real
+model's. Its images are noise-like: it tests the machinery, not the look.
 """
 
 from __future__ import annotations
