@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from keyframes.conditioning.hires import Hires
 from keyframes.conditioning.refiner import Refiner, load_refiner
-from keyframes.config.schema import ModelConfig, UpscaleConfig
+from keyframes.config.schema import HiresConfig, ModelConfig, RefinerConfig
 from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.outputs.png import a1111_parameters
@@ -64,7 +64,7 @@ def test_sd15_long_prompts_are_chunked_from_its_one_encoders_last_layer(sd15):
 
 
 def test_sd15_hires_uses_the_sd15_img2img_pipeline(sd15):
-    hires = Hires(sd15, UpscaleConfig(name="hires", factor=2.0, strength=0.5))
+    hires = Hires(sd15, HiresConfig(name="hires", factor=2.0, strength=0.5))
     assert type(hires.pipe).__name__ == "StableDiffusionImg2ImgPipeline"
     assert [a.shape for a in pixels(sd15, demo_jobs(1), hires=hires)] == [(96, 128, 3)]
 
@@ -118,7 +118,7 @@ def base():
 
 
 def test_refiner_finishes_the_base_latents_and_shares_its_encoder_and_vae(base):
-    config = UpscaleConfig(name="refiner", tiny=True, high_noise_frac=0.5)
+    config = RefinerConfig(name="refiner", tiny=True, high_noise_frac=0.5)
     pipe = load_refiner(base, config)
     assert pipe.text_encoder_2 is base.text_encoder_2 and pipe.vae is base.vae
     assert pipe.text_encoder is None and pipe.config.requires_aesthetics_score
@@ -136,8 +136,8 @@ def test_refiner_finishes_the_base_latents_and_shares_its_encoder_and_vae(base):
 
 
 def test_refiner_loads_from_a_folder_with_the_base_encoder_and_vae(base, tmp_path):
-    load_refiner(base, UpscaleConfig(name="refiner", tiny=True)).save_pretrained(tmp_path)
-    folder = UpscaleConfig(name="refiner", path=str(tmp_path))
+    load_refiner(base, RefinerConfig(name="refiner", tiny=True)).save_pretrained(tmp_path)
+    folder = RefinerConfig(name="refiner", path=str(tmp_path))
     pipe = load_refiner(base, folder)
     assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
     assert pipe.text_encoder_2 is base.text_encoder_2 and pipe.vae is base.vae

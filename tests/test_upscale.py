@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from keyframes.conditioning.hires import Hires
-from keyframes.config.schema import UpscaleConfig
+from keyframes.config.schema import HiresConfig
 from keyframes.config.validate import upscaled_size
 from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
@@ -34,7 +34,7 @@ def make(pipe, jobs, hires=None):
 
 def test_hires_doubles_the_size_and_redraws_detail_deterministically(setup):
     pipe, jobs = setup
-    hires = Hires(pipe, UpscaleConfig(name="hires", factor=2.0, strength=0.5))
+    hires = Hires(pipe, HiresConfig(name="hires", factor=2.0, strength=0.5))
     assert hires.pipe.unet is pipe.unet and hires.pipe.vae is pipe.vae  # from_pipe: shared
     base = make(pipe, jobs)
     first, again = make(pipe, jobs, hires), make(pipe, jobs, hires)
@@ -124,3 +124,19 @@ def test_hires_that_would_redraw_no_step_is_refused():
         "(or upscale.strength)"
     ]
     check_settings(settings("upscale=hires", "steps=2", "upscale.steps=3"))  # 1 step: fine
+
+
+def test_each_upscale_option_takes_only_its_own_settings(refused_cli):
+    """One schema per option (HiresConfig, RefinerConfig): a hires setting given to the
+    refiner is refused by name, a typo gets the closest key of any option."""
+    other = refused_cli("experiment=smoke", "upscale=refiner", "upscale.factor=2")
+    assert other.returncode == 2, other.stderr
+    assert (
+        "upscale.factor: upscale=refiner has no such setting (upscale=hires has it; "
+        "upscale=refiner has: high_noise_frac, id, name, path, tiny, variant)"
+    ) in other.stderr
+    assert not other.run_dir.exists()
+    default = refused_cli("experiment=smoke", "upscale.strength=0.5")  # the default: none
+    assert "upscale=none has no such setting (upscale=hires has it" in default.stderr
+    typo = refused_cli("experiment=smoke", "upscale=hires", "upscale.factr=2")
+    assert typo.returncode == 2 and "the closest known one is upscale.factor" in typo.stderr

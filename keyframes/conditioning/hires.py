@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from keyframes.conditioning.base import BatchHook, Method, register
-from keyframes.config.schema import UpscaleConfig
+from keyframes.config.schema import HiresConfig
 from keyframes.config.validate import size_problems, upscaled_size
 from keyframes.errors import ConfigError
 from keyframes.pipeline.noise import seeded_generators
@@ -20,7 +20,7 @@ from keyframes.pipeline.noise import seeded_generators
 class Hires(BatchHook):
     """The img2img pass at the larger size, sharing every component with the base."""
 
-    def __init__(self, pipe, upscale: UpscaleConfig):
+    def __init__(self, pipe, upscale: HiresConfig):
         from diffusers import AutoPipelineForImage2Image
 
         self.pipe = AutoPipelineForImage2Image.from_pipe(pipe)

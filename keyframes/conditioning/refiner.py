@@ -13,7 +13,7 @@ import time
 import torch
 
 from keyframes.conditioning.base import BatchHook, Method, register
-from keyframes.config.schema import UpscaleConfig
+from keyframes.config.schema import RefinerConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.pipeline.long_prompts import text_inputs
 from keyframes.pipeline.memory import apply_memory_mode
@@ -22,12 +22,12 @@ from keyframes.pipeline.noise import seeded_generators
 log = logging.getLogger("keyframes")
 
 
-def refiner_source(upscale: UpscaleConfig) -> str:
+def refiner_source(upscale: RefinerConfig) -> str:
     """What the refiner is, as logs and records name it."""
     return "tiny" if upscale.tiny else upscale.path or upscale.id or "?"
 
 
-def load_refiner(base, upscale: UpscaleConfig, allow_pickle: bool = False):
+def load_refiner(base, upscale: RefinerConfig, allow_pickle: bool = False):
     """The SDXL refiner pipeline, sharing the base's text encoder 2 and VAE, on its device."""
     if upscale.tiny:  # tests and smoke runs: random weights shaped like the refiner
         from keyframes.pipeline.tiny import build_tiny_refiner
@@ -58,7 +58,7 @@ def load_refiner(base, upscale: UpscaleConfig, allow_pickle: bool = False):
 class Refiner(BatchHook):
     """Finishes the base model's partly denoised latents with the SDXL refiner."""
 
-    def __init__(self, pipe, upscale: UpscaleConfig, long_prompts: str, weighting: str = "none"):
+    def __init__(self, pipe, upscale: RefinerConfig, long_prompts: str, weighting: str = "none"):
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self.upscale = upscale
@@ -106,7 +106,7 @@ class Refiner(BatchHook):
         )
 
 
-def cached_refiner(loaded, upscale: UpscaleConfig, allow_pickle: bool = False):
+def cached_refiner(loaded, upscale: RefinerConfig, allow_pickle: bool = False):
     """The SDXL refiner for this base pipeline, loaded once per process and placed like it."""
     key = (upscale.tiny, upscale.path, upscale.id, upscale.variant)
     if key not in loaded.refiners:

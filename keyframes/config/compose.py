@@ -7,13 +7,18 @@ import contextlib
 
 from hydra.core.config_store import ConfigStore
 
-from keyframes.config.schema import CONF_DIR, Config
+from keyframes.config.schema import CONF_DIR, OPTION_SCHEMAS, Config
 
 
 def register_schema() -> None:
     """conf/config.yaml names `config_schema` first in its defaults: the types checked at
-    composition."""
-    ConfigStore.instance().store(name="config_schema", node=Config)
+    composition. An option with settings of its own names `<option>_schema` in its group
+    (Hydra's structured-config tutorial: one dataclass per option, stored in its group)."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, options in OPTION_SCHEMAS.items():
+        for option, schema in options.items():
+            store.store(group=group, name=f"{option}_schema", node=schema)
 
 
 def compose(overrides: list[str]) -> Config:

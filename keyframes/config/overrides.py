@@ -23,12 +23,18 @@ def check_override_keys(overrides: list[str], schema: type, conf_dir: Path) -> N
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     groups = {p.relative_to(conf_dir).as_posix() for p in conf_dir.rglob("*") if p.is_dir()}
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    chosen = _chosen_options(parsed, conf_dir)
     problems = []
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in parsed:
         key = override.key_or_group
         if key.split(".")[0].split("/")[0] == "hydra" or key in groups:
             continue  # Hydra checks its own settings; groups are checked when composed
-        problem = _unknown(key.split("."), schema, "")
+        head, *rest = key.split(".")
+        if head in chosen and rest:  # a group whose options have schemas of their own
+            problem = _option_problem(head, chosen[head], rest)
+        else:
+            problem = _unknown(key.split("."), schema, "")
         if problem:
             problems.append(f"{override.get_key_element()}: {problem}")
     if problems:
@@ -42,7 +48,7 @@ def _unknown(parts: list[str], node: Any, prefix: str) -> str | None:
         return None
     head, rest = parts[0], parts[1:]
     if dataclasses.is_dataclass(node):
-        fields = typing.get_type_hints(node)
+        fields = _fields_of_any_option(node)
         if head not in fields:
             return _suggest(head, prefix, list(fields))
         return _unknown(rest, fields[head], f"{prefix}{head}.")
@@ -52,6 +58,52 @@ def _unknown(parts: list[str], node: Any, prefix: str) -> str | None:
             return f"{prefix.rstrip('.')} is a list: index it with a number"
         return _unknown(rest, typing.get_args(node)[0], f"{prefix}{head}.")
     return None  # a dict or Any: free-form below here (e.g. sampler.options.*)
+
+
+def _chosen_options(parsed: list, conf_dir: Path) -> dict[str, str]:
+    """The option of each group with per-option schemas: typed on the command line, else the
+    default in conf/config.yaml (a sweep over options is left to composition)."""
+    import yaml
+
+    from keyframes.config.schema import OPTION_SCHEMAS
+
+    defaults = yaml.safe_load((conf_dir / "config.yaml").read_text()).get("defaults", [])
+    chosen = {k: v for d in defaults if isinstance(d, dict) for k, v in d.items()}
+    for override in parsed:
+        if override.key_or_group in OPTION_SCHEMAS and not override.is_sweep_override():
+            chosen[override.key_or_group] = override.value()
+    return {group: str(chosen.get(group)) for group in OPTION_SCHEMAS if group in chosen}
+
+
+def _option_problem(group: str, option: str, parts: list[str]) -> str | None:
+    """Why `group.<parts>` is not a setting of the chosen option, naming the option that has
+    it; a typo gets the closest setting of any option."""
+    from keyframes.config.schema import OPTION_SCHEMAS, Config
+
+    base = typing.get_type_hints(Config)[group]
+    fields = typing.get_type_hints(OPTION_SCHEMAS[group].get(option, base))
+    if parts[0] in fields:
+        return _unknown(parts[1:], fields[parts[0]], f"{group}.{parts[0]}.")
+    owners = [
+        f"{group}={name}"
+        for name, schema in OPTION_SCHEMAS[group].items()
+        if parts[0] in typing.get_type_hints(schema)
+    ]
+    if owners:
+        return (
+            f"{group}={option} has no such setting ({', '.join(owners)} has it; "
+            f"{group}={option} has: {', '.join(sorted(fields))})"
+        )
+    return _suggest(parts[0], f"{group}.", list(_fields_of_any_option(base)))
+
+
+def _fields_of_any_option(node: type) -> dict[str, Any]:
+    """A group's settings: those of its base schema and of every option's own schema (which
+    option is chosen is known only once Hydra composes; it then refuses the others' keys)."""
+    fields = {}
+    for schema in (node, *node.__subclasses__()):
+        fields |= typing.get_type_hints(schema)
+    return fields
 
 
 def _suggest(name: str, prefix: str, known: list[str]) -> str:

@@ -131,15 +131,29 @@ class ControlNetConfig:
 
 @dataclass
 class UpscaleConfig:
+    """upscale=none; each option's own settings are in its subclass (the group's schemas)."""
+
     name: str = MISSING  # none | hires | refiner
-    factor: float | None = None  # hires: output size / generated size
-    strength: float | None = None  # hires: how much of the upscaled image img2img redraws
-    steps: int | None = None  # hires: img2img steps (null: the run's steps)
-    high_noise_frac: float | None = None  # refiner: share of the steps the base model runs
-    id: str | None = None  # refiner: hub repo of the SDXL refiner
-    path: str | None = None  # refiner: local diffusers folder; wins over id
-    variant: str | None = None  # refiner: weight variant to prefer, e.g. fp16
-    tiny: bool = False  # refiner: a tiny random-weight refiner for the tiny model (tests, smoke)
+
+
+@dataclass
+class HiresConfig(UpscaleConfig):
+    factor: float = MISSING  # output size / generated size
+    strength: float = MISSING  # how much of the upscaled image img2img redraws
+    steps: int | None = None  # img2img steps (null: the run's steps)
+
+
+@dataclass
+class RefinerConfig(UpscaleConfig):
+    high_noise_frac: float = MISSING  # share of the steps the base model runs
+    id: str | None = None  # hub repo of the SDXL refiner
+    path: str | None = None  # local diffusers folder; wins over id
+    variant: str | None = None  # weight variant to prefer, e.g. fp16
+    tiny: bool = False  # a tiny random-weight refiner for the tiny model (tests, smoke)
+
+
+# Config groups whose options have schemas of their own: group -> {option: schema}
+OPTION_SCHEMAS = {"upscale": {"hires": HiresConfig, "refiner": RefinerConfig}}
 
 
 @dataclass
