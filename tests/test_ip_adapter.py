@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from keyframes.conditioning.ip_adapter import ImagePrompt, assign_references, load_adapter
-from keyframes.config.schema import ConsistencyConfig
+from keyframes.config.schema import IPAdapterConfig
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator, batches
 from keyframes.pipeline import replicas
 from keyframes.shotlist.jobs import plan_jobs
@@ -22,7 +22,7 @@ def save_tiny_ip_adapter(folder, unet):
 
 
 def tiny_adapter(folder, **overrides):
-    return ConsistencyConfig(
+    return IPAdapterConfig(
         name="ip_adapter",
         ip_adapter_path=str(folder),
         ip_adapter_subfolder="models",

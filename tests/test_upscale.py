@@ -140,3 +140,19 @@ def test_each_upscale_option_takes_only_its_own_settings(refused_cli):
     assert "upscale=none has no such setting (upscale=hires has it" in default.stderr
     typo = refused_cli("experiment=smoke", "upscale=hires", "upscale.factr=2")
     assert typo.returncode == 2 and "the closest known one is upscale.factor" in typo.stderr
+
+
+def test_a_sweep_over_upscale_options_is_checked_job_by_job():
+    """Which option a setting meets is known per job: the sweep's check names the job."""
+    from keyframes.config.compose import sweep_jobs
+    from keyframes.config.overrides import check_override_keys
+    from keyframes.config.schema import CONF_DIR, Config
+    from keyframes.errors import ConfigError
+    from keyframes.generation.preflight import check_sweep
+
+    overrides = ["experiment=smoke", "upscale=hires,refiner", "upscale.factor=2"]
+    check_override_keys(overrides, Config, CONF_DIR)  # no one option to hold it to
+    with pytest.raises(ConfigError) as refused:
+        check_sweep(sweep_jobs(overrides), ["upscale"])
+    assert str(refused.value).startswith("1 of 2 jobs of this sweep cannot run")
+    assert "job 1 (upscale=refiner): " in str(refused.value) and "factor" in str(refused.value)

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from keyframes.conditioning.base import BatchHook, Method, register
-from keyframes.config.schema import ConsistencyConfig
+from keyframes.config.schema import IPAdapterConfig
 from keyframes.config.weights import ALLOW, pickle_problem
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.shotlist.jobs import ImageJob
@@ -40,7 +40,7 @@ def assign_references(
     return out
 
 
-def missing_adapter(consistency: ConsistencyConfig, allow_pickle: bool = False) -> str | None:
+def missing_adapter(consistency: IPAdapterConfig, allow_pickle: bool = False) -> str | None:
     """Pre-flight: why the adapter weights cannot be had (a local copy, the hub cache, or the
     hub when it answers), or may not be loaded (a pickle: the adapter's .bin, or an image
     encoder kept as pytorch_model.bin, which transformers would fall back to). The first
@@ -78,7 +78,7 @@ def missing_adapter(consistency: ConsistencyConfig, allow_pickle: bool = False) 
     return None
 
 
-def load_adapter(pipe, consistency: ConsistencyConfig) -> None:
+def load_adapter(pipe, consistency: IPAdapterConfig) -> None:
     """Load the adapter and its image encoder into the pipeline, and set the scale."""
     source = consistency.ip_adapter_path or consistency.ip_adapter_id
     try:

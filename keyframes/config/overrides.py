@@ -70,9 +70,11 @@ def _chosen_options(parsed: list, conf_dir: Path) -> dict[str, str]:
     defaults = yaml.safe_load((conf_dir / "config.yaml").read_text()).get("defaults", [])
     chosen = {k: v for d in defaults if isinstance(d, dict) for k, v in d.items()}
     for override in parsed:
-        if override.key_or_group in OPTION_SCHEMAS and not override.is_sweep_override():
-            chosen[override.key_or_group] = override.value()
-    return {group: str(chosen.get(group)) for group in OPTION_SCHEMAS if group in chosen}
+        if override.key_or_group in OPTION_SCHEMAS:  # swept: each job's check says which
+            chosen[override.key_or_group] = (
+                None if override.is_sweep_override() else override.value()
+            )
+    return {group: str(chosen[group]) for group in OPTION_SCHEMAS if chosen.get(group)}
 
 
 def _option_problem(group: str, option: str, parts: list[str]) -> str | None:

@@ -152,22 +152,31 @@ class RefinerConfig(UpscaleConfig):
     tiny: bool = False  # a tiny random-weight refiner for the tiny model (tests, smoke)
 
 
-# Config groups whose options have schemas of their own: group -> {option: schema}
-OPTION_SCHEMAS = {"upscale": {"hires": HiresConfig, "refiner": RefinerConfig}}
+@dataclass
+class ConsistencyConfig:
+    """consistency=none and style_aligned; ip_adapter's own settings are in IPAdapterConfig."""
+
+    name: str = MISSING  # none | style_aligned | ip_adapter
+    reference: str | None = None  # style_aligned: scene id of the reference; null: the first
+    options: dict[str, Any] = field(default_factory=dict)  # a method from outside keyframes
 
 
 @dataclass
-class ConsistencyConfig:
-    name: str = MISSING  # none | style_aligned | ip_adapter
-    reference: str | None = None  # style_aligned: scene id of the reference; null: the first
-    image: str | None = None  # ip_adapter: the run's reference image; null: the first keyframe
-    ip_adapter_id: str | None = None  # ip_adapter: hub repo of the adapter weights
+class IPAdapterConfig(ConsistencyConfig):
+    image: str | None = None  # the run's reference image; null: the first keyframe
+    ip_adapter_id: str | None = None  # hub repo of the adapter weights
     ip_adapter_path: str | None = None  # a local copy of the repo; wins over the id
-    ip_adapter_subfolder: str | None = None
-    ip_adapter_weight: str | None = None
-    ip_adapter_scale: float | None = None  # how strongly the reference image steers
+    ip_adapter_subfolder: str = MISSING
+    ip_adapter_weight: str = MISSING
+    ip_adapter_scale: float = MISSING  # how strongly the reference image steers
     style_only: bool = False  # InstantStyle: only the style block reads the image
-    options: dict[str, Any] = field(default_factory=dict)  # a method added later: its settings
+
+
+# Config groups whose options have schemas of their own: group -> {option: schema}
+OPTION_SCHEMAS = {
+    "upscale": {"hires": HiresConfig, "refiner": RefinerConfig},
+    "consistency": {"ip_adapter": IPAdapterConfig},
+}
 
 
 @dataclass
