@@ -21,6 +21,11 @@ class KeyframesError(Exception):
         self.problems = list(problems or [])
         super().__init__(message)
 
+    @classmethod
+    def listing(cls, heading: str, problems: list[str]):
+        """One problem as the message itself; several under the heading."""
+        return cls(problems[0]) if len(problems) == 1 else cls(heading, problems)
+
     def __str__(self) -> str:
         head = super().__str__()
         if not self.problems:

@@ -118,11 +118,7 @@ class Embeddings(Method):
     def prepare(self, jobs: list, shotlist) -> list:
         problems = check_embeddings(self.settings, self.plan.config.model.family)
         if problems:
-            raise (
-                ConfigError(problems[0])
-                if len(problems) == 1
-                else ConfigError("embeddings that cannot be used:", problems)
-            )
+            raise ConfigError.listing("embeddings that cannot be used:", problems)
         self.records = embedding_records(self.settings)
         texts = " ".join(f"{job.prompt} {job.negative_prompt}" for job in jobs)
         for record in self.records:

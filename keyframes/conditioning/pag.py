@@ -53,11 +53,7 @@ class Pag(Method):
                 "features would mix the perturbed row with the others"
             )
         if problems:
-            raise (
-                ConfigError(problems[0])
-                if len(problems) == 1
-                else ConfigError("pag cannot run with these settings:", problems)
-            )
+            raise ConfigError.listing("pag cannot run with these settings:", problems)
         return jobs
 
     def begin_stage(self, pipe, stage: int) -> BatchHook:

@@ -33,11 +33,7 @@ def check_source(model: ModelConfig) -> None:
     if model.unet and _local(model.unet):
         problems += _read_file(Path(model.unet).expanduser(), "model.unet", model)[0]
     if problems:
-        raise (
-            ConfigError(problems[0])
-            if len(problems) == 1
-            else ConfigError("the model's files cannot be used:", problems)
-        )
+        raise ConfigError.listing("the model's files cannot be used:", problems)
 
 
 def _local(spec: str) -> bool:

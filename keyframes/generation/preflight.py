@@ -142,10 +142,8 @@ def check_prompt_syntax(jobs: list[ImageJob]) -> None:
                 seen.add((kind, text))
                 problems += prompt_problems(text, f"scene {job.scene_id}: {kind}")
     if problems:
-        raise (
-            ConfigError(problems[0])
-            if len(problems) == 1
-            else ConfigError("prompts keyframes cannot weigh (prompt_weighting=a1111):", problems)
+        raise ConfigError.listing(
+            "prompts keyframes cannot weigh (prompt_weighting=a1111):", problems
         )
 
 
