@@ -200,11 +200,11 @@ def resolve_prediction(model: ModelConfig) -> tuple[str, bool]:
     model.prediction and model.zero_snr where given, else what the weights say (a single
     file's marker tensors, a folder's or cached hub repo's scheduler config; epsilon where
     nothing says otherwise, as the SDXL and SD 1.5 base models are)."""
-    kind, zero_snr = _prediction_of_weights(model)
-    if model.prediction != "auto":
-        kind = model.prediction
-    if model.zero_snr is not None:
-        zero_snr = model.zero_snr
+    kind, zero_snr = model.prediction, model.zero_snr
+    if kind == "auto" or zero_snr is None:  # the plan has both: the weights are read once
+        found_kind, found_zero_snr = _prediction_of_weights(model)
+        kind = found_kind if kind == "auto" else kind
+        zero_snr = found_zero_snr if zero_snr is None else zero_snr
     return kind, zero_snr and kind == "v_prediction"
 
 
