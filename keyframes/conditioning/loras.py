@@ -168,7 +168,7 @@ def merge_lycoris(pipe, loras: list[LoraConfig], merged: MergedUpdates) -> None:
             "memory=minimal (sequential CPU offload) keeps outside the model; use "
             "memory=low_vram (whole-model offload) or memory=balanced"
         )
-    merge(pipe, files, merged)
+    merge(table, files, merged)
 
 
 def remove_loras(pipe, fused: bool, merged: MergedUpdates | None = None) -> None:

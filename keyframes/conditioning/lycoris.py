@@ -127,9 +127,8 @@ def unknown_layers(tensors: dict, table: dict) -> list[str]:
     return [name for name in module_names(tensors) if name not in table]
 
 
-def merge(pipe, files: list[tuple[dict, float]], merged: MergedUpdates) -> None:
-    """Add every file's updates (tensors, scale) to the pipeline's weights."""
-    table = module_table(pipe)
+def merge(table: dict, files: list[tuple[dict, float]], merged: MergedUpdates) -> None:
+    """Add every file's updates (tensors, scale) to the layers of `table` (module_table)."""
     for tensors, scale in files:
         for name in module_names(tensors):
             module = table[name]
