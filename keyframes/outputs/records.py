@@ -42,16 +42,19 @@ class _JsonRecord:
         return out | self.extra
 
     @classmethod
+    def own_and_extra(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Keywords for the record: its own fields, and the keys it does not know in `extra`."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        own = {k: v for k, v in data.items() if k in names}
+        return own | {"extra": {k: v for k, v in data.items() if k not in names}}
+
+    @classmethod
     def from_json(cls, data: dict[str, Any]):
         """ValueError where a field every manifest has is missing, or data is no object."""
         if not isinstance(data, dict):
             raise ValueError(f"a {cls.__name__} is a JSON object, not {type(data).__name__}")
-        names = {f.name for f in fields(cls)} - {"extra"}
         try:
-            return cls(
-                **{k: v for k, v in data.items() if k in names},
-                extra={k: v for k, v in data.items() if k not in names},
-            )
+            return cls(**cls.own_and_extra(data))
         except TypeError as e:  # a missing required field
             raise ValueError(f"not a keyframes {cls.__name__}: {e}") from None
 
@@ -228,16 +231,8 @@ def image_record(
         **_settings_fields(plan),
         **_measured_fields(g, scores),
         scene_extra=scene_extra,  # fields the shotlist format does not know, passed on
-        **_own_and_extra(ImageRecord, record_fields(methods, planned)),  # consistency, loras...
+        **ImageRecord.own_and_extra(record_fields(methods, planned)),  # consistency, loras...
     )
-
-
-def _own_and_extra(cls, method_fields: dict[str, Any]) -> dict[str, Any]:
-    """A conditioning method's record fields: those the record has as keywords, the rest (a
-    method from outside keyframes) in `extra`."""
-    names = {f.name for f in fields(cls)}
-    own = {k: v for k, v in method_fields.items() if k in names}
-    return own | {"extra": {k: v for k, v in method_fields.items() if k not in names}}
 
 
 def _settings_fields(plan) -> dict[str, Any]:
@@ -324,7 +319,7 @@ def run_info(ctx, session) -> RunInfo:
         pipeline_cache="hit" if session.cache_hit else "miss",
         speed={"preset": cfg.speed.name, **loaded.speed},
         timings=dict(session.timings),
-        **_own_and_extra(RunInfo, {k: v for m in ctx.methods for k, v in m.run_record().items()}),
+        **RunInfo.own_and_extra({k: v for m in ctx.methods for k, v in m.run_record().items()}),
     )
 
 
