@@ -63,17 +63,14 @@ def generate(
 def _composed(overrides: list[str]):
     """The DictConfig `keyframes OVERRIDES` runs with; a value that does not compose is a
     ConfigError, as the command's exit 2."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from keyframes.config.compose import register_schema
-    from keyframes.config.schema import CONF_DIR
+    from keyframes.config.compose import composer
 
-    register_schema()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides)
+        with composer(typed=False) as compose:
+            return compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
         cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""
         raise ConfigError(f"{first_line(e)}{cause}") from None

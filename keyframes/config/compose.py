@@ -27,10 +27,11 @@ def compose(overrides: list[str]) -> Config:
 
 
 @contextlib.contextmanager
-def composer(hydra_config: bool = False):
+def composer(hydra_config: bool = False, typed: bool = True):
     """A function from overrides to settings, as many times as needed under one Hydra
     initialisation; each call raises on its own when its overrides do not compose.
-    hydra_config: the composed DictConfig with Hydra's own settings, not the typed Config."""
+    hydra_config: the composed DictConfig with Hydra's own settings, not the typed Config;
+    typed=False: the DictConfig a Hydra task gets (no Hydra settings)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
@@ -39,6 +40,8 @@ def composer(hydra_config: bool = False):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         if hydra_config:
             yield lambda overrides: hydra_compose("config", overrides, return_hydra_config=True)
+        elif not typed:
+            yield lambda overrides: hydra_compose("config", overrides)
         else:
             yield lambda overrides: OmegaConf.to_object(hydra_compose("config", overrides))
 
