@@ -18,10 +18,31 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from keyframes.errors import ConfigError, ImagesFailed, first_line
-from keyframes.outputs.manifest import Manifest, load_manifest
+from keyframes.errors import ConfigError, KeyframesError, first_line
+from keyframes.generation.outcome import DiskFull, Interrupted
+from keyframes.outputs.manifest import load_manifest
+from keyframes.outputs.records import ImageRecord, Manifest
 
-__all__ = ["generate", "load_manifest"]
+__all__ = [
+    "DiskFull",
+    "ImagesFailed",
+    "Interrupted",
+    "KeyframesError",
+    "generate",
+    "load_manifest",
+]
+
+
+class ImagesFailed(Exception):
+    """Some images of a finished run failed (the command's exit code 3): the manifest holds
+    every record, the failed ones with their error."""
+
+    def __init__(self, manifest: Manifest, failed: list[ImageRecord]):
+        self.manifest, self.failed = manifest, failed
+        lines = "\n".join(f"  {r.file}: {r.error}" for r in failed)
+        super().__init__(f"{len(failed)} of {len(manifest.images)} images failed:\n{lines}")
+
+
 LOG_NAME = "run.log"
 
 

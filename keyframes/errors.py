@@ -56,37 +56,7 @@ class TrackingError(KeyframesError):
     """The tracking store cannot be read or holds no such experiment or run."""
 
 
-class DiskFull(Exception):
-    """No space left where the run writes; the run directory keeps what was finished."""
-
-    def __init__(self, result, path: str, needed_bytes: int, left: int):
-        super().__init__(f"no space left on the device of {path}")
-        self.result = result  # the RenderResult as far as it got
-        self.path = path  # the file that could not be written
-        self.needed_bytes = needed_bytes  # an estimate for the images still to make
-        self.left = left  # images still to make
-
-
 def is_disk_full(error: BaseException) -> bool:
     import errno
 
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the run directory holds everything finished before it."""
-
-    def __init__(self, result, while_tracking: bool = False):
-        super().__init__("interrupted")
-        self.result = result  # the RenderResult as far as it got
-        self.while_tracking = while_tracking  # it came while MLflow was being written
-
-
-class ImagesFailed(Exception):
-    """Some images of a finished run failed (the command's exit code 3): the manifest holds
-    every record, the failed ones with their error."""
-
-    def __init__(self, manifest, failed: list):
-        self.manifest, self.failed = manifest, failed
-        lines = "\n".join(f"  {r.file}: {r.error}" for r in failed)
-        super().__init__(f"{len(failed)} of {len(manifest.images)} images failed:\n{lines}")

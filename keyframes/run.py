@@ -1,8 +1,8 @@
 """Entry point: `python -m keyframes.run [overrides]`. The only module that sees Hydra's job.
 
-Hydra composes the config; the plan resolves it (frozen); the pre-flight checks everything the
-run needs; render() makes the keyframes in a generation session; tracking mirrors the run
-directory into MLflow; the run's objective goes back to the sweeper.
+Hydra composes the config; the recipe's setup resolves it into the frozen plan and checks
+everything the run needs; its generate makes the keyframes in a generation session; tracking
+mirrors the run directory into MLflow; the run's objective goes back to the sweeper.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from keyframes.config.compose import register_schema
 from keyframes.config.overrides import override_keys
 from keyframes.config.schema import CONF_DIR, Config
-from keyframes.errors import ConfigError, DiskFull, Interrupted, KeyframesError
+from keyframes.errors import ConfigError, KeyframesError
+from keyframes.generation.outcome import DiskFull, Interrupted
 from keyframes.outputs.files import remove_if_untouched, run_folder_problem
 from keyframes.outputs.folder_lock import LOCK_NAME, hold_folder
 from keyframes.outputs.manifest import read_run
@@ -83,10 +84,9 @@ def run(
     log_name: str,
     sweep_dir: Path | None,
 ):
-    """One job: plan, pre-flight, render, track (sweep_dir: the multirun's folder)."""
-    from keyframes.config.plan import make_plan
-    from keyframes.generation.preflight import prepare
-    from keyframes.generation.render import render
+    """One job: the recipe's setup (every check), the run folder, generate, track (sweep_dir:
+    the multirun's folder)."""
+    from keyframes.generation.recipe import KeyframesRecipe, RunPlace
     from keyframes.outputs.processes import claim_gpu, launched_processes
 
     composed: Config = OmegaConf.to_object(cfg)
@@ -98,29 +98,28 @@ def run(
             "accelerate launch runs one job over several processes; for a sweep use "
             "hydra/launcher=local_gpus (one job per GPU) or hydra/launcher=slurm"
         )
-    plan = make_plan(composed, {k.lstrip("+~") for k in override_keys(overrides, False)})
+    typed = {k.lstrip("+~") for k in override_keys(overrides, False)}
+    recipe = KeyframesRecipe().setup(composed, typed)
     fresh = not sweep and not (run_dir / "manifest.json").exists()
     if procs.main and composed.resume and fresh:
-        run_dir = _switch_to_unfinished_run(run_dir, plan.config_hash, log_name)
+        run_dir = _switch_to_unfinished_run(run_dir, recipe.plan.config_hash, log_name)
     own_dir, run_dir = run_dir, procs.from_main(run_dir)  # one run directory for all
     if own_dir != run_dir:  # Hydra made this process its own: drop it
         remove_if_untouched(own_dir, {".hydra", log_name})
-    experiment = sweep.experiment if sweep else plan.config.mlflow.experiment_name
     if problem := run_folder_problem(run_dir):  # resume=true may have chosen another folder
         raise ConfigError(problem)
+    experiment = sweep.experiment if sweep else composed.mlflow.experiment_name
+    place = RunPlace(run_dir, tuple(overrides), experiment, asdict(sweep) if sweep else None, procs)
     # the main process holds the folder: a second run into it stops here, touching nothing
     with hold_folder(run_dir) if procs.main else contextlib.nullcontext():
-        ctx = prepare(plan, run_dir, overrides, experiment, asdict(sweep) if sweep else None, procs)
-        if procs.main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plan.resolved)))
         try:
-            result = render(ctx)
+            result = recipe.generate(place)
         except (Interrupted, DiskFull) as stop:
             if procs.main:  # the MLflow run shows what was finished, marked KILLED or FAILED
-                _track(run_dir, plan.config.mlflow, ctx.experiment, sweep, stop.result)
+                _track(run_dir, composed.mlflow, stop.result.run.experiment, sweep, stop.result)
             raise
         if procs.main:  # only the main process talks to MLflow, once every part is merged
-            _track(run_dir, plan.config.mlflow, ctx.experiment, sweep, result)
+            _track(run_dir, composed.mlflow, result.run.experiment, sweep, result)
     return result
 
 
@@ -233,7 +232,7 @@ def _check_sweep(overrides: list[str]) -> None:
     """Every job of a sweep is checked before the first starts: a bad value in job 5 must
     not stop the sweep after four jobs' work."""
     from keyframes.config.compose import sweep_jobs
-    from keyframes.generation.preflight import check_sweep
+    from keyframes.generation.recipe import check_sweep
 
     jobs = sweep_jobs(overrides)
     if jobs and len(jobs) > 1:

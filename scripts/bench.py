@@ -60,20 +60,6 @@ def batch_sizes(text: str | None, default: int) -> list[int]:
     return sizes
 
 
-def benchmark_jobs(cfg, count: int):
-    """`count` image jobs from the config's shotlist, cycling its scenes (new seeds)."""
-    from dataclasses import replace
-
-    from keyframes.shotlist.jobs import plan_for
-    from keyframes.shotlist.load import load_shotlist
-
-    jobs = plan_for(cfg, load_shotlist(cfg.shotlist, cfg.allow_external_paths), takes=1)
-    return [
-        replace(jobs[i % len(jobs)], index=i, seed=jobs[i % len(jobs)].seed + i // len(jobs))
-        for i in range(count)
-    ]
-
-
 class Timer:
     """Wall time and VRAM peak of a block; synchronises CUDA on both ends."""
 
@@ -144,23 +130,21 @@ def pixel_difference(ours: list, theirs: list) -> dict | None:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     from keyframes.config.compose import compose
-    from keyframes.config.plan import make_plan
+    from keyframes.config.schema import ScorerConfig
     from keyframes.generation.feature_reuse import run_flops
-    from keyframes.generation.session import Session
+    from keyframes.generation.recipe import KeyframesRecipe
     from keyframes.pipeline.flops import peak_tflops
-    from keyframes.pipeline.load import resolve_placement
-    from keyframes.pipeline.memory import plan_memory
-    from keyframes.pipeline.speed import check_speed
+    from keyframes.shotlist.jobs import cycle_jobs
 
-    plan = make_plan(compose(args.overrides))
+    composed = compose(args.overrides)
+    sizes = batch_sizes(args.batch_sizes, composed.batch_size)
+    # as keyframes.run sets up, with memory planned for the largest batch and no scorer
+    unscored = replace(composed, batch_size=max(sizes), scorer=ScorerConfig(name="none"))
+    recipe = KeyframesRecipe().setup(unscored, announce=False)
+    plan, placement, memory = recipe.plan, recipe.placement, recipe.memory
     cfg, width, height = plan.config, plan.width, plan.height
-    sizes = batch_sizes(args.batch_sizes, cfg.batch_size)
-    placement = resolve_placement(cfg.device, cfg.model.dtype)
-    check_speed(cfg.speed, placement.device)
-    memory = plan_memory(
-        cfg.memory.name, placement.device, placement.dtype, cfg.model, max(sizes), width, height
-    )
-    session = Session(plan, placement, memory).setup(scorer=False)  # as keyframes.run sets up
+    first_takes = [job for job in recipe.jobs if job.take == 1]
+    session = recipe.session().setup(scorer=False)
     pipe, speed = session.pipe, session.loaded.speed
     load_seconds = session.timings["model_load_seconds"]
 
@@ -203,7 +187,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for size in sizes:
         settings = replace(session.settings, batch_size=size)  # what keyframes.run would use
         count = math.ceil(args.images / size) * size  # whole batches: one shape for compile
-        jobs = benchmark_jobs(cfg, count)
+        jobs = cycle_jobs(first_takes, count)
         with Timer(cuda) as warm:
             bare_call(pipe, jobs[:size], settings)
             project_path(pipe, jobs[:size], settings)

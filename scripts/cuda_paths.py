@@ -162,21 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(m for m, _ in MODES), help="which, in order")
     args = parser.parse_args(argv)
 
-    from bench import _versions, benchmark_jobs  # scripts/bench.py, beside this file
-
     from keyframes.config.compose import compose
-    from keyframes.config.plan import make_plan
+    from keyframes.generation.preflight import package_versions
+    from keyframes.generation.recipe import KeyframesRecipe
     from keyframes.pipeline.load import apply_sampler, load_pipeline, resolve_placement
     from keyframes.pipeline.speed import apply_speed
+    from keyframes.shotlist.jobs import cycle_jobs
 
-    plan = make_plan(compose(args.overrides))
+    recipe = KeyframesRecipe().setup(compose(args.overrides), announce=False)
+    plan, placement = recipe.plan, recipe.placement
     cfg = plan.config
-    placement = resolve_placement(cfg.device, cfg.model.dtype)
-    default_dtype = resolve_placement("auto", make_plan(compose([])).config.model.dtype).dtype
+    default_dtype = resolve_placement("auto", compose([]).model.dtype).dtype
     cuda = placement.device == "cuda"
     report = {
         "device_name": torch.cuda.get_device_name() if cuda else "cpu",
-        "versions": _versions(),
+        "versions": {**package_versions(), "torch CUDA build": torch.version.cuda or "none"},
         "model": cfg.model.name,
         "dtype": str(placement.dtype).removeprefix("torch."),
         "default_dtype_here": str(default_dtype).removeprefix("torch."),
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def jobs_for(count: int):
-        return benchmark_jobs(cfg, count)
+        return cycle_jobs([job for job in recipe.jobs if job.take == 1], count)
 
     report["float32_redecode"] = float32_redecode(pipe, placement, plan)
     print(json.dumps({"float32_redecode": report["float32_redecode"]}), flush=True)

@@ -92,16 +92,18 @@ def check_settings(cfg, controlled: bool = False):
 
     from keyframes.conditioning.base import methods_for, prepare_all
     from keyframes.config.plan import make_plan
+    from keyframes.generation.recipe import KeyframesRecipe
     from keyframes.shotlist.jobs import plan_for
     from keyframes.shotlist.load import load_shotlist
 
-    plan = make_plan(cfg)
-    shotlist = load_shotlist(plan.config.shotlist, True)
-    jobs = plan_for(plan.config, shotlist)
+    recipe = KeyframesRecipe()
+    recipe.plan = make_plan(cfg)
+    shotlist = load_shotlist(cfg.shotlist, True)
+    jobs = plan_for(shotlist, recipe.job_settings)
     if controlled:
         jobs = [replace(job, control=("canny", "edges.png")) for job in jobs]
-    prepare_all(methods_for(plan), jobs, shotlist)
-    return plan.width, plan.height
+    prepare_all(methods_for(recipe.method_settings, recipe.method_context), jobs, shotlist)
+    return recipe.plan.width, recipe.plan.height
 
 
 def image_record(**fields):

@@ -7,7 +7,8 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 import keyframes
-from keyframes.errors import ConfigError, ImagesFailed
+from keyframes.api import ImagesFailed
+from keyframes.errors import ConfigError
 from tests.conftest import cli_here
 
 SMOKE = ["experiment=smoke", "scorer=none", "width=64", "height=64"]

@@ -220,8 +220,8 @@ def test_the_styled_prompt_is_scored_as_words_not_syntax():
     from PIL import Image
 
     from keyframes.config.schema import ScorerConfig
+    from keyframes.generation.bookkeeping import score_batch
     from keyframes.generation.generator import Generation
-    from keyframes.generation.render import score_batch
     from keyframes.scoring.clip import load_scorer
 
     scorer = load_scorer(ScorerConfig(name="tiny", model="tiny"), "cpu")

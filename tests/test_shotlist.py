@@ -173,17 +173,17 @@ def test_not_utf8_is_reported(tmp_path):
 
 def test_a_run_of_too_many_images_is_refused_before_any_job_is_built(monkeypatch):
     import keyframes.shotlist.jobs
-    from keyframes.config.schema import Config
     from keyframes.errors import ConfigError
+    from keyframes.shotlist.jobs import JobSettings
 
     def build(*args, **kwargs):
         raise AssertionError("jobs were built")
 
     monkeypatch.setattr(keyframes.shotlist.jobs, "plan_jobs", build)
     huge = parse_shotlist([scene(i, takes=1000) for i in range(10_000)])  # 10 million images
-    cfg = Config(takes=1, max_images=10_000)
+    settings = JobSettings(takes=1, max_images=10_000)
     with pytest.raises(ConfigError) as info:
-        keyframes.shotlist.jobs.plan_for(cfg, huge)
+        keyframes.shotlist.jobs.plan_for(huge, settings)
     assert str(info.value) == (
         "this run would make 10,000,000 images (10,000 scenes and their takes); the limit is "
         "max_images=10000. If that many is meant, raise it: max_images=10000000"

@@ -148,7 +148,7 @@ def test_a_sweep_over_upscale_options_is_checked_job_by_job():
     from keyframes.config.overrides import check_override_keys
     from keyframes.config.schema import CONF_DIR, Config
     from keyframes.errors import ConfigError
-    from keyframes.generation.preflight import check_sweep
+    from keyframes.generation.recipe import check_sweep
 
     overrides = ["experiment=smoke", "upscale=hires,refiner", "upscale.factor=2"]
     check_override_keys(overrides, Config, CONF_DIR)  # no one option to hold it to

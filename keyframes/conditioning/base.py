@@ -21,15 +21,21 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from keyframes.config.schema import ModelConfig
 from keyframes.errors import ConfigError
 
 # Config groups whose option selects a method; "none" selects none.
 GROUPS = ("consistency", "controlnet", "upscale")
 # Settings nodes that switch a method on (their `on` property): freeu.enabled, pag.scale > 0
 SWITCHED = ("freeu", "pag")
+# Settings nodes that hold files, one method each when the list is not empty
+LISTED = ("loras", "embeddings")
+# Every settings node a method may be chosen by, in the order methods run
+METHOD_SETTINGS = (*LISTED, *SWITCHED, *GROUPS)
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}
 _discovered = False
 
@@ -55,17 +61,34 @@ class BatchHook:
         return None
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know of the run beyond its own settings (the recipe fills it)."""
+
+    model: ModelConfig
+    width: int  # the generated size, before any second pass
+    height: int
+    steps: int
+    cfg_scale: float
+    long_prompts: str = "chunk"
+    prompt_weighting: str = "none"
+    fuse_loras: bool = False
+    chosen: Mapping[str, str] = field(default_factory=dict)  # each group's option (GROUPS)
+    guidance_interval: bool = False  # guidance limited to an interval of the steps
+    deepcache: bool = False  # UNet feature reuse across steps
+
+
 class Method:
     """A conditioning method for one run. `settings` is its config group's node (for LoRAs
-    the list), `plan` the frozen run plan (config.plan.RunPlan)."""
+    the list), `run` what it may know of the rest of the run."""
 
     group: ClassVar[str]
     name: ClassVar[str]
     second_model: ClassVar[bool] = False  # loads a second model beside the base (memory plan)
 
-    def __init__(self, settings: Any, plan: Any):
+    def __init__(self, settings: Any, run: MethodContext):
         self.settings = settings
-        self.plan = plan
+        self.run = run
 
     def prepare(self, jobs: list, shotlist) -> list:
         return jobs
@@ -121,19 +144,19 @@ def method_class(group: str, name: str) -> type[Method] | None:
     return _REGISTRY.get((group, name))
 
 
-def methods_for(plan) -> list[Method]:
-    """The methods a plan selects, in a fixed order: LoRAs, embeddings, the switched ones
-    (SWITCHED), then the groups of GROUPS."""
+def methods_for(settings_of: Mapping[str, Any], run: MethodContext) -> list[Method]:
+    """The methods the settings select (settings_of: the node of each of METHOD_SETTINGS), in
+    a fixed order: LoRAs, embeddings, the switched ones (SWITCHED), then the groups of GROUPS."""
     _discover()
     chosen = []
-    for listed in ("loras", "embeddings"):  # lists of files rather than one option
-        if getattr(plan.config, listed):
-            chosen.append(_REGISTRY[(listed, listed)](getattr(plan.config, listed), plan))
+    for listed in LISTED:  # lists of files rather than one option
+        if settings_of[listed]:
+            chosen.append(_REGISTRY[(listed, listed)](settings_of[listed], run))
     for switched in SWITCHED:
-        if getattr(plan.config, switched).on:
-            chosen.append(_REGISTRY[(switched, switched)](getattr(plan.config, switched), plan))
+        if settings_of[switched].on:
+            chosen.append(_REGISTRY[(switched, switched)](settings_of[switched], run))
     for group in GROUPS:
-        settings = getattr(plan.config, group)
+        settings = settings_of[group]
         cls = _REGISTRY.get((group, settings.name))
         if cls is None and settings.name == "none":
             continue
@@ -143,7 +166,7 @@ def methods_for(plan) -> list[Method]:
                 f"{group}={settings.name}: no conditioning method is registered under that "
                 f"name (registered: none, {', '.join(known)})"
             )
-        chosen.append(cls(settings, plan))
+        chosen.append(cls(settings, run))
     return chosen
 
 

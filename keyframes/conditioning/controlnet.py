@@ -144,7 +144,7 @@ class ControlNet(Method):
     name = "controlnet"
 
     def prepare(self, jobs: list[ImageJob], shotlist) -> list[ImageJob]:
-        control, model = self.settings, self.plan.config.model
+        control, model = self.settings, self.run.model
         problems = []
         if control.type not in CONTROL_TYPES:
             problems.append(
@@ -179,7 +179,7 @@ class ControlNet(Method):
             return None
         if control.path:
             return local_controlnet_problem(
-                Path(control.path).expanduser(), self.plan.config.model.allow_pickle
+                Path(control.path).expanduser(), self.run.model.allow_pickle
             )
         return hub.missing(
             control.id,
@@ -192,7 +192,7 @@ class ControlNet(Method):
         pipe = loaded.pipe
         self.net = None
         if any(job.control for job in todo):
-            allow = self.plan.config.model.allow_pickle
+            allow = self.run.model.allow_pickle
             net = load_controlnet(self.settings, pipe.unet, pipe.unet.dtype, allow)
             self.net = net.to(pipe.device)
 
@@ -200,7 +200,7 @@ class ControlNet(Method):
         # made per stage: from_pipe copies the components there are at that moment
         if self.net is None:
             return None
-        return Control(pipe, self.net, self.settings, self.plan.width, self.plan.height)
+        return Control(pipe, self.net, self.settings, self.run.width, self.run.height)
 
     def record(self, job: ImageJob) -> dict:
         if not job.control:

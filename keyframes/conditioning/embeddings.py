@@ -116,7 +116,7 @@ class Embeddings(Method):
     """embeddings=[...]: textual inversions, each a token the prompts can use."""
 
     def prepare(self, jobs: list, shotlist) -> list:
-        problems = check_embeddings(self.settings, self.plan.config.model.family)
+        problems = check_embeddings(self.settings, self.run.model.family)
         if problems:
             raise ConfigError.listing("embeddings that cannot be used:", problems)
         self.records = embedding_records(self.settings)

@@ -69,14 +69,14 @@ class HiresFix(Method):
             problems.append(f"upscale.strength={up.strength}: must be in (0, 1]")
         if up.steps is not None and up.steps < 1:
             problems.append(f"upscale.steps={up.steps}: must be at least 1")
-        steps = up.steps or self.plan.config.steps
+        steps = up.steps or self.run.steps
         if steps >= 1 and 0 < up.strength <= 1 and int(steps * up.strength) < 1:
             problems.append(
                 f"upscale=hires: strength {up.strength:g} of {steps} steps redraws no step at "
                 "all; raise upscale.steps (or upscale.strength)"
             )
         if 1 < up.factor <= 4:
-            problems += size_problems(*upscaled_size(self.plan.width, self.plan.height, up.factor))
+            problems += size_problems(*upscaled_size(self.run.width, self.run.height, up.factor))
         if problems:
             raise ConfigError("invalid settings:", problems)
         return jobs
@@ -88,13 +88,13 @@ class HiresFix(Method):
     def record(self, job) -> dict:
         """How the image was enlarged; width/height are the output's."""
         up = self.settings
-        width, height = upscaled_size(self.plan.width, self.plan.height, up.factor)
+        width, height = upscaled_size(self.run.width, self.run.height, up.factor)
         return {
             "upscale": {
                 "name": self.name,
                 "factor": up.factor,
                 "strength": up.strength,
-                "steps": up.steps or self.plan.config.steps,
+                "steps": up.steps or self.run.steps,
                 "width": width,
                 "height": height,
             }

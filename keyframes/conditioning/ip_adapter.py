@@ -127,7 +127,7 @@ class IpAdapter(Method):
     keyframe, made before the adapter loads and then shown to every other image."""
 
     def prepare(self, jobs: list[ImageJob], shotlist: Shotlist) -> list[ImageJob]:
-        family, model = self.plan.config.model.family, self.plan.config.model.name
+        family, model = self.run.model.family, self.run.model.name
         if family != "sdxl":
             raise ConfigError(
                 "settings that do not fit the model:",
@@ -145,7 +145,7 @@ class IpAdapter(Method):
         return self.planned
 
     def missing_weights(self) -> str | None:
-        return missing_adapter(self.settings, self.plan.config.model.allow_pickle)
+        return missing_adapter(self.settings, self.run.model.allow_pickle)
 
     def stages(self, todo: list[ImageJob], planned: list[ImageJob], run_dir) -> list[list]:
         first = planned[0]

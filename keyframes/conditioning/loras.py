@@ -191,19 +191,17 @@ class Loras(Method):
     """loras=[...]: every adapter at its scale, optionally fused into the weights."""
 
     def prepare(self, jobs: list, shotlist) -> list:
-        check_loras(self.settings, self.plan.config.model.allow_pickle)
+        check_loras(self.settings, self.run.model.allow_pickle)
         self.records = lora_records(self.settings)
         return jobs
 
     def install(self, loaded, todo) -> None:
-        fuse = self.plan.config.fuse_loras
-        self.merged = apply_loras(
-            loaded.pipe, self.settings, fuse, self.plan.config.model.allow_pickle
-        )
+        fuse = self.run.fuse_loras
+        self.merged = apply_loras(loaded.pipe, self.settings, fuse, self.run.model.allow_pickle)
         log.info("LoRA: %s%s", prompt_tags(self.records), " (fused)" if fuse else "")
 
     def remove(self, pipe) -> None:
-        remove_loras(pipe, self.plan.config.fuse_loras, getattr(self, "merged", None))
+        remove_loras(pipe, self.run.fuse_loras, getattr(self, "merged", None))
 
     def record(self, job) -> dict:
         return {"loras": self.records}

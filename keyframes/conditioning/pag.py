@@ -32,22 +32,22 @@ class PagHook(BatchHook):
 class Pag(Method):
     def prepare(self, jobs: list, shotlist) -> list:
         """What diffusers' PAG pipelines cannot be combined with here, named before loading."""
-        cfg, problems = self.plan.config, []
+        run, problems = self.run, []
         if self.settings.scale < 0 or self.settings.adaptive_scale < 0 or not self.settings.layers:
             problems.append("pag: scale and adaptive_scale at least 0, and layers not empty")
-        others = {"controlnet": cfg.controlnet.name, "consistency": cfg.consistency.name}
+        others = {g: run.chosen.get(g, "none") for g in ("controlnet", "consistency")}
         problems += [
             f"pag with {group}={name}: that pipeline has its own attention processors or "
             "pipeline class; use one or the other"
             for group, name in others.items()
             if name != "none"
         ]
-        if cfg.guidance_interval:
+        if run.guidance_interval:
             problems.append(
                 "pag with guidance_interval: the interval halves two-row batches, "
                 "PAG's have three; use one or the other"
             )
-        if cfg.speed.deepcache:
+        if run.deepcache:
             problems.append(
                 "pag with DeepCache (speed.deepcache_interval > 1): its cached "
                 "features would mix the perturbed row with the others"

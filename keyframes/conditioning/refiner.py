@@ -126,7 +126,7 @@ class SdxlRefiner(Method):
     """upscale=refiner: the SDXL refiner runs the last 1 - high_noise_frac of the steps."""
 
     def prepare(self, jobs: list, shotlist) -> list:
-        up, model = self.settings, self.plan.config.model
+        up, model = self.settings, self.run.model
         problems = []
         if not 0 < up.high_noise_frac < 1:
             problems.append(
@@ -162,9 +162,9 @@ class SdxlRefiner(Method):
         )
 
     def install(self, loaded, todo: list) -> None:
-        cfg = self.plan.config
-        refiner = cached_refiner(loaded, self.settings, cfg.model.allow_pickle)
-        self.hook = Refiner(refiner, self.settings, cfg.long_prompts, cfg.prompt_weighting)
+        run = self.run
+        refiner = cached_refiner(loaded, self.settings, run.model.allow_pickle)
+        self.hook = Refiner(refiner, self.settings, run.long_prompts, run.prompt_weighting)
 
     def begin_stage(self, pipe, stage: int) -> BatchHook:
         return self.hook
@@ -176,8 +176,8 @@ class SdxlRefiner(Method):
                 "name": self.name,
                 "model": refiner_source(up),
                 "high_noise_frac": up.high_noise_frac,
-                "width": self.plan.width,
-                "height": self.plan.height,
+                "width": self.run.width,
+                "height": self.run.height,
             }
         }
 

@@ -111,7 +111,7 @@ class StyleAligned(Method):
     """consistency=style_aligned: every image shares attention with one reference keyframe."""
 
     def prepare(self, jobs: list[ImageJob], shotlist) -> list[ImageJob]:
-        if self.plan.config.controlnet.type and any(job.control for job in jobs):
+        if self.run.chosen.get("controlnet", "none") != "none" and any(job.control for job in jobs):
             raise ConfigError(
                 "consistency=style_aligned with ControlNet scenes is not supported: the "
                 "reference shares every batch, and a ControlNet batch steers all its rows with "
@@ -126,7 +126,7 @@ class StyleAligned(Method):
     def install(self, loaded, todo) -> None:
         self.restore, shared = share_attention(loaded.pipe.unet)
         for processor in shared:  # diffusers doubles the batch for guidance above 1
-            processor.groups = 2 if self.plan.config.cfg_scale > 1 else 1
+            processor.groups = 2 if self.run.cfg_scale > 1 else 1
         log.info("style_aligned: every image shares attention with %s", self.reference.file)
 
     def remove(self, pipe) -> None:

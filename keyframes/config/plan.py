@@ -47,6 +47,11 @@ class RunPlan:
     def config_hash(self) -> str:
         return config_hash(self.resolved)
 
+    @property
+    def yaml(self) -> str:
+        """config.yaml: the resolved settings, as Hydra would write them."""
+        return OmegaConf.to_yaml(OmegaConf.create(self.resolved))
+
 
 def make_plan(composed: Config, typed: set[str] = frozenset()) -> RunPlan:
     """The plan for composed settings; `typed` are the keys given on the command line (they

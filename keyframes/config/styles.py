@@ -45,7 +45,7 @@ def read_style_file(path: Path) -> list[StyleConfig]:
     return styles
 
 
-def _preset(entry, number: int, problems: list[str]) -> StyleConfig | None:
+def _preset(entry: object, number: int, problems: list[str]) -> StyleConfig | None:
     """One preset; what is wrong with it goes to problems."""
     if not isinstance(entry, dict):
         problems.append(f"preset {number}: expected an object, got {type(entry).__name__}")

@@ -5,7 +5,7 @@ the process's cached pipeline exactly as it found it: methods removed, out-of-me
 switched off again, an offloaded pipeline dropped from the cache. So the cache key and the
 recorded memory mode always describe what ran.
 
-    with Session(plan, placement, memory, methods) as session:
+    with Session(models, settings, placement, memory, methods) as session:
         for batch in session.generate(todo, planned, run_dir):
             ...
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from keyframes.conditioning.base import Method
-from keyframes.config.plan import RunPlan
+from keyframes.config.schema import ModelConfig, SamplerConfig, ScorerConfig, SpeedConfig
 from keyframes.generation.feature_reuse import run_flops
 from keyframes.generation.generator import Generation, GenerationSettings, KeyframeGenerator
 from keyframes.generation.warmup import warm_up
@@ -39,9 +39,20 @@ from keyframes.scoring.clip import ClipScorer, cached_scorer
 log = logging.getLogger("keyframes")
 
 
+@dataclass(frozen=True)
+class SessionModels:
+    """What a session loads: the model with its sampler and speed preset, and the scorer."""
+
+    model: ModelConfig
+    sampler: SamplerConfig
+    speed: SpeedConfig
+    scorer: ScorerConfig
+
+
 @dataclass
 class Session:
-    plan: RunPlan
+    models: SessionModels
+    settings: GenerationSettings  # every pipeline call's numbers
     placement: Placement
     memory: MemoryPlan
     methods: list[Method] = field(default_factory=list)
@@ -65,23 +76,6 @@ class Session:
         return self.loaded.pipe
 
     @property
-    def settings(self) -> GenerationSettings:
-        cfg = self.plan.config
-        return GenerationSettings(
-            steps=cfg.steps,
-            cfg_scale=cfg.cfg_scale,
-            width=self.plan.width,
-            height=self.plan.height,
-            batch_size=cfg.batch_size,
-            fixed_batch=cfg.speed.compile,
-            long_prompts=cfg.long_prompts,
-            prompt_weighting=cfg.prompt_weighting,
-            guidance_interval=tuple(cfg.guidance_interval) if cfg.guidance_interval else None,
-            deepcache=cfg.speed.deepcache,
-            guidance_rescale=cfg.guidance_rescale or 0.0,
-        )
-
-    @property
     def fallbacks(self) -> list[dict]:
         """Every out-of-memory step taken so far (halved batches, VAE tiling, offload), the
         warm-up's included."""
@@ -90,20 +84,20 @@ class Session:
     def setup(self, scorer: bool = True) -> Session:
         """The pipeline (from the process's cache when the settings match) with the run's
         sampler, and the scorer (scorer=False: none, e.g. for a benchmark)."""
-        cfg = self.plan.config
+        models = self.models
         start = time.perf_counter()
         self.loaded, self.cache_hit = cached_pipeline(
-            cfg.model, self.placement, self.memory.mode, cfg.speed
+            models.model, self.placement, self.memory.mode, models.speed
         )
-        apply_sampler(self.pipe, cfg.sampler, self.loaded.scheduler_config)
+        apply_sampler(self.pipe, models.sampler, self.loaded.scheduler_config)
         self.timings["model_load_seconds"] = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
-        self.scorer = cached_scorer(cfg.scorer, self.placement.device) if scorer else None
+        self.scorer = cached_scorer(models.scorer, self.placement.device) if scorer else None
         self.timings["scorer_load_seconds"] = round(time.perf_counter() - start, 3)
         log.info(
             "model %s (%s) %s in %.1f s%s",
-            cfg.model.name,
-            describe_source(cfg.model),
+            models.model.name,
+            describe_source(models.model),
             "reused" if self.cache_hit else "loaded",
             self.timings["model_load_seconds"],
             f", scorer {self.scorer.name} in {self.timings['scorer_load_seconds']:.1f} s"
@@ -121,7 +115,7 @@ class Session:
         seconds, self.warmup_fallbacks = warm_up(self.loaded, self.settings, job, self.lead())
         seconds = round(seconds, 3)
         self.timings["warmup_seconds"] = seconds
-        if self.plan.config.speed.compile:
+        if self.models.speed.compile:
             self.timings["compile_seconds"] = seconds
         return seconds
 
@@ -151,19 +145,16 @@ class Session:
         through the text encoders, one VAE decode (second passes are not counted)."""
         if g.unet_evaluations is None or self.flops is None:
             return None
-        cfg = self.plan.config
-        return (
-            self.flops.spent(g.unet_evaluations, cfg.cfg_scale, g.unet_shallow_evaluations or 0)
-            / 1e12
-        )
+        cfg_scale, shallow = self.settings.cfg_scale, g.unet_shallow_evaluations or 0
+        return self.flops.spent(g.unet_evaluations, cfg_scale, shallow) / 1e12
 
     @cached_property
     def flops(self) -> ImageFlops | None:
         """This model's FLOPs at this size (packaged for SDXL; counted on the meta device,
         once per process, for others), with DeepCache's shallow branch where it is on."""
-        plan = self.plan
+        size = self.settings
         try:
-            return run_flops(self.pipe, plan.width, plan.height, plan.config.speed.deepcache)[0]
+            return run_flops(self.pipe, size.width, size.height, size.deepcache)[0]
         except Exception as e:  # noqa: BLE001 - a count is a record, never a reason to stop
             log.warning("could not count this model's FLOPs (%s): none recorded", e)
             return None

@@ -69,7 +69,7 @@ def load_font(size: int):
         return ImageFont.load_default()
 
 
-def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
     while text and draw.textlength(text, font=font) > width:
         text = text[:-2] + "…"
     return text

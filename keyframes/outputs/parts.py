@@ -4,22 +4,25 @@ process merges them into manifest.json at the end."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-from keyframes.outputs.manifest import journal_of, load_manifest
+from keyframes.outputs.manifest import journal_of, load_manifest, write_manifest
 from keyframes.outputs.processes import PART_GLOB, Processes
+from keyframes.outputs.records import Manifest
 
 log = logging.getLogger("keyframes")
 
 
-def merge_parts(run_dir: Path, processes: Processes, result) -> None:
-    """Main process: the images and fallbacks of every process's manifest part into the run's
-    manifest; the parts are removed once manifest.json holds them."""
+def merge_parts(run_dir: Path, processes: Processes, manifest: Manifest) -> Manifest:
+    """Main process: the images and fallbacks of every process's manifest part added to this
+    process's `manifest`, written as the run's manifest.json; the parts are removed once it
+    holds them. Returns the merged manifest (`manifest` itself when there are no parts)."""
     parts = sorted(run_dir.glob(PART_GLOB))
     if not parts:
-        return
-    records = {r.index: r for r in result.images}
-    fallbacks = list(result.run.fallbacks)
+        return manifest
+    records = {r.index: r for r in manifest.images}
+    fallbacks = list(manifest.run.fallbacks)
     for part in parts:
         try:
             doc = load_manifest(part)
@@ -30,10 +33,10 @@ def merge_parts(run_dir: Path, processes: Processes, result) -> None:
             records.setdefault(record.index, record)
         if part.name != processes.part_name():
             fallbacks += doc.run.fallbacks
-    result.images = [records[i] for i in sorted(records)]
-    result.run.fallbacks = fallbacks
-    result.run.processes = processes.count
-    result.write_manifest()
+    run = replace(manifest.run, fallbacks=fallbacks, processes=processes.count)
+    merged = Manifest(run, [records[i] for i in sorted(records)])
+    write_manifest(run_dir, merged)
     for part in parts:
         part.unlink()
         journal_of(part).unlink(missing_ok=True)
+    return merged

@@ -20,7 +20,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("keyframes")
 
@@ -53,7 +55,7 @@ class Processes:
         if self.state is not None:
             self.state.wait_for_everyone()
 
-    def from_main(self, value):
+    def from_main(self, value: T) -> T:
         """The main process's value, in every process."""
         if self.state is None:
             return value

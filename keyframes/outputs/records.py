@@ -13,16 +13,10 @@ unchanged.
 from __future__ import annotations
 
 import hashlib
-import os
-import shlex
-import socket
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
-
-from keyframes.conditioning.base import record_fields
-from keyframes.pipeline.load import describe_source
-from keyframes.pipeline.long_prompts import prompt_encoding
 
 MANIFEST_VERSION = 1
 
@@ -197,142 +191,13 @@ class Manifest:
         )
 
 
-def image_record(
-    plan,
-    g,
-    scores: tuple,
-    tokens: dict[str, int],
-    scene_extra: dict[str, Any],
-    methods: list,
-    planned,
-) -> ImageRecord:
-    """One image's record (g: a generation.Generation; scores: its two CLIP TextScores and
-    its aesthetic score; planned: its job as planned, with the conditioning methods' inputs)."""
-    cfg, job = plan.config, g.job
-    longest = max(tokens[job.prompt], tokens[job.negative_prompt])
-    # keywords, not a dict: a misspelt field fails here instead of landing in `extra`
-    return ImageRecord(
-        index=job.index,
-        scene_id=job.scene_id,
-        scene_index=job.scene_index,
-        take=job.take,
-        file=job.file,
-        status="ok" if g.image is not None else "failed",
-        error=g.error,
-        notes=g.notes,
-        seed=job.seed,
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        prompt_tokens=tokens[job.prompt],  # over 77: see prompt_encoding
-        negative_prompt_tokens=tokens[job.negative_prompt],
-        prompt_encoding=prompt_encoding(longest, cfg.long_prompts),
-        description=job.description,
-        scene_prompt=job.scene_prompt,
-        **_settings_fields(plan),
-        **_measured_fields(g, scores),
-        scene_extra=scene_extra,  # fields the shotlist format does not know, passed on
-        **ImageRecord.own_and_extra(record_fields(methods, planned)),  # consistency, loras...
-    )
-
-
-def _settings_fields(plan) -> dict[str, Any]:
-    """What an image's settings were, from the plan."""
-    cfg = plan.config
-    return {
-        "steps": cfg.steps,
-        "cfg_scale": cfg.cfg_scale,
-        "sampler": cfg.sampler.name,
-        "sampler_label": cfg.sampler.label,
-        "width": plan.width,
-        "height": plan.height,
-        "model": cfg.model.name,
-        "style": cfg.style.name,
-        "negative": cfg.negative.name,
-        "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None,
-        "prediction": cfg.model.prediction,
-        "zero_snr": bool(cfg.model.zero_snr),
-        "guidance_rescale": cfg.guidance_rescale or 0.0,
-        "deepcache": list(cfg.speed.deepcache) if cfg.speed.deepcache else None,
-    }
-
-
-def _measured_fields(g, scores: tuple) -> dict[str, Any]:
-    """What making the image took and how it scored."""
-    asked, styled, aesthetic = scores
-    return {
-        "seconds": round(g.seconds, 4),
-        "vram_peak_gb": _rounded(g.vram_peak_gb, 3),
-        "rss_peak_gb": round(g.rss_peak_gb, 3),
-        "clip_score": None if asked is None else round(asked.score, 4),
-        "clip_score_prompt": None if styled is None else round(styled.score, 4),
-        "clip_truncated": None
-        if asked is None
-        else {"description": asked.truncated, "prompt": styled.truncated},
-        "aesthetic_score": _rounded(aesthetic, 4),
-        "unet_evaluations": _rounded(g.unet_evaluations, 2),
-        "unet_shallow_evaluations": _rounded(g.unet_shallow_evaluations, 2),
-        "tflops": None if g.tflops is None else float(f"{g.tflops:.4g}"),
-    }
-
-
-def _rounded(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def run_info(ctx, session) -> RunInfo:
-    """The run's record as it starts (ctx: a generation.render.RunContext; session: its set-up
-    generation.session.Session)."""
-    cfg, scorer, loaded = ctx.plan.config, session.scorer, session.loaded
-    command = "uv run python -m keyframes.run " + " ".join(map(shlex.quote, ctx.overrides))
-    # keywords, not a dict: a misspelt field fails here instead of landing in `extra`
-    return RunInfo(
-        title=ctx.shotlist.title,
-        shotlist=ctx.shotlist.path,
-        shotlist_sha256=ctx.shotlist.sha256,
-        shotlist_extra=ctx.shotlist.extra,
-        characters={c.name: c.description for c in ctx.shotlist.characters.values()},
-        config_hash=ctx.plan.config_hash,
-        model=cfg.model.name,
-        model_source=describe_source(cfg.model),
-        model_family=cfg.model.family,
-        model_fit=list(ctx.plan.model_fit),
-        style=cfg.style.name,
-        style_template=cfg.style.prompt,
-        negative=cfg.negative.name,
-        sampler=cfg.sampler.name,
-        quality=cfg.quality.name,
-        scorer=scorer.name if scorer else None,
-        device=ctx.placement.device,
-        dtype=str(ctx.placement.dtype).removeprefix("torch."),
-        memory=ctx.memory.as_record(),
-        versions=ctx.versions,
-        overrides=ctx.overrides,
-        command=command,
-        started_at=iso(ctx.started),
-        experiment=ctx.experiment,
-        sweep=ctx.sweep,
-        git_commit=ctx.git_commit,
-        host=socket.gethostname(),  # where it ran: sweeps may spread over machines
-        pid=os.getpid(),
-        run_key=run_key(ctx),
-        status="running",
-        pipeline_cache="hit" if session.cache_hit else "miss",
-        speed={"preset": cfg.speed.name, **loaded.speed},
-        timings=dict(session.timings),
-        **RunInfo.own_and_extra({k: v for m in ctx.methods for k, v in m.run_record().items()}),
-    )
-
-
 def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
-def run_key(ctx) -> str:
-    """Names this run in MLflow, so logging the same run directory twice changes nothing."""
-    return derive_run_key(ctx.plan.config_hash, ctx.shotlist.sha256, ctx.started, ctx.run_dir)
-
-
-def derive_run_key(config_hash: str, shotlist_sha256: str, started, run_dir) -> str:
+def derive_run_key(
+    config_hash: str, shotlist_sha256: str, started: float | str, run_dir: Path
+) -> str:
     """A run key from what made the run, when it began and where (also for a manifest of an
     earlier version, written before keys were recorded)."""
     text = f"{config_hash}:{shotlist_sha256}:{started}:{run_dir.resolve()}"

@@ -8,6 +8,7 @@ run stops, naming the settings that differ, unless `remake=true` asks for it to 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from keyframes.outputs.files import keyframe_file
 from keyframes.outputs.manifest import load_manifest, read_run
 from keyframes.outputs.processes import manifest_paths
 from keyframes.outputs.records import ImageRecord, RunInfo
+from keyframes.shotlist.jobs import ImageJob
 
 log = logging.getLogger("keyframes")
 
@@ -72,7 +74,11 @@ def _differences(old_config: Path, resolved: dict[str, Any]) -> list[str]:
 
 
 def previous_images(
-    run_dir: Path, jobs: list, earlier: Earlier | None, run: RunInfo, recipe
+    run_dir: Path,
+    jobs: list[ImageJob],
+    earlier: Earlier | None,
+    run: RunInfo,
+    recipe: Callable[[ImageJob], dict[str, Any]],
 ) -> dict[int, ImageRecord]:
     """Records of a manifest already in the run directory whose PNG is whole and whose recipe
     matches the job: those images are not made again (a missing or damaged PNG is made again).

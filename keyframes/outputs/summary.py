@@ -8,7 +8,7 @@ from keyframes.outputs.records import ImageRecord
 def summarize(images: list[ImageRecord], model_load_seconds: float, total: float):
     ok = [r for r in images if r.ok]
 
-    def mean(key):
+    def mean(key: str) -> float | None:
         values = [getattr(r, key) for r in ok if getattr(r, key) is not None]
         return sum(values) / len(values) if values else None
 

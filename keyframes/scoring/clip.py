@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from keyframes.config.schema import ScorerConfig
 from keyframes.errors import ModelUnavailableError
@@ -27,7 +29,15 @@ class TextScore:
 
 
 class ClipScorer:
-    def __init__(self, model, preprocess, tokenizer, device: str, name: str, aesthetic=None):
+    def __init__(
+        self,
+        model: torch.nn.Module,  # an open_clip CLIP
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        device: str,
+        name: str,
+        aesthetic: torch.nn.Module | None = None,
+    ):
         self.model = model.eval().to(device)
         self.aesthetic_head = aesthetic.to(device) if aesthetic is not None else None
         self.preprocess = preprocess
@@ -42,7 +52,7 @@ class ClipScorer:
         return len(self.tokenizer.encode(text)) + 2 > CONTEXT_LENGTH  # + start and end tokens
 
     @torch.inference_mode()
-    def image_features(self, images) -> torch.Tensor:
+    def image_features(self, images: list[Image.Image]) -> torch.Tensor:
         """Unit-length CLIP image embeddings, one row per image (float32, on the CPU)."""
         rgb = [im.convert("RGB") for im in images]
         keys = [hashlib.sha1(im.tobytes() + repr(im.size).encode()).hexdigest() for im in rgb]
@@ -55,7 +65,7 @@ class ClipScorer:
         return torch.stack([self._embedded[key] for key in keys])
 
     @torch.inference_mode()
-    def score(self, images, *texts: list[str]) -> list[list[TextScore]]:
+    def score(self, images: list[Image.Image], *texts: list[str]) -> list[list[TextScore]]:
         """For each list of texts, image i scored against text i. The images are encoded once
         (the costly part: ViT-L/14 is about 80 GFLOP per image), the texts in one batch."""
         image_features = self.image_features(images).to(self.device)
@@ -70,7 +80,7 @@ class ClipScorer:
         ]
 
     @torch.inference_mode()
-    def aesthetic(self, images) -> list[float] | None:
+    def aesthetic(self, images: list[Image.Image]) -> list[float] | None:
         """The LAION aesthetic score of each image (None without an aesthetic head): from the
         image embeddings scoring already made."""
         if self.aesthetic_head is None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
-from keyframes.config.schema import MAX_SEED, Config
+from keyframes.config.schema import MAX_SEED
 from keyframes.errors import ConfigError
 from keyframes.shotlist.load import Shotlist
 from keyframes.shotlist.prompts import apply_style, combine_negatives, scene_prompt
@@ -26,6 +27,19 @@ class ImageJob:
     file: str  # relative to the run directory
     control: tuple[str, str] | None = None  # the scene's (type, image path) ControlNet input
     reference: str | None = None  # consistency=ip_adapter: the image prompt of this image
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What a run's jobs take from its settings (the recipe fills it from the plan)."""
+
+    style_prompt: str = "{prompt}"  # the style template
+    style_negative: str = ""
+    negative_preset: str = ""
+    seed: int = 0
+    seed_mode: str = "derived"  # derived: per scene from seed + scene id | fixed
+    takes: int = 1  # images per scene, unless a scene says
+    max_images: int = 10_000  # a run of more is refused before any job is built
 
 
 def derive_seed(run_seed: int, scene_id: str) -> int:
@@ -65,7 +79,7 @@ def unique_safe_names(ids: list[str]) -> dict[str, str]:
     return dict(zip(ids, make_unique([safe_name(i) for i in ids], fold=str.lower), strict=True))
 
 
-def make_unique(names: list[str], fold=lambda name: name) -> list[str]:
+def make_unique(names: list[str], fold: Callable[[str], str] = lambda name: name) -> list[str]:
     """The names in order, each one that is already taken (compared after `fold`) with -2,
     -3, ... added. Linear: 10,000 ids that all clean up to one name cost no more than 10,000
     different ones."""
@@ -125,26 +139,34 @@ def image_count(shotlist: Shotlist, takes: int) -> int:
     return sum(scene.takes or takes for scene in shotlist.scenes)
 
 
-def plan_for(cfg: Config, shotlist: Shotlist, takes: int | None = None) -> list[ImageJob]:
-    """plan_jobs with the run's style, negative preset and seeds (takes: cfg.takes unless
-    given). Refuses, before building anything, a run of more than cfg.max_images images."""
-    takes = cfg.takes if takes is None else takes
-    total = image_count(shotlist, takes)
-    if total > cfg.max_images:
+def plan_for(shotlist: Shotlist, settings: JobSettings) -> list[ImageJob]:
+    """plan_jobs with the run's style, negative preset, seeds and takes. Refuses, before
+    building anything, a run of more than settings.max_images images."""
+    total = image_count(shotlist, settings.takes)
+    if total > settings.max_images:
         raise ConfigError(
             f"this run would make {total:,} images ({len(shotlist.scenes):,} scenes and their "
-            f"takes); the limit is max_images={cfg.max_images}. If that many is meant, raise "
-            f"it: max_images={total}"
+            f"takes); the limit is max_images={settings.max_images}. If that many is meant, "
+            f"raise it: max_images={total}"
         )
     return plan_jobs(
         shotlist,
-        style_prompt=cfg.style.prompt,
-        style_negative=cfg.style.negative_prompt,
-        negative_preset=cfg.negative.prompt,
-        run_seed=cfg.seed,
-        seed_mode=cfg.seed_mode,
-        takes=takes,
+        style_prompt=settings.style_prompt,
+        style_negative=settings.style_negative,
+        negative_preset=settings.negative_preset,
+        run_seed=settings.seed,
+        seed_mode=settings.seed_mode,
+        takes=settings.takes,
     )
+
+
+def cycle_jobs(jobs: list[ImageJob], count: int) -> list[ImageJob]:
+    """`count` jobs going round `jobs` again and again, each round with the next seeds (for
+    benchmarks that need more images than the shotlist has)."""
+    return [
+        replace(jobs[i % len(jobs)], index=i, seed=jobs[i % len(jobs)].seed + i // len(jobs))
+        for i in range(count)
+    ]
 
 
 def reference_job(jobs: list[ImageJob], scene_id: str | None) -> ImageJob:

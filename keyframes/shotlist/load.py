@@ -310,7 +310,9 @@ def _parse_scene(
     )
 
 
-def _check_id_and_description(scene_id, description, where: str, problems: list[str]) -> None:
+def _check_id_and_description(
+    scene_id: object, description: object, where: str, problems: list[str]
+) -> None:
     if scene_id is None:
         problems.append(f"{where}.id: missing")
     elif isinstance(scene_id, bool) or not isinstance(scene_id, (str, int)):
