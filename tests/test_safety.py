@@ -165,6 +165,15 @@ def test_image_paths_resolve_inside_the_shotlist_folder(tmp_path):
     )
 
 
+def test_an_image_path_the_file_system_cannot_take_is_a_problem_not_a_crash(tmp_path):
+    """A name longer than the file system allows (255 bytes on ext4) made stat() raise
+    OSError: a traceback instead of exit 2, found by comparing the validators on random input."""
+    data = [{"id": "a", "description": "d", "reference": "x" * 5000}]
+    with pytest.raises(ShotlistError) as info:
+        parse_shotlist(data, base_dir=tmp_path)
+    assert info.value.problems == [f"scenes[0].reference: file name too long: {'x' * 60!r}..."]
+
+
 @pytest.mark.parametrize(
     "scene_id, name",
     [

@@ -13,9 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from keyframes.config.inputs import json_problems, load_json, read_bounded
-from keyframes.config.schema import MAX_SEED, MAX_TAKES
 from keyframes.errors import ShotlistError
+from keyframes.shotlist.schema import (
+    MAX_SCENES,
+    MAX_TEXT,
+    ImagePaths,
+    SceneModel,
+    ShotlistModel,
+    kind,
+)
+from keyframes.shotlist.schema import problems as schema_problems
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo_shotlist.json"
 
@@ -37,11 +47,10 @@ SCENE_FIELDS = {
     "control",
     *SCENE_TEXT_FIELDS,
 }
-TOP_FIELDS = {"title", "characters", "scenes"}
-# Bounds that turn a runaway upstream stage into a clear error rather than a hang.
+# Bounds that turn a runaway upstream stage into a clear error rather than a hang (the
+# others, on scenes and texts, are in shotlist.schema).
 MAX_FILE_BYTES = 20_000_000
-MAX_SCENES = 10_000
-MAX_TEXT = 4_000  # characters in any one text field; CLIP reads about 300 anyway
+__all__ = ["MAX_SCENES", "MAX_TEXT", "Shotlist", "load_shotlist", "parse_shotlist"]
 
 
 @dataclass(frozen=True)
@@ -116,39 +125,36 @@ def parse_shotlist(
     base_dir: Path | None = None,
     allow_external_paths: bool = False,
 ) -> Shotlist:
-    """Validate decoded JSON. A bare list of scenes is accepted as well as the full object.
-    Image paths resolve against base_dir (the shotlist's folder) and may not leave it unless
-    allow_external_paths."""
-    paths = _PathRules(base_dir or Path.cwd(), allow_external_paths)
+    """Validate decoded JSON (shotlist.schema's models). A bare list of scenes is accepted as
+    well as the full object. Image paths resolve against base_dir (the shotlist's folder) and
+    may not leave it unless allow_external_paths."""
+    paths = ImagePaths((base_dir or Path.cwd()).resolve(), allow_external_paths)
     problems: list[str] = json_problems(data)  # repeated keys, runaway nesting
-    unknown: list[str] = []
     if isinstance(data, list):
         data = {"scenes": data}
     if not isinstance(data, dict):
         raise ShotlistError(
             f"shotlist {path} is invalid:",
-            [f"top level: expected an object with 'scenes' or a list of scenes, got {_kind(data)}"],
+            [f"top level: expected an object with 'scenes' or a list of scenes, got {kind(data)}"],
         )
     if problems:  # deep or ambiguous data is not walked any further
         raise ShotlistError(f"shotlist {path} is invalid:", problems)
-
-    title = data.get("title", Path(path).stem if path != "<data>" else "untitled")
-    if not isinstance(title, str) or not title.strip():
-        problems.append("title: must be a non-empty string")
-        title = "untitled"
-    elif len(title) > 200:
-        problems.append(f"title: {len(title)} characters, the limit is 200")
-    extra = {k: v for k, v in data.items() if k not in TOP_FIELDS}
-    unknown += sorted(extra)
-
-    characters = _parse_characters(data.get("characters", {}), problems, paths)
-    scenes = _parse_scenes(data.get("scenes"), characters, problems, unknown, paths)
-    if problems:
+    default_title = Path(path).stem if path != "<data>" else "untitled"
+    context = {"paths": paths, "characters": _sheet_names(data.get("characters"))}
+    try:
+        top = ShotlistModel.model_validate({"title": default_title, **data}, context=context)
+    except ValidationError as e:
+        problems, top = schema_problems(e), None
+    raw_scenes = top.scenes if top else _checked_or_none(data.get("scenes"))
+    scenes = _scenes(raw_scenes or [], context, problems)
+    if problems or top is None:
         raise ShotlistError(f"shotlist {path} is invalid:", problems)
+    extra = dict(top.model_extra or {})
+    unknown = sorted(extra) + [f"scenes[*].{k}" for scene in scenes for k in scene.extra]
     return Shotlist(
-        title=title.strip(),
+        title=top.title,
         scenes=tuple(scenes),
-        characters=characters,
+        characters=_characters(top.characters),
         path=path,
         sha256=sha256,
         extra=extra,
@@ -157,30 +163,57 @@ def parse_shotlist(
     )
 
 
-def _parse_scenes(
-    raw: Any,
-    characters: dict[str, Character],
-    problems: list[str],
-    unknown: list[str],
-    paths: _PathRules,
-) -> list[Scene]:
-    """The scene list, each scene checked, ids unique."""
-    if raw is None:
-        problems.append("scenes: missing")
-    elif not isinstance(raw, list):
-        problems.append(f"scenes: expected a list, got {_kind(raw)}")
-    elif not raw:
-        problems.append("scenes: empty, a shotlist needs at least one scene")
-    elif len(raw) > MAX_SCENES:
-        problems.append(f"scenes: {len(raw)} scenes, the limit is {MAX_SCENES}")
-    else:
-        scenes = [
-            _parse_scene(item, f"scenes[{i}]", characters, problems, unknown, paths)
-            for i, item in enumerate(raw)
-        ]
-        _check_unique_ids(raw, problems)  # also where a scene has other problems
-        return [scene for scene in scenes if scene is not None]
-    return []
+def _sheet_names(raw: Any) -> list[str]:
+    """The characters scenes may name: those with a valid description (a bad reference image
+    is reported on the sheet, not again on every scene that names the character)."""
+    names = []
+    for name, value in raw.items() if isinstance(raw, dict) else ():
+        text = value.get("description") if isinstance(value, dict) else value
+        if isinstance(text, str) and text.strip() and len(text) <= MAX_TEXT:
+            names.append(name)
+    return names
+
+
+def _checked_or_none(raw: Any) -> list | None:
+    """The scene list where the top level failed for another reason (title, characters)."""
+    try:
+        return ShotlistModel.model_validate({"scenes": raw}).scenes
+    except ValidationError:
+        return None
+
+
+def _characters(sheet: dict[str, dict[str, Any]]) -> dict[str, Character]:
+    return {
+        name: Character(
+            name=name,
+            description=fields["description"],
+            reference=fields.get("reference"),
+            extra={k: v for k, v in fields.items() if k not in ("description", "reference")},
+        )
+        for name, fields in sheet.items()
+    }
+
+
+def _scenes(raw: list, context: dict[str, Any], problems: list[str]) -> list[Scene]:
+    """Each scene checked against the valid characters, then the ids for repeats (also where
+    a scene has other problems)."""
+    scenes = []
+    for i, item in enumerate(raw):
+        try:
+            scene = SceneModel.model_validate(item, context=context)
+        except ValidationError as e:
+            problems += schema_problems(e, f"scenes[{i}]")
+            continue
+        fields = scene.model_dump(exclude={"characters"})
+        scenes.append(
+            Scene(
+                **{k: v for k, v in fields.items() if k in SCENE_FIELDS},
+                characters=tuple(scene.characters),
+                extra=dict(scene.model_extra or {}),
+            )
+        )
+    _check_unique_ids(raw, problems)
+    return scenes
 
 
 def id_notes(ids: list[str], limit: int = 10) -> list[str]:
@@ -219,181 +252,3 @@ def _check_unique_ids(raw: list, problems: list[str]) -> None:
             )
         else:
             first_index[key] = i
-
-
-def _parse_characters(raw: Any, problems: list[str], paths: _PathRules) -> dict[str, Character]:
-    """`name -> description`, or `name -> {"description": ..., "reference": image, ...}`."""
-    if not isinstance(raw, dict):
-        problems.append(f"characters: expected an object of name -> description, got {_kind(raw)}")
-        return {}
-    out = {}
-    for name, value in raw.items():
-        where = f"characters.{name}"
-        extra: dict[str, Any] = {}
-        reference = None
-        if isinstance(value, dict):
-            extra = {k: v for k, v in value.items() if k not in ("description", "reference")}
-            reference = paths.image(value.get("reference"), f"{where}.reference", problems)
-            value = value.get("description")
-        if not isinstance(value, str) or not value.strip():
-            problems.append(f"{where}: expected a non-empty description string")
-            continue
-        if len(value) > MAX_TEXT:
-            problems.append(f"{where}: {len(value)} characters, the limit is {MAX_TEXT}")
-            continue
-        out[name] = Character(
-            name=name, description=value.strip(), reference=reference, extra=extra
-        )
-    return out
-
-
-class _PathRules:
-    """Resolve image paths written in a shotlist, relative to its folder, inside it."""
-
-    def __init__(self, base: Path, allow_external: bool):
-        self.base = base.resolve()
-        self.allow_external = allow_external
-
-    def image(self, value: Any, where: str, problems: list[str]) -> str | None:
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.strip() or "\0" in value:
-            problems.append(f"{where}: expected an image path, got {_kind(value)}")
-            return None
-        path = (self.base / Path(value).expanduser()).resolve()
-        if not self.allow_external and not path.is_relative_to(self.base):
-            problems.append(
-                f"{where}: {value!r} is outside the shotlist's folder {self.base} "
-                "(set allow_external_paths=true to allow it)"
-            )
-            return None
-        if not path.is_file():
-            problems.append(f"{where}: image not found: {path}")
-            return None
-        return str(path)
-
-
-def _parse_scene(
-    raw: Any,
-    where: str,
-    characters: dict[str, Character],
-    problems: list[str],
-    unknown: list[str],
-    paths: _PathRules,
-) -> Scene | None:
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: expected an object, got {_kind(raw)}")
-        return None
-    start = len(problems)
-    scene_id, description = raw.get("id"), raw.get("description")
-    _check_id_and_description(scene_id, description, where, problems)
-    texts = _scene_texts(raw, where, problems)
-    names = _scene_characters(raw, where, characters, problems)
-    reference = paths.image(raw.get("reference"), f"{where}.reference", problems)
-    control = _scene_control(raw, where, paths, problems)
-    seed = _int_field(raw, "seed", where, problems, low=0, high=MAX_SEED)
-    takes = _int_field(raw, "takes", where, problems, low=1, high=MAX_TAKES)
-    extra = {k: v for k, v in raw.items() if k not in SCENE_FIELDS}
-    unknown += [f"scenes[*].{k}" for k in extra]
-    if len(problems) > start:
-        return None
-    return Scene(
-        id=str(scene_id).strip(),
-        description=description.strip(),
-        characters=tuple(names),
-        seed=seed,
-        takes=takes,
-        reference=reference,
-        control=control,
-        extra=extra,
-        **texts,
-    )
-
-
-def _check_id_and_description(
-    scene_id: object, description: object, where: str, problems: list[str]
-) -> None:
-    if scene_id is None:
-        problems.append(f"{where}.id: missing")
-    elif isinstance(scene_id, bool) or not isinstance(scene_id, (str, int)):
-        problems.append(f"{where}.id: expected a string, got {_kind(scene_id)}")
-    elif not str(scene_id).strip():
-        problems.append(f"{where}.id: must not be empty")
-    elif isinstance(scene_id, str) and len(scene_id) > 200:
-        problems.append(f"{where}.id: {len(scene_id)} characters, the limit is 200")
-    if description is None:
-        problems.append(f"{where}.description: missing")
-    elif not isinstance(description, str) or not description.strip():
-        problems.append(f"{where}.description: expected a non-empty string")
-    elif len(description) > MAX_TEXT:
-        problems.append(
-            f"{where}.description: {len(description)} characters, the limit is {MAX_TEXT}"
-        )
-
-
-def _scene_texts(raw: dict, where: str, problems: list[str]) -> dict[str, str | None]:
-    texts = {}
-    for key in SCENE_TEXT_FIELDS:
-        value = raw.get(key)
-        if value is not None and not isinstance(value, str):
-            problems.append(f"{where}.{key}: expected a string, got {_kind(value)}")
-        elif isinstance(value, str) and len(value) > MAX_TEXT:
-            problems.append(f"{where}.{key}: {len(value)} characters, the limit is {MAX_TEXT}")
-            value = None
-        texts[key] = (value.strip() or None) if isinstance(value, str) else None
-    return texts
-
-
-def _scene_characters(raw: dict, where: str, characters: dict, problems: list[str]) -> list:
-    names = raw.get("characters", [])
-    if isinstance(names, str):
-        names = [names]
-    if not isinstance(names, list):
-        problems.append(f"{where}.characters: expected a list of names, got {_kind(names)}")
-        names = []
-    for j, name in enumerate(names):
-        if not isinstance(name, str):
-            problems.append(f"{where}.characters[{j}]: expected a name, got {_kind(name)}")
-        elif name not in characters:
-            known = ", ".join(characters) or "none defined"
-            problems.append(
-                f"{where}.characters[{j}]: unknown character {name!r} (the sheet has: {known})"
-            )
-    return names
-
-
-def _scene_control(raw: dict, where: str, paths: _PathRules, problems: list[str]):
-    control = raw.get("control")
-    if control is not None:
-        if not isinstance(control, dict) or not isinstance(control.get("type"), str):
-            problems.append(f'{where}.control: expected {{"type": ..., "image": path}}')
-            control = None
-        else:
-            image = paths.image(control.get("image"), f"{where}.control.image", problems)
-            control = {**control, "image": image}
-    return control
-
-
-def _int_field(raw: dict, key: str, where: str, problems: list[str], low: int, high: int | None):
-    value = raw.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(f"{where}.{key}: expected an integer, got {_kind(value)}")
-        return None
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        problems.append(f"{where}.{key}: {value} is out of range, must be {bound}")
-        return None
-    return value
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    if isinstance(value, float):
-        return f"the number {value}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"the number {value}"
-    return names.get(type(value), type(value).__name__)
