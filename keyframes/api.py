@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from keyframes.errors import ConfigError, KeyframesError, first_line
+from keyframes.errors import ConfigError, KeyframesError
 from keyframes.generation.outcome import DiskFull, Interrupted
 from keyframes.outputs.manifest import load_manifest
 from keyframes.outputs.records import ImageRecord, Manifest
@@ -55,6 +55,7 @@ def generate(
     outputs/runs/<time>, as the command) and log the run to MLflow; returns its manifest.
     Bad input raises before anything loads and leaves nothing written; a run into a folder
     that holds an earlier one continues it (only what is missing is made)."""
+    from keyframes.config.compose import composed_or_refused
     from keyframes.config.overrides import check_override_keys
     from keyframes.config.schema import CONF_DIR, Config
     from keyframes.outputs.files import remove_if_untouched, run_folder_problem
@@ -66,7 +67,7 @@ def generate(
     run_dir = Path(run_dir or Path("outputs/runs") / time.strftime("%Y-%m-%d_%H-%M-%S")).absolute()
     if problem := run_folder_problem(run_dir):
         raise ConfigError(f"run_dir={run_dir}: {problem}")
-    cfg = _composed(overrides)
+    cfg = composed_or_refused(overrides, typed=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _logged_to(run_dir / LOG_NAME):
@@ -79,22 +80,6 @@ def generate(
     if failed:
         raise ImagesFailed(manifest, failed)
     return manifest
-
-
-def _composed(overrides: list[str]):
-    """The DictConfig `keyframes OVERRIDES` runs with; a value that does not compose is a
-    ConfigError, as the command's exit 2."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from keyframes.config.compose import composer
-
-    try:
-        with composer(typed=False) as compose:
-            return compose(overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""
-        raise ConfigError(f"{first_line(e)}{cause}") from None
 
 
 @contextmanager

@@ -7,6 +7,7 @@ mirrors the run directory into MLflow; the run's objective goes back to the swee
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import shutil
@@ -34,7 +35,6 @@ log = logging.getLogger("keyframes")
 
 register_schema()
 
-_task_started = False  # tells a config error (exit 2) from a crash inside the run (exit 1)
 _in_job = False  # a stop signal inside a job stops it at once; elsewhere it waits (_interrupt)
 _stop_requested = False
 EXIT_BAD_INPUT = 2
@@ -47,8 +47,8 @@ MIN_FREE_BYTES = 1_000_000  # less than this where the run folder goes: not even
 # An absolute path: the same configs whether this runs as `-m keyframes.run` or is imported.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    global _task_started, _in_job
-    _task_started = _in_job = True
+    global _in_job
+    _in_job = True
     try:
         return _job(cfg)
     finally:
@@ -134,15 +134,17 @@ def _track(run_dir: Path, mlflow, experiment: str, sweep: SweepJob | None, resul
         raise Interrupted(result, while_tracking=True) from None
 
 
-def _stopped(error: BaseException, run_dir: Path, log_name: str) -> int:
-    """The message and exit code of a run that stopped; bad input leaves nothing behind."""
-    if isinstance(error, KeyframesError | KeyboardInterrupt):
+def _stopped(error: BaseException, run_dir: Path | None = None, log_name: str = "") -> int:
+    """The message and exit code of a command or job that stopped (run_dir: the job's folder;
+    None before Hydra ran, or between a sweep's jobs). Bad input leaves nothing behind."""
+    if run_dir and isinstance(error, KeyframesError | KeyboardInterrupt):
         remove_if_untouched(run_dir, {".hydra", log_name, "config.yaml", LOCK_NAME})
     if isinstance(error, KeyframesError):
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_DISK_FULL if isinstance(error, NoSpaceForRun) else EXIT_BAD_INPUT
     if isinstance(error, KeyboardInterrupt):  # while checking, planning or loading
-        print("interrupted before any keyframe was made", file=sys.stderr)
+        where = "before any keyframe was made" if run_dir else ""
+        print(f"interrupted {where}".strip(), file=sys.stderr)
         return EXIT_INTERRUPTED
     run_dir = error.result.run_dir  # the folder the run continued in (resume=true)
     if isinstance(error, DiskFull):
@@ -211,33 +213,56 @@ def _stop_if_requested() -> None:
         raise KeyboardInterrupt
 
 
-def _check_keys(argv: list[str]) -> None:
-    """An unknown key (a typo, with or without Hydra's `+`) is exit 2 before Hydra runs."""
-    from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser
+class NoSpaceForRun(KeyframesError):
+    """The disk where the run folder would go is full (exit 4, not 2)."""
 
+
+def hydra_arguments(argv: list[str]) -> tuple[list[str], bool]:
+    """The overrides and whether -m/--multirun was given, from a command line in Hydra's form
+    (its flags, as `--help` lists them, skipped with their values)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("overrides", nargs="*")
+    for names in (("-m", "--multirun"), ("-h", "--help"), ("--hydra-help",), ("--version",)):
+        parser.add_argument(*names, action="store_true")
+    for names in (("-r", "--run"), ("--resolve",), ("-sc", "--shell-completion")):
+        parser.add_argument(*names, action="store_true")
+    for names in (("-cp", "--config-path"), ("-cn", "--config-name"), ("-cd", "--config-dir")):
+        parser.add_argument(*names)
+    for names in (("-c", "--cfg"), ("-p", "--package"), ("--experimental-rerun",)):
+        parser.add_argument(*names)
+    parser.add_argument("-i", "--info", nargs="?")
+    args, _ = parser.parse_known_intermixed_args(argv)
+    return args.overrides, args.multirun
+
+
+def _check_command_line(argv: list[str]) -> None:
+    """Before Hydra runs: an unknown key (a typo, with or without Hydra's `+`), a value that
+    does not compose or does not fit its type, every job of a sweep, the run folder. Raises
+    a KeyframesError (exit 2; NoSpaceForRun: 4)."""
+    from keyframes.config.compose import composed_or_refused
     from keyframes.config.overrides import check_override_keys
 
-    args, _ = get_args_parser().parse_known_args(argv)
-    try:
-        check_override_keys(args.overrides, Config, CONF_DIR)
-        if args.multirun:
-            _check_sweep(args.overrides)
-    except KeyframesError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    _check_run_folder(args.overrides, multirun=args.multirun)
+    overrides, multirun = hydra_arguments(argv)
+    check_override_keys(overrides, Config, CONF_DIR)
+    if not (multirun and _check_sweep(overrides)):
+        composed_or_refused(overrides)
+    _check_run_folder(overrides, multirun=multirun)
 
 
-def _check_sweep(overrides: list[str]) -> None:
+def _check_sweep(overrides: list[str]) -> bool:
     """Every job of a sweep is checked before the first starts: a bad value in job 5 must
-    not stop the sweep after four jobs' work."""
+    not stop the sweep after four jobs' work. False where a search sweeper (Optuna) picks
+    the jobs as it goes: they cannot be listed."""
     from keyframes.config.compose import sweep_jobs
     from keyframes.generation.recipe import check_sweep
 
     jobs = sweep_jobs(overrides)
-    if jobs and len(jobs) > 1:
+    if jobs is None:
+        return False
+    if len(jobs) > 1:
         log.info("checking the %d jobs of this sweep", len(jobs))
-        check_sweep(jobs, override_keys(overrides))
+    check_sweep(jobs, override_keys(overrides))
+    return True
 
 
 def _check_run_folder(overrides: list[str], multirun: bool) -> None:
@@ -246,24 +271,21 @@ def _check_run_folder(overrides: list[str], multirun: bool) -> None:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     where = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), "outputs")
     path = Path(where).expanduser().absolute()
-    problem = run_folder_problem(path)
-    if problem:
-        print(f"error: {key}={where}: {problem}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    if problem := run_folder_problem(path):
+        raise ConfigError(f"{key}={where}: {problem}")
     while not path.exists():  # the nearest folder that exists: the one that would hold it
         path = path.parent
     free = shutil.disk_usage(path).free
     if free < MIN_FREE_BYTES:
-        print(
-            f"error: disk full: {free / 1e6:.2f} MB free at {path}, where the run folder "
-            f"{where} would go. Free space, or set hydra.run.dir to a folder on another disk.",
-            file=sys.stderr,
+        raise NoSpaceForRun(
+            f"disk full: {free / 1e6:.2f} MB free at {path}, where the run folder "
+            f"{where} would go. Free space, or set hydra.run.dir to a folder on another disk."
         )
-        sys.exit(EXIT_DISK_FULL)
 
 
 def cli() -> None:
-    """Hydra exits 1 on a config it cannot compose; that is bad input, so exit 2 instead."""
+    """The command: its input checked before Hydra runs, then Hydra's main. Every failure is
+    one message and an exit code (_stopped), here or, inside a job, in _job."""
     global _stop_requested
     _stop_requested = False
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -272,20 +294,18 @@ def cli() -> None:
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in flags]
     try:
-        _check_keys(sys.argv[1:])
+        _check_command_line(sys.argv[1:])
         _stop_if_requested()
         main()
         _stop_if_requested()  # after the last job, while Hydra closed the sweep
     except SystemExit as e:
         if e.code not in (0, None):  # a sweep ends here too: its parent run says how
             close_stopped_sweep("KILLED" if e.code == EXIT_INTERRUPTED else "FAILED")
-        if e.code == 1 and not _task_started:
-            sys.exit(EXIT_BAD_INPUT)
         raise
-    except KeyboardInterrupt:  # between a sweep's jobs
-        close_stopped_sweep("KILLED")
-        print("interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    except (KeyframesError, KeyboardInterrupt) as e:  # before Hydra ran, or between jobs
+        if isinstance(e, KeyboardInterrupt):
+            close_stopped_sweep("KILLED")
+        sys.exit(_stopped(e))
     finally:
         for number, handler in zip(signals, before, strict=True):
             signal.signal(number, handler)

@@ -135,7 +135,6 @@ def cli_here(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     """`python -m keyframes.run ARGV` through its real entry point, in this process:
     (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["keyframes.run", *argv])
-    monkeypatch.setattr(keyframes.run, "_task_started", False)
     code = 0
     try:
         keyframes.run.cli()

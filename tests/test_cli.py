@@ -235,6 +235,20 @@ def test_config_errors_keep_hydras_message_and_exit_2(refused_cli, override, mes
     result = refused_cli("experiment=smoke", override)
     assert_nothing_written(result)
     assert message in result.output
+    # found before Hydra runs: one line of ours, not Hydra's report and its hint
+    assert result.stderr.startswith("error: ") and "HYDRA_FULL_ERROR" not in result.output
+
+
+def test_the_command_line_is_read_as_hydra_reads_it():
+    """Hydra's own flags, with their values, are not overrides, wherever they stand."""
+    from keyframes.run import hydra_arguments
+
+    argv = ["-cn", "config", "steps=2", "--info", "config", "-m", "seed=1,2", "--cfg", "job"]
+    assert hydra_arguments(argv) == (["steps=2", "seed=1,2"], True)
+    assert hydra_arguments(["experiment=smoke", "--resolve", "-c", "all"]) == (
+        ["experiment=smoke"],
+        False,
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import contextlib
 from hydra.core.config_store import ConfigStore
 
 from keyframes.config.schema import CONF_DIR, OPTION_SCHEMAS, Config
+from keyframes.errors import ConfigError, first_line
 
 
 def register_schema() -> None:
@@ -19,6 +20,21 @@ def register_schema() -> None:
     for group, options in OPTION_SCHEMAS.items():
         for option, schema in options.items():
             store.store(group=group, name=f"{option}_schema", node=schema)
+
+
+def composed_or_refused(overrides: list[str], typed: bool = True):
+    """The settings these overrides compose to (typed=False: the DictConfig a Hydra task
+    gets); where they do not (an option that does not exist, a value of the wrong type), a
+    ConfigError saying what Hydra or OmegaConf found."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with composer(typed=typed) as settings_of:
+            return settings_of(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""
+        raise ConfigError(f"{first_line(e)}{cause}") from None
 
 
 def compose(overrides: list[str]) -> Config:
