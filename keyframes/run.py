@@ -99,27 +99,39 @@ def run(
             "hydra/launcher=local_gpus (one job per GPU) or hydra/launcher=slurm"
         )
     typed = {k.lstrip("+~") for k in override_keys(overrides, False)}
-    recipe = KeyframesRecipe().setup(composed, typed)
     fresh = not sweep and not (run_dir / "manifest.json").exists()
-    if procs.main and composed.resume and fresh:
-        run_dir = _switch_to_unfinished_run(run_dir, recipe.plan.config_hash, log_name)
-    own_dir, run_dir = run_dir, procs.from_main(run_dir)  # one run directory for all
-    if own_dir != run_dir:  # Hydra made this process its own: drop it
-        remove_if_untouched(own_dir, {".hydra", log_name})
-    if problem := run_folder_problem(run_dir):  # resume=true may have chosen another folder
-        raise ConfigError(problem)
-    experiment = sweep.experiment if sweep else composed.mlflow.experiment_name
-    place = RunPlace(run_dir, tuple(overrides), experiment, asdict(sweep) if sweep else None, procs)
-    # the main process holds the folder: a second run into it stops here, touching nothing
-    with hold_folder(run_dir) if procs.main else contextlib.nullcontext():
-        try:
-            result = recipe.generate(place)
-        except (Interrupted, DiskFull) as stop:
-            if procs.main:  # the MLflow run shows what was finished, marked KILLED or FAILED
-                _track(run_dir, composed.mlflow, stop.result.run.experiment, sweep, stop.result)
-            raise
-        if procs.main:  # only the main process talks to MLflow, once every part is merged
-            _track(run_dir, composed.mlflow, result.run.experiment, sweep, result)
+    switching = procs.main and composed.resume and fresh  # resume=true picks the folder
+    with contextlib.ExitStack() as held:
+        # the main process holds the folder: a second run into it stops here, touching nothing
+        if procs.main and not switching:
+            held.enter_context(hold_folder(run_dir))
+        recipe = KeyframesRecipe().setup(composed, typed)
+        if switching:
+            run_dir = _switch_to_unfinished_run(run_dir, recipe.plan.config_hash, log_name)
+            held.enter_context(hold_folder(run_dir))
+        own_dir, run_dir = run_dir, procs.from_main(run_dir)  # one run directory for all
+        if own_dir != run_dir:  # Hydra made this process its own: drop it
+            remove_if_untouched(own_dir, {".hydra", log_name})
+        if problem := run_folder_problem(run_dir):  # resume=true may have chosen another
+            raise ConfigError(problem)
+        experiment = sweep.experiment if sweep else composed.mlflow.experiment_name
+        sweep_record = asdict(sweep) if sweep else None
+        place = RunPlace(run_dir, tuple(overrides), experiment, sweep_record, procs)
+        return _generate_and_track(recipe, place, composed.mlflow, sweep)
+
+
+def _generate_and_track(recipe, place, mlflow, sweep: SweepJob | None):
+    """The run, then its MLflow mirror (also of a run that stopped: marked KILLED or FAILED);
+    only the main process talks to MLflow, once every part is merged."""
+    main = place.processes.main
+    try:
+        result = recipe.generate(place)
+    except (Interrupted, DiskFull) as stop:
+        if main:
+            _track(place.run_dir, mlflow, stop.result.run.experiment, sweep, stop.result)
+        raise
+    if main:
+        _track(place.run_dir, mlflow, result.run.experiment, sweep, result)
     return result
 
 

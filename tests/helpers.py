@@ -9,8 +9,19 @@ import numpy as np
 from keyframes.config.schema import ModelConfig
 
 
+def tiny_path(name: str = "sdxl") -> str:
+    """A tiny model's folder (keyframes.pipeline.tiny_models), written if it is not yet."""
+    from keyframes.pipeline.tiny_models import provide_tiny_models, tiny_model_path
+
+    path = str(tiny_model_path(name))
+    provide_tiny_models([path])
+    return path
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
-    return ModelConfig(name="tiny", tiny=True, **overrides)
+    """model=tiny as Python settings (model.family=sd15: model=tiny_sd15)."""
+    folder = "sd15" if overrides.get("family") == "sd15" else "sdxl"
+    return ModelConfig(**{"name": "tiny", "path": tiny_path(folder), **overrides})
 
 
 def write_json(path: Path, data) -> Path:
@@ -218,12 +229,12 @@ def tiny_pipe():
     settings gets it (speed.warm_up=false)."""
     from dataclasses import replace
 
+    from keyframes.config.plan import make_plan
     from keyframes.pipeline.load import cached_pipeline, resolve_placement
 
+    tiny_path()  # written, as the run's setup would
     return cached_pipeline(
-        ModelConfig(
-            name="tiny", tiny=True, family="sdxl", prediction="epsilon", zero_snr=False
-        ),  # as the run resolves it
+        make_plan(settings("experiment=smoke")).config.model,  # as the run resolves it
         resolve_placement("cpu", "auto"),
         "none",
         replace(default_speed(), warm_up=False),  # as FAULTS asks: the same cached pipeline
@@ -271,7 +282,7 @@ def tiny_control(scale):
         name="tiny",
         type="canny",
         family="sdxl",
-        tiny=True,
+        path=tiny_path("controlnet-sdxl"),
         conditioning_scale=scale,
         canny_low=100,
         canny_high=200,

@@ -213,8 +213,8 @@ def test_missing_shotlist_file(refused_cli, tmp_path):
             "model.path=/no/such/model: no such file or folder",
         ),
         (
-            ["model.family=sd15", "upscale=refiner", "upscale.tiny=true"],
-            "upscale=refiner: the SDXL refiner finishes SDXL latents; tiny is sd15",
+            ["model=tiny_sd15", "upscale=tiny_refiner"],
+            "upscale=refiner: the SDXL refiner finishes SDXL latents; tiny_sd15 is sd15",
         ),
     ],
 )

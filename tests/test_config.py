@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,7 +13,16 @@ from keyframes.errors import ConfigError
 from tests.helpers import CONF, settings
 
 GROUPS = {
-    "model": {"sdxl_base", "sdxl_random", "sdxl_turbo", "sdxl_lightning", "sd15", "tiny", "local"},
+    "model": {
+        "sdxl_base",
+        "sdxl_random",
+        "sdxl_turbo",
+        "sdxl_lightning",
+        "sd15",
+        "tiny",
+        "tiny_sd15",
+        "local",
+    },
     "style": {
         "none",
         "cinematic",
@@ -31,7 +41,7 @@ GROUPS = {
     "memory": {"auto", "none", "balanced", "low_vram", "minimal"},
     "speed": {"sdpa", "fast", "compile", "deepcache"},
     "consistency": {"none", "style_aligned", "ip_adapter"},
-    "upscale": {"none", "hires", "refiner"},
+    "upscale": {"none", "hires", "refiner", "tiny_refiner"},
     "controlnet": {"none", "canny_sdxl", "depth_sdxl", "canny_sd15", "depth_sd15"},
 }
 
@@ -74,7 +84,11 @@ def test_command_line_steps_win_over_quality_preset_and_experiment():
 
 def test_smoke_experiment_is_tiny_offline_cpu():
     cfg = settings("experiment=smoke")
-    assert cfg.model.tiny and cfg.scorer.model == "tiny" and cfg.device == "cpu"
+    from keyframes.pipeline.tiny_models import tiny_model_path
+
+    # the tiny model: a local folder like any other, written once per machine
+    assert Path(cfg.model.path).expanduser() == tiny_model_path("sdxl")
+    assert cfg.scorer.model == "tiny" and cfg.device == "cpu"
     assert cfg.shotlist == "demo"
     assert validate(cfg) == (256, 144)
 

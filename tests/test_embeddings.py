@@ -15,7 +15,14 @@ from keyframes.outputs.png import read_png_metadata
 from keyframes.pipeline.long_prompts import prompt_tokens
 from keyframes.pipeline.replicas import write_sdxl_embedding
 from tests.conftest import read_manifest
-from tests.helpers import assert_same_picture, demo_jobs, euler_tiny_pipe, image, pixel_gap
+from tests.helpers import (
+    assert_same_picture,
+    demo_jobs,
+    euler_tiny_pipe,
+    image,
+    pixel_gap,
+    tiny_model_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +57,9 @@ def test_an_embedding_in_the_negative_prompt_changes_the_image_and_unloads_clean
 
 
 def test_an_sd15_embedding_in_a1111s_form_loads_into_its_one_encoder(tmp_path):
-    from keyframes.config.schema import ModelConfig
     from keyframes.pipeline.load import load_pipeline, resolve_placement
 
-    pipe = load_pipeline(
-        ModelConfig(name="tiny", tiny=True, family="sd15"), resolve_placement("cpu", "float32")
-    )
+    pipe = load_pipeline(tiny_model_config(family="sd15"), resolve_placement("cpu", "float32"))
     path = tmp_path / "kfsd.safetensors"
     save_file({"emb_params": torch.randn(3, pipe.text_encoder.config.hidden_size)}, path)
     plain = image(pipe, job_with("kfsd"))
@@ -130,7 +134,7 @@ def test_a_run_records_the_embedding_in_manifest_png_and_mlflow(setup, cli_in_pr
 
 def test_an_sdxl_embedding_for_an_sd15_model_stops_with_exit_2(setup, cli_in_process):
     _, path = setup
-    code, err, run_dir, _ = cli_in_process("model.family=sd15", f"+embeddings=[{{path: {path}}}]")
+    code, err, run_dir, _ = cli_in_process("model=tiny_sd15", f"+embeddings=[{{path: {path}}}]")
     assert code == 2 and "an SDXL embedding (clip_l, clip_g), but the model is SD 1.5" in err
     assert not run_dir.exists()
 

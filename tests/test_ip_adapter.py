@@ -123,7 +123,7 @@ def test_controlnet_scenes_also_follow_the_reference_image(setup):
     edges = str(square(folder / "square.png", (16, 16, 47, 47)))
     job = jobs[2].__class__(**{**jobs[2].__dict__, "control": ("canny", edges)})
     settings = GenerationSettings(3, 5.0, 64, 64, 1)
-    net = load_controlnet(tiny_control(1.0), pipe.unet, pipe.dtype)
+    net = load_controlnet(tiny_control(1.0), pipe.dtype)
     load_adapter(pipe, tiny_adapter(folder, ip_adapter_scale=1.0))
     try:
         # made after the adapter loads: from_pipe carries its image encoder over

@@ -9,7 +9,13 @@ from keyframes.pipeline.load import apply_sampler, check_source, load_pipeline, 
 from keyframes.pipeline.tiny import clip_tokenizers
 from keyframes.shotlist.jobs import plan_jobs
 from keyframes.shotlist.load import load_shotlist
-from tests.helpers import FLOAT_NOISE, assert_same_picture, default_speed, pixel_gap
+from tests.helpers import (
+    FLOAT_NOISE,
+    assert_same_picture,
+    default_speed,
+    pixel_gap,
+    tiny_model_config,
+)
 
 SAMPLERS = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -97,7 +103,7 @@ def test_generation_reports_timing_and_no_vram_on_cpu(tiny_pipe):
 def test_every_sampler_swaps_in_and_generates(tiny_pipe, name):
     cls, options = SAMPLERS[name]
     # a fresh pipeline: the shared one keeps its sampler
-    pipe = load_pipeline(ModelConfig(name="tiny", tiny=True), resolve_placement("cpu", "auto"))
+    pipe = load_pipeline(tiny_model_config(), resolve_placement("cpu", "auto"))
     apply_sampler(pipe, SamplerConfig(name=name, label=name, scheduler=cls, options=options))
     assert type(pipe.scheduler).__name__ == cls
     for key, value in options.items():
@@ -160,15 +166,11 @@ def test_cached_pipeline_is_reused_until_the_model_changes():
     from keyframes.pipeline.load import cached_pipeline, release_pipeline
 
     placement = resolve_placement("cpu", "auto")
-    first, hit = cached_pipeline(
-        ModelConfig(name="tiny", tiny=True), placement, "none", default_speed()
-    )
-    again, hit_again = cached_pipeline(
-        ModelConfig(name="tiny", tiny=True), placement, "none", default_speed()
-    )
+    first, hit = cached_pipeline(tiny_model_config(), placement, "none", default_speed())
+    again, hit_again = cached_pipeline(tiny_model_config(), placement, "none", default_speed())
     assert (hit, hit_again) == (False, True) and again.pipe is first.pipe
     other, hit_other = cached_pipeline(
-        ModelConfig(name="tiny2", tiny=True), placement, "none", default_speed()
+        tiny_model_config(name="tiny2"), placement, "none", default_speed()
     )
     assert hit_other is False and other.pipe is not first.pipe
     release_pipeline()
@@ -187,9 +189,7 @@ def test_sampler_swaps_on_a_reused_pipeline_do_not_leak_options():
     )
     placement = resolve_placement("cpu", "auto")
     release_pipeline()
-    loaded, _ = cached_pipeline(
-        ModelConfig(name="tiny", tiny=True), placement, "none", default_speed()
-    )
+    loaded, _ = cached_pipeline(tiny_model_config(), placement, "none", default_speed())
     apply_sampler(loaded.pipe, euler, loaded.scheduler_config)
     fresh = pixels(loaded.pipe, demo_jobs(1))[0]
     apply_sampler(loaded.pipe, karras, loaded.scheduler_config)

@@ -25,6 +25,7 @@ from tests.helpers import (
     image_record,
     settings,
     tiny_model_config,
+    tiny_path,
 )
 
 CPU = resolve_placement("cpu", "float32")
@@ -118,7 +119,7 @@ def base():
 
 
 def test_refiner_finishes_the_base_latents_and_shares_its_encoder_and_vae(base):
-    config = RefinerConfig(name="refiner", tiny=True, high_noise_frac=0.5)
+    config = RefinerConfig(name="refiner", path=tiny_path("sdxl-refiner"), high_noise_frac=0.5)
     pipe = load_refiner(base, config)
     assert pipe.text_encoder_2 is base.text_encoder_2 and pipe.vae is base.vae
     assert pipe.text_encoder is None and pipe.config.requires_aesthetics_score
@@ -136,7 +137,9 @@ def test_refiner_finishes_the_base_latents_and_shares_its_encoder_and_vae(base):
 
 
 def test_refiner_loads_from_a_folder_with_the_base_encoder_and_vae(base, tmp_path):
-    load_refiner(base, RefinerConfig(name="refiner", tiny=True)).save_pretrained(tmp_path)
+    load_refiner(
+        base, RefinerConfig(name="refiner", path=tiny_path("sdxl-refiner"))
+    ).save_pretrained(tmp_path)
     folder = RefinerConfig(name="refiner", path=str(tmp_path))
     pipe = load_refiner(base, folder)
     assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"

@@ -12,7 +12,14 @@ from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
 from keyframes.generation.preflight import check_prompt_syntax
 from keyframes.pipeline.long_prompts import prompt_tokens, text_inputs
 from keyframes.shotlist.weighting import Fragment, parse_weights, plain_text
-from tests.helpers import FLOAT_NOISE, assert_same_picture, demo_jobs, euler_tiny_pipe, pixel_gap
+from tests.helpers import (
+    FLOAT_NOISE,
+    assert_same_picture,
+    demo_jobs,
+    euler_tiny_pipe,
+    pixel_gap,
+    tiny_model_config,
+)
 
 BREAK = "BREAK"
 # prompt -> its runs as A1111 weighs them, worked out by hand: ( ) x1.1, [ ] /1.1, (x:w) xw
@@ -161,12 +168,9 @@ def test_a_weight_changes_the_picture_and_none_passes_the_text_as_before(pipe):
 
 
 def test_sd15_weighs_its_one_encoders_last_layer():
-    from keyframes.config.schema import ModelConfig
     from keyframes.pipeline.load import load_pipeline, resolve_placement
 
-    sd15 = load_pipeline(
-        ModelConfig(name="tiny", tiny=True, family="sd15"), resolve_placement("cpu", "float32")
-    )
+    sd15 = load_pipeline(tiny_model_config(family="sd15"), resolve_placement("cpu", "float32"))
     inputs = text_inputs(sd15, ["a (red:1.3) door"], [""], "chunk", "a1111")
     ids = sd15.tokenizer(
         "a red door", padding="max_length", max_length=77, return_tensors="pt"

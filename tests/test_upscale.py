@@ -85,15 +85,13 @@ def test_hires_is_written_the_way_image_browsers_read_it():
 
 
 def test_smoke_run_with_the_tiny_refiner_records_it_everywhere(cli_in_process):
-    code, err, run_dir, _ = cli_in_process(
-        "upscale=refiner", "upscale.tiny=true", "upscale.high_noise_frac=0.6"
-    )
+    code, err, run_dir, _ = cli_in_process("upscale=tiny_refiner", "upscale.high_noise_frac=0.6")
     assert code == 0, err[-2000:]
     manifest = read_manifest(run_dir)
     record = manifest["images"][0]
     assert record["upscale"] == {
         "name": "refiner",
-        "model": "tiny",
+        "model": settings("upscale=tiny_refiner").upscale.path,  # the folder it loaded
         "high_noise_frac": 0.6,
         "width": 256,
         "height": 144,
@@ -102,9 +100,10 @@ def test_smoke_run_with_the_tiny_refiner_records_it_everywhere(cli_in_process):
     with Image.open(run_dir / record["file"]) as image:
         assert image.size == (256, 144)
     text = read_png_metadata(run_dir / record["file"])["parameters"]
-    assert "Refiner: tiny, Refiner switch at: 0.6" in text
+    tiny = settings("upscale=tiny_refiner").upscale.path
+    assert f"Refiner: {tiny}, Refiner switch at: 0.6" in text
     log = (run_dir / "run.log").read_text()
-    assert "refiner tiny loaded" in log and "stable-diffusion-xl-refiner" not in log
+    assert f"refiner {tiny} loaded" in log and "stable-diffusion-xl-refiner" not in log
 
 
 def test_smoke_run_with_hires_says_nothing_seven_times(cli_in_process):
@@ -133,7 +132,7 @@ def test_each_upscale_option_takes_only_its_own_settings(refused_cli):
     assert other.returncode == 2, other.stderr
     assert (
         "upscale.factor: upscale=refiner has no such setting (upscale=hires has it; "
-        "upscale=refiner has: high_noise_frac, id, name, path, tiny, variant)"
+        "upscale=refiner has: high_noise_frac, id, name, path, variant)"
     ) in other.stderr
     assert not other.run_dir.exists()
     default = refused_cli("experiment=smoke", "upscale.strength=0.5")  # the default: none

@@ -19,6 +19,7 @@ from keyframes.conditioning.base import BatchHook, Method, register
 from keyframes.config.schema import CONTROL_TYPES, FAMILIES, ControlNetConfig
 from keyframes.config.weights import pickle_problem
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
+from keyframes.pipeline.load import quiet_loading
 from keyframes.shotlist.jobs import ImageJob
 
 log = logging.getLogger("keyframes")
@@ -71,28 +72,16 @@ def local_controlnet_problem(folder: Path, allow_pickle: bool) -> str | None:
     return pickle_problem(pickled[0], "controlnet.path", allow_pickle)
 
 
-def load_controlnet(
-    control: ControlNetConfig, unet, dtype: torch.dtype, allow_pickle: bool = False
-):
+def load_controlnet(control: ControlNetConfig, dtype: torch.dtype, allow_pickle: bool = False):
     from diffusers import ControlNetModel
 
-    if control.tiny:  # tests: a ControlNet copied from the tiny UNet
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = ControlNetModel.from_unet(unet)
-            # its zero convolutions would make it do nothing: give them random weights; and
-            # make the control image's encoder driven by the image rather than its biases
-            for module in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-                torch.nn.init.normal_(module.weight, std=0.3)
-            for module in net.controlnet_cond_embedding.modules():
-                if isinstance(module, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(module.weight)
-                    torch.nn.init.zeros_(module.bias)
-        return net.to(dtype)
     try:
-        return ControlNetModel.from_pretrained(  # the README's pickle rule
-            control.path or control.id, dtype=dtype, use_safetensors=None if allow_pickle else True
-        )
+        with quiet_loading():
+            return ControlNetModel.from_pretrained(  # the README's pickle rule
+                str(Path(control.path).expanduser()) if control.path else control.id,
+                dtype=dtype,
+                use_safetensors=None if allow_pickle else True,
+            )
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(
             f"controlnet={control.name} ({control.path or control.id}) is not available: "
@@ -175,8 +164,6 @@ class ControlNet(Method):
         from keyframes.pipeline import hub
 
         control = self.settings
-        if control.tiny:
-            return None
         if control.path:
             return local_controlnet_problem(
                 Path(control.path).expanduser(), self.run.model.allow_pickle
@@ -193,7 +180,7 @@ class ControlNet(Method):
         self.net = None
         if any(job.control for job in todo):
             allow = self.run.model.allow_pickle
-            net = load_controlnet(self.settings, pipe.unet, pipe.unet.dtype, allow)
+            net = load_controlnet(self.settings, pipe.unet.dtype, allow)
             self.net = net.to(pipe.device)
 
     def begin_stage(self, pipe, stage: int) -> BatchHook | None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
 from keyframes.conditioning.base import BatchHook, Method, register
 from keyframes.config.schema import RefinerConfig
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
+from keyframes.pipeline.load import quiet_loading
 from keyframes.pipeline.long_prompts import text_inputs
 from keyframes.pipeline.memory import apply_memory_mode
 from keyframes.pipeline.noise import seeded_generators
@@ -24,28 +26,25 @@ log = logging.getLogger("keyframes")
 
 def refiner_source(upscale: RefinerConfig) -> str:
     """What the refiner is, as logs and records name it."""
-    return "tiny" if upscale.tiny else upscale.path or upscale.id or "?"
+    return upscale.path or upscale.id or "?"
 
 
 def load_refiner(base, upscale: RefinerConfig, allow_pickle: bool = False):
     """The SDXL refiner pipeline, sharing the base's text encoder 2 and VAE, on its device."""
-    if upscale.tiny:  # tests and smoke runs: random weights shaped like the refiner
-        from keyframes.pipeline.tiny import build_tiny_refiner
-
-        return build_tiny_refiner(base)
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    source = upscale.path or upscale.id
+    source = str(Path(upscale.path).expanduser()) if upscale.path else upscale.id
     kwargs = {"variant": upscale.variant} if upscale.variant and not upscale.path else {}
     try:
-        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-            source,
-            text_encoder_2=base.text_encoder_2,
-            vae=base.vae,
-            dtype=base.unet.dtype,
-            use_safetensors=None if allow_pickle else True,  # the README's pickle rule
-            **kwargs,
-        )
+        with quiet_loading():
+            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                source,
+                text_encoder_2=base.text_encoder_2,
+                vae=base.vae,
+                dtype=base.unet.dtype,
+                use_safetensors=None if allow_pickle else True,  # the README's pickle rule
+                **kwargs,
+            )
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(
             f"upscale=refiner ({source}) is not available: {first_line(e)}\n"
@@ -108,7 +107,7 @@ class Refiner(BatchHook):
 
 def cached_refiner(loaded, upscale: RefinerConfig, allow_pickle: bool = False):
     """The SDXL refiner for this base pipeline, loaded once per process and placed like it."""
-    key = (upscale.tiny, upscale.path, upscale.id, upscale.variant)
+    key = (upscale.path, upscale.id, upscale.variant)
     if key not in loaded.refiners:
         start = time.perf_counter()
         refiner = load_refiner(loaded.pipe, upscale, allow_pickle)
@@ -121,9 +120,11 @@ def cached_refiner(loaded, upscale: RefinerConfig, allow_pickle: bool = False):
     return loaded.refiners[key]
 
 
-@register("upscale", "refiner")
+@register("upscale", "refiner", "tiny_refiner")  # tiny_refiner: the tiny one, by its path
 class SdxlRefiner(Method):
     """upscale=refiner: the SDXL refiner runs the last 1 - high_noise_frac of the steps."""
+
+    second_model = True  # its UNet is on the card beside the base's
 
     def prepare(self, jobs: list, shotlist) -> list:
         up, model = self.settings, self.run.model
@@ -132,7 +133,7 @@ class SdxlRefiner(Method):
             problems.append(
                 f"upscale.high_noise_frac={up.high_noise_frac}: must be between 0 and 1"
             )
-        if not (up.tiny or up.id or up.path):
+        if not (up.id or up.path):
             problems.append("upscale=refiner: set upscale.id (hub repo) or upscale.path (folder)")
         if problems:
             raise ConfigError("invalid settings:", problems)
@@ -146,15 +147,11 @@ class SdxlRefiner(Method):
             )
         return jobs
 
-    @property
-    def second_model(self) -> bool:
-        return not self.settings.tiny
-
     def missing_weights(self) -> str | None:
         from keyframes.pipeline import hub
 
         up = self.settings
-        if up.tiny or up.path:
+        if up.path:
             return None  # a local folder: the loader names what it lacks
         files = f'"unet/*.{up.variant}.safetensors"' if up.variant else '"unet/*.safetensors"'
         return hub.missing(

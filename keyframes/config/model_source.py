@@ -23,7 +23,7 @@ CONFIG_REPOS = {
 def check_source(model: ModelConfig) -> None:
     """Cheap checks that need no weights: run before anything is written. Every local file
     the model settings name is looked at (format, pickles, the parts a checkpoint holds)."""
-    if model.tiny or model.architecture:
+    if model.architecture:
         return
     problems = []
     if model.path:
@@ -131,7 +131,7 @@ def resolve_family(model: ModelConfig) -> str:
     model_index.json of a hub id). Anything else is a ConfigError."""
     if model.family != "auto":
         return model.family
-    if model.tiny or model.architecture:
+    if model.architecture:
         return "sdxl"
     path = Path(model.path).expanduser() if model.path else None
     if path is not None and path.is_dir():
@@ -209,7 +209,7 @@ def resolve_prediction(model: ModelConfig) -> tuple[str, bool]:
 
 
 def _prediction_of_weights(model: ModelConfig) -> tuple[str, bool]:
-    if model.tiny or model.architecture:
+    if model.architecture:
         return "epsilon", False  # the published SDXL and SD 1.5 schedulers
     path = Path(model.path).expanduser() if model.path else None
     if path is not None and path.suffix.lower() == ".safetensors" and path.is_file():

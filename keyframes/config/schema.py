@@ -48,7 +48,6 @@ class ModelConfig:
     variant: str | None = None  # weight variant to prefer, e.g. fp16
     dtype: str = "auto"  # auto: bfloat16 on CUDA where supported, else float16; CPU float32
     family: str = "auto"  # sdxl | sd15 | auto: read from the weights (the pipeline class follows)
-    tiny: bool = False  # build the tiny random-weight test model instead of loading weights
     architecture: str | None = None  # build this packaged architecture with random weights
     vae: str | None = None  # replacement VAE (hub id or folder), e.g. the fp16-fix SDXL VAE
     unet: str | None = None  # replacement UNet weights: .safetensors file or hub org/repo/file
@@ -123,7 +122,6 @@ class ControlNetConfig:
     family: str | None = None  # the model family it was trained with: sdxl | sd15
     id: str | None = None  # hub repo of the ControlNet
     path: str | None = None  # local diffusers ControlNet folder; wins over id
-    tiny: bool = False  # tests: a ControlNet copied from the tiny UNet, random weights
     conditioning_scale: float | None = None  # how strongly the control steers (0: not at all)
     canny_low: int | None = None  # canny: thresholds (OpenCV), as the ControlNets were trained
     canny_high: int | None = None
@@ -149,7 +147,6 @@ class RefinerConfig(UpscaleConfig):
     id: str | None = None  # hub repo of the SDXL refiner
     path: str | None = None  # local diffusers folder; wins over id
     variant: str | None = None  # weight variant to prefer, e.g. fp16
-    tiny: bool = False  # a tiny random-weight refiner for the tiny model (tests, smoke)
 
 
 @dataclass
@@ -174,7 +171,7 @@ class IPAdapterConfig(ConsistencyConfig):
 
 # Config groups whose options have schemas of their own: group -> {option: schema}
 OPTION_SCHEMAS = {
-    "upscale": {"hires": HiresConfig, "refiner": RefinerConfig},
+    "upscale": {"hires": HiresConfig, "refiner": RefinerConfig, "tiny_refiner": RefinerConfig},
     "consistency": {"ip_adapter": IPAdapterConfig},
 }
 

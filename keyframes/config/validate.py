@@ -117,7 +117,7 @@ def validate(cfg: Config) -> tuple[int, int]:
             f"speed.compile with memory={cfg.memory.name}: a compiled model stays on the GPU, "
             "offloading moves it away; use memory=balanced (or auto) with compile"
         )
-    if not (cfg.model.tiny or cfg.model.architecture or cfg.model.id or cfg.model.path):
+    if not (cfg.model.architecture or cfg.model.id or cfg.model.path):
         problems.append(
             "model: set model.path=/path/to/folder-or-file.safetensors (or model.id=org/repo)"
         )

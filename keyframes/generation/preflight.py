@@ -53,7 +53,7 @@ def check_weights(model: ModelConfig, scorer: ScorerConfig, methods: list[Method
     from keyframes.pipeline.load import missing_model
     from keyframes.scoring.clip import missing_scorer
 
-    if not (model.tiny and scorer.model in (None, "tiny")):
+    if not ((model.path or model.architecture) and scorer.model in (None, "tiny")):
         hub.reachable()  # once: an unreachable hub puts the loaders in offline mode, no retries
     problems = [missing_model(model), missing_scorer(scorer)]
     problems += [method.missing_weights() for method in methods]

@@ -82,6 +82,11 @@ class KeyframesRecipe:
         """The checked run (typed: the keys given on the command line; announce: log what it
         will do). Raises a KeyframesError (exit 2) naming every problem it finds."""
         self.started = time.time()
+        # the tiny random-weight models are folders written once per machine, when named
+        from keyframes.pipeline.tiny_models import provide_tiny_models
+
+        upscale_path = getattr(config.upscale, "path", None)
+        provide_tiny_models([config.model.path, config.controlnet.path, upscale_path])
         self.plan = make_plan(config, typed)
         cfg = self.plan.config
         self.shotlist = load_shotlist(cfg.shotlist, cfg.allow_external_paths)

@@ -1,5 +1,6 @@
-"""Build or load the text-to-image pipeline: hub id, local diffusers folder, single
-.safetensors file, or the tiny random-weight model. Weights load from safetensors only.
+"""Build or load the text-to-image pipeline: hub id, local diffusers folder (the tiny
+random-weight models are such folders), single .safetensors file, or a packaged architecture
+with random weights. Weights load from safetensors only.
 
 The pipeline class follows the model family: SDXL (StableDiffusionXLPipeline) or SD 1.5
 (StableDiffusionPipeline), read from model.family, a folder's model_index.json or a single
@@ -7,6 +8,7 @@ file's tensor names, before anything loads."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from dataclasses import asdict, dataclass, field
@@ -61,8 +63,6 @@ def resolve_placement(device: str, dtype: str) -> Placement:
 
 
 def describe_source(model: ModelConfig) -> str:
-    if model.tiny:
-        return "tiny random-weight " + ("SD 1.5" if model.family == "sd15" else "SDXL")
     if model.architecture:
         return f"{model.architecture} architecture, random weights"
     return model.path or model.id or "?"
@@ -73,20 +73,14 @@ def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "
     check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
     _quiet_library_notes()
     family = resolve_family(model)
-    if model.tiny:
-        from keyframes.pipeline.tiny import build_tiny_pipeline, build_tiny_sd15
-
-        # float32, as built
-        pipe = build_tiny_sd15() if family == "sd15" else build_tiny_pipeline()
-        if placement.dtype != torch.float32:
-            pipe = pipe.to(dtype=placement.dtype)
-    elif model.architecture:
+    if model.architecture:
         from keyframes.pipeline.architectures import build_random_pipeline
 
         build_on = placement.device if memory_mode in ("none", "balanced") else "cpu"
         pipe = build_random_pipeline(model.architecture, build_on, placement.dtype)
     else:
-        pipe = _load_weights(model, family, placement.dtype)
+        with quiet_loading():
+            pipe = _load_weights(model, family, placement.dtype)
     if model.unet:
         _replace_unet_weights(pipe, model.unet)
     pool_at_end_token(pipe)
@@ -161,11 +155,31 @@ def _quiet_library_notes() -> None:
             logger.addFilter(_DropLibraryNotes())
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers' and transformers' loading and saving bars off while it lasts: the run logs
+    what it loaded and how long it took, and keeps one progress bar, its own."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    were_on = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, on in zip(libraries, were_on, strict=True):
+            if on:
+                library.enable_progress_bar()
+
+
 def _load_weights(model: ModelConfig, family: str, dtype: torch.dtype):
     import diffusers
 
     pipeline = getattr(diffusers, PIPELINES[family])
-    source = model.path or model.id
+    # a folder named with ~ (as in a YAML file) is the user's, as for every other path
+    source = str(Path(model.path).expanduser()) if model.path else model.id
     # use_safetensors=True makes diffusers refuse .bin weights; None lets it fall back
     safe = None if model.allow_pickle else True
     # SD 1.5 repos ship a safety checker that only runs when the pipeline decodes; keyframes
@@ -215,7 +229,7 @@ def vae_configs(model: ModelConfig, family: str) -> str:
     if model.config:
         return model.config
     if model.path and Path(model.path).expanduser().is_dir():
-        return model.path
+        return str(Path(model.path).expanduser())
     return model.id if model.id and not model.path else CONFIG_REPOS[family]
 
 
@@ -280,7 +294,7 @@ def missing_model(model: ModelConfig) -> str | None:
     elif vae is not None and not vae.is_dir():  # a hub id
         include = '"*.json" "*.safetensors"'
         problems.append(hub.missing(model.vae, "config.json", "model.vae", include))
-    from_hub = model.id and not (model.tiny or model.architecture or model.path)
+    from_hub = model.id and not (model.architecture or model.path)
     if from_hub and hub.cached(model.id, "model_index.json") is None and not hub.reachable():
         problems.append(_unavailable_message(model, None))
     return "\n".join(p for p in problems if p) or None

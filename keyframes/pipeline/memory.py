@@ -15,6 +15,7 @@ then matched four measured peaks within 14 %, never under them.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,16 +53,18 @@ def weights_gb(
     model: ModelConfig, dtype: torch.dtype, refiner: bool = False
 ) -> tuple[float, float]:
     """(all weights, the largest component) in GB for the model about to load, and the SDXL
-    refiner's UNet with it where `refiner`."""
-    if model.tiny:
-        return 0.01, 0.01
+    refiner's UNet with it where `refiner`. A local folder counts its weight files."""
     from keyframes.pipeline.architectures import packaged_counts
 
-    # every other preset is SDXL base-sized (SD 1.5 is smaller: an over-estimate)
-    counts = list(packaged_counts(model.architecture or "sdxl_base")["parameters"].values())
+    size = torch.finfo(dtype).bits // 8
+    folder = Path(model.path).expanduser() if model.path else None
+    if folder is not None and folder.is_dir():
+        counts = [f.stat().st_size / 4 for f in folder.glob("*/*.safetensors")]  # as float32
+    else:  # every other preset is SDXL base-sized (SD 1.5 is smaller: an over-estimate)
+        counts = list(packaged_counts(model.architecture or "sdxl_base")["parameters"].values())
     if refiner:
         counts.append(REFINER_UNET_PARAMETERS)
-    size = torch.finfo(dtype).bits // 8
+    counts = counts or [0]
     return sum(counts) * size / 1e9, max(counts) * size / 1e9
 
 

@@ -143,7 +143,8 @@ def _tiny_unet(model: str):
 def _tiny_vae(model: str):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_config(tiny_config(model, "vae"))
+    # eval mode, as from_pretrained gives it: the tiny folders must load as they were built
+    return AutoencoderKL.from_config(tiny_config(model, "vae")).eval()
 
 
 def _tiny_text_encoder(model: str, part: str):
@@ -170,7 +171,6 @@ def build_tiny_pipeline():
         vae = _tiny_vae("sdxl_base")
         text_encoder = _tiny_text_encoder("sdxl_base", "text_encoder")
         text_encoder_2 = _tiny_text_encoder("sdxl_base", "text_encoder_2")
-    # the VAE stays in train mode, as it always was here (no dropout; its decode path differs)
     return assemble_sdxl(unet, vae, text_encoder, text_encoder_2, _scheduler("sdxl_base"))
 
 
@@ -217,6 +217,36 @@ def build_tiny_sd15():
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_controlnet(unet):
+    """A ControlNet copied from a tiny UNet. Its zero convolutions would make it do nothing:
+    they get random weights, and the control image's encoder is made to follow the image
+    rather than its biases."""
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = ControlNetModel.from_unet(unet)
+        for module in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            torch.nn.init.normal_(module.weight, std=0.3)
+        for module in net.controlnet_cond_embedding.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight)
+                torch.nn.init.zeros_(module.bias)
+    return net
+
+
+def build_tiny_model(name: str):
+    """What tiny_models writes as the folder `name` (see tiny_models.TINY_MODELS)."""
+    builders = {
+        "sdxl": build_tiny_pipeline,
+        "sd15": build_tiny_sd15,
+        "sdxl-refiner": lambda: build_tiny_refiner(build_tiny_pipeline()),
+        "controlnet-sdxl": lambda: tiny_controlnet(build_tiny_pipeline().unet),
+        "controlnet-sd15": lambda: tiny_controlnet(build_tiny_sd15().unet),
+    }
+    return builders[name]()
 
 
 def assemble_sdxl(unet, vae, text_encoder, text_encoder_2, scheduler):
