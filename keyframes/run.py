@@ -300,6 +300,7 @@ def cli() -> None:
     one message and an exit code (_stopped), here or, inside a job, in _job."""
     global _stop_requested
     _stop_requested = False
+    register_schema()  # again: methods imported since keyframes.run bring their own schemas
     signals = (signal.SIGTERM, signal.SIGINT)
     before = [signal.signal(s, _interrupt) for s in signals]
     # Hydra's parser wants flags before the overrides; let `experiment=smoke -m steps=2,3` work.

@@ -16,7 +16,9 @@ SMALL = ("width=64", "height=64", "scorer=none", "speed.warm_up=false")
 def test_a_method_registered_outside_keyframes_runs_and_is_recorded(cli_in_process, tmp_path):
     conf = tmp_path / "my_conf"
     (conf / "consistency").mkdir(parents=True)
-    (conf / "consistency" / "tint.yaml").write_text("name: tint\noptions:\n  shift: 30\n")
+    (conf / "consistency" / "tint.yaml").write_text(
+        "defaults:\n  - tint_schema\n  - _self_\nname: tint\nshift: 30\n"
+    )
     assert method_class("consistency", "tint").__name__ == "Tint"
 
     code, err, tinted_dir, _ = cli_in_process(
@@ -38,6 +40,23 @@ def test_a_method_registered_outside_keyframes_runs_and_is_recorded(cli_in_proce
     tinted = np.asarray(Image.open(png), dtype=np.int16)
     plain = np.asarray(Image.open(plain_dir / record["file"]), dtype=np.int16)
     assert (np.abs(tinted - plain) > 2).mean() > 0.2
+
+
+def test_a_typo_in_an_outside_methods_settings_is_refused_by_name(refused_cli, tmp_path):
+    """Its own dataclass, not a free dict: a misspelt setting never runs with the default."""
+    conf = tmp_path / "my_conf"
+    (conf / "consistency").mkdir(parents=True)
+    (conf / "consistency" / "tint.yaml").write_text(
+        "defaults:\n  - tint_schema\n  - _self_\nname: tint\nshift: 30\n"
+    )
+    where = f"hydra.searchpath=[file://{conf}]"
+    result = refused_cli("experiment=smoke", "consistency=tint", "consistency.shfit=3", where)
+    assert result.returncode == 2
+    assert "consistency.shfit: no such setting (the closest known one is consistency.shift)" in (
+        result.stderr
+    )
+    result = refused_cli("experiment=smoke", "consistency=tint", "consistency.shift=abc", where)
+    assert result.returncode == 2 and "shift" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_an_unregistered_method_is_bad_input_naming_the_registered_ones(cli_in_process, tmp_path):

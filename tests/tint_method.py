@@ -1,8 +1,16 @@
 """A conditioning method defined outside keyframes, as "Add a conditioning method" in
-docs/development.md shows: it shifts the first latent channel by `consistency.options.shift`
-before decoding."""
+docs/development.md shows: it shifts the first latent channel by `consistency.shift` before
+decoding. Its settings are its own dataclass, registered with it."""
+
+from dataclasses import dataclass
 
 from keyframes.conditioning.base import BatchHook, Method, register
+from keyframes.config.schema import ConsistencyConfig
+
+
+@dataclass
+class TintConfig(ConsistencyConfig):
+    shift: float = 0.0  # added to the first latent channel
 
 
 class Shift(BatchHook):
@@ -15,10 +23,10 @@ class Shift(BatchHook):
         return latents
 
 
-@register("consistency", "tint")
+@register("consistency", "tint", schema=TintConfig)
 class Tint(Method):
     def begin_stage(self, pipe, stage):
-        return Shift(self.settings.options["shift"])
+        return Shift(self.settings.shift)
 
     def record(self, job):
-        return {"consistency": "tint", "tint_shift": self.settings.options["shift"]}
+        return {"consistency": "tint", "tint_shift": self.settings.shift}

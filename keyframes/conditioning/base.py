@@ -25,7 +25,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from keyframes.config.schema import ModelConfig
+from keyframes.config.schema import OPTION_SCHEMAS, ModelConfig
 from keyframes.errors import ConfigError
 
 # Config groups whose option selects a method; "none" selects none.
@@ -126,12 +126,16 @@ class Method:
         return []
 
 
-def register(group: str, *names: str):
-    """Class decorator: the method for `group=<name>` (several names: presets of one method)."""
+def register(group: str, *names: str, schema: type | None = None):
+    """Class decorator: the method for `group=<name>` (several names: presets of one method).
+    `schema`: its settings' dataclass, a subclass of the group's (a YAML file of the option
+    names `<name>_schema` first in its defaults), as keyframes' own options have theirs."""
 
     def add(cls: type[Method]) -> type[Method]:
         for name in names:
             _REGISTRY[(group, name)] = cls
+            if schema is not None:
+                OPTION_SCHEMAS.setdefault(group, {})[name] = schema
         cls.group = group
         cls.name = cls.__dict__.get("name", names[0])
         return cls

@@ -151,11 +151,11 @@ class RefinerConfig(UpscaleConfig):
 
 @dataclass
 class ConsistencyConfig:
-    """consistency=none and style_aligned; ip_adapter's own settings are in IPAdapterConfig."""
+    """consistency=none and style_aligned; ip_adapter's own settings are in IPAdapterConfig,
+    and a method from outside keyframes brings its own subclass (conditioning.base.register)."""
 
     name: str = MISSING  # none | style_aligned | ip_adapter
     reference: str | None = None  # style_aligned: scene id of the reference; null: the first
-    options: dict[str, Any] = field(default_factory=dict)  # a method from outside keyframes
 
 
 @dataclass
@@ -169,7 +169,8 @@ class IPAdapterConfig(ConsistencyConfig):
     style_only: bool = False  # InstantStyle: only the style block reads the image
 
 
-# Config groups whose options have schemas of their own: group -> {option: schema}
+# Config groups whose options have schemas of their own: group -> {option: schema}. A method
+# from outside keyframes adds its own when it registers (conditioning.base.register).
 OPTION_SCHEMAS = {
     "upscale": {"hires": HiresConfig, "refiner": RefinerConfig, "tiny_refiner": RefinerConfig},
     "consistency": {"ip_adapter": IPAdapterConfig},
