@@ -77,6 +77,7 @@ def generate_once(pipe, settings, jobs, cuda: bool) -> dict:
 
 
 def memory_modes(pipe, cfg, plan, placement, jobs_for, report: dict, names) -> None:
+    from keyframes.config.schema import memory_mode
     from keyframes.pipeline.memory import apply_memory_mode, estimate_gb, weights_gb
 
     cuda = placement.device == "cuda"
@@ -91,7 +92,7 @@ def memory_modes(pipe, cfg, plan, placement, jobs_for, report: dict, names) -> N
             report["memory_modes"].append({**entry, "skipped": "needs CUDA"})
             continue
         reset_memory_mode(pipe)
-        apply_memory_mode(pipe, mode, placement.device)
+        apply_memory_mode(pipe, memory_mode(mode), placement.device)
         settings = settings_for(cfg, plan, batch)
         generate_once(pipe, replace(settings, steps=2), jobs_for(batch), cuda)  # warm-up
         entry.update(generate_once(pipe, settings, jobs_for(batch), cuda))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig
+from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig, memory_mode
 from keyframes.config.validate import validate
 from keyframes.errors import ConfigError
 from keyframes.generation.generator import GenerationSettings, KeyframeGenerator
@@ -59,7 +59,7 @@ def reference_images():
 
 @pytest.mark.parametrize("mode", ["none", "balanced", "auto"])
 def test_memory_modes_run_on_cpu_and_keep_small_images_identical(mode, reference_images):
-    plan = plan_memory(mode, "cpu", torch.float32, tiny_model_config(), 1, 64, 64)
+    plan = plan_memory(memory_mode(mode), "cpu", torch.float32, tiny_model_config(), 1, 64, 64)
     assert plan.mode == ("none" if mode == "auto" else mode)
     pipe = load_pipeline(tiny_model_config(), CPU, plan.mode)
     assert pipe.vae.use_tiling == pipe.vae.use_slicing == (plan.mode == "balanced")
@@ -72,10 +72,28 @@ def test_memory_modes_run_on_cpu_and_keep_small_images_identical(mode, reference
         assert (made == reference).all()
 
 
+def test_a_memory_mode_is_its_settings_not_its_name():
+    """conf/memory/ holds what each mode trades; a mode of one's own is settings too."""
+    from keyframes.config.schema import MemoryConfig
+    from keyframes.pipeline.memory import estimate_gb
+
+    assert memory_mode("balanced") == MemoryConfig("balanced", "none", True, True, False)
+    assert memory_mode("low_vram") == MemoryConfig("low_vram", "model", False, True, True)
+    slicing_only = MemoryConfig(name="my_mode", vae_slicing=True)
+    pipe = load_pipeline(tiny_model_config(), CPU, slicing_only)
+    assert pipe.vae.use_slicing and not pipe.vae.use_tiling
+    weights = (7.0, 5.0)  # GB: all weights, the largest component
+    # batch 2 at 2048x2048: slicing decodes one image at a time, balanced one tile of it
+    none, mine, balanced = (
+        estimate_gb(mode, 2, 2048, 2048, weights) for mode in ("none", slicing_only, "balanced")
+    )
+    assert none > mine > balanced
+
+
 @pytest.mark.parametrize("mode", ["low_vram", "minimal"])
 def test_offload_modes_need_cuda_and_say_so(mode):
     with pytest.raises(ConfigError) as info:
-        plan_memory(mode, "cpu", torch.float32, tiny_model_config(), 1, 64, 64)
+        plan_memory(memory_mode(mode), "cpu", torch.float32, tiny_model_config(), 1, 64, 64)
     assert f"memory={mode}" in str(info.value) and "needs device=cuda" in str(info.value)
     assert "memory=auto" in str(info.value)
 
@@ -146,7 +164,9 @@ def test_weights_estimate_is_the_real_parameter_count():
 
 
 def test_auto_on_cpu_is_none():
-    plan = plan_memory("auto", "cpu", torch.float32, tiny_model_config(), 4, 1024, 1024)
+    plan = plan_memory(
+        memory_mode("auto"), "cpu", torch.float32, tiny_model_config(), 4, 1024, 1024
+    )
     assert (plan.mode, plan.reason) == ("none", "cpu: no GPU memory to save")
 
 

@@ -111,9 +111,7 @@ def cached_refiner(loaded, upscale: RefinerConfig, allow_pickle: bool = False):
     if key not in loaded.refiners:
         start = time.perf_counter()
         refiner = load_refiner(loaded.pipe, upscale, allow_pickle)
-        loaded.refiners = {
-            key: apply_memory_mode(refiner, loaded.memory_mode, loaded.placement.device)
-        }
+        loaded.refiners = {key: apply_memory_mode(refiner, loaded.memory, loaded.placement.device)}
         log.info(
             "refiner %s loaded in %.1f s", refiner_source(upscale), time.perf_counter() - start
         )

@@ -10,6 +10,7 @@ cannot express; config.plan turns the composed settings into the frozen plan a r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,7 @@ MAX_TAKES = 1000
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SEED_MODES = ("derived", "fixed")
 OBJECTIVES = ("clip_score_mean", "clip_score_per_second", "aesthetic_score_mean")
-MEMORY_MODES = ("auto", "none", "balanced", "low_vram", "minimal")
-OFFLOAD_MODES = ("low_vram", "minimal")
+OFFLOADS = ("none", "model", "sequential")  # memory.offload
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHITECTURES = ("sdxl_base",)
 FAMILIES = ("auto", "sdxl", "sd15")
@@ -179,7 +179,24 @@ OPTION_SCHEMAS = {
 
 @dataclass
 class MemoryConfig:
+    """A memory mode is what it trades for VRAM, as data (conf/memory/); auto picks a mode."""
+
     name: str = MISSING  # auto | none | balanced | low_vram | minimal (pipeline/memory.py)
+    offload: str = "none"  # none | model: one component on the GPU at a time | sequential
+    vae_slicing: bool = False  # decode one image of a batch at a time
+    vae_tiling: bool = False  # decode in overlapping tiles
+    attention_slicing: bool = False  # attention in slices
+
+
+@functools.cache
+def memory_mode(name: str) -> MemoryConfig:
+    """A memory mode's settings as conf/memory/<name>.yaml holds them (memory=auto's picks)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge(
+        OmegaConf.structured(MemoryConfig), OmegaConf.load(CONF_DIR / "memory" / f"{name}.yaml")
+    )
+    return OmegaConf.to_object(node)
 
 
 @dataclass

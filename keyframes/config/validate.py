@@ -16,9 +16,8 @@ from keyframes.config.schema import (
     MAX_SEED,
     MAX_SIDE,
     MAX_TAKES,
-    MEMORY_MODES,
     OBJECTIVES,
-    OFFLOAD_MODES,
+    OFFLOADS,
     PREDICTIONS,
     PROMPT_WEIGHTINGS,
     SEED_MODES,
@@ -112,7 +111,7 @@ def validate(cfg: Config) -> tuple[int, int]:
     problems += _interval_problems(cfg) + _deepcache_problems(cfg) + _noise_problems(cfg)
     if "{prompt}" not in cfg.style.prompt:
         problems.append(f"style.prompt: the template of style {cfg.style.name!r} lacks {{prompt}}")
-    if cfg.speed.compile and cfg.memory.name in OFFLOAD_MODES:
+    if cfg.speed.compile and cfg.memory.offload != "none":
         problems.append(
             f"speed.compile with memory={cfg.memory.name}: a compiled model stays on the GPU, "
             "offloading moves it away; use memory=balanced (or auto) with compile"
@@ -158,7 +157,7 @@ def _choice_problems(cfg: Config) -> list[str]:
         ("seed_mode", cfg.seed_mode, SEED_MODES),
         ("objective", cfg.objective, OBJECTIVES),
         ("model.dtype", cfg.model.dtype, DTYPES),
-        ("memory", cfg.memory.name, MEMORY_MODES),
+        ("memory.offload", cfg.memory.offload, OFFLOADS),
         ("long_prompts", cfg.long_prompts, LONG_PROMPT_MODES),
         ("prompt_weighting", cfg.prompt_weighting, PROMPT_WEIGHTINGS),
         ("speed.compile_mode", cfg.speed.compile_mode or COMPILE_MODES[0], COMPILE_MODES),

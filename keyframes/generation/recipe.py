@@ -110,7 +110,7 @@ class KeyframesRecipe:
         second_model = any(m.second_model for m in self.methods)
         size = (cfg.batch_size, self.plan.width, self.plan.height)
         self.memory = plan_memory(
-            cfg.memory.name,
+            cfg.memory,
             self.placement.device,
             self.placement.dtype,
             cfg.model,

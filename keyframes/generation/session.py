@@ -87,7 +87,7 @@ class Session:
         models = self.models
         start = time.perf_counter()
         self.loaded, self.cache_hit = cached_pipeline(
-            models.model, self.placement, self.memory.mode, models.speed
+            models.model, self.placement, self.memory.applied, models.speed
         )
         apply_sampler(self.pipe, models.sampler, self.loaded.scheduler_config)
         self.timings["model_load_seconds"] = round(time.perf_counter() - start, 3)

@@ -24,7 +24,13 @@ from keyframes.config.model_source import (
     resolve_family,
     resolve_prediction,
 )
-from keyframes.config.schema import ModelConfig, SamplerConfig, SpeedConfig
+from keyframes.config.schema import (
+    MemoryConfig,
+    ModelConfig,
+    SamplerConfig,
+    SpeedConfig,
+    memory_mode,
+)
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.pipeline.memory import apply_memory_mode
 from keyframes.pipeline.speed import apply_speed
@@ -68,15 +74,17 @@ def describe_source(model: ModelConfig) -> str:
     return model.path or model.id or "?"
 
 
-def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "none"):
-    """The model's text-to-image pipeline placed as the memory mode says, progress bars off."""
+def load_pipeline(model: ModelConfig, placement: Placement, memory: MemoryConfig | str = "none"):
+    """The model's text-to-image pipeline placed as the memory mode (its settings, or the name
+    of one in conf/memory/) says, progress bars off."""
+    memory = memory_mode(memory) if isinstance(memory, str) else memory
     check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
     _quiet_library_notes()
     family = resolve_family(model)
     if model.architecture:
         from keyframes.pipeline.architectures import build_random_pipeline
 
-        build_on = placement.device if memory_mode in ("none", "balanced") else "cpu"
+        build_on = placement.device if memory.offload == "none" else "cpu"
         pipe = build_random_pipeline(model.architecture, build_on, placement.dtype)
     else:
         with quiet_loading():
@@ -87,7 +95,7 @@ def load_pipeline(model: ModelConfig, placement: Placement, memory_mode: str = "
     schedule = {k: v for k, v in model_schedule(model).items() if pipe.scheduler.config.get(k) != v}
     if schedule:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **schedule)
-    pipe = apply_memory_mode(pipe, memory_mode, placement.device)
+    pipe = apply_memory_mode(pipe, memory, placement.device)
     pipe.set_progress_bar_config(disable=True)  # the run has one overall bar
     return pipe
 
@@ -401,7 +409,7 @@ class LoadedPipeline:
     speed: dict  # what the speed settings did
     key: tuple
     placement: Placement
-    memory_mode: str
+    memory: MemoryConfig  # the memory mode it was placed with
     warmed_up: set = field(default_factory=set)  # (batch, width, height) already run once
     refiners: dict = field(default_factory=dict)  # upscale=refiner: its source -> pipeline
 
@@ -412,17 +420,18 @@ _loaded: LoadedPipeline | None = None
 
 
 def cached_pipeline(
-    model: ModelConfig, placement: Placement, memory_mode: str, speed: SpeedConfig
+    model: ModelConfig, placement: Placement, memory: MemoryConfig | str, speed: SpeedConfig
 ) -> tuple[LoadedPipeline, bool]:
     """(pipeline, cache hit?). Different settings replace the cached one."""
     global _loaded
-    key = (tuple(sorted(asdict(model).items())), placement, memory_mode, repr(speed))
+    memory = memory_mode(memory) if isinstance(memory, str) else memory
+    key = (tuple(sorted(asdict(model).items())), placement, repr(memory), repr(speed))
     if _loaded is not None and _loaded.key == key:
         return _loaded, True
     release_pipeline()
-    pipe = load_pipeline(model, placement, memory_mode)
+    pipe = load_pipeline(model, placement, memory)
     applied = apply_speed(pipe, speed, placement.device)
-    _loaded = LoadedPipeline(pipe, pipe.scheduler.config, applied, key, placement, memory_mode)
+    _loaded = LoadedPipeline(pipe, pipe.scheduler.config, applied, key, placement, memory)
     return _loaded, False
 
 

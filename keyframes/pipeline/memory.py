@@ -1,9 +1,10 @@
-"""Memory modes: what to trade for VRAM, chosen before the model loads.
+"""Memory modes: what to trade for VRAM, chosen before the model loads. A mode is data
+(conf/memory/<mode>.yaml: offload, VAE slicing and tiling, attention slicing):
 
     none      everything on the GPU
     balanced  + VAE slicing and tiling (no full-size decode spike)
     low_vram  model CPU offload + VAE tiling + attention slicing
-    minimal   sequential CPU offload
+    minimal   sequential CPU offload + VAE tiling
     auto      the first of none, balanced, low_vram whose estimate fits the free VRAM
 
 The estimate is weights (parameter count x bytes per parameter, exact) plus the larger of
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from keyframes.config.schema import OFFLOAD_MODES, ModelConfig
+from keyframes.config.schema import MemoryConfig, ModelConfig, memory_mode
 from keyframes.errors import ConfigError
 
 # Measured on an NVIDIA H200 (SDXL architecture, bfloat16, SDPA, torch 2.11, diffusers
@@ -44,9 +45,15 @@ class MemoryPlan:
     reason: str
     free_vram_gb: float | None = None
     estimate_gb: float | None = None  # the estimate for the chosen mode
+    settings: MemoryConfig | None = None  # the chosen mode's (None: as its name says)
+
+    @property
+    def applied(self) -> MemoryConfig:
+        return self.settings or memory_mode(self.mode)
 
     def as_record(self) -> dict:
-        return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        fields = {k: v for k, v in asdict(self).items() if k != "settings"}
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in fields.items()}
 
 
 def weights_gb(
@@ -69,26 +76,27 @@ def weights_gb(
 
 
 def estimate_gb(
-    mode: str,
+    mode: str | MemoryConfig,
     batch_size: int,
     width: int,
     height: int,
     weights: tuple[float, float],
     float32_vae: bool = False,
 ) -> float:
-    """Estimated VRAM peak of a mode, in GB."""
+    """Estimated VRAM peak of a mode (its name or its settings), in GB."""
+    settings = memory_mode(mode) if isinstance(mode, str) else mode
     total, largest = weights
     megapixels = width * height / 1e6
     unet = batch_size * megapixels * UNET_GB_PER_MEGAPIXEL
     per_megapixel = VAE_GB_PER_MEGAPIXEL * (2 if float32_vae else 1)
     one_tile = min(megapixels, TILE_MEGAPIXELS) * per_megapixel  # slicing + tiling: the most
-    if mode == "none":
-        return total + max(unet, batch_size * megapixels * per_megapixel)
-    if mode == "balanced":
-        return total + max(unet, one_tile)
-    if mode == "low_vram":  # one component on the GPU at a time
+    if settings.offload == "sequential":
+        return one_tile  # one layer's weights at a time
+    if settings.offload == "model":  # one component on the GPU at a time
         return max(largest + unet, one_tile)
-    return one_tile  # minimal: one layer's weights at a time
+    one_image = one_tile if settings.vae_tiling else megapixels * per_megapixel
+    decode = one_image if settings.vae_slicing else batch_size * one_image
+    return total + max(unet, decode)
 
 
 def choose_mode(
@@ -114,7 +122,7 @@ def choose_mode(
 
 
 def plan_memory(
-    requested: str,
+    requested: MemoryConfig,
     device: str,
     dtype: torch.dtype,
     model: ModelConfig,
@@ -124,21 +132,21 @@ def plan_memory(
     refiner: bool = False,  # upscale=refiner: its UNet is on the card too
 ) -> MemoryPlan:
     """Resolve the memory setting for this device, or say why it cannot work here."""
-    if requested in OFFLOAD_MODES:
+    if requested.offload != "none":
         if device != "cuda":
             raise ConfigError(
-                f"memory={requested} moves weights between CPU and GPU memory: it needs "
+                f"memory={requested.name} moves weights between CPU and GPU memory: it needs "
                 f"device=cuda (this run is on {device}). Use memory=auto or memory=none."
             )
         from diffusers.utils import is_accelerate_available
 
         if not is_accelerate_available():
             raise ConfigError(
-                f"memory={requested} needs the accelerate package for CPU offload "
+                f"memory={requested.name} needs the accelerate package for CPU offload "
                 "(uv sync installs it); or use memory=balanced"
             )
-    if requested != "auto":
-        return MemoryPlan(requested, requested, "asked for")
+    if requested.name != "auto":
+        return MemoryPlan(requested.name, requested.name, "asked for", settings=requested)
     if device != "cuda":
         return MemoryPlan("auto", "none", f"{device}: no GPU memory to save")
     free, _ = torch.cuda.mem_get_info()
@@ -148,19 +156,20 @@ def plan_memory(
     )
 
 
-def apply_memory_mode(pipe, mode: str, device: str):
-    """Place the pipeline for the mode; returns it."""
+def apply_memory_mode(pipe, mode: MemoryConfig, device: str):
+    """Place the pipeline as the mode says; returns it."""
     if device == "cuda":  # this process's GPU (accelerate sets it); offload would take GPU 0
         device = f"cuda:{torch.cuda.current_device()}"
-    if mode in ("none", "balanced"):
+    if mode.offload == "none":
         pipe = pipe.to(device)
-    if mode == "balanced":
+    if mode.vae_slicing:
         pipe.vae.enable_slicing()
-    if mode in ("balanced", "low_vram", "minimal"):
+    if mode.vae_tiling:
         pipe.vae.enable_tiling()
-    if mode == "low_vram":
+    if mode.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
+    if mode.attention_slicing:
         pipe.enable_attention_slicing()
-    if mode == "minimal":
+    if mode.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     return pipe
