@@ -13,7 +13,6 @@ import logging
 import shutil
 import signal
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -29,7 +28,8 @@ from keyframes.generation.outcome import DiskFull, Interrupted
 from keyframes.outputs.files import remove_if_untouched, run_folder_problem
 from keyframes.outputs.folder_lock import LOCK_NAME, hold_folder
 from keyframes.outputs.manifest import read_run
-from keyframes.tracking.sweep import SweepJob, close_stopped_sweep, sweep_job
+from keyframes.outputs.records import SweepRecord
+from keyframes.tracking.sweep import close_stopped_sweep, sweep_job
 
 log = logging.getLogger("keyframes")
 
@@ -80,7 +80,7 @@ def run(
     cfg: DictConfig,
     run_dir: Path,
     overrides: list[str],
-    sweep: SweepJob | None,
+    sweep: SweepRecord | None,
     log_name: str,
     sweep_dir: Path | None,
 ):
@@ -115,12 +115,11 @@ def run(
         if problem := run_folder_problem(run_dir):  # resume=true may have chosen another
             raise ConfigError(problem)
         experiment = sweep.experiment if sweep else composed.mlflow.experiment_name
-        sweep_record = asdict(sweep) if sweep else None
-        place = RunPlace(run_dir, tuple(overrides), experiment, sweep_record, procs)
+        place = RunPlace(run_dir, tuple(overrides), experiment, sweep, procs)
         return _generate_and_track(recipe, place, composed.mlflow, sweep)
 
 
-def _generate_and_track(recipe, place, mlflow, sweep: SweepJob | None):
+def _generate_and_track(recipe, place, mlflow, sweep: SweepRecord | None):
     """The run, then its MLflow mirror (also of a run that stopped: marked KILLED or FAILED);
     only the main process talks to MLflow, once every part is merged."""
     main = place.processes.main
@@ -135,7 +134,7 @@ def _generate_and_track(recipe, place, mlflow, sweep: SweepJob | None):
     return result
 
 
-def _track(run_dir: Path, mlflow, experiment: str, sweep: SweepJob | None, result) -> None:
+def _track(run_dir: Path, mlflow, experiment: str, sweep: SweepRecord | None, result) -> None:
     """Mirror the run folder into MLflow; a stop while it logs leaves every keyframe on disk,
     and the message says how to finish the logging."""
     from keyframes.tracking.sync import track_run

@@ -207,3 +207,36 @@ def test_manifest_bookkeeping_grows_linearly_and_a_kill_loses_nothing(tmp_path):
     assert [r.index for r in doc.images] == list(range(2000))
     writer.full(run_record(status="finished"), images)  # the end: one manifest, no journal
     assert not journal_of(path).exists() and load_manifest(path).run.status == "finished"
+
+
+def test_a_runs_memory_speed_and_sweep_are_typed_records_with_the_same_json():
+    """Read by attribute (a misspelt one fails), written back as the manifest always had them;
+    a key this version does not know is kept, and an older sweep record lacks swept_keys."""
+    memory = {
+        "requested": "auto",
+        "mode": "balanced",
+        "reason": "fits",
+        "free_vram_gb": 23.5,
+        "estimate_gb": 9.7,
+    }
+    speed = {"preset": "compile", "compile": "unet + vae decoder", "tf32": True, "new": 1}
+    sweep = {
+        "parent_run_id": "p",
+        "experiment": "e",
+        "sweep_dir": "/s",
+        "job_num": 2,
+        "swept_keys": ["steps"],
+    }
+    run = run_record(memory=memory, speed=speed, sweep=sweep)
+    assert (run.memory.mode, run.speed.compile, run.sweep.job_num) == (
+        "balanced",
+        speed["compile"],
+        2,
+    )
+    assert run.speed.extra == {"new": 1} and run.speed.fuse_qkv is None
+    data = run.to_json()
+    assert (data["memory"], data["speed"], data["sweep"]) == (memory, speed, sweep)
+    older = run_record(sweep={k: v for k, v in sweep.items() if k != "swept_keys"})
+    assert older.sweep.swept_keys == [] and older.to_json()["sweep"]["swept_keys"] == []
+    with pytest.raises(TypeError):
+        run.memory["mode"]  # noqa: B018 - the dict of before

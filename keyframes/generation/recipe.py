@@ -47,7 +47,15 @@ from keyframes.generation.session import Session, SessionModels
 from keyframes.outputs.contact_sheet import write_contact_sheets
 from keyframes.outputs.parts import merge_parts
 from keyframes.outputs.processes import Processes
-from keyframes.outputs.records import Manifest, RunInfo, derive_run_key, iso
+from keyframes.outputs.records import (
+    Manifest,
+    MemoryRecord,
+    RunInfo,
+    SpeedRecord,
+    SweepRecord,
+    derive_run_key,
+    iso,
+)
 from keyframes.outputs.resume import earlier_run, previous_images
 from keyframes.outputs.summary import summarize
 from keyframes.pipeline.long_prompts import count_tokens
@@ -66,7 +74,7 @@ class RunPlace:
     run_dir: Path
     overrides: tuple[str, ...] = ()
     experiment: str | None = None  # the MLflow experiment; None: the shotlist's title
-    sweep: dict[str, Any] | None = None  # parent_run_id, sweep_dir, job_num in a sweep
+    sweep: SweepRecord | None = None  # its place in a sweep
     processes: Processes = field(default_factory=Processes)  # accelerate launch: the group
 
 
@@ -382,7 +390,7 @@ class KeyframesRecipe:
             scorer=scorer.name if scorer else None,
             device=self.placement.device,
             dtype=str(self.placement.dtype).removeprefix("torch."),
-            memory=self.memory.as_record(),
+            memory=MemoryRecord.from_json(self.memory.as_record()),
             versions=package_versions(),
             overrides=list(place.overrides),
             command=command,
@@ -395,7 +403,7 @@ class KeyframesRecipe:
             run_key=derive_run_key(plan.config_hash, shotlist.sha256, self.started, place.run_dir),
             status="running",
             pipeline_cache="hit" if session.cache_hit else "miss",
-            speed={"preset": cfg.speed.name, **session.loaded.speed},
+            speed=SpeedRecord.from_json({"preset": cfg.speed.name, **session.loaded.speed}),
             timings=dict(session.timings),
             **RunInfo.own_and_extra(method_fields),
         )

@@ -25,6 +25,7 @@ class _JsonRecord:
     """Field names are the JSON keys; unknown keys round-trip through `extra`."""
 
     OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset()
+    NESTED: ClassVar[dict[str, type[_JsonRecord]]] = {}  # fields that are records themselves
     extra: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
@@ -32,7 +33,7 @@ class _JsonRecord:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name != "extra" and not (value is None and f.name in self.OMITTED_WHEN_NONE):
-                out[f.name] = value
+                out[f.name] = value.to_json() if isinstance(value, _JsonRecord) else value
         return out | self.extra
 
     @classmethod
@@ -47,8 +48,12 @@ class _JsonRecord:
         """ValueError where a field every manifest has is missing, or data is no object."""
         if not isinstance(data, dict):
             raise ValueError(f"a {cls.__name__} is a JSON object, not {type(data).__name__}")
+        own = cls.own_and_extra(data)
+        for name, record in cls.NESTED.items():
+            if own.get(name) is not None:
+                own[name] = record.from_json(own[name])
         try:
-            return cls(**cls.own_and_extra(data))
+            return cls(**own)
         except TypeError as e:  # a missing required field
             raise ValueError(f"not a keyframes {cls.__name__}: {e}") from None
 
@@ -112,12 +117,59 @@ class ImageRecord(_JsonRecord):
 
 
 @dataclass(kw_only=True)
+class MemoryRecord(_JsonRecord):
+    """The memory mode a run asked for, the one it got and why."""
+
+    requested: str
+    mode: str
+    reason: str
+    free_vram_gb: float | None = None
+    estimate_gb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class SpeedRecord(_JsonRecord):
+    """The speed preset and what of it was applied (only what was)."""
+
+    OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"attention", "fuse_qkv", "channels_last", "tf32", "compile", "compile_mode", "skipped"}
+    )
+    preset: str
+    attention: str | None = None
+    fuse_qkv: bool | None = None
+    channels_last: bool | None = None
+    tf32: bool | None = None
+    compile: str | None = None
+    compile_mode: str | None = None
+    skipped: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class SweepRecord(_JsonRecord):
+    """A sweep job's place in its sweep."""
+
+    parent_run_id: str | None = None  # None when the store was unreachable as it began
+    experiment: str | None = None
+    sweep_dir: str
+    job_num: int
+    swept_keys: list[str] = field(default_factory=list)  # absent in older manifests
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
 class RunInfo(_JsonRecord):
     """Filled in as the run goes: status, timings, fallbacks, then summary and finished_at."""
 
     OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset(
         {"finished_at", "summary", "processes", "error", "replaces_run_key", "mlflow"}
     )
+    NESTED: ClassVar[dict[str, type[_JsonRecord]]] = {
+        "memory": MemoryRecord,
+        "speed": SpeedRecord,
+        "sweep": SweepRecord,
+    }
     title: str
     shotlist: str
     shotlist_sha256: str
@@ -138,20 +190,20 @@ class RunInfo(_JsonRecord):
     scorer: str | None
     device: str
     dtype: str
-    memory: dict[str, Any] | None = None
+    memory: MemoryRecord | None = None
     versions: dict[str, str]
     overrides: list[str]
     command: str
     started_at: str
     experiment: str | None = None
-    sweep: dict[str, Any] | None = None
+    sweep: SweepRecord | None = None
     git_commit: str | None = None
     host: str | None = None
     pid: int | None = None
     run_key: str | None = None
     status: str = "finished"  # manifests older than the status field were written at the end
     pipeline_cache: str | None = None
-    speed: dict[str, Any] | None = None
+    speed: SpeedRecord | None = None
     timings: dict[str, float] = field(default_factory=dict)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     processes: int | None = None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from keyframes.config.overrides import override_keys
 from keyframes.errors import KeyframesError, first_line
 from keyframes.outputs.manifest import read_run
+from keyframes.outputs.records import SweepRecord
 from keyframes.tracking import review
 
 log = logging.getLogger("keyframes")
@@ -24,23 +24,18 @@ log = logging.getLogger("keyframes")
 SWEEP_FILE = "sweep.json"  # in a sweep's directory: the parent run its jobs nest under
 
 
-@dataclass(frozen=True)
-class SweepJob:
-    parent_run_id: str | None  # None when the store was unreachable as the sweep began
-    experiment: str
-    sweep_dir: str
-    job_num: int
-    swept_keys: list[str]  # what the sweep varies: the jobs' run names say these values
-
-
-def sweep_job(sweep_dir: str, job_num: int) -> SweepJob | None:
+def sweep_job(sweep_dir: str, job_num: int) -> SweepRecord | None:
     """This job's place in its sweep (None outside a sweep the callback began)."""
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         return None
     info = json.loads(path.read_text())
-    return SweepJob(
-        info["parent_run_id"], info["experiment"], sweep_dir, job_num, info.get("swept_keys", [])
+    return SweepRecord(
+        parent_run_id=info["parent_run_id"],
+        experiment=info["experiment"],
+        sweep_dir=sweep_dir,
+        job_num=job_num,
+        swept_keys=info.get("swept_keys", []),  # what the sweep varies: the jobs' run names
     )
 
 

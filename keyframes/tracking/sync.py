@@ -56,14 +56,15 @@ def read_run_dir(run_dir: Path) -> tuple[Manifest, dict[str, Any]]:
 def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any]) -> RunRecord:
     """The MLflow run of a run directory, from its manifest and resolved config."""
     run, images = manifest.run, manifest.images
-    sweep = run.sweep or {}
     ok = [r for r in images if r.ok and keyframe_file(run_dir, r.file)]
     keys = review.image_keys(images)  # over every image, so a failed one moves no other key
     return RunRecord(
         experiment=run.experiment,
         run_name=run_name(run, config),
         description=review.run_description(run, images, config),
-        colour=review.JOB_COLOURS[sweep["job_num"] % len(review.JOB_COLOURS)] if sweep else None,
+        colour=review.JOB_COLOURS[run.sweep.job_num % len(review.JOB_COLOURS)]
+        if run.sweep
+        else None,
         keyed_images=[(keys[r.index], r.index, run_dir / r.file) for r in ok],
         table=image_table(run_dir, ok),
         view_sort=config.get("objective", "clip_score_mean"),
@@ -80,7 +81,7 @@ def record_from_run_dir(run_dir: Path, manifest: Manifest, config: dict[str, Any
         artifacts=artifact_files(run_dir, ok),
         start_ms=_ms(run.started_at),
         end_ms=_ms(run.finished_at or run.started_at),
-        parent_run_id=sweep.get("parent_run_id"),
+        parent_run_id=run.sweep.parent_run_id if run.sweep else None,
         status=STATUS.get(run.status, "FINISHED"),
         key=run.run_key,
         content=hashlib.sha256(
@@ -112,9 +113,9 @@ def run_name(run: RunInfo, config: dict[str, Any]) -> str:
     """A sweep job by the values its sweep varies; any other run by its main settings."""
     if not run.sweep:
         return review.single_run_name(run, config["steps"], config["cfg_scale"], config["seed"])
-    keys = run.sweep.get("swept_keys", [])  # absent in older manifests
+    keys = run.sweep.swept_keys
     values = settings_used(flatten(config), keys, parse_overrides(run.overrides))
-    return review.job_run_name(values, run.sweep["job_num"])
+    return review.job_run_name(values, run.sweep.job_num)
 
 
 def image_table(run_dir: Path, images: list[ImageRecord]) -> dict[str, list] | None:
@@ -154,7 +155,7 @@ def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str
     if run.pipeline_cache:
         tags["pipeline_cache"] = run.pipeline_cache
     if run.memory:
-        tags["keyframes.memory_mode"] = run.memory["mode"]
+        tags["keyframes.memory_mode"] = run.memory.mode
     if run.loras:
         tags["keyframes.loras"] = ", ".join(
             f"{r['name']}:{r['scale']:g}" + (f" ({r['sha256']})" if r["sha256"] else "")
@@ -165,7 +166,7 @@ def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str
             f"{r['token']} ({r['sha256']})" for r in run.embeddings
         )
     if run.speed:
-        tags["keyframes.speed"] = run.speed["preset"]
+        tags["keyframes.speed"] = run.speed.preset
     if run.git_commit:
         tags["mlflow.source.git.commit"] = run.git_commit
     failed = [r.file for r in images if not r.ok]
@@ -174,8 +175,8 @@ def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str
     if run.fallbacks:
         tags["fallbacks"] = json.dumps(run.fallbacks)[:5000]
     if run.sweep:
-        tags["keyframes.sweep_dir"] = run.sweep["sweep_dir"]
-        tags["keyframes.job_num"] = str(run.sweep["job_num"])
+        tags["keyframes.sweep_dir"] = run.sweep.sweep_dir
+        tags["keyframes.job_num"] = str(run.sweep.job_num)
     return tags
 
 
