@@ -137,9 +137,19 @@ def _generate_and_track(recipe, place, mlflow, sweep: SweepRecord | None):
 def _track(run_dir: Path, mlflow, experiment: str, sweep: SweepRecord | None, result) -> None:
     """Mirror the run folder into MLflow; a stop while it logs leaves every keyframe on disk,
     and the message says how to finish the logging."""
-    from keyframes.tracking.sync import track_run
+    global _in_job
+    from keyframes.tracking.sync import load_tracking, track_run
 
+    # A stop during MLflow's imports waits for them: CPython 3.11 remembers a KeyboardInterrupt
+    # raised inside code an import runs with exec (dataclasses, namedtuples) even when it is
+    # caught, and then ends the process by SIGINT instead of with its exit code.
+    _in_job, in_job = False, _in_job
     try:
+        load_tracking()
+    finally:
+        _in_job = in_job
+    try:
+        _stop_if_requested()
         track_run(run_dir, mlflow, experiment, sweep is not None)
     except KeyboardInterrupt:
         raise Interrupted(result, while_tracking=True) from None

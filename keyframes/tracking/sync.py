@@ -215,6 +215,15 @@ def sync_run_dir(run_dir: Path, tracking: TrackingConfig) -> tuple[str, bool]:
     return run_id, created
 
 
+def load_tracking() -> None:
+    """Import what logging a run uses (MLflow, its SQL store, the HTTP client): seconds of
+    imports that a caller may want to finish before a stop is let in."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+    import requests  # noqa: F401
+    import sqlalchemy.dialects.sqlite.pysqlite  # noqa: F401 - loaded by create_engine
+
+
 def track_run(run_dir: Path, tracking: TrackingConfig, experiment: str, in_sweep: bool) -> None:
     """Mirror the run directory into MLflow. A store that cannot be reached costs a warning,
     not the run: the images and manifest are on disk, and keyframes.sync logs them later."""
