@@ -58,11 +58,10 @@ def builder_digest() -> str:
 def provide_tiny_models(paths: Iterable[str | None]) -> None:
     """Write every tiny model folder among `paths` that is missing or stale."""
     root = tiny_models_root()
-    wanted = {
-        Path(p).expanduser().name
-        for p in paths
-        if p and Path(p).expanduser().parent == root and Path(p).expanduser().name in TINY_MODELS
-    }
+    folders = [Path(p).expanduser() for p in paths if p]
+    wanted = {f.name for f in folders if f.parent == root and f.name in TINY_MODELS}
+    if not wanted:  # every other run: nothing to read or hash
+        return
     digest = builder_digest()
     stale = sorted(name for name in wanted if _stamp(root / name) != digest)
     if not stale:
