@@ -16,11 +16,10 @@ then matched four measured peaks within 14 %, never under them.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from keyframes.config.schema import MemoryConfig, ModelConfig, memory_mode
+from keyframes.config.schema import MemoryConfig, ModelConfig, memory_mode, memory_settings
 from keyframes.errors import ConfigError
 
 # Measured on an NVIDIA H200 (SDXL architecture, bfloat16, SDPA, torch 2.11, diffusers
@@ -60,18 +59,15 @@ def weights_gb(
     model: ModelConfig, dtype: torch.dtype, refiner: bool = False
 ) -> tuple[float, float]:
     """(all weights, the largest component) in GB for the model about to load, and the SDXL
-    refiner's UNet with it where `refiner`. A local folder counts its weight files."""
+    refiner's UNet with it where `refiner`."""
     from keyframes.pipeline.architectures import packaged_counts
 
-    size = torch.finfo(dtype).bits // 8
-    folder = Path(model.path).expanduser() if model.path else None
-    if folder is not None and folder.is_dir():
-        counts = [f.stat().st_size / 4 for f in folder.glob("*/*.safetensors")]  # as float32
-    else:  # every other preset is SDXL base-sized (SD 1.5 is smaller: an over-estimate)
-        counts = list(packaged_counts(model.architecture or "sdxl_base")["parameters"].values())
+    # every model is counted SDXL base-sized (SD 1.5 and the tiny ones are smaller: an
+    # over-estimate, so auto errs toward the careful mode)
+    counts = list(packaged_counts(model.architecture or "sdxl_base")["parameters"].values())
     if refiner:
         counts.append(REFINER_UNET_PARAMETERS)
-    counts = counts or [0]
+    size = torch.finfo(dtype).bits // 8
     return sum(counts) * size / 1e9, max(counts) * size / 1e9
 
 
@@ -84,7 +80,7 @@ def estimate_gb(
     float32_vae: bool = False,
 ) -> float:
     """Estimated VRAM peak of a mode (its name or its settings), in GB."""
-    settings = memory_mode(mode) if isinstance(mode, str) else mode
+    settings = memory_settings(mode)
     total, largest = weights
     megapixels = width * height / 1e6
     unet = batch_size * megapixels * UNET_GB_PER_MEGAPIXEL
