@@ -199,6 +199,11 @@ def memory_mode(name: str) -> MemoryConfig:
     return OmegaConf.to_object(node)
 
 
+def memory_settings(mode: str | MemoryConfig) -> MemoryConfig:
+    """A memory mode's settings: as given, or read by its name (memory_mode)."""
+    return memory_mode(mode) if isinstance(mode, str) else mode
+
+
 @dataclass
 class SpeedConfig:
     name: str = MISSING

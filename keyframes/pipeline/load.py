@@ -29,7 +29,7 @@ from keyframes.config.schema import (
     ModelConfig,
     SamplerConfig,
     SpeedConfig,
-    memory_mode,
+    memory_settings,
 )
 from keyframes.errors import ConfigError, ModelUnavailableError, first_line
 from keyframes.pipeline.memory import apply_memory_mode
@@ -77,7 +77,7 @@ def describe_source(model: ModelConfig) -> str:
 def load_pipeline(model: ModelConfig, placement: Placement, memory: MemoryConfig | str = "none"):
     """The model's text-to-image pipeline placed as the memory mode (its settings, or the name
     of one in conf/memory/) says, progress bars off."""
-    memory = memory_mode(memory) if isinstance(memory, str) else memory
+    memory = memory_settings(memory)
     check_source(model)  # the gate for every caller; the CLI also calls it early, to fail fast
     _quiet_library_notes()
     family = resolve_family(model)
@@ -424,7 +424,7 @@ def cached_pipeline(
 ) -> tuple[LoadedPipeline, bool]:
     """(pipeline, cache hit?). Different settings replace the cached one."""
     global _loaded
-    memory = memory_mode(memory) if isinstance(memory, str) else memory
+    memory = memory_settings(memory)
     key = (tuple(sorted(asdict(model).items())), placement, repr(memory), repr(speed))
     if _loaded is not None and _loaded.key == key:
         return _loaded, True
