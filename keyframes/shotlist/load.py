@@ -141,12 +141,14 @@ def parse_shotlist(
         raise ShotlistError(f"shotlist {path} is invalid:", problems)
     default_title = Path(path).stem if path != "<data>" else "untitled"
     context = {"paths": paths, "characters": _sheet_names(data.get("characters"))}
+    top, scene_list_ok = None, True
     try:
         top = ShotlistModel.model_validate({"title": default_title, **data}, context=context)
     except ValidationError as e:
-        problems, top = schema_problems(e), None
-    raw_scenes = top.scenes if top else _checked_or_none(data.get("scenes"))
-    scenes = _scenes(raw_scenes or [], context, problems)
+        problems = schema_problems(e)
+        # the scenes are still checked one by one when only the title or the sheet failed
+        scene_list_ok = all(error["loc"][:1] != ("scenes",) for error in e.errors())
+    scenes = _scenes(data["scenes"] if scene_list_ok else [], context, problems)
     if problems or top is None:
         raise ShotlistError(f"shotlist {path} is invalid:", problems)
     extra = dict(top.model_extra or {})
@@ -172,14 +174,6 @@ def _sheet_names(raw: Any) -> list[str]:
         if isinstance(text, str) and text.strip() and len(text) <= MAX_TEXT:
             names.append(name)
     return names
-
-
-def _checked_or_none(raw: Any) -> list | None:
-    """The scene list where the top level failed for another reason (title, characters)."""
-    try:
-        return ShotlistModel.model_validate({"scenes": raw}).scenes
-    except ValidationError:
-        return None
 
 
 def _characters(sheet: dict[str, dict[str, Any]]) -> dict[str, Character]:
