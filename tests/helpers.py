@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,17 +225,25 @@ def mlflow_runs(store):
     return client, client.search_runs([e.experiment_id for e in experiments])
 
 
+@functools.cache
+def _smoke_model():
+    """experiment=smoke's model settings as the run resolves them, its folder written as the
+    run's setup would (composed once per process: tiny_pipe is called by many tests)."""
+    from keyframes.config.plan import make_plan
+
+    tiny_path()
+    return make_plan(settings("experiment=smoke")).config.model
+
+
 def tiny_pipe():
     """The process's cached tiny pipeline, as an in-process smoke run with the fault tests'
     settings gets it (speed.warm_up=false)."""
     from dataclasses import replace
 
-    from keyframes.config.plan import make_plan
     from keyframes.pipeline.load import cached_pipeline, resolve_placement
 
-    tiny_path()  # written, as the run's setup would
     return cached_pipeline(
-        make_plan(settings("experiment=smoke")).config.model,  # as the run resolves it
+        _smoke_model(),
         resolve_placement("cpu", "auto"),
         "none",
         replace(default_speed(), warm_up=False),  # as FAULTS asks: the same cached pipeline
