@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,3 +300,31 @@ def tiny_control(scale):
         canny_low=100,
         canny_high=200,
     )
+
+
+KILLER = Path(__file__).resolve().parent / "kill_during.py"
+
+
+def killed_run(tmp_path: Path, stage: str, *overrides: str) -> tuple[Path, Path]:
+    """`python tests/kill_during.py STAGE experiment=smoke SMALL OVERRIDES` into tmp_path/run,
+    checked to have died by SIGKILL. Returns (run dir, store)."""
+    run_dir, store = tmp_path / "run", tmp_path / "mlflow.db"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(KILLER),
+            stage,
+            "experiment=smoke",
+            *SMALL,
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+            f"mlflow.tracking_uri=sqlite:///{store}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return run_dir, store

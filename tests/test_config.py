@@ -40,7 +40,7 @@ GROUPS = {
     "scorer": {"clip", "tiny", "none"},
     "memory": {"auto", "none", "balanced", "low_vram", "minimal"},
     "speed": {"sdpa", "fast", "compile", "deepcache"},
-    "consistency": {"none", "style_aligned", "ip_adapter"},
+    "consistency": {"none", "style_aligned", "ip_adapter", "character_ref", "story"},
     "upscale": {"none", "hires", "refiner", "tiny_refiner"},
     "controlnet": {"none", "canny_sdxl", "depth_sdxl", "canny_sd15", "depth_sd15"},
 }

@@ -17,34 +17,10 @@ from mlflow.tracking import MlflowClient
 from keyframes.outputs.files import whole_png
 from keyframes.outputs.manifest import load_manifest
 from keyframes.sync import main as sync_main
-from tests.conftest import ROOT, read_manifest
-from tests.helpers import SMALL, store_runs
+from tests.conftest import read_manifest
+from tests.helpers import SMALL, killed_run, store_runs
 
-KILLER = ROOT / "tests" / "kill_during.py"
 IMAGES = 7  # the demo shotlist, one take each
-
-
-def killed_run(tmp_path: Path, stage: str, *overrides: str) -> tuple[Path, Path]:
-    run_dir, store = tmp_path / "run", tmp_path / "mlflow.db"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(KILLER),
-            stage,
-            "experiment=smoke",
-            *SMALL,
-            *overrides,
-            f"hydra.run.dir={run_dir}",
-            f"mlflow.tracking_uri=sqlite:///{store}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    return run_dir, store
 
 
 def finished_on_disk(run_dir: Path) -> dict[Path, int]:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from keyframes.config.schema import OPTION_SCHEMAS, ModelConfig
 from keyframes.errors import ConfigError
+from keyframes.shotlist.jobs import JobSettings
 
 # Config groups whose option selects a method; "none" selects none.
 GROUPS = ("consistency", "controlnet", "upscale")
@@ -42,6 +43,9 @@ _discovered = False
 
 class BatchHook:
     """What a method adds to each pipeline call of a stage. Every hook is optional."""
+
+    whole_groups = False  # a batch holds every job of one split key, whatever the batch size
+    every_process = False  # every process makes this stage (only the main one reports it)
 
     def split_key(self, job) -> Hashable:
         """Jobs with different keys never share a batch (one pipeline call serves them all)."""
@@ -76,6 +80,8 @@ class MethodContext:
     chosen: Mapping[str, str] = field(default_factory=dict)  # each group's option (GROUPS)
     guidance_interval: bool = False  # guidance limited to an interval of the steps
     deepcache: bool = False  # UNet feature reuse across steps
+    compile: bool = False  # speed=compile: the UNet is compiled
+    jobs: JobSettings = field(default_factory=JobSettings)  # style, negatives, run seed
 
 
 class Method:

@@ -63,7 +63,7 @@ def missing_adapter(consistency: IPAdapterConfig, allow_pickle: bool = False) ->
     name = f"{sub}/{consistency.ip_adapter_weight}"
     if not (have(name) or (not where and hub.reachable())):
         return (
-            f"consistency=ip_adapter: {where or consistency.ip_adapter_id} has no {name}.\n"
+            f"consistency={consistency.name}: {where or consistency.ip_adapter_id} has no {name}.\n"
             f"  Download it: uv run hf download {consistency.ip_adapter_id} --include "
             f'"{sub}/*" (or set consistency.ip_adapter_path).'
         )
@@ -71,8 +71,9 @@ def missing_adapter(consistency: IPAdapterConfig, allow_pickle: bool = False) ->
     pickled = not have(f"{encoder}/model.safetensors") and have(f"{encoder}/pytorch_model.bin")
     if pickled and not allow_pickle:
         return (
-            f"consistency=ip_adapter: the image encoder in {where or consistency.ip_adapter_id}/"
-            f"{encoder} is a pickle (pytorch_model.bin), which can run code when loaded. Put its "
+            f"consistency={consistency.name}: the image encoder in "
+            f"{where or consistency.ip_adapter_id}/{encoder} is a pickle (pytorch_model.bin), "
+            "which can run code when loaded. Put its "
             f"model.safetensors there, or set {ALLOW} if you trust its source."
         )
     return None
@@ -127,15 +128,7 @@ class IpAdapter(Method):
     keyframe, made before the adapter loads and then shown to every other image."""
 
     def prepare(self, jobs: list[ImageJob], shotlist: Shotlist) -> list[ImageJob]:
-        family, model = self.run.model.family, self.run.model.name
-        if family != "sdxl":
-            raise ConfigError(
-                "settings that do not fit the model:",
-                [
-                    f"consistency=ip_adapter loads SDXL IP-Adapters; {model} is {family}. "
-                    "Use consistency=style_aligned or none."
-                ],
-            )
+        self.check_model()
         image = self.settings.image
         if image is not None and not Path(image).expanduser().is_file():
             raise ConfigError(f"consistency.image={image}: no such file")
@@ -143,6 +136,17 @@ class IpAdapter(Method):
         self.planned = assign_references(jobs, shotlist, image)
         self.loaded = False
         return self.planned
+
+    def check_model(self) -> None:
+        family, model = self.run.model.family, self.run.model.name
+        if family != "sdxl":
+            raise ConfigError(
+                "settings that do not fit the model:",
+                [
+                    f"consistency={self.name} loads SDXL IP-Adapters; {model} is {family}. "
+                    "Use consistency=style_aligned, story or none."
+                ],
+            )
 
     def missing_weights(self) -> str | None:
         return missing_adapter(self.settings, self.run.model.allow_pickle)

@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from keyframes.conditioning.attention import heads, merged_heads, self_attention_tokens
 from keyframes.conditioning.base import Method, register
 from keyframes.errors import ConfigError
 from keyframes.shotlist.jobs import ImageJob, reference_job
@@ -52,26 +53,14 @@ class SharedAttentionProcessor:
     ):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("shared attention is for unmasked self-attention only")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        image_input = hidden_states.ndim == 4
-        if image_input:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        batch = hidden_states.shape[0]
-
-        def heads(x):  # (batch, tokens, channels) -> (batch, heads, tokens, head_dim)
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        tokens, finish = self_attention_tokens(attn, hidden_states, temb)
+        q, k, v = (heads(attn, f(tokens)) for f in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
         out = torch.empty_like(q)
+        batch = tokens.shape[0]
         size = batch // self.groups
         for start in range(0, batch, size):
             ref, rest = slice(start, start + 1), slice(start + 1, start + size)
@@ -81,13 +70,7 @@ class SharedAttentionProcessor:
                 keys = torch.cat([k[ref].expand(n, -1, -1, -1), adain(k[rest], k[ref])], dim=-2)
                 values = torch.cat([v[ref].expand(n, -1, -1, -1), v[rest]], dim=-2)
                 out[rest] = F.scaled_dot_product_attention(adain(q[rest], q[ref]), keys, values)
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1])
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(q.dtype)))
-        if image_input:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return finish(merged_heads(attn, out))
 
 
 def share_attention(unet) -> tuple[dict, list[SharedAttentionProcessor]]:

@@ -154,7 +154,7 @@ class ConsistencyConfig:
     """consistency=none and style_aligned; ip_adapter's own settings are in IPAdapterConfig,
     and a method from outside keyframes brings its own subclass (conditioning.base.register)."""
 
-    name: str = MISSING  # none | style_aligned | ip_adapter
+    name: str = MISSING  # none | style_aligned | ip_adapter | character_ref | story
     reference: str | None = None  # style_aligned: scene id of the reference; null: the first
 
 
@@ -169,11 +169,28 @@ class IPAdapterConfig(ConsistencyConfig):
     style_only: bool = False  # InstantStyle: only the style block reads the image
 
 
+@dataclass
+class CharacterRefConfig(IPAdapterConfig):
+    portrait: str = MISSING  # the reference portrait's prompt; {name} and {description} filled
+
+
+@dataclass
+class StoryConfig(ConsistencyConfig):
+    share: float = MISSING  # the share of an anchor's tokens the others attend to
+    anchors: int = MISSING  # per character, made together before the other scenes
+    layers: list[str] = field(default_factory=list)  # self-attention layers sharing, by prefix
+    steps: list[int | None] = field(default_factory=list)  # [first, end) step that shares
+
+
 # Config groups whose options have schemas of their own: group -> {option: schema}. A method
 # from outside keyframes adds its own when it registers (conditioning.base.register).
 OPTION_SCHEMAS = {
     "upscale": {"hires": HiresConfig, "refiner": RefinerConfig, "tiny_refiner": RefinerConfig},
-    "consistency": {"ip_adapter": IPAdapterConfig},
+    "consistency": {
+        "ip_adapter": IPAdapterConfig,
+        "character_ref": CharacterRefConfig,
+        "story": StoryConfig,
+    },
 }
 
 

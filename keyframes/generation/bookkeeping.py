@@ -93,10 +93,10 @@ class Bookkeeping:
         for generation, scores in zip(batch, scored, strict=True):
             record = image_record(generation, scores, self.inputs)
             if generation.image is not None:
-                scene = self.inputs.scenes[generation.job.scene_id]
+                scene = self.inputs.scenes.get(generation.job.scene_id)
                 provenance = {
                     "record": record.to_json(),
-                    "scene": asdict(scene),
+                    "scene": asdict(scene) if scene else {"id": record.scene_id},
                     "run": self.run.to_json(),
                 }
                 save_png(generation.image, self.run_dir / record.file, record, provenance)
@@ -135,7 +135,8 @@ def image_record(g: Generation, scores: tuple, inputs: RecordInputs) -> ImageRec
         scene_prompt=job.scene_prompt,
         **inputs.settings,
         **_measured_fields(g, scores),
-        scene_extra=inputs.scenes[job.scene_id].extra,  # fields the format does not know
+        # fields the format does not know (a method's own job, e.g. a portrait, has no scene)
+        scene_extra=scene.extra if (scene := inputs.scenes.get(job.scene_id)) else {},
         **ImageRecord.own_and_extra(record_fields(inputs.methods, planned)),  # loras...
     )
 

@@ -103,6 +103,7 @@ class KeyframeGenerator:
         self.fallbacks: list[dict] = []
         self.cuda = pipe.device.type == "cuda"
         self.reference = reference
+        self.whole_groups = any(hook.whole_groups for hook in self.hooks)
         self._report_reference = False
         self.shard = shard
 
@@ -115,7 +116,8 @@ class KeyframeGenerator:
             else:
                 self._report_reference = len(others) < len(jobs)
                 jobs = others
-        queue = deque(batches(jobs, self.batch_size, self._split_key))
+        size = max(len(jobs), 1) if self.whole_groups else self.batch_size
+        queue = deque(batches(jobs, size, self._split_key))
         index, count = self.shard
         if count > 1:  # the batches a single process would make, dealt out in turn
             queue = deque(batch for k, batch in enumerate(queue) if k % count == index)
@@ -126,7 +128,7 @@ class KeyframeGenerator:
                 yield self._generate(batch)
             except torch.OutOfMemoryError as e:
                 _free_memory(self.pipe.device.type)
-                if len(batch) > 1:
+                if len(batch) > 1 and not self.whole_groups:
                     # Halve this batch and every later one: the size that failed will fail again.
                     self.batch_size = len(batch) // 2
                     rest = batch + [job for queued in queue for job in queued]

@@ -163,6 +163,8 @@ class KeyframesRecipe:
             chosen={group: getattr(cfg, group).name for group in GROUPS},
             guidance_interval=bool(cfg.guidance_interval),
             deepcache=bool(cfg.speed.deepcache),
+            compile=bool(cfg.speed.compile),
+            jobs=self.job_settings,
         )
 
     @property

@@ -128,17 +128,23 @@ class Session:
         stages = next(
             (s for m in self.methods if len(s := m.stages(todo, planned, run_dir)) > 1), [todo]
         )
-        procs = self.processes
+        procs, making = self.processes, {job.index for job in todo}
         for number, jobs in enumerate(stages):
             if number:
                 procs.wait()
             hooks = [h for m in self.methods if (h := m.begin_stage(self.pipe, number))]
-            generator = KeyframeGenerator(
-                self.pipe, self.settings, self.lead(), hooks, shard=(procs.index, procs.count)
-            )
+            # a stage every process makes (what it keeps is for each): the main one reports it
+            everywhere = any(hook.every_process for hook in hooks)
+            shard = (0, 1) if everywhere else (procs.index, procs.count)
+            generator = KeyframeGenerator(self.pipe, self.settings, self.lead(), hooks, shard)
             self.generators.append(generator)
             for batch in generator.run(jobs):
-                yield [replace(g, tflops=self.tflops_spent(g)) for g in batch]
+                # jobs made again only for what they pass on (done, or another's) go unreported
+                made = [
+                    g for g in batch if g.job.index in making and (procs.main or not everywhere)
+                ]
+                if made:
+                    yield [replace(g, tflops=self.tflops_spent(g)) for g in made]
 
     def tflops_spent(self, g: Generation) -> float | None:
         """TFLOP the image cost: its UNet evaluations (whole and shallow-branch), the prompts

@@ -1,0 +1,175 @@
+"""consistency=story on the tiny model: anchors per character made together, their kept
+tokens read by every later scene of that character, nothing shared with the others; the same
+pixels again, after a kill and resume, and at another batch size."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from keyframes.conditioning.story import cast_of, choose_anchors, kept_tokens
+from keyframes.errors import ConfigError
+from keyframes.generation.recipe import KeyframesRecipe, RunPlace
+from keyframes.shotlist.jobs import plan_jobs
+from keyframes.shotlist.load import load_shotlist
+from tests.helpers import (
+    FLOAT_NOISE,
+    SMALL,
+    assert_same_picture,
+    killed_run,
+    load_pixels,
+    pixel_gap,
+    settings,
+    write_json,
+)
+
+# a1, a2 anchor A; b1, b2 anchor B; a3 reads A; n1 shows nobody
+SCENES = [
+    ("a1", ["A"]),
+    ("n1", []),
+    ("a2", ["A"]),
+    ("b1", ["B"]),
+    ("a3", ["A"]),
+    ("b2", ["B"]),
+]
+
+
+def shots(folder: Path, seeds: dict[str, int] | None = None) -> Path:
+    seeds = seeds or {}
+    scenes = [
+        {"id": i, "description": f"scene {i}", "characters": c, "seed": seeds.get(i, 10 + n)}
+        for n, (i, c) in enumerate(SCENES)
+    ]
+    return write_json(
+        folder / "shots.json",
+        {
+            "title": "t",
+            "characters": {"A": "a tall woman in a red coat", "B": "a boy in a green cap"},
+            "scenes": scenes,
+        },
+    )
+
+
+def made(folder: Path, *overrides: str, seeds: dict[str, int] | None = None) -> dict:
+    """{scene id: pixels} of an in-process run (no MLflow) into folder/run."""
+    (folder / "run").mkdir(parents=True, exist_ok=True)
+    path = shots(folder, seeds)
+    cfg = settings(
+        "experiment=smoke", f"shotlist={path}", *SMALL, "scorer=none", "steps=6", *overrides
+    )
+    recipe = KeyframesRecipe().setup(cfg, announce=False)
+    result = recipe.generate(RunPlace(folder / "run"))
+    return {r.scene_id: load_pixels(folder / "run" / r.file) for r in result.images}
+
+
+STORY = ("consistency=story", "consistency.anchors=2")
+
+
+def changed(a: dict, b: dict) -> set[str]:
+    return {scene for scene in a if not (a[scene] == b[scene]).all()}
+
+
+def test_anchors_are_chosen_per_character_alone_first_and_never_twice(tmp_path):
+    shotlist = load_shotlist(str(shots(tmp_path)))
+    jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 2)  # two takes each
+    cast = cast_of(jobs, shotlist)
+    anchors = choose_anchors(jobs, cast, 2)
+    assert {n: [(j.scene_id, j.take) for j in js] for n, js in anchors.items()} == {
+        "A": [("a1", 1), ("a2", 1)],
+        "B": [("b1", 1), ("b2", 1)],
+    }
+    both = [("x", ["A", "B"]), ("y", ["A"]), ("z", ["B"]), ("w", ["A", "B"])]
+    scenes = [{"id": i, "description": i, "characters": c} for i, c in both]
+    characters = {"A": "a", "B": "b"}
+    path = write_json(
+        tmp_path / "both.json", {"title": "t", "characters": characters, "scenes": scenes}
+    )
+    shotlist = load_shotlist(str(path))
+    jobs = plan_jobs(shotlist, "{prompt}", "", "", 1, "derived", 1)
+    anchors = choose_anchors(jobs, cast_of(jobs, shotlist), 2)
+    # A: y (alone) then x; B: z (alone) then w, x being A's already
+    assert {n: [j.scene_id for j in js] for n, js in anchors.items()} == {
+        "A": ["x", "y"],
+        "B": ["z", "w"],
+    }
+
+
+def test_kept_tokens_are_a_seeded_share():
+    drawn = kept_tokens(7, 3, 100, 0.5)
+    assert len(drawn) == 50 and len(set(drawn.tolist())) == 50 and drawn.max() < 100
+    assert (kept_tokens(7, 3, 100, 0.5) == drawn).all()
+    assert not (kept_tokens(8, 3, 100, 0.5) == drawn).all()  # another anchor
+    assert not (kept_tokens(7, 4, 100, 0.5) == drawn).all()  # another step
+
+
+@pytest.fixture(scope="module")
+def story_runs(tmp_path_factory):
+    """The story run, the same run again, and with anchor a1's seed changed; likewise plain."""
+    root = tmp_path_factory.mktemp("story")
+    return {
+        "story": made(root / "story", *STORY),
+        "again": made(root / "again", *STORY),
+        "story_a1": made(root / "story_a1", *STORY, seeds={"a1": 999}),
+        "plain": made(root / "plain"),
+        "plain_a1": made(root / "plain_a1", seeds={"a1": 999}),
+    }
+
+
+def test_an_anchor_seed_changes_its_character_scenes_and_nothing_else(story_runs):
+    runs = story_runs
+    # story: a1's co-anchor a2 and the reader a3 follow; B's scenes and n1 are the same bits
+    assert changed(runs["story"], runs["story_a1"]) == {"a1", "a2", "a3"}
+    # off: every scene on its own
+    assert changed(runs["plain"], runs["plain_a1"]) == {"a1"}
+    # scenes without a character are made as with consistency=none (another code path)
+    assert_same_picture(runs["story"]["n1"], runs["plain"]["n1"], "n1")
+    # and the sharing shows where it applies. The tiny random-weight UNet attends almost
+    # uniformly, so the extra tokens move a pixel by one level at most; the share of values
+    # they move is what shows: 12-18 % at 6 steps, 25 times CPU float noise at least.
+    for scene in ("a1", "a2", "a3", "b1", "b2"):
+        gap = pixel_gap(runs["story"][scene], runs["plain"][scene])
+        assert gap.share > 25 * FLOAT_NOISE.share, (scene, gap)
+
+
+def test_the_same_story_run_twice_gives_the_same_pixels(story_runs):
+    assert changed(story_runs["story"], story_runs["again"]) == set()
+
+
+def test_batch_size_does_not_change_a_story_picture(story_runs, tmp_path):
+    batched = made(tmp_path, *STORY, "batch_size=3")
+    for scene, pixels in story_runs["story"].items():
+        assert_same_picture(batched[scene], pixels, scene)
+
+
+def test_story_is_refused_with_what_it_cannot_share(tmp_path):
+    path = shots(tmp_path)
+    for overrides, words in [
+        (("consistency.share=0",), "consistency.share=0"),
+        (("consistency.layers=[decoder]",), "consistency.layers=['decoder']"),
+        (("consistency.steps=[3,2]",), "consistency.steps=[3, 2]"),
+        (("speed=compile",), "speed=compile"),
+    ]:
+        cfg = settings("experiment=smoke", f"shotlist={path}", "consistency=story", *overrides)
+        with pytest.raises(ConfigError) as refused:
+            KeyframesRecipe().setup(cfg, announce=False)
+        assert words in str(refused.value), str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_kill_after_the_anchors_resumes_to_the_same_pixels(tmp_path, cli_in_process):
+    """SIGKILL at the third pipeline call (A's anchors, B's anchors, then a reader), resume:
+    the anchors are made again to read them, and every picture is the uninterrupted one."""
+    shots(tmp_path)
+    story = (f"shotlist={tmp_path / 'shots.json'}", "steps=6", "speed.warm_up=false", *STORY)
+    whole = tmp_path / "whole"
+    code, err, _, _ = cli_in_process(*SMALL, *story, run_dir=whole)
+    assert code == 0, err[-2000:]
+    run_dir, _ = killed_run(tmp_path, "generation", *story)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {r["scene_id"] for r in manifest["images"]} == {"a1", "a2", "b1", "b2"}
+    code, err, _, _ = cli_in_process(*SMALL, *story, "resume=true", run_dir=run_dir)
+    assert code == 0, err[-2000:]
+    for name in sorted(p.name for p in (whole / "keyframes").glob("*.png")):
+        assert_same_picture(
+            load_pixels(run_dir / "keyframes" / name), load_pixels(whole / "keyframes" / name), name
+        )
