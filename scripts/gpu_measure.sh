@@ -6,12 +6,18 @@
 #            default dtype) and the bench with guidance_interval=[0,0.5]
 #   product  the README's default command on the full-size replica (random weights) at
 #            1344x768, 30 steps, scorer and MLflow, and the bare bench at the same size
+#   characters  issue 28's cost of consistent characters: the demo shotlist at 1024x1024,
+#            30 steps, scorer and MLflow, as a sweep over consistency=none,story on the
+#            full-size replica (s/image, VRAM peak, UNet evaluations and TFLOP per image in
+#            the sweep's summary.csv; character_ref needs a full-size IP-Adapter image
+#            encoder, whose config is not packaged)
 # Everything lands in $OUT (default outputs/gpu): log.txt and results.tgz (JSON, logs, the
 # product run's manifest), so that a run stopped at its time limit still returns what it did.
 #   usage: scripts/gpu_measure.sh PHASE...
 # Dry run on a CPU (tiny models; compile refuses the CPU with exit 2):
 #   PYTHON="uv run python" MODEL=tiny SIZE=64 STEPS=2 REPLICA_SIZE= \
-#   PRODUCT_OVERRIDES="width=64 height=64 steps=2" scripts/gpu_measure.sh speed paths product
+#   PRODUCT_OVERRIDES="width=64 height=64 steps=2" CHARACTER_OVERRIDES="width=64 height=64 \
+#   steps=2" scripts/gpu_measure.sh speed paths product characters
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${OUT:-outputs/gpu}")
@@ -73,7 +79,17 @@ for phase in "$@"; do
             ${PRODUCT_OVERRIDES:-width=1344 height=768} --batch-sizes 1 --images 4 \
             --repeats 2 --json "$work/bench-product-size.json"
         ;;
-    *) echo "unknown phase $phase (speed, paths, product)"; exit 2 ;;
+    characters)
+        replica=${REPLICA:-/tmp/keyframes-replica}
+        [ -d "$replica/hub" ] || step replica 150 $py -m keyframes.replicas "$replica" \
+            ${REPLICA_SIZE---full}
+        step characters 420 env HF_HOME="$replica" HF_HUB_OFFLINE=1 $py -m keyframes.run -m \
+            consistency=none,story ${CHARACTER_OVERRIDES:-width=1024 height=1024} \
+            hydra.sweep.dir="$work/characters" mlflow.tracking_uri="sqlite:///$work/mlflow.db"
+        find "$work/characters" -name '*.png' -path '*keyframes*' -delete
+        cat "$work/characters/summary/summary.csv"
+        ;;
+    *) echo "unknown phase $phase (speed, paths, product, characters)"; exit 2 ;;
     esac
 done
 pack

@@ -141,6 +141,12 @@ def test_batch_size_does_not_change_a_story_picture(story_runs, tmp_path):
         assert_same_picture(batched[scene], pixels, scene)
 
 
+def test_tokens_kept_in_cpu_memory_give_the_same_pictures(story_runs, tmp_path):
+    """consistency.keep=cpu changes where the anchors' tokens wait, not what they are (on a
+    CPU run both places are the same memory: the same computation, bit for bit)."""
+    assert changed(made(tmp_path, *STORY, "consistency.keep=cpu"), story_runs["story"]) == set()
+
+
 def test_story_is_refused_with_what_it_cannot_share(tmp_path):
     path = shots(tmp_path)
     for overrides, words in [
@@ -148,6 +154,7 @@ def test_story_is_refused_with_what_it_cannot_share(tmp_path):
         (("consistency.layers=[decoder]",), "consistency.layers=['decoder']"),
         (("consistency.steps=[3,2]",), "consistency.steps=[3, 2]"),
         (("speed=compile",), "speed=compile"),
+        (("consistency.keep=disk",), "consistency.keep=disk"),
     ]:
         cfg = settings("experiment=smoke", f"shotlist={path}", "consistency=story", *overrides)
         with pytest.raises(ConfigError) as refused:
@@ -173,3 +180,118 @@ def test_a_kill_after_the_anchors_resumes_to_the_same_pixels(tmp_path, cli_in_pr
         assert_same_picture(
             load_pixels(run_dir / "keyframes" / name), load_pixels(whole / "keyframes" / name), name
         )
+
+
+# What it costs: pipeline/attention_cost.py, checked against what the models do.
+
+
+@pytest.mark.parametrize("size", [(64, 64), (1024, 1024), (1000, 600)])
+@pytest.mark.parametrize("architecture", ["tiny", "sdxl_base"])
+def test_the_self_attention_layers_are_those_a_forward_pass_runs(architecture, size):
+    """The analytic layer list against the attn1 calls of a forward pass on `meta`."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from keyframes.pipeline.architectures import published_configs
+    from keyframes.pipeline.attention_cost import self_attention_layers
+    from tests.helpers import tiny_path
+
+    if architecture == "tiny":
+        config = json.loads((Path(tiny_path()).expanduser() / "unet" / "config.json").read_text())
+    else:
+        config = published_configs("sdxl_base")["unet"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    seen = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):
+            module.register_forward_pre_hook(
+                lambda m, args, kwargs, n=name: seen.append(
+                    (n[: -len(".attn1")], *args[0].shape[1:])
+                ),
+                with_kwargs=True,
+            )
+    width, height = size
+    from keyframes.pipeline.flops import unet_inputs
+
+    with torch.no_grad():
+        unet(**unet_inputs(unet, width, height))
+    expected = [
+        (a.layer, a.tokens, a.channels) for a in self_attention_layers(config, width, height)
+    ]
+    assert seen == expected
+
+
+def test_the_extra_attention_flops_are_what_torch_counts():
+    """One SDXL-sized layer (1280 channels, 20 heads, 1024 tokens) attending to 1,536 more
+    tokens: the analytic count against torch.utils.flop_counter on `meta`."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from keyframes.conditioning.attention import attend
+    from keyframes.pipeline.attention_cost import SelfAttention, extra_attention_flops
+
+    with torch.device("meta"):
+        attn = Attention(1280, heads=20, dim_head=64)
+        tokens, extra = torch.empty(1, 1024, 1280), torch.empty(1, 1536, 1280)
+
+    def counted(context):
+        with FlopCounterMode(display=False) as counter:
+            attend(attn, tokens, context)
+        return counter.get_total_flops()
+
+    measured = counted(torch.cat([extra, tokens], dim=1)) - counted(tokens)
+    layer = SelfAttention("up", 1024, 1280)
+    assert measured == extra_attention_flops([layer], {"up": 1536})
+
+
+def test_the_kept_tokens_are_the_memory_the_estimate_counts(tmp_path, monkeypatch):
+    """After the anchors, the kept tokens' bytes equal the count memory=auto adds (here for
+    the tiny model's layers, in float32 on the CPU)."""
+    from keyframes.conditioning import story
+    from keyframes.pipeline.attention_cost import kept_values, self_attention_layers
+    from tests.helpers import tiny_path
+
+    kept = {}
+    remove = story.Story.remove
+
+    def measured_remove(self, pipe):
+        kept["bytes"] = self.state.kept_bytes()
+        kept["anchors"] = {n: len(js) for n, js in self.anchors.items()}
+        remove(self, pipe)
+
+    monkeypatch.setattr(story.Story, "remove", measured_remove)
+    made(tmp_path, *STORY)  # 64x64, 6 steps, cfg 5: sharing on steps 1-5
+    config = json.loads((Path(tiny_path()).expanduser() / "unet" / "config.json").read_text())
+    layers = [a for a in self_attention_layers(config, 64, 64) if a.layer.startswith("up_blocks")]
+    values = sum(kept_values(layers, 0.5, n) for n in kept["anchors"].values())
+    assert kept["bytes"] == values * 2 * 5 * 4  # halves, shared steps, float32
+
+
+def test_memory_auto_counts_the_kept_tokens():
+    """The demo at 1024x1024 in bfloat16, counted for SDXL: the figure docs/benchmarks.md
+    gives, and on a 24 GB card (faked free memory) memory=auto leaves memory=none for it."""
+    import torch
+
+    from keyframes.pipeline.memory import choose_mode, weights_gb
+
+    def story(*overrides):
+        cfg = settings(
+            "model=sdxl_random",
+            "device=cpu",
+            "scorer=none",
+            "width=1024",
+            "height=1024",
+            "consistency=story",
+            *overrides,
+        )
+        return KeyframesRecipe().setup(cfg, announce=False).methods[0]
+
+    held = story().memory_gb(2)
+    assert held == pytest.approx(15.96, abs=0.005)
+    weights = weights_gb(settings("model=sdxl_random").model, torch.bfloat16)
+    assert choose_mode(24.0, 1, 1024, 1024, weights).mode == "none"
+    with_story = choose_mode(24.0, 1, 1024, 1024, weights, held_gb=held)
+    assert with_story.mode == "low_vram" and "16.0 GB of it kept by methods" in with_story.reason
+    assert story("consistency.keep=cpu").memory_gb(2) == 0.0

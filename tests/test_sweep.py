@@ -91,13 +91,14 @@ def test_table_rows_carry_the_varying_keys_and_metrics_best_first():
         "clip_score_mean",
         "aesthetic_score_mean",
         "style_consistency",
+        "character_consistency",
         "seconds_per_image_mean",
         "unet_evaluations_per_image_mean",
         "tflops_per_image_mean",
         "vram_peak_gb_max",
         "run_id",
     ]
-    assert rows[0] == ["1", "40", "5", "noir", "25", "", "", "4", "", "", "", "run1"]
+    assert rows[0] == ["1", "40", "5", "noir", "25", "", "", "", "4", "", "", "", "run1"]
     assert [r[0] for r in rows] == ["1", "2", "3", "0"]
 
 

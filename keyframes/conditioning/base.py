@@ -125,6 +125,18 @@ class Method:
         """Its fields of the manifest's run record."""
         return {}
 
+    def memory_gb(self, bytes_per_value: int) -> float:
+        """GPU memory it holds beyond the pipeline's (memory=auto counts it)."""
+        return 0.0
+
+    def extra_flops(self, job, evaluations: float) -> float:
+        """FLOPs it added to an image beyond its UNet evaluations (counted in its record)."""
+        return 0.0
+
+    def references(self) -> dict[str, str]:
+        """Reference images it made, per character (files in the run folder)."""
+        return {}
+
     @classmethod
     def png_settings(cls, record: dict[str, Any]) -> list[str]:
         """AUTOMATIC1111 `parameters` entries, where the image record (as JSON: the fields

@@ -96,5 +96,8 @@ class CharacterRef(IpAdapter):
     def record(self, job: ImageJob) -> dict:
         return {"consistency": self.name, "consistency_reference": self.reference_of(job)}
 
+    def references(self) -> dict[str, str]:
+        return {name: job.file for name, job in self.portraits.items()}
+
     def run_record(self) -> dict:
         return {"character_references": {n: j.file for n, j in self.portraits.items()}}

@@ -27,6 +27,14 @@ import torch
 from keyframes.conditioning.attention import attend, self_attention_tokens
 from keyframes.conditioning.base import BatchHook, Method, register
 from keyframes.errors import ConfigError
+from keyframes.pipeline.attention_cost import (
+    SelfAttention,
+    extra_attention_flops,
+    kept_count,
+    kept_values,
+    self_attention_layers,
+    shared_layers,
+)
 from keyframes.shotlist.jobs import ImageJob
 from keyframes.shotlist.load import Shotlist
 
@@ -74,6 +82,7 @@ class StoryState:
     share: float
     first_step: int
     end_step: int | None
+    keep_on_cpu: bool = False
     mode: str = "off"  # off | write (the anchors of `character`) | read (the `cast`'s)
     step: int = -1  # UNet calls of this pipeline call so far, minus one
     seeds: tuple[int, ...] = ()  # the call's rows
@@ -132,7 +141,9 @@ class StoryAttention:
         kept = [
             x[:, i, state.drawn(seed, x.shape[2], x.device)] for i, seed in enumerate(state.seeds)
         ]
-        state.kept[(state.character, self.layer, state.step)] = torch.cat(kept, dim=1)
+        passed_on = torch.cat(kept, dim=1)
+        key = (state.character, self.layer, state.step)
+        state.kept[key] = passed_on.to("cpu") if state.keep_on_cpu else passed_on
         contexts = [
             torch.cat([*kept[:i], *kept[i + 1 :], x[:, i]], dim=1) for i in range(x.shape[1])
         ]
@@ -143,7 +154,7 @@ class StoryAttention:
         character of the batch's cast, then its own."""
         state = self.state
         kept = [state.kept.get((name, self.layer, state.step)) for name in state.cast]
-        kept = [k for k in kept if k is not None and k.shape[0] == x.shape[0]]
+        kept = [k.to(x.device) for k in kept if k is not None and k.shape[0] == x.shape[0]]
         if not kept:
             return x.flatten(0, 1)
         extra = torch.cat(kept, dim=1).unsqueeze(1).expand(-1, x.shape[1], -1, -1)
@@ -205,6 +216,8 @@ class Story(Method):
         first, end = (list(s.steps) + [None, None])[:2]
         if len(s.steps) != 2 or first is None or first < 0 or (end is not None and end <= first):
             problems.append(f"consistency.steps={list(s.steps)}: [first, end) steps; end null: all")
+        if s.keep not in ("device", "cpu"):
+            problems.append(f"consistency.keep={s.keep}: device or cpu")
         if run.chosen.get("controlnet", "none") != "none" and any(job.control for job in jobs):
             problems.append(
                 "consistency=story with ControlNet scenes: a character's anchors are made in "
@@ -223,10 +236,53 @@ class Story(Method):
         """The characters whose kept tokens this job reads."""
         return tuple(name for name in self.cast[job.index] if self.anchors.get(name))
 
+    # What it costs (pipeline/attention_cost.py): counted from the UNet's config.
+    def _layers(self, unet_config: dict) -> list[SelfAttention]:
+        run = self.run
+        layers = self_attention_layers(unet_config, run.width, run.height)
+        return shared_layers(layers, list(self.settings.layers))
+
+    def shared_steps(self) -> int:
+        first, end = self.settings.steps
+        return max(0, min(self.run.steps if end is None else end, self.run.steps) - first)
+
+    def memory_gb(self, bytes_per_value: int) -> float:
+        """The kept anchor tokens of every character, both guidance halves, every shared
+        step, at the plan's size, counted for the SDXL base architecture (as memory=auto
+        counts every model: an over-estimate for smaller ones); none on the card where
+        they are kept in CPU memory."""
+        from keyframes.pipeline.architectures import published_configs
+
+        layers = self._layers(published_configs(self.run.model.architecture or "sdxl_base")["unet"])
+        if self.settings.keep == "cpu":
+            return 0.0
+        halves = 2 if self.run.cfg_scale > 1 else 1
+        values = sum(
+            kept_values(layers, self.settings.share, len(js)) for js in self.anchors.values()
+        )
+        return values * halves * self.shared_steps() * bytes_per_value / 1e9
+
+    def extra_flops(self, job: ImageJob, evaluations: float) -> float:
+        """The extra attention one image cost: its UNet evaluations (samples) on the shared
+        steps, each attending to the kept tokens it reads (an anchor: the other anchors')."""
+        if not hasattr(self, "layers") or self.run.steps == 0:
+            return 0.0
+        anchor = self.anchor_of.get(job.index)
+        images = (
+            len(self.anchors[anchor]) - 1
+            if anchor
+            else sum(len(self.anchors[n]) for n in self.reads(job))
+        )
+        share = self.settings.share
+        extra = {a.layer: images * kept_count(a.tokens, share) for a in self.layers}
+        shared = evaluations * self.shared_steps() / self.run.steps
+        return shared * extra_attention_flops(self.layers, extra)
+
     def install(self, loaded, todo: list[ImageJob]) -> None:
         unet = loaded.pipe.unet
+        self.layers = self._layers(dict(unet.config))
         first, end = self.settings.steps
-        self.state = StoryState(self.settings.share, first, end)
+        self.state = StoryState(self.settings.share, first, end, self.settings.keep == "cpu")
         self.restore = dict(unet.attn_processors)
         shared = [
             name
@@ -287,5 +343,6 @@ class Story(Method):
                 "anchors": {n: [j.file for j in js] for n, js in self.anchors.items()},
                 "layers": list(s.layers),
                 "steps": list(s.steps),
+                "keep": s.keep,
             }
         }

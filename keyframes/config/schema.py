@@ -180,6 +180,7 @@ class StoryConfig(ConsistencyConfig):
     anchors: int = MISSING  # per character, made together before the other scenes
     layers: list[str] = field(default_factory=list)  # self-attention layers sharing, by prefix
     steps: list[int | None] = field(default_factory=list)  # [first, end) step that shares
+    keep: str = "device"  # where the kept tokens wait: device (fast) | cpu (copied per use)
 
 
 # Config groups whose options have schemas of their own: group -> {option: schema}. A method

@@ -18,7 +18,7 @@ import shlex
 import socket
 import time
 from collections.abc import Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from keyframes.outputs.resume import earlier_run, previous_images
 from keyframes.outputs.summary import summarize
 from keyframes.pipeline.long_prompts import count_tokens
 from keyframes.scoring.clip import ClipScorer
-from keyframes.scoring.consistency import consistency_of
+from keyframes.scoring.consistency import Keyframe, consistency_of
 from keyframes.shotlist.jobs import ImageJob, JobSettings, plan_for
 from keyframes.shotlist.load import Shotlist, load_shotlist
 
@@ -117,6 +117,7 @@ class KeyframesRecipe:
         check_speed(cfg.speed, self.placement.device)
         second_model = any(m.second_model for m in self.methods)
         size = (cfg.batch_size, self.plan.width, self.plan.height)
+        bytes_per_value = self.placement.dtype.itemsize
         self.memory = plan_memory(
             cfg.memory,
             self.placement.device,
@@ -124,6 +125,7 @@ class KeyframesRecipe:
             cfg.model,
             *size,
             second_model,
+            sum(m.memory_gb(bytes_per_value) for m in self.methods),
         )
         if announce:
             self._log_run()
@@ -356,14 +358,37 @@ class KeyframesRecipe:
             result.images, timings["model_load_seconds"], time.time() - self.started
         )
         if scorer is not None:
-            made = [(run_dir / r.file, r.scene_id) for r in result.images if r.ok]
-            result.summary |= consistency_of(made, scorer)
+            result.summary |= self._measure_consistency(run_dir, result, scorer)
         for key in ("warmup_seconds", "compile_seconds"):
             if key in timings:
                 result.summary[key] = timings[key]
         result.run.finished_at = iso(time.time())
         result.run.summary = result.summary
         result.write_manifest()
+
+    def _measure_consistency(
+        self, run_dir: Path, result: RenderResult, scorer: ClipScorer
+    ) -> dict[str, float]:
+        """The style and character figures of the keyframes on disk (a method's own images,
+        such as reference portraits, are not keyframes); each record's character similarity."""
+        scenes = {scene.id: scene for scene in self.shotlist.scenes}
+        shown = [r for r in result.images if r.ok and r.scene_id in scenes]
+        keyframes = [
+            Keyframe(
+                run_dir / r.file, r.scene_id, tuple(dict.fromkeys(scenes[r.scene_id].characters))
+            )
+            for r in shown
+        ]
+        sheet = self.shotlist.characters.values()
+        references = {c.name: Path(c.reference) for c in sheet if c.reference}
+        for method in self.methods:
+            references |= {name: run_dir / file for name, file in method.references().items()}
+        measured = consistency_of(keyframes, scorer, references)
+        similarity = dict(zip((r.index for r in shown), measured.per_image, strict=True))
+        result.images = [
+            replace(r, character_similarity=similarity.get(r.index) or None) for r in result.images
+        ]
+        return measured.summary
 
     def _run_record(self, place: RunPlace, session: Session) -> RunInfo:
         """The run's record as it starts."""

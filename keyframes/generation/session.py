@@ -148,11 +148,13 @@ class Session:
 
     def tflops_spent(self, g: Generation) -> float | None:
         """TFLOP the image cost: its UNet evaluations (whole and shallow-branch), the prompts
-        through the text encoders, one VAE decode (second passes are not counted)."""
+        through the text encoders, one VAE decode, what methods add (consistent
+        self-attention's extra keys); second passes are not counted."""
         if g.unet_evaluations is None or self.flops is None:
             return None
         cfg_scale, shallow = self.settings.cfg_scale, g.unet_shallow_evaluations or 0
-        return self.flops.spent(g.unet_evaluations, cfg_scale, shallow) / 1e12
+        extra = sum(m.extra_flops(g.job, g.unet_evaluations) for m in self.methods)
+        return (self.flops.spent(g.unet_evaluations, cfg_scale, shallow) + extra) / 1e12
 
     @cached_property
     def flops(self) -> ImageFlops | None:

@@ -100,6 +100,9 @@ class ImageRecord(_JsonRecord):
     clip_score_prompt: float | None
     clip_truncated: dict[str, bool] | None
     aesthetic_score: float | None = None  # LAION aesthetic predictor, about 1-10
+    # per character of its scene: CLIP image similarity x 100 to the character's other
+    # keyframes ("others") and to its reference image ("reference"), measured at the end
+    character_similarity: dict[str, dict[str, float]] | None = None
     guidance_interval: list[float] | None = None  # guided share of the steps; None: all
     prediction: str = "epsilon"  # what the UNet predicts: epsilon | v_prediction
     zero_snr: bool = False  # zero terminal SNR noise schedule (v-prediction models)

@@ -78,8 +78,10 @@ def estimate_gb(
     height: int,
     weights: tuple[float, float],
     float32_vae: bool = False,
+    held_gb: float = 0.0,
 ) -> float:
-    """Estimated VRAM peak of a mode (its name or its settings), in GB."""
+    """Estimated VRAM peak of a mode (its name or its settings), in GB; `held_gb`: what
+    methods keep on the card throughout, on top."""
     settings = memory_settings(mode)
     total, largest = weights
     megapixels = width * height / 1e6
@@ -87,12 +89,12 @@ def estimate_gb(
     per_megapixel = VAE_GB_PER_MEGAPIXEL * (2 if float32_vae else 1)
     one_tile = min(megapixels, TILE_MEGAPIXELS) * per_megapixel  # slicing + tiling: the most
     if settings.offload == "sequential":
-        return one_tile  # one layer's weights at a time
+        return held_gb + one_tile  # one layer's weights at a time
     if settings.offload == "model":  # one component on the GPU at a time
-        return max(largest + unet, one_tile)
+        return held_gb + max(largest + unet, one_tile)
     one_image = one_tile if settings.vae_tiling else megapixels * per_megapixel
     decode = one_image if settings.vae_slicing else batch_size * one_image
-    return total + max(unet, decode)
+    return held_gb + total + max(unet, decode)
 
 
 def choose_mode(
@@ -102,17 +104,19 @@ def choose_mode(
     height: int,
     weights: tuple[float, float],
     float32_vae: bool = False,
+    held_gb: float = 0.0,
 ) -> MemoryPlan:
     """memory=auto on a CUDA device with free_gb of free VRAM."""
+    held = f" ({held_gb:.1f} GB of it kept by methods)" if held_gb >= 0.05 else ""
     for mode in ("none", "balanced", "low_vram"):
-        need = estimate_gb(mode, batch_size, width, height, weights, float32_vae)
+        need = estimate_gb(mode, batch_size, width, height, weights, float32_vae, held_gb)
         if need + HEADROOM_GB <= free_gb:
             reason = (
-                f"estimated {need:.1f} GB for batch {batch_size} at {width}x{height} "
+                f"estimated {need:.1f} GB{held} for batch {batch_size} at {width}x{height} "
                 f"fits {free_gb:.1f} GB free"
             )
             return MemoryPlan("auto", mode, reason, free_gb, need)
-    need = estimate_gb("minimal", batch_size, width, height, weights, float32_vae)
+    need = estimate_gb("minimal", batch_size, width, height, weights, float32_vae, held_gb)
     reason = f"only {free_gb:.1f} GB free: not even low_vram is estimated to fit"
     return MemoryPlan("auto", "minimal", reason, free_gb, need)
 
@@ -126,6 +130,7 @@ def plan_memory(
     width: int,
     height: int,
     refiner: bool = False,  # upscale=refiner: its UNet is on the card too
+    held_gb: float = 0.0,  # what methods keep on the card (consistency=story's anchor tokens)
 ) -> MemoryPlan:
     """Resolve the memory setting for this device, or say why it cannot work here."""
     if requested.offload != "none":
@@ -148,7 +153,13 @@ def plan_memory(
     free, _ = torch.cuda.mem_get_info()
     float32_vae = dtype == torch.float16  # the SDXL VAE decodes in float32 under float16
     return choose_mode(
-        free / 1e9, batch_size, width, height, weights_gb(model, dtype, refiner), float32_vae
+        free / 1e9,
+        batch_size,
+        width,
+        height,
+        weights_gb(model, dtype, refiner),
+        float32_vae,
+        held_gb,
     )
 
 

@@ -28,6 +28,7 @@ CELL_WIDTH = 320
 PLOT_METRICS = (
     ("clip_score_mean", "CLIP score (mean)"),
     ("aesthetic_score_mean", "aesthetic score (mean)"),
+    ("character_consistency", "character consistency"),
     ("seconds_per_image_mean", "seconds per image"),
     ("tflops_per_image_mean", "TFLOP per image (counted)"),
 )

@@ -17,12 +17,17 @@ TABLE_METRICS = (
     "clip_score_mean",
     "aesthetic_score_mean",
     "style_consistency",
+    "character_consistency",  # the same people across scenes (scoring/consistency.py)
     "seconds_per_image_mean",
     "unet_evaluations_per_image_mean",  # the work a guidance interval or DeepCache saves
     "tflops_per_image_mean",  # the same, DeepCache's shallow steps included
     "vram_peak_gb_max",
 )
-HIGHER_IS_BETTER = ("clip_score", "aesthetic_score")  # metric name prefixes, sorted descending
+HIGHER_IS_BETTER = (
+    "clip_score",
+    "aesthetic_score",
+    "character_",
+)  # metric name prefixes, sorted descending
 GOOD_ENOUGH_POINTS = 1.0  # "fastest good job": within this many points of the best (ranked metric)
 
 

@@ -41,6 +41,7 @@ VIEW_COLUMNS = (
     "tflops_per_image_mean",
     "vram_peak_gb_max",
     "style_consistency",
+    "character_consistency",
 )
 MAX_VIEW_CHARS = 20_000  # MLflow's limit on an experiment tag's value
 MAX_NOTE_CHARS = 8_000  # and on a run tag's (the description)
@@ -103,13 +104,15 @@ def run_description(run: RunInfo, images: list[ImageRecord], config: dict) -> st
         f"| {run.model} | {run.style} | {run.sampler} | {config.get('steps')} "
         f"| {config.get('cfg_scale')} | {size} | {config.get('seed')} |",
         "",
-        "| CLIP score | aesthetic | s/image | VRAM peak | style consistency | failed |",
-        "|---|---|---|---|---|---|",
+        "| CLIP score | aesthetic | s/image | VRAM peak | style consistency "
+        "| character consistency | failed |",
+        "|---|---|---|---|---|---|---|",
         f"| {_figure(summary.get('clip_score_mean'))} "
         f"| {_figure(summary.get('aesthetic_score_mean'))} "
         f"| {_figure(summary.get('seconds_per_image_mean'), ' s')} "
         f"| {_figure(summary.get('vram_peak_gb_max'), ' GB')} "
         f"| {_figure(summary.get('style_consistency'), '', 1)} "
+        f"| {_figure(summary.get('character_consistency'), '', 1)} "
         f"| {summary.get('images_failed', 0)} |",
         "",
         f"Make it again: `{run.command}`",
