@@ -62,7 +62,8 @@ def main(overrides: list[str]) -> None:
     for name, anchors in method.anchors.items():
         print(f"  {name}: {', '.join(j.scene_id for j in anchors)}")
 
-    template = composed("character_ref", overrides).consistency.portrait
+    others = [o for o in overrides if not o.startswith("consistency.")]  # story's own
+    template = composed("character_ref", others).consistency.portrait
     portraits = portrait_jobs(story.shotlist, story.jobs, template, story.method_context)
     cross = self_attention_layers(unet, plan.width, plan.height)  # an attn2 beside each attn1
     context = unet["cross_attention_dim"]

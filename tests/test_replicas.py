@@ -468,3 +468,42 @@ def test_a_controlnet_replica_shares_its_base_unets_published_settings(replica_h
     assert {"act_fn", "down_block_types", "flip_sin_to_cos", "in_channels"} <= shared
     differ = {k: (real[k], replica[k]) for k in shared if as_json(real[k]) != as_json(replica[k])}
     assert differ == {}, f"{repo}: (published UNet, replica) {differ}"
+
+
+@pytest.mark.slow
+def test_a_sweep_over_the_consistency_methods_is_one_table(tmp_path, replica_home):
+    """The README's way to choose a method, offline: the tiny model, the IP-Adapter from its
+    h94/IP-Adapter replica. One table with both consistency figures, adherence, seconds,
+    UNet evaluations, TFLOP and VRAM (empty on a CPU) per method."""
+    import csv
+
+    methods = ["none", "style_aligned", "story", "character_ref"]
+    sweep_dir = tmp_path / "sweep"
+    overrides = ["experiment=smoke", *SMALL, "-m", f"consistency={','.join(methods)}"]
+    result = run_keyframes(
+        tmp_path, [*overrides, f"hydra.sweep.dir={sweep_dir}"], env=offline(replica_home)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {
+        r["consistency"]: r for r in csv.DictReader(open(sweep_dir / "summary" / "summary.csv"))
+    }
+    assert sorted(rows) == sorted(methods)
+    for column in ("character_consistency", "style_consistency", "clip_score_mean"):
+        assert all(0 < abs(float(r[column])) <= 100 for r in rows.values()), column
+    for column in (
+        "seconds_per_image_mean",
+        "unet_evaluations_per_image_mean",
+        "tflops_per_image_mean",
+    ):
+        assert all(float(r[column]) > 0 for r in rows.values()), column
+    assert "vram_peak_gb_max" in rows["none"]
+    assert "character_consistency" in result.stdout + result.stderr  # the printed table
+    # story's extra attention is counted in the work an image cost, not in UNet evaluations
+    jobs = {r["consistency"]: sweep_dir / r["job"] for r in rows.values()}
+    records = {m: {r["scene_id"]: r for r in read_manifest(jobs[m])["images"]} for m in methods}
+    anchor = records["story"]["lamp-room"]
+    assert anchor["story"] == {"anchor_of": "Mara", "reads": []}
+    assert anchor["unet_evaluations"] == records["none"]["lamp-room"]["unet_evaluations"]
+    assert anchor["tflops"] > records["none"]["lamp-room"]["tflops"]
+    # character_ref made a portrait for each character of the demo's sheet
+    assert {"character-Mara", "character-Ilo"} <= set(records["character_ref"])

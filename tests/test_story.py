@@ -10,6 +10,7 @@ import pytest
 from keyframes.conditioning.story import cast_of, choose_anchors, kept_tokens
 from keyframes.errors import ConfigError
 from keyframes.generation.recipe import KeyframesRecipe, RunPlace
+from keyframes.outputs.processes import Processes
 from keyframes.shotlist.jobs import plan_jobs
 from keyframes.shotlist.load import load_shotlist
 from tests.helpers import (
@@ -50,7 +51,9 @@ def shots(folder: Path, seeds: dict[str, int] | None = None) -> Path:
     )
 
 
-def made(folder: Path, *overrides: str, seeds: dict[str, int] | None = None) -> dict:
+def made(
+    folder: Path, *overrides: str, seeds: dict[str, int] | None = None, processes=None
+) -> dict:
     """{scene id: pixels} of an in-process run (no MLflow) into folder/run."""
     (folder / "run").mkdir(parents=True, exist_ok=True)
     path = shots(folder, seeds)
@@ -58,11 +61,16 @@ def made(folder: Path, *overrides: str, seeds: dict[str, int] | None = None) -> 
         "experiment=smoke", f"shotlist={path}", *SMALL, "scorer=none", "steps=6", *overrides
     )
     recipe = KeyframesRecipe().setup(cfg, announce=False)
-    result = recipe.generate(RunPlace(folder / "run"))
+    result = recipe.generate(RunPlace(folder / "run", processes=processes or Processes()))
     return {r.scene_id: load_pixels(folder / "run" / r.file) for r in result.images}
 
 
 STORY = ("consistency=story", "consistency.anchors=2")
+
+
+def file_of(scene: str) -> str:
+    number = [i for i, _ in SCENES].index(scene) + 1
+    return f"{number:03d}_{scene}_t1.png"
 
 
 def changed(a: dict, b: dict) -> set[str]:
@@ -139,6 +147,23 @@ def test_batch_size_does_not_change_a_story_picture(story_runs, tmp_path):
     batched = made(tmp_path, *STORY, "batch_size=3")
     for scene, pixels in story_runs["story"].items():
         assert_same_picture(batched[scene], pixels, scene)
+
+
+def test_two_processes_each_make_the_anchors_and_share_the_rest(story_runs, tmp_path):
+    """accelerate's processes, one after the other here (process 1 first: process 0 merges):
+    each makes every anchor it reads, only process 0 reports them; the pictures are the
+    single-process run's and every image is recorded once."""
+    reported = {}
+    for index in (1, 0):
+        reported[index] = made(tmp_path, *STORY, processes=Processes(index, 2))
+    assert {"a1", "a2", "b1", "b2"} <= set(reported[0])  # the anchors, from the main process
+    assert set(reported[1]) <= {"n1", "a3"} and reported[1]  # its share of the rest
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert sorted(r["scene_id"] for r in manifest["images"]) == sorted(story_runs["story"])
+    for scene, pixels in story_runs["story"].items():
+        assert_same_picture(
+            load_pixels(tmp_path / "run" / f"keyframes/{file_of(scene)}"), pixels, scene
+        )
 
 
 def test_tokens_kept_in_cpu_memory_give_the_same_pictures(story_runs, tmp_path):
@@ -295,3 +320,14 @@ def test_memory_auto_counts_the_kept_tokens():
     with_story = choose_mode(24.0, 1, 1024, 1024, weights, held_gb=held)
     assert with_story.mode == "low_vram" and "16.0 GB of it kept by methods" in with_story.reason
     assert story("consistency.keep=cpu").memory_gb(2) == 0.0
+
+
+@pytest.mark.parametrize("other", ["guidance_interval=[0,0.5]", "speed=deepcache"])
+def test_story_works_beside_fewer_unet_evaluations(tmp_path, other):
+    """Unguided steps (one guidance half) and DeepCache's shallow steps (no shared layer
+    runs) change nothing of what is shared with whom."""
+    story = made(tmp_path / "story", *STORY, other)
+    moved = made(tmp_path / "moved", *STORY, other, seeds={"a1": 999})
+    plain = made(tmp_path / "plain", other)
+    assert changed(story, moved) == {"a1", "a2", "a3"}
+    assert changed(story, plain) == {"a1", "a2", "a3", "b1", "b2"}
