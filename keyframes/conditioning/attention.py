@@ -36,6 +36,29 @@ def self_attention_tokens(
     return hidden_states, finish
 
 
+class SelfAttentionProcessor:
+    """A diffusers attention processor for unmasked self-attention (attn1): a subclass says
+    how the layer's tokens attend (`attention`, before the output projection)."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} is for unmasked self-attention only")
+        tokens, finish = self_attention_tokens(attn, hidden_states, temb)
+        return finish(self.attention(attn, tokens))
+
+    def attention(self, attn, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def heads(attn, x: torch.Tensor) -> torch.Tensor:
     """(batch, tokens, channels) -> (batch, heads, tokens, head_dim)"""
     return x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
@@ -46,16 +69,19 @@ def merged_heads(attn, x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], -1, attn.heads * x.shape[-1])
 
 
-def attend(attn, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """The layer's attention of `tokens`' queries over `context`'s keys and values (both
-    (batch, tokens, channels), the same batch), before the output projection."""
-    q, k, v = (
-        heads(attn, attn.to_q(tokens)),
-        heads(attn, attn.to_k(context)),
-        heads(attn, attn.to_v(context)),
-    )
+def projections(attn, tokens: torch.Tensor, context: torch.Tensor):
+    """The layer's queries of `tokens` and keys and values of `context`, by head, normed
+    where the layer norms them."""
+    q = heads(attn, attn.to_q(tokens))
+    k, v = heads(attn, attn.to_k(context)), heads(attn, attn.to_v(context))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
         k = attn.norm_k(k)
-    return merged_heads(attn, F.scaled_dot_product_attention(q, k, v))
+    return q, k, v
+
+
+def attend(attn, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The layer's attention of `tokens`' queries over `context`'s keys and values (both
+    (batch, tokens, channels), the same batch), before the output projection."""
+    return merged_heads(attn, F.scaled_dot_product_attention(*projections(attn, tokens, context)))

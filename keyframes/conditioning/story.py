@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from keyframes.conditioning.attention import attend, self_attention_tokens
+from keyframes.conditioning.attention import SelfAttentionProcessor, attend
 from keyframes.conditioning.base import BatchHook, Method, register
 from keyframes.errors import ConfigError
 from keyframes.pipeline.attention_cost import (
@@ -106,25 +106,13 @@ class StoryState:
         return sum(t.numel() * t.element_size() for t in self.kept.values())
 
 
-class StoryAttention:
+class StoryAttention(SelfAttentionProcessor):
     """A self-attention layer that writes or reads kept anchor tokens (see the module)."""
 
     def __init__(self, layer: str, state: StoryState):
         self.layer, self.state = layer, state
 
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        *args,
-        **kwargs,
-    ):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("consistent self-attention is for unmasked self-attention only")
-        tokens, finish = self_attention_tokens(attn, hidden_states, temb)
+    def attention(self, attn, tokens: torch.Tensor) -> torch.Tensor:
         state, context = self.state, tokens
         if state.sharing():
             rows = len(state.seeds)
@@ -132,7 +120,7 @@ class StoryAttention:
             per_row = tokens.unflatten(0, (tokens.shape[0] // rows, rows))
             writing = state.mode == "write"
             context = self._write(per_row) if writing else self._read(per_row)
-        return finish(attend(attn, tokens, context))
+        return attend(attn, tokens, context)
 
     def _write(self, x: torch.Tensor) -> torch.Tensor:
         """x: (halves, anchors, tokens, channels). Each anchor's context: the others' kept

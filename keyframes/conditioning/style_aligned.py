@@ -15,7 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from keyframes.conditioning.attention import heads, merged_heads, self_attention_tokens
+from keyframes.conditioning.attention import SelfAttentionProcessor, merged_heads, projections
 from keyframes.conditioning.base import Method, register
 from keyframes.errors import ConfigError
 from keyframes.shotlist.jobs import ImageJob, reference_job
@@ -32,7 +32,7 @@ def adain(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std * ref_std + ref_mean
 
 
-class SharedAttentionProcessor:
+class SharedAttentionProcessor(SelfAttentionProcessor):
     """Self-attention where rows 1.. of each group also attend to row 0 of the group.
 
     `groups` is how many equal parts the batch has: 2 under classifier-free guidance (the
@@ -41,24 +41,8 @@ class SharedAttentionProcessor:
     def __init__(self):
         self.groups = 1
 
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        *args,
-        **kwargs,
-    ):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("shared attention is for unmasked self-attention only")
-        tokens, finish = self_attention_tokens(attn, hidden_states, temb)
-        q, k, v = (heads(attn, f(tokens)) for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+    def attention(self, attn, tokens: torch.Tensor) -> torch.Tensor:
+        q, k, v = projections(attn, tokens, tokens)
         out = torch.empty_like(q)
         batch = tokens.shape[0]
         size = batch // self.groups
@@ -70,7 +54,7 @@ class SharedAttentionProcessor:
                 keys = torch.cat([k[ref].expand(n, -1, -1, -1), adain(k[rest], k[ref])], dim=-2)
                 values = torch.cat([v[ref].expand(n, -1, -1, -1), v[rest]], dim=-2)
                 out[rest] = F.scaled_dot_product_attention(adain(q[rest], q[ref]), keys, values)
-        return finish(merged_heads(attn, out))
+        return merged_heads(attn, out)
 
 
 def share_attention(unet) -> tuple[dict, list[SharedAttentionProcessor]]:
