@@ -139,6 +139,19 @@ def test_an_anchor_seed_changes_its_character_scenes_and_nothing_else(story_runs
         assert gap.share > 25 * FLOAT_NOISE.share, (scene, gap)
 
 
+def test_a_story_png_says_whose_anchor_it_is_or_whom_it_reads(story_runs, tmp_path):
+    from keyframes.outputs.png import read_png_metadata
+
+    made(tmp_path, *STORY)
+    text = {
+        scene: read_png_metadata(tmp_path / "run" / "keyframes" / file_of(scene))["parameters"]
+        for scene in ("a1", "a3", "n1")
+    }
+    assert "Consistency: story, Story anchor: A" in text["a1"]
+    assert "Consistency: story, Story reads: A" in text["a3"]
+    assert "Story" not in text["n1"].replace("Consistency: story", "")
+
+
 def test_the_same_story_run_twice_gives_the_same_pixels(story_runs):
     assert changed(story_runs["story"], story_runs["again"]) == set()
 

@@ -323,6 +323,13 @@ class Story(Method):
             "story": {"anchor_of": anchor, "reads": reads},
         }
 
+    @classmethod
+    def png_settings(cls, record: dict) -> list[str]:
+        story = record.get("story") or {}
+        if story.get("anchor_of"):
+            return [f"Story anchor: {story['anchor_of']}"]
+        return [f"Story reads: {', '.join(story['reads'])}"] if story.get("reads") else []
+
     def run_record(self) -> dict:
         s = self.settings
         return {

@@ -40,7 +40,8 @@ def a1111_parameters(record: ImageRecord) -> str:
         interval, branch = r.deepcache
         settings.append(f"DeepCache: interval {interval}, branch {branch}")
     if r.consistency != "none":
-        settings.append(f"Consistency: {r.consistency} ({r.consistency_reference})")
+        reference = f" ({r.consistency_reference})" if r.consistency_reference else ""
+        settings.append(f"Consistency: {r.consistency}{reference}")
     settings += png_settings(r.to_json())  # each conditioning method's own entries
     hashes = ", ".join(f"{x['name']}: {x['sha256']}" for x in r.loras if x.get("sha256"))
     if hashes:
