@@ -48,6 +48,7 @@ class Browser:
         os.close(to_browser)
         os.close(from_browser)
         self._buffer, self._id, self.session = b"", 0, None
+        self._frames: dict[str, str] = {}  # frame target -> its DevTools session
 
     def send(self, method: str, to_page: bool = True, **params):
         self._id += 1
@@ -103,6 +104,27 @@ class Browser:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not true after {timeout} s: {expression}") from error
             time.sleep(0.25)
+
+    def frame_js(self, url_prefix: str, expression: str):
+        """The value of an expression in the first frame whose address starts with
+        url_prefix (e.g. the blob: of MLflow's artifact viewer, a sandboxed frame Chromium
+        runs in a process of its own); None while there is no such frame."""
+        targets = self.send("Target.getTargets", to_page=False)["targetInfos"]
+        frame = next(
+            (t for t in targets if t["type"] == "iframe" and t["url"].startswith(url_prefix)),
+            None,
+        )
+        if frame is None:
+            return None
+        if frame["targetId"] not in self._frames:
+            self._frames[frame["targetId"]] = self.send(
+                "Target.attachToTarget", to_page=False, targetId=frame["targetId"], flatten=True
+            )["sessionId"]
+        page, self.session = self.session, self._frames[frame["targetId"]]
+        try:
+            return self.js(expression)
+        finally:
+            self.session = page
 
     def click(self, selector: str) -> None:
         self.wait_for(f"!!document.querySelector({json.dumps(selector)})")

@@ -97,7 +97,8 @@ class Bookkeeping:
                 provenance = {
                     "record": record.to_json(),
                     "scene": asdict(scene) if scene else {"id": record.scene_id},
-                    "run": self.run.to_json(),
+                    # the run as it stands, less its status: "running" would be false tomorrow
+                    "run": {k: v for k, v in self.run.to_json().items() if k != "status"},
                 }
                 save_png(generation.image, self.run_dir / record.file, record, provenance)
             self.records[generation.job.index] = record

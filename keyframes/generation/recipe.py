@@ -57,6 +57,7 @@ from keyframes.outputs.records import (
     iso,
 )
 from keyframes.outputs.resume import earlier_run, previous_images
+from keyframes.outputs.review_page import REVIEW_PAGE, run_rows, write_review
 from keyframes.outputs.summary import summarize
 from keyframes.pipeline.long_prompts import count_tokens
 from keyframes.scoring.clip import ClipScorer
@@ -351,8 +352,8 @@ class KeyframesRecipe:
     ) -> None:
         """Contact sheet, summary and the final manifest, for whatever images exist."""
         cfg, timings, run_dir = self.plan.config, result.run.timings, place.run_dir
+        title = f"{self.shotlist.title} · {cfg.style.name} · {cfg.model.name}"
         if sheets and result.images:
-            title = f"{self.shotlist.title} · {cfg.style.name} · {cfg.model.name}"
             write_contact_sheets(run_dir, result.images, title, self.plan.width, self.plan.height)
         result.summary = summarize(
             result.images, timings["model_load_seconds"], time.time() - self.started
@@ -364,6 +365,10 @@ class KeyframesRecipe:
                 result.summary[key] = timings[key]
         result.run.finished_at = iso(time.time())
         result.run.summary = result.summary
+        if sheets and result.images:  # after the scores: the page shows them
+            columns, rows = run_rows(run_dir, result.images)
+            subtitle = f"{len(rows)} scenes · {result.run.command}"
+            write_review(run_dir / REVIEW_PAGE, title, subtitle, columns, rows)
         result.write_manifest()
 
     def _measure_consistency(

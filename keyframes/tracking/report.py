@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from keyframes.outputs.atomic import atomic_write
 from keyframes.outputs.contact_sheet import fit_text, load_font
+from keyframes.outputs.review_page import REVIEW_PAGE, ReviewRow, record_cell, write_review
 from keyframes.shotlist.jobs import safe_name, unique_safe_names
 from keyframes.tracking.results import (
     JobResult,
@@ -55,7 +56,28 @@ def build_report(jobs: list[JobResult], out_dir: Path, metric: str = "clip_score
     report.files.append(write_csv(header, rows, out_dir / "summary.csv"))
     report.files += write_grids(jobs, keys, out_dir / "grids")
     report.files += write_plots(jobs, keys, out_dir / "plots")
+    if any(job.records for job in jobs):  # jobs read from their folders (not from MLflow)
+        report.files.append(write_sweep_review(jobs, keys, out_dir / REVIEW_PAGE, metric))
     return report
+
+
+def write_sweep_review(jobs: list[JobResult], keys: list[str], path: Path, metric: str) -> Path:
+    """The sweep's review page: scenes as rows, each job a column headed by all its swept
+    values; each picture from its job's folder (and, in MLflow, its job's run)."""
+    scenes = list(dict.fromkeys(scene for job in jobs for scene in job.scenes))
+    rows = []
+    for scene in scenes:
+        cells = [
+            record_cell(job.records[scene], job.run_dir, path.parent, job.run_id)
+            if scene in job.records and job.run_dir is not None
+            else None
+            for job in jobs
+        ]
+        first = next((job.records[scene] for job in jobs if scene in job.records), None)
+        rows.append(ReviewRow(scene, first.description if first else "", cells))
+    columns = [describe(job, keys) if keys else job.name for job in jobs]
+    title = f"sweep over {' x '.join(keys) or 'one job'}: {len(jobs)} jobs"
+    return write_review(path, title, f"ranked by {metric} in summary.csv", columns, rows)
 
 
 def write_csv(header: list[str], rows: list[list[str]], path: Path) -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 
 from keyframes.outputs.files import keyframe_file
 from keyframes.outputs.manifest import load_manifest
+from keyframes.outputs.records import ImageRecord
 
 TABLE_METRICS = (
     "clip_score_mean",
@@ -41,6 +42,8 @@ class JobResult:
     keyframes: dict[str, Path] = field(default_factory=dict)  # scene id -> first take's PNG
     scores: dict[str, float] = field(default_factory=dict)  # scene id -> that PNG's CLIP score
     aesthetics: dict[str, float] = field(default_factory=dict)  # scene id -> its aesthetic score
+    records: dict[str, ImageRecord] = field(default_factory=dict)  # scene id -> first take's
+    run_dir: Path | None = None  # where its files are, when read from disk
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -80,11 +83,13 @@ def job_from_manifest(manifest_path: Path, name: str | None = None) -> JobResult
         overrides=parse_overrides(run.overrides),
         metrics=run.summary or {},
         run_id=run.mlflow_run_id,
+        run_dir=manifest_path.parent,
     )
     for record in manifest.images:
         scene = record.scene_id
         if scene not in job.scenes:  # the first take stands for the scene
             job.scenes.append(scene)
+            job.records[scene] = record
             path = keyframe_file(manifest_path.parent, record.file) if record.ok else None
             if path is not None:  # a failed, damaged or outside file shows as "no image"
                 job.keyframes[scene] = path

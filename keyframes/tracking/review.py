@@ -168,6 +168,12 @@ def review_url(ui: str, experiment_id: str, run_id: str | None = None, chart: bo
     return f"{base}/runs?viewStateShareKey={VIEW}&workflowType=machine_learning{mode}"
 
 
+def review_page_url(ui: str, experiment_id: str, run_id: str) -> str:
+    """A run's review page (a sweep's: its parent's) in MLflow's artifact viewer."""
+    base = f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/artifacts/review.html?workflowType=machine_learning"
+
+
 def saved_view(image_keys: list[str], sort_by: str, now_ms: int) -> str:
     """The experiment tag that is keyframes' view in MLflow's UI: the scores as the runs
     table's columns, best first by `sort_by`, and in the chart view one image grid per key,

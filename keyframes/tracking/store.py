@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from keyframes.config.schema import TrackingConfig
 from keyframes.errors import TrackingError, first_line
 from keyframes.outputs.atomic import is_temporary, temp_path
+from keyframes.outputs.review_page import REVIEW_PAGE, with_run_id
 from keyframes.tracking import review
 from keyframes.tracking.review import TABLE_FILE
 
@@ -64,6 +66,12 @@ def _sqlite_file(uri: str) -> Path | None:
     )
 
 
+def absolute_uri(uri: str) -> str:
+    """A SQLite store's URI with its absolute path (it works from any folder); others as given."""
+    db = _sqlite_file(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None else uri
+
+
 def _artifact_location(cfg: TrackingConfig) -> str | None:
     if cfg.artifact_root:
         return Path(cfg.artifact_root).expanduser().resolve().as_uri()
@@ -108,12 +116,13 @@ def _log_run(cfg: TrackingConfig, record: RunRecord) -> tuple[str, bool]:
     )
     run_id = run.info.run_id
     now = record.end_ms or int(time.time() * 1000)
-    metrics = [
+    # the run's figures first: the run page lists metrics in the order they were logged
+    metrics = [Metric(key, float(value), now, 0) for key, value in record.summary.items()]
+    metrics += [
         Metric(key, float(value), now, step)
         for step, values in sorted(record.image_metrics.items())
         for key, value in values.items()
     ]
-    metrics += [Metric(key, float(value), now, 0) for key, value in record.summary.items()]
     # MLflow splits a batch into calls its store accepts, and cuts a param value past its
     # 6000-character limit (with a warning), so one call says it all
     params = [Param(k, str(v)) for k, v in sorted(record.params.items())]
@@ -325,9 +334,20 @@ def _log_artifacts(client, run_id: str, artifacts: list[tuple[Path, str | None]]
         if local.is_dir():
             for path in sorted(local.iterdir()):
                 if path.is_file() and not is_temporary(path):
-                    client.log_artifact(run_id, str(path), artifact_dir)
+                    _log_artifact(client, run_id, path, artifact_dir)
         elif local.is_file():
-            client.log_artifact(run_id, str(local), artifact_dir)
+            _log_artifact(client, run_id, local, artifact_dir)
+
+
+def _log_artifact(client, run_id: str, path: Path, artifact_dir: str | None) -> None:
+    """One file; a review page as MLflow shows it: its pictures among this run's artifacts."""
+    if path.name != REVIEW_PAGE:
+        client.log_artifact(run_id, str(path), artifact_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / REVIEW_PAGE
+        page.write_text(with_run_id(path.read_text(encoding="utf-8"), run_id), encoding="utf-8")
+        client.log_artifact(run_id, str(page), artifact_dir)
 
 
 def start_parent_run(
@@ -368,6 +388,15 @@ def finish_parent_run(
         client.log_table(run_id, data=table, artifact_file="summary_table.json")
     _log_artifacts(client, run_id, artifacts)
     client.set_terminated(run_id, status=status)
+
+
+def run_experiment(uri: str, run_id: str) -> str:
+    """The experiment id of a run in this store; TrackingError where there is none."""
+    client = _client(uri, create=False)
+    try:
+        return client.get_run(run_id).info.experiment_id
+    except Exception as e:  # noqa: BLE001 - MlflowException for unknown ids, by store
+        raise TrackingError(f"no run {run_id} in {uri} ({first_line(e)})") from None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from keyframes.config.overrides import override_keys
 from keyframes.errors import KeyframesError, first_line
 from keyframes.outputs.manifest import read_run
 from keyframes.outputs.records import SweepRecord
+from keyframes.outputs.review_page import REVIEW_PAGE
 from keyframes.tracking import review
 
 log = logging.getLogger("keyframes")
@@ -151,6 +152,7 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
             table=columns,
             artifacts=[
                 (summary_dir / "summary.csv", None),
+                (summary_dir / REVIEW_PAGE, None),
                 (summary_dir / "grids", "grids"),
                 (summary_dir / "plots", "plots"),
             ],
@@ -166,7 +168,8 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
         )
         return
     log.info("compare again: uv run python -m keyframes.compare --parent %s", parent)
-    log_review(OmegaConf.to_object(config.mlflow), info["experiment"])
+    log.info("all jobs side by side, each scene a row:")
+    log_review(OmegaConf.to_object(config.mlflow), parent, summary_dir / REVIEW_PAGE)
 
 
 def _best_tags(report, objective: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ from keyframes.outputs.atomic import is_temporary
 from keyframes.outputs.files import inside, keyframe_file, regular_file
 from keyframes.outputs.manifest import load_manifest, write_manifest
 from keyframes.outputs.records import ImageRecord, Manifest, RunInfo, derive_run_key
+from keyframes.outputs.review_page import REVIEW_PAGE
 from keyframes.tracking import review
 from keyframes.tracking.results import parse_overrides, settings_used
 from keyframes.tracking.store import RunRecord
@@ -96,7 +97,7 @@ def artifact_files(run_dir: Path, made: list[ImageRecord]) -> list[tuple[Path, s
     contact sheets, manifest, config, logs (run.log as far as it got) and Hydra's record.
     Only regular files inside the run folder; never a temporary file a kill left behind."""
     candidates = [run_dir / r.file for r in made]
-    candidates += sorted(run_dir.glob("contact_sheet*.png"))
+    candidates += sorted(run_dir.glob("contact_sheet*.png")) + [run_dir / REVIEW_PAGE]
     candidates += [run_dir / "manifest.json", run_dir / "config.yaml"]
     candidates += sorted(run_dir.glob("*.log")) + sorted(run_dir.glob(".hydra/*"))
     files = []
@@ -241,20 +242,26 @@ def track_run(run_dir: Path, tracking: TrackingConfig, experiment: str, in_sweep
         return
     log.info("MLflow run %s in experiment %r (%s)", run_id, experiment, tracking.tracking_uri)
     if not in_sweep:
-        log_review(tracking, experiment, run_id)
+        log_review(tracking, run_id, run_dir / REVIEW_PAGE)
 
 
-def log_review(tracking: TrackingConfig, experiment: str, run_id: str | None = None) -> None:
-    """How to look at it: the UI command for a local store, and the page to open."""
-    from keyframes.tracking.store import experiment_id
+def log_review(tracking: TrackingConfig, run_id: str, page: Path) -> None:
+    """How to look at a run or a sweep (run_id: its parent): its review page on disk, and
+    the same page in MLflow's UI, started from any folder for a local store."""
+    from keyframes.tracking.store import absolute_uri, run_experiment
 
+    log.info("review: %s", page.resolve().as_uri())
+    uri = tracking.tracking_uri
+    if uri.startswith("sqlite:"):
+        log.info(
+            "in MLflow: uv run python -m keyframes.review --store %s --run %s  (starts the UI "
+            "on a free 127.0.0.1 port and prints the page; its first start can take a minute)",
+            absolute_uri(uri),
+            run_id,
+        )
+        return
     try:
-        ident = experiment_id(tracking.tracking_uri, experiment)
+        experiment = run_experiment(uri, run_id)
     except Exception:  # noqa: BLE001 - a link is a courtesy; the run is logged
         return
-    local = tracking.tracking_uri.startswith("sqlite:")
-    ui = "http://127.0.0.1:5000" if local else tracking.tracking_uri
-    if local:
-        log.info("review: uv run mlflow ui --backend-store-uri %s", tracking.tracking_uri)
-    if ident is not None:
-        log.info("then open %s", review.review_url(ui, ident, run_id, chart=run_id is None))
+    log.info("in MLflow: %s", review.review_page_url(uri, experiment, run_id))
