@@ -227,3 +227,119 @@ def test_compare_reads_the_same_sweep_from_a_tracking_server(server, smoke_sweep
     table = remote.stdout.split("\n\nwrote")[0]
     assert table == local.rstrip("\n")
     assert len(list((tmp_path / "out" / "grids").glob("*.png"))) == 7
+
+
+# The review pages (keyframes/outputs/review_page.py): from disk and in MLflow's artifact viewer.
+
+LOADED = (
+    "Array.from(document.querySelectorAll('td img'))"
+    ".filter(i => i.complete && i.naturalWidth > 0).length"
+)
+ROW_ORDER = "Array.from(document.querySelectorAll('tr[data-scene]')).map(r => r.dataset.scene)"
+FULL = "(f => f.complete && f.naturalWidth > 0 && [f.src, f.naturalWidth])(document.getElementById('full'))"
+
+
+def in_view(rect: dict, width: float, height: float) -> bool:
+    return (
+        rect["left"] >= 0
+        and rect["top"] >= 0
+        and rect["right"] <= width
+        and rect["bottom"] <= height
+    )
+
+
+def test_the_sweep_review_page_from_disk_shows_every_job_sorts_and_opens_full_size(
+    browser, smoke_sweep, tmp_path
+):
+    page = smoke_sweep.sweep_dir / "summary" / "review.html"
+    browser.open(page.as_uri())
+    browser.wait_for(f"{LOADED} === 28")  # 7 scenes x 4 jobs, every picture drawn
+    rows = browser.js(
+        "Array.from(document.querySelectorAll('tr[data-scene]')).map(r => "
+        "[r.dataset.scene, r.querySelectorAll('img').length, r.innerText.includes('CLIP')])"
+    )
+    assert len(rows) == 7 and all(n == 4 and scored for _, n, scored in rows)
+    headers = browser.js(
+        "Array.from(document.querySelectorAll('th.column b')).map(b => b.innerText)"
+    )
+    assert headers[0] == "steps=2 cfg_scale=1.5" and len(headers) == 4
+    shot(browser, "review_page.png", tmp_path)  # the README's picture
+    # rows by CLIP: the scenes by their mean CLIP score over the jobs, best first
+    jobs = [
+        json.loads((smoke_sweep.sweep_dir / str(n) / "manifest.json").read_text()) for n in range(4)
+    ]
+    mean = {}
+    for job in jobs:
+        for record in job["images"]:
+            mean.setdefault(record["scene_id"], []).append(record["clip_score"])
+    expected = sorted(mean, key=lambda scene: -sum(mean[scene]) / 4)
+    assert browser.js(ROW_ORDER) == list(mean) != expected  # shotlist order, until sorted
+    browser.js(
+        "const s = document.getElementById('rowsort'); s.value = 'clip_score';"
+        "s.dispatchEvent(new Event('change'))"
+    )
+    assert browser.js(ROW_ORDER) == expected
+    # a click shows the full image, from the job's folder beside the page
+    browser.js("document.querySelector('td img').click()")
+    src, width = browser.wait_for(FULL)
+    assert src.startswith("file://") and src.endswith(".png") and width == 256
+
+
+def test_the_sweep_review_page_opens_as_an_mlflow_artifact(browser, server, tmp_path):
+    from keyframes.tracking.review import review_page_url
+
+    experiment_id, parent, children = sweep_runs(server)
+    browser.open(review_page_url(server, experiment_id, parent["info"]["run_id"]))
+    deadline = time.monotonic() + 60
+    while browser.frame_js("blob:", LOADED) != 28:
+        assert time.monotonic() < deadline, "the page's pictures did not load in MLflow"
+        time.sleep(0.5)
+    browser.frame_js("blob:", "document.querySelector('td img').click()")
+    deadline = time.monotonic() + 30
+    while not (full := browser.frame_js("blob:", FULL)):
+        assert time.monotonic() < deadline, "the full image did not load"
+        time.sleep(0.5)
+    src, width = full
+    assert "/get-artifact?path=keyframes%2F001_opening_t1.png&run_uuid=" in src and width == 256
+    assert src.rsplit("=", 1)[1] in {c["info"]["run_id"] for c in children}  # its job's run
+    shot(browser, "review_page_in_mlflow.png", tmp_path)
+
+
+def test_the_single_run_link_lands_on_a_keyframe_in_view(server, tmp_path):
+    """A job's printed page in MLflow at 1600x1000 in a fresh profile (the Assistant panel
+    as a first visit opens it): after it settles, a whole keyframe is in view."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip(NO_BROWSER)
+    from keyframes.tracking.review import review_page_url
+
+    browser = Browser(chromium, width=1600, height=1000)
+    try:
+        experiment_id, _, children = sweep_runs(server)
+        browser.open(review_page_url(server, experiment_id, children[0]["info"]["run_id"]))
+        deadline = time.monotonic() + 60
+        while browser.frame_js("blob:", LOADED) != 7:
+            assert time.monotonic() < deadline, "the run's pictures did not load"
+            time.sleep(0.5)
+        time.sleep(2)  # settled: panels opened, fonts in
+        frame = browser.js(
+            "JSON.stringify(document.querySelector('iframe').getBoundingClientRect())"
+        )
+        frame = json.loads(frame)
+        window = browser.js("[innerWidth, innerHeight]")
+        inside = json.loads(
+            browser.frame_js(
+                "blob:",
+                "JSON.stringify([document.querySelector('td img').getBoundingClientRect(), "
+                "innerWidth, innerHeight])",
+            )
+        )
+        image, width, height = inside
+        assert in_view(image, width, height)  # whole inside the frame's view
+        assert in_view(frame, *window) or (
+            frame["left"] + image["right"] <= window[0]
+            and frame["top"] + image["bottom"] <= window[1]
+        )
+        shot(browser, "single_run_link.png", tmp_path)
+    finally:
+        browser.close()

@@ -43,6 +43,7 @@ VIEW_COLUMNS = (
     "style_consistency",
     "character_consistency",
 )
+MAX_RUNS_IN_CHARTS = 100  # runs an image grid shows side by side (MLflow's default: 10)
 MAX_VIEW_CHARS = 20_000  # MLflow's limit on an experiment tag's value
 MAX_NOTE_CHARS = 8_000  # and on a run tag's (the description)
 
@@ -215,7 +216,7 @@ def _view_state(image_keys: list[str], sort_by: str) -> dict:
             "metricSectionId": section,
             "deleted": False,
             "isGenerated": True,
-            "runsCountToCompare": 10,
+            "runsCountToCompare": MAX_RUNS_IN_CHARTS,
         }
         for key in image_keys
     ]
