@@ -343,3 +343,14 @@ def test_the_single_run_link_lands_on_a_keyframe_in_view(server, tmp_path):
         shot(browser, "single_run_link.png", tmp_path)
     finally:
         browser.close()
+
+
+def test_a_run_overview_lists_the_run_means_before_the_last_image_values(browser, server):
+    experiment_id, _, children = sweep_runs(server)
+    browser.open(review_url(server, experiment_id, children[0]["info"]["run_id"]))
+    text = browser.wait_for(
+        "(t => t.includes('clip_score_mean') && t.includes('seconds_per_image_mean') && t)"
+        "(document.body.innerText)"
+    )
+    metrics = text[text.index("Metrics (") :].splitlines()
+    assert metrics.index("clip_score_mean") < metrics.index("clip_score")

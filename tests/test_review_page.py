@@ -174,3 +174,18 @@ def test_a_twelve_job_sweep_review_page_holds_every_job(tmp_path):
         assert columns == 12
     finally:
         browser.close()
+
+
+def test_a_sweep_job_description_holds_its_values_whole():
+    """Run names cut long values (16 characters); the description keeps them all."""
+    from keyframes.tracking.review import job_run_name, run_description
+    from tests.helpers import run_record
+
+    long = "a/very/long/path/to/a/style/file.yaml"
+    run = run_record(
+        overrides=["steps=30", f"style.file={long}", "+seed=1"],
+        sweep={"sweep_dir": "s", "job_num": 3, "swept_keys": ["style.file", "seed"]},
+    )
+    assert long not in job_run_name({"style.file": long}, 3)
+    text = run_description(run, [image_record()], {"steps": 30})
+    assert f"Sweep job #3: `style.file={long}` `seed=1`" in text

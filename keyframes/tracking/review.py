@@ -97,9 +97,12 @@ def run_description(run: RunInfo, images: list[ImageRecord], config: dict) -> st
     again, and where its pictures are."""
     summary, ok = run.summary or {}, [r for r in images if r.ok]
     size = f"{ok[0].width}x{ok[0].height}" if ok else "–"
-    lines = [
-        f"**{run.title}**: {len(ok)} keyframes, {run.status}",
-        "",
+    lines = [f"**{run.title}**: {len(ok)} keyframes, {run.status}", ""]
+    if run.sweep is not None:  # every value whole: the run's name cuts long ones
+        typed = dict(o.lstrip("+~").split("=", 1) for o in run.overrides if "=" in o)
+        values = " ".join(f"`{k}={typed[k]}`" for k in run.sweep.swept_keys if k in typed)
+        lines += [f"Sweep job #{run.sweep.job_num}: {values}", ""]
+    lines += [
         "| model | style | sampler | steps | cfg | size | seed |",
         "|---|---|---|---|---|---|---|",
         f"| {run.model} | {run.style} | {run.sampler} | {config.get('steps')} "
@@ -118,8 +121,8 @@ def run_description(run: RunInfo, images: list[ImageRecord], config: dict) -> st
         "",
         f"Make it again: `{run.command}`",
         "",
-        f"Every keyframe with its scores: Artifacts → `{TABLE_FILE}`. The same scene across "
-        f"runs: the chart view (select runs), section `{IMAGE_SECTION}`.",
+        f"Every keyframe with its scores: Artifacts → `review.html` (or `{TABLE_FILE}`). The "
+        f"same scene across runs: the chart view (select runs), section `{IMAGE_SECTION}`.",
     ]
     return "\n".join(lines)
 
