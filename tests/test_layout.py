@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "keyframes"
-# Lowest first. The top-level modules (run, sync, compare, styles) are the command line.
+# Lowest first. The top-level modules (run, sync, compare, review, styles) are the command line.
 LAYERS = [
     "errors",
     "config",
@@ -21,7 +21,7 @@ LAYERS = [
     "tracking",
     "cli",
 ]
-CLI = {"run", "sync", "compare", "styles", "replicas", "api"}
+CLI = {"run", "sync", "compare", "review", "styles", "replicas", "api"}
 # third-party packages only some layers may use
 ONLY_IN = {"mlflow": {"tracking"}, "hydra": {"config", "tracking", "cli"}}
 
