@@ -150,7 +150,9 @@ def test_the_link_opens_the_runs_table_with_the_scores_and_names_that_differ(
     server, browser, smoke_sweep, tmp_path
 ):
     experiment_id, parent, children = sweep_runs(server)
-    assert review_url("http://127.0.0.1:5000", experiment_id, chart=True) in smoke_sweep.output
+    page = (smoke_sweep.sweep_dir / "summary" / "review.html").resolve().as_uri()
+    assert f"review: {page}" in smoke_sweep.output  # the sweep's printed link: its review page
+    assert f"--run {parent['info']['run_id']}" in smoke_sweep.output  # and its parent in MLflow
     open_review(browser, review_url(server, experiment_id))
     names = [c["info"]["run_name"] for c in children]
     header = "Array.from(document.querySelectorAll('[role=columnheader]')).map(h => h.innerText)"
