@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -328,3 +329,47 @@ def killed_run(tmp_path: Path, stage: str, *overrides: str) -> tuple[Path, Path]
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return run_dir, store
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(store_uri: str, folder: Path):
+    """`mlflow server` on this store, on 127.0.0.1 at a free port, serving artifacts from
+    folder/mlartifacts; yields its address once /health answers, stops it after."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    mlflow = Path(sys.executable).parent / "mlflow"
+    command = [str(mlflow), "server", "--backend-store-uri", store_uri, "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port), "--workers", "1"],
+        cwd=folder,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=2).read() == b"OK":
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-2000:]
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()

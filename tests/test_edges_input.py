@@ -210,13 +210,22 @@ def test_ids_with_invisible_or_look_alike_characters_are_warned_about():
     )
 
 
-def test_browser_tests_that_cannot_run_are_said_loudly_at_the_end(pytester):
+def test_browser_and_slurm_tests_that_cannot_run_are_said_loudly_at_the_end(pytester):
     pytester.makepyfile(
-        'import pytest\n\ndef test_ui():\n    pytest.skip("Chromium is not installed")\n'
+        "import pytest\n\n"
+        'def test_ui():\n    pytest.skip("Chromium is not installed")\n\n'
+        'def test_slurm():\n    pytest.skip("no local SLURM cluster: needs root")\n'
     )
     result = pytester.runpytest("-p", "tests.loud_skips")
-    result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*the MLflow UI was NOT tested*", "1 browser tests were skipped*"])
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*the MLflow UI was NOT tested*",
+            "1 browser tests were skipped*",
+            "*SLURM sweeps were NOT tested*",
+            "1 SLURM tests were skipped*",
+        ]
+    )
 
 
 # --- model files as users have them -------------------------------------------------------

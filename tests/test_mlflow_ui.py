@@ -5,8 +5,6 @@ table, the chart view's image grids."""
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,52 +17,14 @@ from PIL import Image
 
 from keyframes.tracking.review import review_url
 from tests.browser import Browser
+from tests.helpers import mlflow_server
 from tests.loud_skips import NO_BROWSER
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(smoke_sweep, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--backend-store-uri",
-            smoke_sweep.uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{base}/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-2000:]
-            time.sleep(1)
+    with mlflow_server(smoke_sweep.uri, tmp_path_factory.mktemp("server")) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def call(base, path, body=None):

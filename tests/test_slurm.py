@@ -1,0 +1,114 @@
+"""Sweeps through hydra/launcher=slurm on a real single-node SLURM cluster on this machine
+(scripts/slurm_local.sh: munged, MariaDB + slurmdbd, slurmctld, slurmd), logging to an MLflow
+tracking server, as the launcher's config recommends for clusters. Where no cluster can be
+started (no root, no apt), these tests skip, and the end of the run says so in red."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, read_manifest
+from tests.helpers import SMALL, mlflow_server
+from tests.loud_skips import NO_SLURM
+
+SCRIPT = ROOT / "scripts" / "slurm_local.sh"
+ON_THE_CPU = (  # the launcher's GPU defaults, for a CPU node
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=main",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> dict:
+    """The environment that reaches the local cluster (SLURM_CONF), starting it if needed."""
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"{NO_SLURM}: {proc.stderr.strip()[-500:]}")
+    conf = proc.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    return {**os.environ, "SLURM_CONF": conf, "HF_HUB_OFFLINE": "1"}
+
+
+def api(base: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def sacct_states(env: dict, job_ids: list[str]) -> dict[str, str]:
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split("|") for line in out.splitlines() if line)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_as_slurm_jobs_and_logs_to_a_tracking_server(slurm, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) as base:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "keyframes.run",
+                "-m",
+                "experiment=smoke",
+                *ON_THE_CPU,
+                *SMALL,
+                "steps=2,3",
+                f"hydra.sweep.dir={sweep_dir}",
+                f"mlflow.tracking_uri={base}",
+            ],
+            cwd=tmp_path,
+            env=slurm,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # every job ran as a task of a SLURM job array: submitit's folder of each, sacct's
+        # record, the job's run folder and manifest, made by another process
+        folders = (sweep_dir / ".submitit").iterdir()
+        submitted = sorted(p.name for p in folders if p.is_dir() and "_" in p.name)
+        assert len(submitted) == 2, submitted
+        states = sacct_states(slurm, submitted)
+        assert set(states.values()) == {"COMPLETED"}, states
+        for job in ("0", "1"):
+            manifest = read_manifest(sweep_dir / job)
+            assert manifest["run"]["status"] == "finished" and len(manifest["images"]) == 7
+            assert manifest["run"]["pid"] != os.getpid()
+        # the parent run, made in the submitting process, with the summary; the jobs under it
+        found = api(base, "/api/2.0/mlflow/experiments/search", {"max_results": 100})
+        ids = [e["experiment_id"] for e in found["experiments"]]
+        runs = api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": ids})["runs"]
+
+        def tags(run):
+            return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+        [parent] = [r for r in runs if tags(r).get("keyframes.sweep") == "true"]
+        parent_id = parent["info"]["run_id"]
+        children = [r for r in runs if tags(r).get("mlflow.parentRunId") == parent_id]
+        assert parent["info"]["status"] == "FINISHED" and len(children) == 2
+        assert {m["key"]: m["value"] for m in parent["data"]["metrics"]}["jobs"] == 2
+        listed = urllib.request.urlopen(
+            f"{base}/ajax-api/2.0/mlflow/artifacts/list?run_uuid={parent_id}"
+        )
+        files = {f["path"] for f in json.loads(listed.read()).get("files", [])}
+        assert {"review.html", "summary.csv"} <= files
+    summary = (sweep_dir / "summary" / "summary.csv").read_text()
+    assert len(summary.splitlines()) == 3  # the header and both jobs
+    assert Path(sweep_dir / "summary" / "review.html").is_file()
