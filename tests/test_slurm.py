@@ -112,3 +112,59 @@ def test_a_sweep_runs_as_slurm_jobs_and_logs_to_a_tracking_server(slurm, tmp_pat
     summary = (sweep_dir / "summary" / "summary.csv").read_text()
     assert len(summary.splitlines()) == 3  # the header and both jobs
     assert Path(sweep_dir / "summary" / "review.html").is_file()
+
+
+def sweep(env: dict, folder: Path, *overrides: str, wait: bool = True):
+    command = [
+        sys.executable,
+        "-m",
+        "keyframes.run",
+        "-m",
+        "experiment=smoke",
+        *ON_THE_CPU,
+        *overrides,
+        f"hydra.sweep.dir={folder / 'sweep'}",
+        f"mlflow.tracking_uri=sqlite:///{folder / 'mlflow.db'}",
+    ]
+    options = dict(cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        return subprocess.run(command, timeout=900, **options)
+    return subprocess.Popen(command, **options)
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_is_made_again_by_the_same_command_and_finished_ones_are_kept(
+    slurm, tmp_path
+):
+    """scancel of one array task while it runs: the sweep stops with the finished job kept
+    and says how to go on; the same command again makes only the cancelled job."""
+    import time
+
+    slow = ("width=512", "height=512", "steps=2,60")  # job 1: about 20 s on 2 cores
+    proc = sweep(slurm, tmp_path, *slow, wait=False)
+    deadline = time.monotonic() + 300
+    while True:
+        queue = subprocess.run(
+            ["squeue", "-h", "-o", "%i %T"], env=slurm, capture_output=True, text=True
+        ).stdout.split()
+        running = [queue[i] for i in range(0, len(queue), 2) if queue[i + 1] == "RUNNING"]
+        task = next((t for t in running if t.endswith("_1")), None)
+        if task and (tmp_path / "sweep" / "1" / "manifest.json").exists():
+            break
+        assert time.monotonic() < deadline and proc.poll() is None, "job 1 never ran"
+        time.sleep(0.5)
+    subprocess.run(["scancel", task], env=slurm, check=True)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0
+    assert sacct_states(slurm, [task])[task].startswith("CANCELLED")
+    sweep_dir = (tmp_path / "sweep").resolve()
+    assert f"the same command with hydra.sweep.dir={sweep_dir} makes only what is missing" in output
+    finished = read_manifest(sweep_dir / "0")
+    assert finished["run"]["status"] == "finished"
+    kept = {r["file"]: (sweep_dir / "0" / r["file"]).stat().st_mtime_ns for r in finished["images"]}
+    assert read_manifest(sweep_dir / "1")["run"]["status"] != "finished"
+    again = sweep(slurm, tmp_path, *slow)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert {f: (sweep_dir / "0" / f).stat().st_mtime_ns for f in kept} == kept  # not remade
+    assert read_manifest(sweep_dir / "1")["run"]["status"] == "finished"
+    assert len(read_manifest(sweep_dir / "1")["images"]) == 7

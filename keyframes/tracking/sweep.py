@@ -70,10 +70,14 @@ def close_stopped_sweep(status: str) -> None:
     config, _open_sweep = _open_sweep, None
     if config is None:
         return
+    sweep_dir = Path(config.hydra.sweep.dir).resolve()
     log.warning(
-        "the sweep stopped before its last job: its MLflow parent run is marked %s, "
-        "with the jobs that ran",
+        "the sweep stopped before its last job: its MLflow parent run is marked %s, with the "
+        "jobs that ran. Every finished job is kept in %s; the same command with "
+        "hydra.sweep.dir=%s makes only what is missing",
         status,
+        sweep_dir,
+        sweep_dir,
     )
     try:
         end_sweep(config, stopped=status)
