@@ -168,3 +168,40 @@ def test_a_cancelled_job_is_made_again_by_the_same_command_and_finished_ones_are
     assert {f: (sweep_dir / "0" / f).stat().st_mtime_ns for f in kept} == kept  # not remade
     assert read_manifest(sweep_dir / "1")["run"]["status"] == "finished"
     assert len(read_manifest(sweep_dir / "1")["images"]) == 7
+
+
+@pytest.mark.slow
+def test_a_job_on_a_node_without_the_model_stops_with_the_preflight_message(slurm, tmp_path):
+    """The submitting machine has the model (a replica of its hub repo), the job's node does
+    not (its HF_HOME is empty): the job stops at its pre-flight with exit 2 and the message
+    in its log; the sweep's summary lists it as failed beside the job that ran."""
+    import csv
+
+    replicas = tmp_path / "hf"
+    subprocess.run(
+        [sys.executable, "-m", "keyframes.replicas", str(replicas), "--no-scorer"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    result = sweep(
+        {**slurm, "HF_HOME": str(replicas)},
+        tmp_path,
+        *SMALL,
+        "scorer=tiny",
+        "model=tiny,sdxl_base",
+        'hydra.launcher.setup=["export HF_HOME=/nonexistent/no-model-cache"]',
+    )
+    assert result.returncode != 0
+    sweep_dir = tmp_path / "sweep"
+    [log] = (sweep_dir / ".submitit").glob("*_1/*_1_0_log.err")
+    text = log.read_text()
+    assert (
+        "error: model sdxl_base (stabilityai/stable-diffusion-xl-base-1.0) is not available" in text
+    )
+    assert "Looked in the Hugging Face cache /nonexistent/no-model-cache/hub" in text
+    assert "Exited with exit code 2" in text and "Traceback" not in text
+    assert not (sweep_dir / "1").exists()  # refused before anything was written
+    rows = {r["job"]: r for r in csv.DictReader(open(sweep_dir / "summary" / "summary.csv"))}
+    assert rows["0"]["status"] == "finished" and rows["0"]["model"] == "tiny"
+    assert rows["1"]["status"].startswith("failed") and rows["1"]["model"] == "sdxl_base"

@@ -97,8 +97,9 @@ def test_table_rows_carry_the_varying_keys_and_metrics_best_first():
         "tflops_per_image_mean",
         "vram_peak_gb_max",
         "run_id",
+        "status",
     ]
-    assert rows[0] == ["1", "40", "5", "noir", "25", "", "", "", "4", "", "", "", "run1"]
+    assert rows[0] == ["1", "40", "5", "noir", "25", "", "", "", "4", "", "", "", "run1", ""]
     assert [r[0] for r in rows] == ["1", "2", "3", "0"]
 
 

@@ -44,6 +44,7 @@ class JobResult:
     aesthetics: dict[str, float] = field(default_factory=dict)  # scene id -> its aesthetic score
     records: dict[str, ImageRecord] = field(default_factory=dict)  # scene id -> first take's
     run_dir: Path | None = None  # where its files are, when read from disk
+    status: str | None = None  # its run's (finished, failed, interrupted, running); why not
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -84,6 +85,7 @@ def job_from_manifest(manifest_path: Path, name: str | None = None) -> JobResult
         metrics=run.summary or {},
         run_id=run.mlflow_run_id,
         run_dir=manifest_path.parent,
+        status=run.status,
     )
     for record in manifest.images:
         scene = record.scene_id
@@ -177,13 +179,14 @@ def table(jobs: list[JobResult], metric: str) -> tuple[list[str], list[list[str]
     """(header, rows) sorted best first: job, the varying keys, the comparison metrics."""
     keys = varying_keys(jobs)
     metrics = list(TABLE_METRICS) + ([metric] if metric not in TABLE_METRICS else [])
-    header = ["job", *keys, *metrics, "run_id"]
+    header = ["job", *keys, *metrics, "run_id", "status"]
     rows = [
         [
             job.name,
             *(job.overrides.get(k, "") for k in keys),
             *(_cell(job.metrics.get(m)) for m in metrics),
             job.run_id or "",
+            job.status or "",
         ]
         for job in ranked(jobs, metric)
     ]

@@ -19,6 +19,7 @@ from keyframes.outputs.manifest import read_run
 from keyframes.outputs.records import SweepRecord
 from keyframes.outputs.review_page import REVIEW_PAGE
 from keyframes.tracking import review
+from keyframes.tracking.results import JobResult, parse_overrides
 
 log = logging.getLogger("keyframes")
 
@@ -132,6 +133,8 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
     found = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
     manifests = [p for p in found if read_run(p)]  # a job killed at its start has none yet
     jobs = [job_from_manifest(path) for path in manifests]
+    jobs += _jobs_without_a_run(config, {job.name for job in jobs})
+    jobs.sort(key=lambda job: _job_order(job.name))
     summary_dir = sweep_dir / "summary"
     objective = config.objective  # what the sweeper optimised: the best is ranked by it too
     report = build_report(jobs, summary_dir, objective)
@@ -213,6 +216,23 @@ def _parent_description(info: dict, report, tags: dict, objective: str, grids: P
         sorted(p.name for p in grids.glob("*.png")),
         info["parent_run_id"],
     )
+
+
+def _jobs_without_a_run(config: DictConfig, seen: set[str]) -> list[JobResult]:
+    """The jobs of a basic sweep that left no run folder (refused at their start, e.g. a
+    node without the model, or never started): rows that say so, for the summary."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not config.hydra.sweeper._target_.endswith(".BasicSweeper"):
+        return []  # a search sweeper (Optuna) picks its jobs as it goes
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    [planned] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    return [
+        JobResult(str(n), parse_overrides(job), {}, status="failed: no run (its log says why)")
+        for n, job in enumerate(planned)
+        if str(n) not in seen
+    ]
 
 
 def _job_order(name: str) -> tuple[int, str]:
