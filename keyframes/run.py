@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -37,6 +40,7 @@ register_schema()
 
 _in_job = False  # a stop signal inside a job stops it at once; elsewhere it waits (_interrupt)
 _stop_requested = False
+_stop_reason: str | None = None  # why a job was stopped, where its scheduler said (SLURM)
 EXIT_BAD_INPUT = 2
 EXIT_IMAGES_FAILED = 3
 EXIT_DISK_FULL = 4
@@ -50,9 +54,52 @@ def main(cfg: DictConfig) -> float | None:
     global _in_job
     _in_job = True
     try:
-        return _job(cfg)
+        with slurm_signals():
+            return _job(cfg)
     finally:
         _in_job = False
+
+
+@contextlib.contextmanager
+def slurm_signals():
+    """In a SLURM job (a sweep through hydra/launcher=slurm), SLURM's stop signals end the job
+    the way Ctrl-C does, saying why: SIGUSR2 comes hydra.launcher.signal_delay_s before the
+    time limit, SIGTERM at it or on scancel. (submitit would let SIGTERM pass, and SLURM then
+    kills the job without a word.)"""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        yield
+        return
+    end = slurm_end_time(job)
+    task = os.environ.get("SLURM_ARRAY_JOB_ID", job) + (
+        f"_{os.environ['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_TASK_ID" in os.environ else ""
+    )
+
+    def stop(signum, frame):
+        global _stop_reason
+        if signum == signal.SIGUSR2 or (end is not None and time.time() >= end - 10):
+            _stop_reason = f"SLURM job {task} reached its time limit (hydra.launcher.timeout_min)"
+        else:
+            _stop_reason = f"SLURM job {task} was cancelled (scancel)"
+        raise KeyboardInterrupt
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
+def slurm_end_time(job: str) -> float | None:
+    """When SLURM will stop this job (seconds since the epoch), or None if squeue cannot say."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return time.mktime(time.strptime(out.splitlines()[0], "%Y-%m-%dT%H:%M:%S"))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def _job(cfg: DictConfig) -> float | None:
@@ -127,6 +174,9 @@ def _generate_and_track(recipe, place, mlflow, sweep: SweepRecord | None):
         result = recipe.generate(place)
     except (Interrupted, DiskFull) as stop:
         if main:
+            if _stop_reason and stop.result.run.error is None:  # SLURM said why
+                stop.result.run.error = _stop_reason
+                stop.result.write_manifest()
             _track(place.run_dir, mlflow, stop.result.run.experiment, sweep, stop.result)
         raise
     if main:

@@ -19,7 +19,6 @@ from tests.loud_skips import NO_SLURM
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 ON_THE_CPU = (  # the launcher's GPU defaults, for a CPU node
     "hydra/launcher=slurm",
-    "hydra.launcher.partition=main",
     "hydra.launcher.gpus_per_node=0",
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=2",
@@ -68,6 +67,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_logs_to_a_tracking_server(slurm, tmp_pat
                 "-m",
                 "experiment=smoke",
                 *ON_THE_CPU,
+                "hydra.launcher.partition=main",
                 *SMALL,
                 "steps=2,3",
                 f"hydra.sweep.dir={sweep_dir}",
@@ -114,7 +114,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_logs_to_a_tracking_server(slurm, tmp_pat
     assert Path(sweep_dir / "summary" / "review.html").is_file()
 
 
-def sweep(env: dict, folder: Path, *overrides: str, wait: bool = True):
+def sweep(env: dict, folder: Path, *overrides: str, wait: bool = True, partition: str = "main"):
     command = [
         sys.executable,
         "-m",
@@ -122,6 +122,7 @@ def sweep(env: dict, folder: Path, *overrides: str, wait: bool = True):
         "-m",
         "experiment=smoke",
         *ON_THE_CPU,
+        f"hydra.launcher.partition={partition}",
         *overrides,
         f"hydra.sweep.dir={folder / 'sweep'}",
         f"mlflow.tracking_uri=sqlite:///{folder / 'mlflow.db'}",
@@ -205,3 +206,33 @@ def test_a_job_on_a_node_without_the_model_stops_with_the_preflight_message(slur
     rows = {r["job"]: r for r in csv.DictReader(open(sweep_dir / "summary" / "summary.csv"))}
     assert rows["0"]["status"] == "finished" and rows["0"]["model"] == "tiny"
     assert rows["1"]["status"].startswith("failed") and rows["1"]["model"] == "sdxl_base"
+
+
+@pytest.mark.slow
+def test_a_job_at_its_time_limit_ends_killed_in_mlflow_and_says_why(slurm, tmp_path):
+    """A job too long for the `short` partition's minute: SLURM's warning signal (SIGUSR2,
+    signal_delay_s before the limit) stops it cleanly; its finished keyframes are kept, its
+    manifest and its MLflow run (KILLED) say it reached the time limit."""
+    from mlflow.tracking import MlflowClient
+
+    result = sweep(
+        slurm,
+        tmp_path,
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.signal_delay_s=45",
+        "width=512",
+        "height=512",
+        "steps=150",  # about 50 s of images on 2 cores: more than the limit allows
+        partition="short",
+    )
+    assert result.returncode != 0
+    job = tmp_path / "sweep" / "0"
+    manifest = read_manifest(job)
+    assert manifest["run"]["status"] == "interrupted"
+    assert "reached its time limit (hydra.launcher.timeout_min)" in manifest["run"]["error"]
+    assert all((job / r["file"]).is_file() for r in manifest["images"] if r["status"] == "ok")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(manifest["run"]["mlflow"]["run_id"])
+    assert run.info.status == "KILLED"
+    assert "time limit" in run.data.tags["keyframes.stopped"]
+    assert "Stopped: SLURM job" in run.data.tags["mlflow.note.content"]

@@ -98,6 +98,8 @@ def run_description(run: RunInfo, images: list[ImageRecord], config: dict) -> st
     summary, ok = run.summary or {}, [r for r in images if r.ok]
     size = f"{ok[0].width}x{ok[0].height}" if ok else "–"
     lines = [f"**{run.title}**: {len(ok)} keyframes, {run.status}", ""]
+    if run.error:
+        lines += [f"Stopped: {run.error}", ""]
     if run.sweep is not None:  # every value whole: the run's name cuts long ones
         typed = dict(o.lstrip("+~").split("=", 1) for o in run.overrides if "=" in o)
         values = " ".join(f"`{k}={typed[k]}`" for k in run.sweep.swept_keys if k in typed)

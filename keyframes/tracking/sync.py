@@ -153,6 +153,8 @@ def run_tags(run_dir: Path, run: RunInfo, images: list[ImageRecord]) -> dict[str
         "keyframes.overrides": json.dumps(run.overrides),
         **{f"version.{name}": v for name, v in run.versions.items()},
     }
+    if run.error:  # why it stopped early: a full disk, SLURM's time limit or scancel
+        tags["keyframes.stopped"] = run.error
     if run.pipeline_cache:
         tags["pipeline_cache"] = run.pipeline_cache
     if run.memory:
