@@ -28,6 +28,7 @@ from keyframes.tracking.results import (
     settings_used,
     table,
 )
+from keyframes.tracking.sync import RUN_STATUS
 
 DEFAULT_STORE = "sqlite:///outputs/mlflow.db"
 
@@ -100,6 +101,7 @@ def compare(args) -> int:
             else:
                 overrides = json.loads(run.tags.get("keyframes.overrides", "[]"))
                 job = JobResult(name, parse_overrides(overrides), run.metrics, run.run_id)
+            job.status = RUN_STATUS.get(run.status, run.status.lower())  # as a manifest says it
             jobs.append(job)
         keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
         for job, run in zip(jobs, runs, strict=True):  # the values used, not only those typed

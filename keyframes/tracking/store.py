@@ -407,6 +407,7 @@ class StoredRun:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    status: str = ""  # MLflow's: FINISHED, FAILED, KILLED, RUNNING
 
 
 def find_runs(uri: str, experiment: str | None = None, parent: str | None = None):
@@ -449,6 +450,7 @@ def find_runs(uri: str, experiment: str | None = None, parent: str | None = None
             params=r.data.params,
             metrics=r.data.metrics,
             tags=r.data.tags,
+            status=r.info.status,
         )
         for r in sorted(runs, key=lambda r: r.info.start_time or 0)
     ]

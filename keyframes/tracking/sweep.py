@@ -133,7 +133,8 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
     found = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
     manifests = [p for p in found if read_run(p)]  # a job killed at its start has none yet
     jobs = [job_from_manifest(path) for path in manifests]
-    jobs += _jobs_without_a_run(config, {job.name for job in jobs})
+    ran = len(jobs)
+    jobs += _jobs_without_a_run(config, {job.name for job in jobs}, stopped)
     jobs.sort(key=lambda job: _job_order(job.name))
     summary_dir = sweep_dir / "summary"
     objective = config.objective  # what the sweeper optimised: the best is ranked by it too
@@ -155,7 +156,7 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
             OmegaConf.to_object(config.mlflow),
             parent,
             tags={k: v for k, v in tags.items() if v},
-            metrics={"jobs": len(jobs)},
+            metrics={"jobs": ran},
             table=columns,
             artifacts=[
                 (summary_dir / "summary.csv", None),
@@ -164,7 +165,7 @@ def end_sweep(config: DictConfig, stopped: str | None = None) -> None:
                 (summary_dir / "plots", "plots"),
             ],
             status=stopped or ("FINISHED" if statuses <= {"finished"} else "FAILED"),
-            run_name=review.sweep_run_name(info["swept_keys"], len(jobs)),
+            run_name=review.sweep_run_name(info["swept_keys"], ran),
             description=description,
         )
     except Exception as e:  # noqa: BLE001 - the summary is on disk either way
@@ -218,9 +219,9 @@ def _parent_description(info: dict, report, tags: dict, objective: str, grids: P
     )
 
 
-def _jobs_without_a_run(config: DictConfig, seen: set[str]) -> list[JobResult]:
+def _jobs_without_a_run(config: DictConfig, seen: set[str], stopped: str | None) -> list[JobResult]:
     """The jobs of a basic sweep that left no run folder (refused at their start, e.g. a
-    node without the model, or never started): rows that say so, for the summary."""
+    node without the model, or never started: the sweep was stopped): rows that say so."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -228,8 +229,10 @@ def _jobs_without_a_run(config: DictConfig, seen: set[str]) -> list[JobResult]:
         return []  # a search sweeper (Optuna) picks its jobs as it goes
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     [planned] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    why = "not started: the sweep was stopped" if stopped == "KILLED" else None
+    why = why or "failed: no run (its log says why)"
     return [
-        JobResult(str(n), parse_overrides(job), {}, status="failed: no run (its log says why)")
+        JobResult(str(n), parse_overrides(job), {}, status=why)
         for n, job in enumerate(planned)
         if str(n) not in seen
     ]

@@ -36,6 +36,7 @@ PER_IMAGE = (
     "rss_peak_gb",
 )
 STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+RUN_STATUS = {mlflow: ours for ours, mlflow in STATUS.items()}  # MLflow's status -> the manifest's
 
 
 def read_run_dir(run_dir: Path) -> tuple[Manifest, dict[str, Any]]:
