@@ -66,10 +66,12 @@ def slurm_signals():
     the way Ctrl-C does, saying why: SIGUSR2 comes hydra.launcher.signal_delay_s before the
     time limit, SIGTERM at it or on scancel. (submitit would let SIGTERM pass, and SLURM then
     kills the job without a word.)"""
+    global _stop_reason
     job = os.environ.get("SLURM_JOB_ID")
     if job is None:
         yield
         return
+    _stop_reason = None
     end = slurm_end_time(job)
     task = os.environ.get("SLURM_ARRAY_JOB_ID", job) + (
         f"_{os.environ['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_TASK_ID" in os.environ else ""
@@ -77,6 +79,8 @@ def slurm_signals():
 
     def stop(signum, frame):
         global _stop_reason
+        if _stop_reason is not None:  # SLURM signals the step and its tasks: stop once
+            return
         if signum == signal.SIGUSR2 or (end is not None and time.time() >= end - 10):
             _stop_reason = f"SLURM job {task} reached its time limit (hydra.launcher.timeout_min)"
         else:

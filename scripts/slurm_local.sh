@@ -11,7 +11,7 @@
 # Everything lives in $KEYFRAMES_SLURM_DIR (default /tmp/keyframes-slurm): configs, munge key,
 # database, state, spool, logs, pid files. One exception: munged's socket is at the standard
 # /run/munge/munge.socket.2, because Slurm's accounting clients (sacct, sacctmgr) look for it
-# only there. Partitions: `main` (no time limit) and `short` (1 minute, for time-limit tests).
+# only there. Partitions: `main` (no time limit) and `short` (2 minutes, for time-limit tests).
 # Ports 16817-16819 (slurmctld, slurmd, slurmdbd) and 16306 (MariaDB, 127.0.0.1 only).
 set -euo pipefail
 dir=$(realpath -m "${KEYFRAMES_SLURM_DIR:-/tmp/keyframes-slurm}")
@@ -73,7 +73,7 @@ KillWait=5
 MinJobAge=600
 NodeName=localhost CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=main Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-PartitionName=short Nodes=localhost MaxTime=1 State=UP
+PartitionName=short Nodes=localhost MaxTime=2 State=UP
 EOF
     cat > "$dir/slurmdbd.conf" <<EOF
 AuthType=auth/munge

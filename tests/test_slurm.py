@@ -210,19 +210,20 @@ def test_a_job_on_a_node_without_the_model_stops_with_the_preflight_message(slur
 
 @pytest.mark.slow
 def test_a_job_at_its_time_limit_ends_killed_in_mlflow_and_says_why(slurm, tmp_path):
-    """A job too long for the `short` partition's minute: SLURM's warning signal (SIGUSR2,
-    signal_delay_s before the limit) stops it cleanly; its finished keyframes are kept, its
-    manifest and its MLflow run (KILLED) say it reached the time limit."""
+    """A job too long for the `short` partition's 2 minutes: SLURM's warning signal (SIGUSR2
+    at signal_delay_s=0 before the limit: SLURM may send it up to 60 s early, so the run has
+    begun by then) or SIGTERM at the limit stops it cleanly; its finished keyframes are kept,
+    its manifest and its MLflow run (KILLED) say it reached the time limit."""
     from mlflow.tracking import MlflowClient
 
     result = sweep(
         slurm,
         tmp_path,
-        "hydra.launcher.timeout_min=1",
-        "hydra.launcher.signal_delay_s=45",
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=0",
         "width=512",
         "height=512",
-        "steps=150",  # about 50 s of images on 2 cores: more than the limit allows
+        "steps=500",  # about 3 minutes of images on 2 cores: more than the limit allows
         partition="short",
     )
     assert result.returncode != 0
