@@ -331,22 +331,14 @@ def killed_run(tmp_path: Path, stage: str, *overrides: str) -> tuple[Path, Path]
     return run_dir, store
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_server(store_uri: str, folder: Path):
     """`mlflow server` on this store, on 127.0.0.1 at a free port, serving artifacts from
     folder/mlartifacts; yields its address once /health answers, stops it after."""
-    import time
-    import urllib.request
+    from keyframes.errors import KeyframesError
+    from keyframes.review import free_port, wait_until_up
 
-    port = free_port()
+    port = free_port("127.0.0.1")
     log = open(folder / "server.log", "w")
     mlflow = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow), "server", "--backend-store-uri", store_uri, "--host", "127.0.0.1"]
@@ -359,15 +351,10 @@ def mlflow_server(store_uri: str, folder: Path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{base}/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-2000:]
-            time.sleep(1)
+        try:
+            wait_until_up(base, proc, timeout=180)
+        except KeyframesError as e:
+            raise AssertionError(f"{e}\n{open(log.name).read()[-2000:]}") from None
         yield base
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from keyframes.outputs.png import read_png_metadata
 from keyframes.outputs.review_page import RUN_ID_MARK, THUMBNAIL_WIDTH, record_cell
-from tests.conftest import read_manifest
+from tests.conftest import read_manifest, run_keyframes
 from tests.helpers import SMALL, image_record, mlflow_runs
 
 
@@ -137,24 +137,8 @@ def test_a_twelve_job_sweep_review_page_holds_every_job(tmp_path):
     from tests.loud_skips import NO_BROWSER
 
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keyframes.run",
-            "experiment=smoke",
-            *SMALL,
-            "-m",
-            "steps=2,3,4",
-            "cfg_scale=1.5,3,4.5,6",
-            f"hydra.sweep.dir={sweep_dir}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    twelve = ["-m", "steps=2,3,4", "cfg_scale=1.5,3,4.5,6", f"hydra.sweep.dir={sweep_dir}"]
+    proc = run_keyframes(tmp_path, ["experiment=smoke", *SMALL, *twelve])
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = sweep_dir / "summary" / "review.html"
     assert f"review: {page.resolve().as_uri()}" in proc.stdout + proc.stderr

@@ -59,27 +59,8 @@ def sacct_states(env: dict, job_ids: list[str]) -> dict[str, str]:
 def test_a_sweep_runs_as_slurm_jobs_and_logs_to_a_tracking_server(slurm, tmp_path):
     sweep_dir = tmp_path / "sweep"
     with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) as base:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "keyframes.run",
-                "-m",
-                "experiment=smoke",
-                *ON_THE_CPU,
-                "hydra.launcher.partition=main",
-                *SMALL,
-                "steps=2,3",
-                f"hydra.sweep.dir={sweep_dir}",
-                f"mlflow.tracking_uri={base}",
-            ],
-            cwd=tmp_path,
-            env=slurm,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = sweep(slurm, tmp_path, *SMALL, "steps=2,3", store=base)
+        assert proc.returncode == 0, proc.stdout[-3000:]
         # every job ran as a task of a SLURM job array: submitit's folder of each, sacct's
         # record, the job's run folder and manifest, made by another process
         folders = (sweep_dir / ".submitit").iterdir()
@@ -114,7 +95,17 @@ def test_a_sweep_runs_as_slurm_jobs_and_logs_to_a_tracking_server(slurm, tmp_pat
     assert Path(sweep_dir / "summary" / "review.html").is_file()
 
 
-def sweep(env: dict, folder: Path, *overrides: str, wait: bool = True, partition: str = "main"):
+def sweep(
+    env: dict,
+    folder: Path,
+    *overrides: str,
+    wait: bool = True,
+    partition: str = "main",
+    store: str | None = None,
+):
+    """The smoke sweep with these overrides through hydra/launcher=slurm on the CPU, into
+    folder/sweep, logged to `store` (default: SQLite in folder)."""
+    store = store or f"sqlite:///{folder / 'mlflow.db'}"
     command = [
         sys.executable,
         "-m",
@@ -125,7 +116,7 @@ def sweep(env: dict, folder: Path, *overrides: str, wait: bool = True, partition
         f"hydra.launcher.partition={partition}",
         *overrides,
         f"hydra.sweep.dir={folder / 'sweep'}",
-        f"mlflow.tracking_uri=sqlite:///{folder / 'mlflow.db'}",
+        f"mlflow.tracking_uri={store}",
     ]
     options = dict(cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
